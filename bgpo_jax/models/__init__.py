@@ -1,1 +1,23 @@
-"""models."""
+"""Models: LLaDA (llada.py), checkpoint import/export (hf.py), logical sharding (sharding.py)."""
+
+from bgpo_jax.models.llada import (
+  LLaDAConfig,
+  forward,
+  hidden_states,
+  init_params,
+  lm_head,
+  param_logical_axes,
+)
+from bgpo_jax.models.sharding import DEFAULT_LOGICAL_RULES, logical_to_sharding, make_mesh
+
+__all__ = [
+  "LLaDAConfig",
+  "forward",
+  "hidden_states",
+  "init_params",
+  "lm_head",
+  "param_logical_axes",
+  "DEFAULT_LOGICAL_RULES",
+  "logical_to_sharding",
+  "make_mesh",
+]

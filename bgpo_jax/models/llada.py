@@ -1,0 +1,466 @@
+"""LLaDA: the bidirectional Llama-style Transformer behind masked diffusion LMs (SPEC section 1).
+
+Pure functions over an explicit nested-dict parameter tree. The n_layers blocks are stacked
+along a leading layer axis and the forward runs `jax.lax.scan` over them, so an 8B model
+compiles as fast as a 1-layer one.
+
+Parameter tree (ours <- Hugging Face tensor name; HF Linear weights are [out, in], ours [in, out]):
+
+  params["wte"]                    [embedding_size, d_model]  <- model.transformer.wte.weight
+  params["blocks"]["attn_norm"]    [L, d_model]               <- ...blocks.{i}.attn_norm.weight
+  params["blocks"]["q_proj"]       [L, d_model, H*hd]         <- ...blocks.{i}.q_proj.weight.T
+  params["blocks"]["k_proj"]       [L, d_model, KV*hd]        <- ...blocks.{i}.k_proj.weight.T
+  params["blocks"]["v_proj"]       [L, d_model, KV*hd]        <- ...blocks.{i}.v_proj.weight.T
+  params["blocks"]["attn_out"]     [L, H*hd, d_model]         <- ...blocks.{i}.attn_out.weight.T
+  params["blocks"]["ff_norm"]      [L, d_model]               <- ...blocks.{i}.ff_norm.weight
+  params["blocks"]["ff_proj"]      [L, d_model, mlp]          <- ...blocks.{i}.ff_proj.weight.T (gate)
+  params["blocks"]["up_proj"]      [L, d_model, mlp]          <- ...blocks.{i}.up_proj.weight.T
+  params["blocks"]["ff_out"]       [L, mlp, d_model]          <- ...blocks.{i}.ff_out.weight.T
+  params["ln_f"]                   [d_model]                  <- model.transformer.ln_f.weight
+  params["ff_out"]                 [d_model, embedding_size]  <- model.transformer.ff_out.weight.T (head)
+
+Precision: params are stored in `param_dtype` and cast to `compute_dtype` for the matmuls;
+RMSNorm, RoPE and softmax run in float32; logits are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+Params = dict[str, Any]
+
+# HF config keys whose value we must reject when it differs from LLaDA's (key -> allowed values).
+_UNSUPPORTED_HF = {
+  "alibi": (False, None),
+  "weight_tying": (False, None),
+  "include_bias": (False, None),
+  "include_qkv_bias": (False, None),
+  "bias_for_layer_norm": (False, None),
+  "layer_norm_type": ("rms", "rms_norm", "rmsnorm"),
+  "layer_norm_with_affine": (True, None),
+  "activation_type": ("silu", "swiglu"),
+  "block_type": ("llama",),
+  "rope": (True, None),
+  "attention_layer_norm": (False, None),
+  "input_emb_norm": (False, None),
+  "scale_logits": (False, None),
+  "block_group_size": (1, None),
+  "multi_query_attention": (False, None),
+  "clip_qkv": (None,),
+}
+
+# A complete LLaDA config.json (as shipped with LLaDA-8B-Instruct); to_hf_dict starts from it so
+# that an exported checkpoint loads in the reference PyTorch code too.
+_HF_TEMPLATE: dict[str, Any] = {
+  "activation_type": "silu",
+  "alibi": False,
+  "alibi_bias_max": 8.0,
+  "architectures": ["LLaDAModelLM"],
+  "attention_dropout": 0.0,
+  "attention_layer_norm": False,
+  "attention_layer_norm_with_affine": True,
+  "auto_map": {
+    "AutoConfig": "configuration_llada.LLaDAConfig",
+    "AutoModel": "modeling_llada.LLaDAModelLM",
+    "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+  },
+  "bias_for_layer_norm": False,
+  "block_group_size": 1,
+  "block_type": "llama",
+  "embedding_dropout": 0.0,
+  "flash_attention": False,
+  "include_bias": False,
+  "include_qkv_bias": False,
+  "init_cutoff_factor": None,
+  "init_device": "meta",
+  "init_fn": "mitchell",
+  "init_std": 0.02,
+  "input_emb_norm": False,
+  "layer_norm_type": "rms",
+  "layer_norm_with_affine": True,
+  "model_type": "llada",
+  "multi_query_attention": None,
+  "precision": "amp_bf16",
+  "residual_dropout": 0.0,
+  "rope": True,
+  "rope_full_precision": True,
+  "scale_logits": False,
+  "use_cache": False,
+  "weight_tying": False,
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Remat policy names -> jax.checkpoint policy (None = save nothing, i.e. full recompute).
+_SAVE_ATTN_NAMES = ("q", "k", "v", "attn_ctx")
+_REMAT_POLICIES = {
+  "full": None,
+  "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "everything_saveable": jax.checkpoint_policies.everything_saveable,
+  # Keeps q, k, v and the attention context (small: [B,S,D] each), recomputes the MLP.
+  "save_attn": jax.checkpoint_policies.save_only_these_names(*_SAVE_ATTN_NAMES),
+}
+REMAT_POLICIES = ("none",) + tuple(_REMAT_POLICIES)
+ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaDAConfig:
+  """Architecture (Hugging Face key names) plus our precision / memory knobs. Frozen and hashable.
+
+  `hf_extra` keeps the original HF config's other keys (as sorted (key, json) pairs) so that
+  `to_hf_dict` can write them back; it takes no part in equality or hashing.
+  """
+
+  d_model: int = 4096
+  n_layers: int = 32
+  n_heads: int = 32
+  n_kv_heads: int = 32
+  mlp_hidden_size: int = 12288
+  vocab_size: int = 126464
+  embedding_size: int = 126464
+  rope_theta: float = 500000.0
+  rms_norm_eps: float = 1e-5
+  max_sequence_length: int = 4096
+  mask_token_id: int = 126336
+  eos_token_id: int = 126081
+  pad_token_id: int = 126081
+  # ours
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  remat_policy: str = "none"
+  attention_impl: str = "xla"  # "xla": own einsum (exact); "jax"/"cudnn": jax.nn.dot_product_attention
+  init_std: float = 0.02
+  hf_extra: tuple = dataclasses.field(default=(), compare=False, repr=False)
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+    if (self.d_model // self.n_heads) % 2:
+      raise ValueError(f"head_dim {self.d_model // self.n_heads} must be even for RoPE")
+    if self.embedding_size < self.vocab_size:
+      raise ValueError(f"embedding_size {self.embedding_size} < vocab_size {self.vocab_size}")
+    for name in ("param_dtype", "compute_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"{name} {getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+      v = getattr(self, name)
+      if not 0 <= v < self.vocab_size:
+        raise ValueError(f"{name} {v} is outside the vocabulary [0, {self.vocab_size})")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def param_jnp_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  @property
+  def compute_jnp_dtype(self):
+    return _DTYPES[self.compute_dtype]
+
+  def num_params(self, embeddings: bool = True) -> int:
+    """Parameter count (input embedding and head included unless embeddings=False)."""
+    d, hd = self.d_model, self.head_dim
+    attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
+    block = attn + 3 * d * self.mlp_hidden_size + 2 * d
+    n = self.n_layers * block + d
+    if embeddings:
+      n += 2 * self.embedding_size * d
+    return n
+
+  # ---------------------------------------------------------------------------------------------
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "LLaDAConfig":
+    """Named configs: "tiny" (~1M params, vocab 128 = CharTokenizer ids), "small" (d 768,
+    12 layers, 12 heads, MLP 2048, vocab 32000: 134M params, 85M without embeddings; special ids
+    = CharTokenizer's, so it also runs on char data), "llada_8b" (LLaDA-8B exactly, bfloat16)."""
+    # CharTokenizer special ids (bgpo_jax/tokenizer.py): eos = pad = 0, mask = 2.
+    char_ids = dict(mask_token_id=2, eos_token_id=0, pad_token_id=0)
+    presets = {
+      "tiny": dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden_size=512,
+                   vocab_size=128, embedding_size=128, rope_theta=10000.0,
+                   max_sequence_length=512, **char_ids),
+      "small": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, mlp_hidden_size=2048,
+                    vocab_size=32000, embedding_size=32000, rope_theta=10000.0,
+                    max_sequence_length=2048, **char_ids),
+      "llada_8b": dict(param_dtype="bfloat16", compute_dtype="bfloat16"),
+    }
+    if name not in presets:
+      raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+    return cls(**{**presets[name], **overrides})
+
+  @classmethod
+  def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> "LLaDAConfig":
+    """Reads a LLaDA HF config (a dict, a config.json path, or a checkpoint dir).
+
+    param_dtype and compute_dtype follow `torch_dtype` (bfloat16 or float32) unless overridden.
+    Raises ValueError naming every architecture feature we do not implement.
+    """
+    if isinstance(path_or_dict, Mapping):
+      hf = dict(path_or_dict)
+    else:
+      p = os.fspath(path_or_dict)
+      if os.path.isdir(p):
+        p = os.path.join(p, "config.json")
+      with open(p) as f:
+        hf = json.load(f)
+    bad = []
+    for key, allowed in _UNSUPPORTED_HF.items():
+      if key in hf and hf[key] not in allowed:
+        bad.append(f"{key}={hf[key]!r} (supported: {allowed[0]!r})")
+    if bad:
+      raise ValueError("unsupported LLaDA config features: " + ", ".join(bad))
+    d = int(hf["d_model"])
+    n_heads = int(hf["n_heads"])
+    mlp = hf.get("mlp_hidden_size") or int(hf.get("mlp_ratio", 4) * d)
+    vocab = int(hf["vocab_size"])
+    torch_dtype = hf.get("torch_dtype") or "float32"
+    dtype = torch_dtype if torch_dtype in ("bfloat16", "float32") else "float32"
+    ours = dict(
+      d_model=d,
+      n_layers=int(hf["n_layers"]),
+      n_heads=n_heads,
+      n_kv_heads=int(hf.get("n_kv_heads") or n_heads),
+      mlp_hidden_size=int(mlp),
+      vocab_size=vocab,
+      embedding_size=int(hf.get("embedding_size") or vocab),
+      rope_theta=float(hf.get("rope_theta", 10000.0)),
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+      max_sequence_length=int(hf.get("max_sequence_length", 4096)),
+      mask_token_id=int(hf.get("mask_token_id", 126336)),
+      eos_token_id=int(hf.get("eos_token_id", 126081)),
+      pad_token_id=int(hf.get("pad_token_id", hf.get("eos_token_id", 126081))),
+      param_dtype=dtype,
+      compute_dtype=dtype,
+    )
+    known = set(ours) | {"torch_dtype", "mlp_ratio"}
+    extra = tuple(sorted((k, json.dumps(v)) for k, v in hf.items() if k not in known))
+    ours.update(overrides)
+    return cls(**ours, hf_extra=extra)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The HF config.json dict: LLaDA's defaults, then the original extra keys, then our values."""
+    out = dict(_HF_TEMPLATE)
+    out.update({k: json.loads(v) for k, v in self.hf_extra})
+    out.update(
+      d_model=self.d_model,
+      n_layers=self.n_layers,
+      n_heads=self.n_heads,
+      n_kv_heads=self.n_kv_heads,
+      mlp_hidden_size=self.mlp_hidden_size,
+      mlp_ratio=max(1, self.mlp_hidden_size // self.d_model),
+      vocab_size=self.vocab_size,
+      embedding_size=self.embedding_size,
+      rope_theta=self.rope_theta,
+      rms_norm_eps=self.rms_norm_eps,
+      max_sequence_length=self.max_sequence_length,
+      mask_token_id=self.mask_token_id,
+      eos_token_id=self.eos_token_id,
+      pad_token_id=self.pad_token_id,
+      torch_dtype=self.param_dtype,
+    )
+    return dict(sorted(out.items()))
+
+
+# -----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def param_shapes(config: LLaDAConfig) -> dict[str, Any]:
+  """Shapes of every parameter, same tree as init_params."""
+  c = config
+  L, D, hd, M, E = c.n_layers, c.d_model, c.head_dim, c.mlp_hidden_size, c.embedding_size
+  return {
+    "wte": (E, D),
+    "blocks": {
+      "attn_norm": (L, D),
+      "q_proj": (L, D, c.n_heads * hd),
+      "k_proj": (L, D, c.n_kv_heads * hd),
+      "v_proj": (L, D, c.n_kv_heads * hd),
+      "attn_out": (L, c.n_heads * hd, D),
+      "ff_norm": (L, D),
+      "ff_proj": (L, D, M),
+      "up_proj": (L, D, M),
+      "ff_out": (L, M, D),
+    },
+    "ln_f": (D,),
+    "ff_out": (D, E),
+  }
+
+
+def param_logical_axes(config: LLaDAConfig) -> dict[str, Any]:
+  """Logical axis names per parameter dimension (same tree as init_params)."""
+  del config
+  return {
+    "wte": ("vocab", "embed"),
+    "blocks": {
+      "attn_norm": ("layers", "norm"),
+      "q_proj": ("layers", "embed", "heads"),
+      "k_proj": ("layers", "embed", "kv_heads"),
+      "v_proj": ("layers", "embed", "kv_heads"),
+      "attn_out": ("layers", "heads", "embed"),
+      "ff_norm": ("layers", "norm"),
+      "ff_proj": ("layers", "embed", "mlp"),
+      "up_proj": ("layers", "embed", "mlp"),
+      "ff_out": ("layers", "mlp", "embed"),
+    },
+    "ln_f": ("norm",),
+    "ff_out": ("embed", "vocab"),
+  }
+
+
+def _is_norm(path: tuple) -> bool:
+  return path[-1] in ("attn_norm", "ff_norm", "ln_f")
+
+
+def init_params(config: LLaDAConfig, rng: jax.Array) -> Params:
+  """Random init: weights ~ N(0, init_std^2) in param_dtype, RMSNorm weights = 1. Jittable."""
+  shapes = param_shapes(config)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(rng, len(leaves))
+  dtype = config.param_jnp_dtype
+  out = []
+  for (path, shape), key in zip(leaves, keys):
+    names = tuple(getattr(p, "key", p) for p in path)
+    if _is_norm(names):
+      out.append(jnp.ones(shape, dtype))
+    else:
+      out.append((config.init_std * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# -----------------------------------------------------------------------------------------------
+# Forward
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm in float32 (weight only); returns float32 [..., D]."""
+  x = x.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  return x * weight.astype(jnp.float32)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos, sin float32 [S, head_dim] for positions 0..S-1 (rotate-half layout: freqs repeated)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B,S,H,hd] -> rotated float32 [B,S,H,hd] (non-interleaved "rotate half")."""
+  x = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+
+
+def _attention(config: LLaDAConfig, q: jax.Array, k: jax.Array, v: jax.Array,
+               key_mask: jax.Array | None) -> jax.Array:
+  """q [B,S,H,hd], k/v [B,S,KV,hd], key_mask bool [B,S] -> context [B,S,H,hd] (compute dtype)."""
+  cdt = config.compute_jnp_dtype
+  B, S, H, hd = q.shape
+  KV = k.shape[2]
+  scale = 1.0 / math.sqrt(hd)
+  if config.attention_impl != "xla":
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    impl = "cudnn" if config.attention_impl == "cudnn" else None
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+  G = H // KV
+  qg = q.reshape(B, S, KV, G, hd)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+  if key_mask is not None:
+    # A finite fill (not -inf) keeps rows whose keys are all padding finite (uniform softmax).
+    scores = jnp.where(key_mask[:, None, None, None, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
+  ctx = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
+  return ctx.reshape(B, S, H, hd).astype(cdt)
+
+
+def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, sin,
+           key_mask) -> jax.Array:
+  """One pre-norm block. x [B,S,D] compute dtype; p holds this layer's (unstacked) weights."""
+  cdt = config.compute_jnp_dtype
+  B, S, D = x.shape
+  H, KV, hd = config.n_heads, config.n_kv_heads, config.head_dim
+  w = {k: v.astype(cdt) for k, v in p.items()}
+
+  n = rms_norm(x, p["attn_norm"], config.rms_norm_eps).astype(cdt)
+  q = (n @ w["q_proj"]).reshape(B, S, H, hd)
+  k = (n @ w["k_proj"]).reshape(B, S, KV, hd)
+  v = (n @ w["v_proj"]).reshape(B, S, KV, hd)
+  q = checkpoint_name(apply_rope(q, cos, sin).astype(cdt), "q")
+  k = checkpoint_name(apply_rope(k, cos, sin).astype(cdt), "k")
+  v = checkpoint_name(v, "v")
+  ctx = checkpoint_name(_attention(config, q, k, v, key_mask).reshape(B, S, H * hd), "attn_ctx")
+  x = x + (ctx @ w["attn_out"]).astype(cdt)
+
+  m = rms_norm(x, p["ff_norm"], config.rms_norm_eps).astype(cdt)
+  h = jax.nn.silu(m @ w["ff_proj"]) * (m @ w["up_proj"])
+  return x + (h @ w["ff_out"]).astype(cdt)
+
+
+def hidden_states(config: LLaDAConfig, params: Params, tokens: jax.Array,
+                  attention_mask: jax.Array | None = None) -> jax.Array:
+  """tokens int32 [B,S], attention_mask [B,S] (1 = real key, 0 = padding) or None
+  -> final hidden states after ln_f, [B,S,d_model] in compute dtype.
+
+  Positions are 0..S-1 for every row; RoPE only sees relative offsets, so left padding
+  (masked keys) leaves the real positions' outputs unchanged.
+  """
+  cdt = config.compute_jnp_dtype
+  S = tokens.shape[1]
+  x = jnp.take(params["wte"], tokens, axis=0).astype(cdt)
+  cos, sin = rope_tables(S, config.head_dim, config.rope_theta)
+  key_mask = None if attention_mask is None else attention_mask.astype(bool)
+
+  def body(carry, layer_params):
+    return _block(config, carry, layer_params, cos, sin, key_mask), None
+
+  if config.remat_policy != "none":
+    # prevent_cse=False is safe (and faster) inside scan.
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, params["blocks"])
+  return rms_norm(x, params["ln_f"], config.rms_norm_eps).astype(cdt)
+
+
+def lm_head(config: LLaDAConfig, params: Params, hidden: jax.Array) -> jax.Array:
+  """hidden [..., d_model] -> logits float32 [..., vocab_size] (embedding padding rows dropped)."""
+  cdt = config.compute_jnp_dtype
+  logits = jnp.matmul(hidden.astype(cdt), params["ff_out"].astype(cdt),
+                      preferred_element_type=jnp.float32)
+  if config.embedding_size != config.vocab_size:
+    logits = logits[..., : config.vocab_size]
+  return logits
+
+
+def forward(config: LLaDAConfig, params: Params, tokens: jax.Array,
+            attention_mask: jax.Array | None = None) -> jax.Array:
+  """tokens int32 [B,S] -> logits float32 [B,S,vocab_size]."""
+  return lm_head(config, params, hidden_states(config, params, tokens, attention_mask))
+
+
+def forward_flops(config: LLaDAConfig, batch: int, seq_len: int) -> float:
+  """Model FLOPs of one forward: 2 * params * tokens (embedding lookup excluded, head included)
+  + attention scores and context 4 * S^2 * D per layer per sequence."""
+  n = config.num_params(embeddings=False) + config.embedding_size * config.d_model
+  return 2.0 * n * batch * seq_len + 4.0 * batch * seq_len**2 * config.d_model * config.n_layers

@@ -1,0 +1,57 @@
+"""Optimizer from config: AdamW with decoupled weight decay, warmup + schedule, global-norm clipping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def make_schedule(optim: Any, total_steps: int) -> optax.Schedule:
+  """Learning rate per update step: linear warmup from 0, then `optim.schedule`."""
+  lr = float(optim.learning_rate)
+  warmup = int(optim.warmup_steps)
+  name = optim.schedule
+  if name not in SCHEDULES:
+    raise ValueError(f"config.optim.schedule {name!r} is unknown; use one of {SCHEDULES}")
+  decay_steps = max(int(total_steps) - warmup, 1)
+  if name == "constant":
+    after = optax.constant_schedule(lr)
+  elif name == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(optim.final_lr_fraction))
+  else:
+    after = optax.linear_schedule(lr, lr * float(optim.final_lr_fraction), decay_steps)
+  if warmup <= 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def _decay_mask(params):
+  # Norm scales are not decayed (they are 1-D per layer: [layers, d] or [d]).
+  def is_matrix(path, x):
+    names = [str(getattr(k, "key", k)) for k in path]
+    return not any("norm" in n or n == "ln_f" for n in names)
+
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def make_optimizer(optim: Any, total_steps: int) -> optax.GradientTransformation:
+  """AdamW (moments in float32) behind global-norm clipping; `optim` is config.optim."""
+  schedule = make_schedule(optim, total_steps)
+  chain = []
+  if optim.grad_clip_norm and float(optim.grad_clip_norm) > 0:
+    chain.append(optax.clip_by_global_norm(float(optim.grad_clip_norm)))
+  chain.append(
+      optax.adamw(
+          schedule,
+          b1=float(optim.b1),
+          b2=float(optim.b2),
+          eps=float(optim.eps),
+          weight_decay=float(optim.weight_decay),
+          mask=_decay_mask,
+      )
+  )
+  return optax.chain(*chain)

@@ -1,0 +1,287 @@
+"""The sharded train step: gradient accumulation by `lax.scan` over micro-batches and MC samples.
+
+BGPO's bound is a sum of per-sample terms g_j, so its gradient is the sum of per-sample
+gradients: the step scans over micro-batches and, inside, over the n MC samples; each
+iteration runs one forward/backward of one sample and adds its gradient to a float32
+accumulator. Only one sample's activations are alive at a time, so peak memory is flat in n
+and in the number of micro-batches. One optax update follows.
+
+The baselines live here too, so comparisons run the same code:
+- vrpo_ol: exp(mean_j d_j) * A needs every sample's graph at once (the scan runs over
+  micro-batches only; the n samples are one vmapped graph), memory grows with n;
+- diffu_grpo: one-step mean-field token log-probs (d1);
+- sft: the masked-diffusion SFT loss (continuous-time ELBO, 1/t weighting).
+
+Batch layout (global arrays; B = rollout batch = prompts * G, L = gen_length, n = MC samples):
+  tokens [B, P+L] int32, attention_mask [B, P+L] int32, advantages [B] float32,
+  mc_masks [n, B, L] bool, mc_weights [n, B] float32              (bgpo, vrpo_ol, sft)
+  old_elbo [n, B] float32                                         (bgpo/vrpo_ol off-policy)
+  response_mask [B, L] float32, row_seeds [B] uint32              (diffu_grpo)
+  old_logps [B, L], ref_logps [B, L] float32                      (diffu_grpo off-policy / KL)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bgpo_jax import objectives
+from bgpo_jax.diffusion import elbo
+from bgpo_jax.models import llada
+from bgpo_jax.train import mesh as mesh_lib
+
+OBJECTIVES = ("bgpo", "vrpo_ol", "diffu_grpo", "sft")
+# Arrays whose batch axis is not the first one.
+BATCH_AXIS = {"mc_masks": 1, "mc_weights": 1, "old_elbo": 1}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything the step updates. A pytree: checkpointed and sharded as a whole."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static settings of one train step (hashable: part of the compiled program)."""
+  objective: str = "bgpo"
+  num_mc_samples: int = 16
+  micro_batch_size: int = 0  # global rows per micro-batch; 0 = the whole batch at once
+  gen_length: int = 256
+  normalize_length: bool = True  # d_j = (l_new - l_old) / L  (SPEC section 2)
+  off_policy: bool = False  # old terms come from the batch instead of stop_gradient
+  clip_eps: float | None = None
+  dual_clip: float | None = None
+  kl_beta: float = 0.0  # diffu_grpo KL weight (needs ref_logps)
+  prompt_mask_prob: float = 0.15  # diffu_grpo
+
+  def __post_init__(self):
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"objective {self.objective!r} is unknown; use one of {OBJECTIVES}")
+    if self.num_mc_samples < 1:
+      raise ValueError(f"num_mc_samples {self.num_mc_samples} must be >= 1")
+
+
+def _split_micro(x: jax.Array, axis: int, num_micro: int) -> jax.Array:
+  """[..., B, ...] -> [num_micro, ..., B/num_micro, ...], micro-batch k = rows k, k+M, k+2M, ...
+
+  Interleaving (rather than contiguous chunks) keeps every micro-batch spread over all the
+  devices that hold the batch axis, so no data moves and no device idles.
+  """
+  if num_micro == 1:
+    return x[None]
+  shape = x.shape
+  mb = shape[axis] // num_micro
+  x = x.reshape(shape[:axis] + (mb, num_micro) + shape[axis + 1:])
+  return jnp.moveaxis(x, axis + 1, 0)
+
+
+def _num_micro(cfg: StepConfig, batch_size: int) -> int:
+  mb = cfg.micro_batch_size or batch_size
+  if batch_size % mb:
+    raise ValueError(
+        f"batch size {batch_size} is not a multiple of micro_batch_size {mb}; "
+        "pick a micro-batch size that divides the rollout batch (prompts * group_size)")
+  return batch_size // mb
+
+
+def _units(cfg: StepConfig) -> int:
+  """Scan iterations per micro-batch: one per MC sample for the linear objectives."""
+  return cfg.num_mc_samples if cfg.objective in ("bgpo", "sft") else 1
+
+
+def _unit_objective(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, mb: dict, u: jax.Array):
+  """Summed objective (to maximize) of one scan unit over the micro-batch rows, and aux stats."""
+  L = cfg.gen_length
+  n = cfg.num_mc_samples
+  tokens, attn = mb["tokens"], mb["attention_mask"]
+  if cfg.objective in ("bgpo", "sft"):
+    l = elbo.elbo_term(model_cfg, params, tokens, attn, mb["mc_masks"][u], mb["mc_weights"][u])  # [mb]
+    if cfg.objective == "sft":
+      # Mean per-token ELBO over samples; the prompt never enters (masks cover the response).
+      return jnp.sum(l) / (L * n), {"elbo": jnp.sum(jax.lax.stop_gradient(l))}
+    old = mb["old_elbo"][u] if cfg.off_policy else jax.lax.stop_gradient(l)
+    d = l - old
+    if cfg.normalize_length:
+      d = d / L
+    g = objectives.bgpo_sample_terms(d, mb["advantages"], num_samples=n,
+                                     clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip)
+    return jnp.sum(g), {"elbo": jnp.sum(jax.lax.stop_gradient(l)),
+                        "abs_d": jnp.sum(jnp.abs(jax.lax.stop_gradient(d)))}
+  if cfg.objective == "vrpo_ol":
+    # All n samples in one graph (vmapped): the baseline's memory grows with n.
+    term = lambda m, w: elbo.elbo_term(model_cfg, params, tokens, attn, m, w)
+    l = jax.vmap(term)(mb["mc_masks"], mb["mc_weights"])  # [n, mb]
+    old = mb["old_elbo"] if cfg.off_policy else jax.lax.stop_gradient(l)
+    lengths = jnp.full(l.shape[1:], L, jnp.float32) if cfg.normalize_length else None
+    obj = objectives.vrpo_objective(l, old, mb["advantages"], lengths=lengths, clip_eps=cfg.clip_eps)
+    d = (jax.lax.stop_gradient(l) - old) / (L if cfg.normalize_length else 1)
+    return obj * l.shape[1], {"elbo": jnp.sum(jax.lax.stop_gradient(l)) / n,
+                              "abs_d": jnp.sum(jnp.abs(d)) / n}
+  # diffu_grpo
+  rng = jax.random.key(mb["row_seeds"][0])
+  logp = elbo.one_step_token_logps(model_cfg, params, tokens, attn, gen_length=L, rng=rng,
+                                   prompt_mask_prob=cfg.prompt_mask_prob)  # [mb, L]
+  old = mb["old_logps"] if cfg.off_policy else jax.lax.stop_gradient(logp)
+  ref = mb["ref_logps"] if cfg.kl_beta > 0 else None
+  obj = objectives.diffu_grpo_objective(logp, old, ref, mb["advantages"], mb["response_mask"],
+                                        clip_eps=cfg.clip_eps if cfg.clip_eps else 0.2,
+                                        beta=cfg.kl_beta)
+  return obj * logp.shape[0], {"elbo": jnp.sum(jax.lax.stop_gradient(logp) * mb["response_mask"]),
+                               "abs_d": jnp.zeros(())}
+
+
+def accumulate_gradients(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, batch: dict,
+                         constrain: Callable[[dict], dict] = lambda mb: mb):
+  """Objective and its gradient, summed over micro-batches and MC samples by `lax.scan`.
+
+  Returns (objective, grads float32, aux) with objective and grads already divided by the
+  global batch size B, i.e. the gradient of the batch-mean objective.
+  """
+  B = batch["tokens"].shape[0]
+  num_micro = _num_micro(cfg, B)
+  micro = {k: _split_micro(v, BATCH_AXIS.get(k, 0), num_micro) for k, v in batch.items()}
+  units = _units(cfg)
+  unit_fn = jax.value_and_grad(functools.partial(_unit_objective, model_cfg, cfg), has_aux=True)
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  init = (zeros, jnp.zeros((), jnp.float32), {"elbo": jnp.zeros(()), "abs_d": jnp.zeros(())})
+
+  def micro_body(carry, mb):
+    mb = constrain(mb)
+
+    def unit_body(carry, u):
+      grads, obj, aux = carry
+      (o, a), g = unit_fn(params, mb, u)
+      grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
+      aux = jax.tree.map(jnp.add, aux, a)
+      return (grads, obj + o, aux), None
+
+    carry, _ = jax.lax.scan(unit_body, carry, jnp.arange(units))
+    return carry, None
+
+  (grads, obj, aux), _ = jax.lax.scan(micro_body, init, micro)
+  grads = jax.tree.map(lambda g: g / B, grads)
+  denom = B * (cfg.num_mc_samples if cfg.objective in ("bgpo", "sft") else 1)
+  aux = {k: v / denom for k, v in aux.items()}
+  return obj / B, grads, aux
+
+
+def compute_old_terms(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, batch: dict,
+                      constrain: Callable[[dict], dict] = lambda mb: mb) -> jax.Array:
+  """No-grad pass storing the old policy's terms before off-policy updates.
+
+  bgpo / vrpo_ol: old ELBO terms [n, B] (n scalars per sequence, scanned one sample at a time);
+  diffu_grpo: old token log-probs [B, L].
+  """
+  B = batch["tokens"].shape[0]
+  num_micro = _num_micro(cfg, B)
+  micro = {k: _split_micro(v, BATCH_AXIS.get(k, 0), num_micro) for k, v in batch.items()}
+  params = jax.lax.stop_gradient(params)
+
+  def micro_body(_, mb):
+    mb = constrain(mb)
+    if cfg.objective == "diffu_grpo":
+      rng = jax.random.key(mb["row_seeds"][0])
+      return None, elbo.one_step_token_logps(model_cfg, params, mb["tokens"], mb["attention_mask"],
+                                             gen_length=cfg.gen_length, rng=rng,
+                                             prompt_mask_prob=cfg.prompt_mask_prob)
+
+    def unit(_, j):
+      return None, elbo.elbo_term(model_cfg, params, mb["tokens"], mb["attention_mask"],
+                                  mb["mc_masks"][j], mb["mc_weights"][j])
+
+    _, l = jax.lax.scan(unit, None, jnp.arange(cfg.num_mc_samples))  # [n, mb]
+    return None, l
+
+  _, out = jax.lax.scan(micro_body, None, micro)
+  # Undo the interleaved split: out[k] holds rows k, k+M, ...
+  if cfg.objective == "diffu_grpo":  # [M, mb, L] -> [B, L]
+    return jnp.moveaxis(out, 0, 1).reshape(B, -1)
+  return jnp.moveaxis(out, 0, 2).reshape(cfg.num_mc_samples, B)  # [M, n, mb] -> [n, B]
+
+
+def train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer: optax.GradientTransformation,
+               schedule: Callable, state: TrainState, batch: dict,
+               constrain: Callable[[dict], dict] = lambda mb: mb):
+  """One optimizer update from one rollout batch. Returns (new_state, metrics)."""
+  objective, grads, aux = accumulate_gradients(model_cfg, cfg, state.params, batch, constrain)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # Keep the parameter dtype (updates are float32 when params are bf16).
+  params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
+  metrics = {
+      "train/loss": -objective,
+      "train/objective": objective,
+      "train/grad_norm": grad_norm,
+      "train/lr": schedule(state.step),
+      "train/param_norm": optax.global_norm(params),
+      "train/elbo_per_sample": aux["elbo"],
+      "train/abs_d": aux["abs_d"],
+  }
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+# ----------------------------------------------------------------------------- sharded jit
+
+
+def batch_shardings(mesh: Mesh, batch: dict) -> dict:
+  """NamedSharding per batch key: the batch axis over (data, fsdp), the rest replicated."""
+  return {k: mesh_lib.batch_sharding(mesh, np.ndim(v) if not hasattr(v, "ndim") else v.ndim,
+                                     BATCH_AXIS.get(k, 0)) for k, v in batch.items()}
+
+
+def state_shardings(optimizer: optax.GradientTransformation, abstract_state: TrainState,
+                    param_shardings: Any, mesh: Mesh) -> TrainState:
+  """Optimizer moments follow their parameter's sharding; counters are replicated."""
+  rep = NamedSharding(mesh, P())
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
+                              transform_non_params=lambda _: rep)
+  return TrainState(step=rep, params=param_shardings, opt_state=opt)
+
+
+def _micro_constraint(mesh: Mesh) -> Callable[[dict], dict]:
+  def constrain(mb: dict) -> dict:
+    return {k: jax.lax.with_sharding_constraint(v, mesh_lib.batch_sharding(mesh, v.ndim, BATCH_AXIS.get(k, 0)))
+            for k, v in mb.items()}
+  return constrain
+
+
+def jit_train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer, schedule, mesh: Mesh,
+                   shardings: TrainState, batch_example: dict):
+  """`train_step` compiled with explicit in/out shardings; the state's buffers are donated."""
+  fn = functools.partial(train_step, model_cfg, cfg, optimizer, schedule, constrain=_micro_constraint(mesh))
+  rep = NamedSharding(mesh, P())
+  return jax.jit(fn, in_shardings=(shardings, batch_shardings(mesh, batch_example)),
+                 out_shardings=(shardings, rep), donate_argnums=(0,))
+
+
+def jit_old_terms(model_cfg: llada.LLaDAConfig, cfg: StepConfig, mesh: Mesh, param_shardings,
+                  batch_example: dict):
+  fn = functools.partial(compute_old_terms, model_cfg, cfg, constrain=_micro_constraint(mesh))
+  axis = 0 if cfg.objective == "diffu_grpo" else 1
+  out = mesh_lib.batch_sharding(mesh, 2, axis)
+  return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, batch_example)), out_shardings=out)
+
+
+def memory_report(compiled) -> dict:
+  """XLA's memory analysis of a compiled executable, in bytes (per device)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+          "alias_size_in_bytes", "generated_code_size_in_bytes")
+  rep = {k.replace("_size_in_bytes", "_bytes"): int(getattr(m, k, 0)) for k in keys}
+  # Donated arguments alias outputs: count them once.
+  rep["total_bytes"] = rep["temp_bytes"] + rep["argument_bytes"] + rep["output_bytes"] - rep["alias_bytes"]
+  return rep
