@@ -278,7 +278,8 @@ def diffu_grpo_objective(
   old = jax.lax.stop_gradient(jnp.asarray(logp_old, new.dtype))
   ratio = _capped_exp(new - old)
   per_token = _ppo_clip(ratio, adv[:, None], clip_eps)
-  if logp_ref is not None and beta != 0.0:
+  # Skip the KL only for a concrete beta == 0 (a traced beta is fine and always included).
+  if logp_ref is not None and not (isinstance(beta, (int, float)) and beta == 0.0):
     x = jax.lax.stop_gradient(jnp.asarray(logp_ref, new.dtype)) - new
     # k3 estimator; with the capped exp it stays >= 0 (the cap is above its tangent 1 + x).
     per_token = per_token - beta * (_capped_exp(x) - x - 1.0)

@@ -6,6 +6,7 @@ parameters of a tiny LLaDA, with ELBO terms from bgpo_jax.diffusion.elbo and sha
 
 from __future__ import annotations
 
+import functools
 import math
 
 import chex
@@ -26,15 +27,17 @@ def _elbos(seed: int, scale: float = 5.0) -> jax.Array:
   return scale * jax.random.normal(jax.random.PRNGKey(seed), (N, B), jnp.float32) - 40.0
 
 
-def _bgpo_per_response(d, adv, **kw):
+@functools.partial(jax.jit, static_argnames="clip_eps")
+def _bgpo_per_response(d, adv, clip_eps=None):
   """BGPO R_lb of each response: [draws, n] d, [draws] A -> [draws] (via B=1 calls)."""
   return jax.vmap(lambda dd, a: obj.bgpo_objective(dd[:, None], jnp.zeros_like(dd)[:, None],
-                                                   a[None], **kw))(d, adv)
+                                                   a[None], clip_eps=clip_eps))(d, adv)
 
 
-def _vrpo_per_response(d, adv, **kw):
+@functools.partial(jax.jit, static_argnames="clip_eps")
+def _vrpo_per_response(d, adv, clip_eps=None):
   return jax.vmap(lambda dd, a: obj.vrpo_objective(dd[:, None], jnp.zeros_like(dd)[:, None],
-                                                   a[None], **kw))(d, adv)
+                                                   a[None], clip_eps=clip_eps))(d, adv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,25 +247,27 @@ def test_vrpo_clipping_hand_computed():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mag", [50.0, 1e3, 1e6])
 @pytest.mark.parametrize("kw", [dict(), dict(clip_eps=0.2, dual_clip=3.0)], ids=["plain", "clip"])
-def test_no_nan_or_inf_for_extreme_log_ratios(mag, kw):
-  signs = jnp.array([[1.0, -1.0, 1.0, -1.0, 0.5, -0.5]] * N) * jnp.array([[1.0], [-1.0], [1.0], [0.0]])
-  d = mag * signs
-  zeros = jnp.zeros_like(d)
+def test_no_nan_or_inf_for_extreme_log_ratios(kw):
   vkw = {k: v for k, v in kw.items() if k != "dual_clip"}
-  for f in (lambda x: obj.bgpo_objective(x, zeros, ADV, **kw),
-            lambda x: obj.vrpo_objective(x, zeros, ADV, **vkw),
-            lambda x: jnp.sum(obj.bgpo_sample_terms(x, ADV, num_samples=N, **kw))):
-    v, g = jax.value_and_grad(f)(d)
-    assert bool(jnp.isfinite(v)), v
-    assert bool(jnp.all(jnp.isfinite(g))), g
-  # diffu-GRPO with extreme token log-ratios (new - old and ref - new), the same check.
-  logp = jnp.reshape(d, (B, N))
   mask = jnp.ones((B, N))
-  v, g = jax.value_and_grad(
-      lambda x: obj.diffu_grpo_objective(x, -x, 2 * x, ADV, mask, clip_eps=kw.get("clip_eps")))(logp)
-  assert bool(jnp.isfinite(v)) and bool(jnp.all(jnp.isfinite(g)))
+
+  @jax.jit
+  def values_and_grads(d):
+    zeros = jnp.zeros_like(d)
+    fns = (lambda x: obj.bgpo_objective(x, zeros, ADV, **kw),
+           lambda x: obj.vrpo_objective(x, zeros, ADV, **vkw),
+           lambda x: jnp.sum(obj.bgpo_sample_terms(x, ADV, num_samples=N, **kw)),
+           # diffu-GRPO with extreme token log-ratios (new - old = 2x, ref - new = x).
+           lambda x: obj.diffu_grpo_objective(x.reshape(B, N), -x.reshape(B, N), 2 * x.reshape(B, N),
+                                              ADV, mask, clip_eps=kw.get("clip_eps")))
+    return [jax.value_and_grad(f)(d) for f in fns]
+
+  signs = jnp.array([[1.0, -1.0, 1.0, -1.0, 0.5, -0.5]] * N) * jnp.array([[1.0], [-1.0], [1.0], [0.0]])
+  for mag in (50.0, 1e3, 1e6):
+    for v, g in values_and_grads(mag * signs):
+      assert bool(jnp.isfinite(v)), (mag, v)
+      assert bool(jnp.all(jnp.isfinite(g))), (mag, g)
 
 
 def test_exact_exp_below_cap():
@@ -294,7 +299,8 @@ def test_group_advantages_zero_mean_unit_std():
   # Default is the unbiased std (torch .std()): check against numpy ddof=1 by hand.
   rn = np.asarray(r, np.float64)
   expected = (rn - rn.mean(1, keepdims=True)) / (rn.std(1, ddof=1, keepdims=True) + 1e-6)
-  chex.assert_trees_all_close(obj.group_advantages(r), expected.astype(np.float32), rtol=1e-5)
+  chex.assert_trees_all_close(obj.group_advantages(r), expected.astype(np.float32), rtol=1e-5,
+                              atol=1e-6)
 
 
 def test_group_advantages_binary_rewards_hand_computed():
@@ -337,9 +343,10 @@ def test_diffu_grpo_on_policy_value_is_mean_advantage_and_kl_zero():
   k1, k2 = jax.random.split(jax.random.PRNGKey(10))
   logp = -jnp.abs(jax.random.normal(k1, (B, 7)))
   mask = (jax.random.uniform(k2, (B, 7)) < 0.7).at[:, 0].set(True)
-  f = lambda x, beta: obj.diffu_grpo_objective(x, x, x, ADV, mask, clip_eps=0.2, beta=beta)
-  for beta in (0.0, 0.04, 1.0):
-    v, g = jax.value_and_grad(f)(logp, beta)
+  f = jax.jit(jax.value_and_grad(
+      lambda x, beta: obj.diffu_grpo_objective(x, x, x, ADV, mask, clip_eps=0.2, beta=beta)))
+  for beta in (0.0, 0.04, 1.0):  # traced beta: one compile
+    v, g = f(logp, beta)
     chex.assert_trees_all_close(v, jnp.mean(ADV), rtol=1e-6)
     # Gradient: A_b / (B * tokens_b) on each counted token, zero elsewhere (KL has zero grad).
     count = jnp.sum(mask, axis=1, keepdims=True)
@@ -406,3 +413,90 @@ def test_jit_and_errors():
     obj.bgpo_sample_terms(new, ADV, num_samples=0)
   with pytest.raises(ValueError, match="token_average"):
     obj.diffu_grpo_objective(new.T, old.T, None, jnp.ones(B), jnp.ones((B, N)), token_average="x")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model level: gradients w.r.t. the parameters of a tiny LLaDA, ELBO terms with shared masks
+# ---------------------------------------------------------------------------------------------
+
+MB, MP, ML, MN = 4, 8, 16, 4  # batch, prompt length, response length, MC samples
+M_ADV = jnp.array([1.2, -0.8, 0.0, -1.5], jnp.float32)
+M_CLIP = dict(clip_eps=0.2, dual_clip=3.0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """Tiny LLaDA, a batch with shared masks, and jitted value-and-grad functions of the params.
+
+  The old terms and the lengths are arguments, so one compiled function serves on-policy
+  (old = values from the same params) and off-policy (old from perturbed params), with and
+  without length normalization (lengths = 1 is no normalization).
+  """
+  from bgpo_jax.diffusion import elbo, masking
+  from bgpo_jax.models import llada
+
+  config = llada.LLaDAConfig.preset("tiny")
+  k_params, k_old, k_tok, k_mask = jax.random.split(jax.random.PRNGKey(0), 4)
+  params = llada.init_params(config, k_params)
+  # Old policy for off-policy checks: the same weights plus a small perturbation.
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  noise = jax.random.split(k_old, len(leaves))
+  params_old = jax.tree_util.tree_unflatten(
+      treedef, [p + 0.02 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, noise)])
+  tokens = jax.random.randint(k_tok, (MB, MP + ML), 3, config.vocab_size, jnp.int32)
+  attn = jnp.ones((MB, MP + ML), jnp.int32).at[1, :3].set(0)  # one left-padded prompt
+  masks, weights = masking.sample_masks(k_mask, MB, ML, MN)
+
+  def elbo_one(p, j):
+    """[B]: MC sample j's ELBO term; the mask is shared by every policy evaluated."""
+    return elbo.elbo_term(config, p, tokens, attn, masks[j], weights[j])
+
+  def elbo_terms(p):
+    """[n, B]: all samples stacked (vmapped over j: one forward in the compiled graph)."""
+    return jax.vmap(lambda j: elbo_one(p, j))(jnp.arange(MN))
+
+  def both(p, old, lengths):
+    """(value, grad) of BGPO and of VRPO-OL w.r.t. the params, from one compiled function."""
+    bgpo = lambda q: obj.bgpo_objective(elbo_terms(q), old, M_ADV, lengths=lengths, **M_CLIP)
+    vrpo = lambda q: obj.vrpo_objective(elbo_terms(q), old, M_ADV, lengths=lengths, clip_eps=0.2)
+    return jax.value_and_grad(bgpo)(p), jax.value_and_grad(vrpo)(p)
+
+  def one(p, j, old, lengths):
+    d = (elbo_one(p, j) - old[j]) / lengths
+    return jnp.mean(obj.bgpo_sample_terms(d, M_ADV, num_samples=MN, **M_CLIP))
+
+  terms = jax.jit(elbo_terms)
+  return dict(
+      params=params, old_on=terms(params), old_off=terms(params_old), both=jax.jit(both),
+      one=jax.jit(jax.value_and_grad(one)))  # j traced: compiled once for all samples
+
+
+def _tree_tols(tree, rel=1e-5):
+  """atol relative to the largest gradient entry (float32 sums in a different order)."""
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(tree))
+  assert scale > 0.0, "all-zero gradient: the check would be vacuous"
+  return dict(rtol=rel, atol=rel * scale)
+
+
+@pytest.mark.parametrize("length", [1.0, float(ML)], ids=["raw", "length_norm"])
+def test_model_on_policy_bgpo_grad_equals_vrpo_grad(tiny, length):
+  params, old, lengths = tiny["params"], tiny["old_on"], jnp.full((MB,), length)
+  (v_b, g_b), (v_v, g_v) = tiny["both"](params, old, lengths)
+  chex.assert_trees_all_close(v_b, v_v, rtol=1e-5)
+  chex.assert_trees_all_close(v_b, jnp.mean(M_ADV), rtol=1e-5)
+  chex.assert_trees_all_close(g_b, g_v, **_tree_tols(g_v))
+
+
+@pytest.mark.parametrize("old_key", ["old_on", "old_off"], ids=["on_policy", "off_policy"])
+def test_model_per_sample_accumulation_equals_full_gradient(tiny, old_key):
+  params, old, lengths = tiny["params"], tiny[old_key], jnp.full((MB,), float(ML))
+  if old_key == "old_off":  # the perturbation really moves the terms off-policy
+    assert float(jnp.max(jnp.abs(old - tiny["old_on"]))) > 1e-3
+  (v_full, g_full), _ = tiny["both"](params, old, lengths)
+  v_acc, g_acc = 0.0, jax.tree_util.tree_map(jnp.zeros_like, params)
+  for j in range(MN):  # one sample's graph at a time, as the memory-efficient trainer does
+    v, g = tiny["one"](params, jnp.int32(j), old, lengths)
+    v_acc = v_acc + v
+    g_acc = jax.tree_util.tree_map(jnp.add, g_acc, g)
+  chex.assert_trees_all_close(v_acc, v_full, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(g_acc, g_full, **_tree_tols(g_full))

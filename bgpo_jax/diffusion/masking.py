@@ -19,6 +19,8 @@ j*L is not (e.g. L=3, n=2); for the usual L (256, 512) and n (2..32) j*L/n is an
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,19 +73,26 @@ def sample_masks(rng: jax.Array, batch: int, gen_length: int, num_samples: int, 
     weights: float32 [n, B], 1/t (continuous) or L/l_j (stratified).
   """
   _check(batch, gen_length, num_samples, estimator, t_eps)
-  n, b, L = num_samples, batch, gen_length
-  k_pos, k_t = jax.random.split(rng)
+  return _sample_masks(rng, int(batch), int(gen_length), int(num_samples), estimator,
+                       float(t_eps))
+
+
+# Jitted as one program: eagerly, each threefry op is its own (slow on CPU) compile.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _sample_masks(rng: jax.Array, b: int, L: int, n: int, estimator: str,
+                  t_eps: float) -> tuple[jax.Array, jax.Array]:
+  # One threefry draw for everything (each random op adds seconds of XLA CPU compile time):
+  # columns 0..L-1 are the per-position keys, column L gives t (or the offset k).
+  u = jax.random.uniform(rng, (n, b, L + 1), jnp.float32)
+  keys, extra = u[..., :L], u[..., L]
   if estimator == "continuous":
-    u = jax.random.uniform(k_t, (n, b), jnp.float32)
-    t = 1.0 - (1.0 - t_eps) * u  # u in [0, 1) -> t in (t_eps, 1]
-    keys = jax.random.uniform(k_pos, (n, b, L), jnp.float32)
+    t = 1.0 - (1.0 - t_eps) * extra  # [0, 1) -> (t_eps, 1]
     masks = keys < t[..., None]
     return masks, (1.0 / t).astype(jnp.float32)
-  k = jax.random.randint(k_t, (b,), 1, L + 1, dtype=jnp.int32)
+  k = jnp.minimum(jnp.floor(extra[0] * L).astype(jnp.int32), L - 1) + 1  # uniform on 1..L
   counts = stratified_counts(k, L, n)  # [n, B]
-  # Exactly l_j positions: rank of iid keys is a uniform random permutation; a plain
+  # Exactly l_j positions: the ranks of iid keys are a uniform random permutation; a plain
   # "keys < threshold" would miscount on float ties.
-  keys = jax.random.uniform(k_pos, (n, b, L), jnp.float32)
   ranks = jnp.argsort(jnp.argsort(keys, axis=-1), axis=-1)
   masks = ranks < counts[..., None]
   return masks, (L / counts).astype(jnp.float32)

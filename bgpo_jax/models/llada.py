@@ -26,6 +26,7 @@ RMSNorm, RoPE and softmax run in float32; logits are float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -332,18 +333,41 @@ def _is_norm(path: tuple) -> bool:
 
 
 def init_params(config: LLaDAConfig, rng: jax.Array) -> Params:
-  """Random init: weights ~ N(0, init_std^2) in param_dtype, RMSNorm weights = 1. Jittable."""
+  """Random init: weights ~ N(0, init_std^2) in param_dtype, RMSNorm weights = 1.
+
+  Jitted internally (one compile instead of one per eager op); also usable under jit /
+  eval_shape, e.g. jax.jit(partial(init_params, config), out_shardings=...)(rng).
+  """
+  return _init_params_jit(config, rng)
+
+
+_FLAT_INIT_MAX = 2**27
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params_jit(config: LLaDAConfig, rng: jax.Array) -> Params:
   shapes = param_shapes(config)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-  keys = jax.random.split(rng, len(leaves))
   dtype = config.param_jnp_dtype
-  out = []
-  for (path, shape), key in zip(leaves, keys):
-    names = tuple(getattr(p, "key", p) for p in path)
-    if _is_norm(names):
+  names = [tuple(getattr(p, "key", p) for p in path) for path, _ in leaves]
+  sizes = [0 if _is_norm(n) else math.prod(shape) for n, (_, shape) in zip(names, leaves)]
+  # One normal draw for all weights of a small model: every threefry call costs ~1 s of XLA CPU
+  # compile time. Large models draw per leaf so the float32 temporary stays one leaf.
+  flat = None
+  if sum(sizes) <= _FLAT_INIT_MAX:
+    flat = jax.random.normal(rng, (sum(sizes),), jnp.float32)
+  keys = jax.random.split(rng, len(leaves))
+  out, start = [], 0
+  for n, (_, shape), size, key in zip(names, leaves, sizes, keys):
+    if _is_norm(n):
       out.append(jnp.ones(shape, dtype))
+      continue
+    if flat is not None:
+      w = flat[start:start + size].reshape(shape)
+      start += size
     else:
-      out.append((config.init_std * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+      w = jax.random.normal(key, shape, jnp.float32)
+    out.append((config.init_std * w).astype(dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -69,7 +69,9 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[Any] | None =
   """A (data, fsdp, tensor) mesh over all (or the given) devices."""
   devices = list(devices) if devices is not None else jax.devices()
   resolved = resolve_mesh_shape(shape, len(devices))
-  return jax.make_mesh(resolved, MESH_AXES, devices=devices)
+  # Auto axes: shardings come from jit's in/out shardings and the propagation of XLA's partitioner.
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(resolved, MESH_AXES, axis_types=auto, devices=devices)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

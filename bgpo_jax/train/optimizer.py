@@ -38,9 +38,10 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
-def make_optimizer(optim: Any, total_steps: int) -> optax.GradientTransformation:
-  """AdamW (moments in float32) behind global-norm clipping; `optim` is config.optim."""
-  schedule = make_schedule(optim, total_steps)
+def make_optimizer(optim: Any, total_steps: int,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+  """AdamW behind global-norm clipping; `optim` is config.optim, `schedule` overrides its learning rate."""
+  schedule = schedule or make_schedule(optim, total_steps)
   chain = []
   if optim.grad_clip_norm and float(optim.grad_clip_norm) > 0:
     chain.append(optax.clip_by_global_norm(float(optim.grad_clip_norm)))

@@ -26,7 +26,6 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,18 +36,11 @@ from bgpo_jax import objectives
 from bgpo_jax.diffusion import elbo
 from bgpo_jax.models import llada
 from bgpo_jax.train import mesh as mesh_lib
+from bgpo_jax.train.state import TrainState
 
 OBJECTIVES = ("bgpo", "vrpo_ol", "diffu_grpo", "sft")
 # Arrays whose batch axis is not the first one.
 BATCH_AXIS = {"mc_masks": 1, "mc_weights": 1, "old_elbo": 1}
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything the step updates. A pytree: checkpointed and sharded as a whole."""
-  step: jax.Array
-  params: Any
-  opt_state: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +101,7 @@ def _unit_objective(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, mb: d
     l = elbo.elbo_term(model_cfg, params, tokens, attn, mb["mc_masks"][u], mb["mc_weights"][u])  # [mb]
     if cfg.objective == "sft":
       # Mean per-token ELBO over samples; the prompt never enters (masks cover the response).
-      return jnp.sum(l) / (L * n), {"elbo": jnp.sum(jax.lax.stop_gradient(l))}
+      return jnp.sum(l) / (L * n), {"elbo": jnp.sum(jax.lax.stop_gradient(l)), "abs_d": jnp.zeros(())}
     old = mb["old_elbo"][u] if cfg.off_policy else jax.lax.stop_gradient(l)
     d = l - old
     if cfg.normalize_length:
@@ -239,15 +231,6 @@ def batch_shardings(mesh: Mesh, batch: dict) -> dict:
   """NamedSharding per batch key: the batch axis over (data, fsdp), the rest replicated."""
   return {k: mesh_lib.batch_sharding(mesh, np.ndim(v) if not hasattr(v, "ndim") else v.ndim,
                                      BATCH_AXIS.get(k, 0)) for k, v in batch.items()}
-
-
-def state_shardings(optimizer: optax.GradientTransformation, abstract_state: TrainState,
-                    param_shardings: Any, mesh: Mesh) -> TrainState:
-  """Optimizer moments follow their parameter's sharding; counters are replicated."""
-  rep = NamedSharding(mesh, P())
-  opt = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_shardings,
-                              transform_non_params=lambda _: rep)
-  return TrainState(step=rep, params=param_shardings, opt_state=opt)
 
 
 def _micro_constraint(mesh: Mesh) -> Callable[[dict], dict]:

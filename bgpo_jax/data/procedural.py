@@ -1,0 +1,322 @@
+"""Procedurally generated countdown and 4x4 sudoku tasks (seeded, no external data).
+
+Both generators return lists of uniform examples (records.py schema), usable directly as an
+in-memory source or fed to the TFDS builder. Guarantees, by construction:
+- countdown: every puzzle is built from an expression using each number exactly once, so it
+  is solvable; the expression is stored as extra["solution"].
+- sudoku: every puzzle is a valid 4x4 grid with cells blanked and is kept only if it has
+  exactly one solution (checked against all 288 4x4 grids).
+- uniqueness: no puzzle repeats within a split (countdown identity = sorted numbers + target).
+- train/test disjoint for any seeds: a puzzle's split is a hash of its identity
+  (`hash_split`), and each split keeps only puzzles that hash to it.
+
+Difficulty knobs: sudoku min_blanks/max_blanks; countdown num_numbers, number range, target
+range and allowed ops. `DEMO_PRESETS` holds settings a ~1M-param char-level model can learn,
+with prompts under 40 characters (prompt_style="short").
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import random
+from fractions import Fraction
+from typing import Sequence
+
+import numpy as np
+
+PROMPT_STYLES = ("short", "long")
+_STALL_ATTEMPTS = 50_000
+# Small, learnable variants for the embedded demo (char tokenizer, tiny model, 2-core CPU).
+DEMO_PRESETS: dict[str, dict] = {
+    # 1-2 blanks: each blank is forced by its row/column; 4608 + 34560 unique puzzles exist.
+    "sudoku": {"min_blanks": 1, "max_blanks": 2, "prompt_style": "short"},
+    # 3 numbers 1..20 with + and -: answers like "17+5-3"; about 5000 unique train and 550
+    # unique test puzzles exist (one-digit numbers would allow only ~500).
+    "countdown": {"num_numbers": 3, "min_number": 1, "max_number": 20, "min_target": 1,
+                  "max_target": 50, "ops": "+-", "prompt_style": "short"},
+}
+# d1-like settings (3 numbers 1..100, targets 1..100; 4x4 sudoku with 8-10 blanks).
+D1_PRESETS: dict[str, dict] = {
+    "sudoku": {"min_blanks": 8, "max_blanks": 10, "prompt_style": "long"},
+    "countdown": {"num_numbers": 3, "min_number": 1, "max_number": 100, "min_target": 1,
+                  "max_target": 100, "ops": "+-*/", "prompt_style": "long"},
+}
+
+
+def hash_split(task: str, key: str, test_fraction: float) -> str:
+  """"test" for a stable fraction of puzzle identities, else "train" (seed-independent)."""
+  h = int.from_bytes(hashlib.sha256(f"bgpo_jax/{task}/{key}".encode()).digest()[:8], "big")
+  return "test" if h / 2.0**64 < test_fraction else "train"
+
+
+def _check_split(split: str, test_fraction: float) -> None:
+  if split not in ("train", "test"):
+    raise ValueError(f"split {split!r} must be 'train' or 'test'")
+  if not 0.0 < test_fraction < 1.0:
+    raise ValueError(f"test_fraction {test_fraction} must be in (0, 1) so both splits exist")
+
+
+def _rng(seed: int, task: str, split: str) -> random.Random:
+  # Separate streams per (task, split) so asking for more test puzzles leaves train unchanged.
+  # random.Random (string seeds are hashed with SHA-512, stable across Python versions) is
+  # ~10x cheaper per draw than numpy's Generator for these scalar draws.
+  return random.Random(f"bgpo_jax/{task}/{split}/{int(seed)}")
+
+
+def _example(task: str, split: str, index: int, prompt: str, ground_truth: str,
+             extra: dict) -> dict:
+  return {
+      "task": task, "data_source": f"generated_{task}", "split": split, "index": index,
+      "prompt_json": json.dumps([{"role": "user", "content": prompt}]),
+      "ground_truth": ground_truth,
+      "extra_json": json.dumps(extra, sort_keys=True),
+  }
+
+
+# ----------------------------------------------------------------------------- sudoku
+
+
+@functools.lru_cache(maxsize=1)
+def all_sudoku_grids() -> np.ndarray:
+  """All 288 valid 4x4 sudoku grids, int8 [288, 16] (row-major, digits 1-4)."""
+  grids = []
+  cells = [0] * 16
+
+  def ok(pos: int, d: int) -> bool:
+    r, c = divmod(pos, 4)
+    for i in range(pos):
+      ri, ci = divmod(i, 4)
+      if cells[i] == d and (ri == r or ci == c or (ri // 2 == r // 2 and ci // 2 == c // 2)):
+        return False
+    return True
+
+  def fill(pos: int) -> None:
+    if pos == 16:
+      grids.append(list(cells))
+      return
+    for d in range(1, 5):
+      if ok(pos, d):
+        cells[pos] = d
+        fill(pos + 1)
+    cells[pos] = 0
+
+  fill(0)
+  out = np.asarray(grids, np.int8)
+  out.setflags(write=False)
+  return out
+
+
+def _puzzle_array(puzzle: str) -> np.ndarray:
+  if len(puzzle) != 16 or any(ch not in "01234" for ch in puzzle):
+    raise ValueError(f"sudoku puzzle {puzzle!r} must be 16 digits 0-4 (0 = empty)")
+  return np.frombuffer(puzzle.encode(), np.uint8).astype(np.int8) - ord("0")
+
+
+def sudoku_solutions(puzzle: str) -> list[str]:
+  """Every completed grid consistent with the puzzle's givens ('0' = empty), as strings."""
+  p = _puzzle_array(puzzle)
+  given = p > 0
+  grids = all_sudoku_grids()
+  hits = grids[(grids[:, given] == p[given]).all(axis=1)]
+  return ["".join(map(str, g)) for g in hits]
+
+
+def solve_sudoku(puzzle: str) -> str | None:
+  """The unique solution, or None when the puzzle has zero or several."""
+  sols = sudoku_solutions(puzzle)
+  return sols[0] if len(sols) == 1 else None
+
+
+def _sudoku_prompt(puzzle: str, style: str) -> str:
+  if style == "short":
+    return f"Sudoku {puzzle}"
+  return ("Solve this 4x4 sudoku: every row, column and 2x2 box must hold the digits 1-4 "
+          "once. The grid is given as 16 digits read row by row, with 0 for an empty cell: "
+          f"{puzzle}\nThink inside <reasoning></reasoning>, then write the 16-digit solved grid "
+          "inside <answer></answer>.")
+
+
+def generate_sudoku(n: int, *, seed: int = 0, split: str = "train", min_blanks: int = 8,
+                    max_blanks: int = 10, test_fraction: float = 0.1,
+                    prompt_style: str = "long", max_attempts: int | None = None) -> list[dict]:
+  """n unique 4x4 sudoku puzzles with unique solutions, blanks in [min_blanks, max_blanks].
+
+  Deterministic in (seed, split, knobs). extra = {"puzzle", "blanks"}; ground_truth = solution.
+  Raises ValueError when fewer than n unique puzzles turn up within max_attempts (the knobs
+  allow too few puzzles for this split).
+  """
+  _check_split(split, test_fraction)
+  if not 1 <= min_blanks <= max_blanks <= 12:
+    raise ValueError(f"blanks range [{min_blanks}, {max_blanks}] must lie in [1, 12] (a 4x4 "
+                     "sudoku needs at least 4 givens to have a unique solution)")
+  if prompt_style not in PROMPT_STYLES:
+    raise ValueError(f"prompt_style {prompt_style!r} not in {PROMPT_STYLES}")
+  rng = _rng(seed, "sudoku", split)
+  grids = [list("".join(map(str, g))) for g in all_sudoku_grids()]
+  max_attempts = max_attempts or 200 * n + 10_000
+  seen: set[str] = set()
+  out: list[dict] = []
+  attempts = last_new = 0
+  while len(out) < n:
+    # Give up early once new puzzles stop turning up: the knobs allow too few.
+    if attempts >= max_attempts or attempts - last_new > _STALL_ATTEMPTS:
+      raise ValueError(
+          f"found only {len(out)} of {n} unique {split} sudoku puzzles with {min_blanks}-"
+          f"{max_blanks} blanks after {attempts} attempts; widen the blanks range or ask for "
+          "fewer")
+    attempts += 1
+    p = list(grids[rng.randrange(len(grids))])
+    k = rng.randint(min_blanks, max_blanks)
+    for b in rng.sample(range(16), k):
+      p[b] = "0"
+    puzzle = "".join(p)
+    if puzzle in seen or hash_split("sudoku", puzzle, test_fraction) != split:
+      continue
+    seen.add(puzzle)
+    last_new = attempts
+    sols = sudoku_solutions(puzzle)
+    if len(sols) != 1:
+      continue
+    out.append(_example("sudoku", split, len(out), _sudoku_prompt(puzzle, prompt_style),
+                        sols[0], {"puzzle": puzzle, "blanks": k}))
+  return out
+
+
+# ----------------------------------------------------------------------------- countdown
+
+
+def _apply(op: str, a: Fraction, b: Fraction) -> Fraction | None:
+  if op == "+":
+    return a + b
+  if op == "-":
+    return a - b
+  if op == "*":
+    return a * b
+  if op == "/":
+    return a / b if b != 0 else None
+  raise ValueError(f"op {op!r} not in '+-*/'")
+
+
+def solve_countdown(numbers: Sequence[int], target: int, ops: str = "+-*/") -> str | None:
+  """An expression using every number once that equals target (exact rationals), or None.
+
+  Exhaustive: repeatedly combines two items of the pool with each op in both orders.
+  """
+  goal = Fraction(target)
+
+  def search(pool: list[tuple[Fraction, str]]) -> str | None:
+    if len(pool) == 1:
+      return pool[0][1] if pool[0][0] == goal else None
+    for i, j in itertools.permutations(range(len(pool)), 2):
+      rest = [pool[k] for k in range(len(pool)) if k not in (i, j)]
+      (a, ea), (b, eb) = pool[i], pool[j]
+      for op in ops:
+        if i > j and op in "+*":
+          continue  # commutative: the (j, i) order already covered it
+        v = _apply(op, a, b)
+        if v is not None:
+          found = search(rest + [(v, f"({ea}{op}{eb})")])
+          if found:
+            return found
+    return None
+
+  found = search([(Fraction(x), str(x)) for x in numbers])
+  return found[1:-1] if found and found.startswith("(") and len(numbers) > 1 else found
+
+
+def _countdown_prompt(numbers: Sequence[int], target: int, style: str) -> str:
+  if style == "short":
+    return f"Make {target} with {' '.join(map(str, numbers))}"
+  return (f"Using each of the numbers {list(numbers)} exactly once, with + - * / and "
+          f"parentheses, write an arithmetic expression equal to {target}.\nThink inside "
+          "<reasoning></reasoning>, then write only the expression (no '=' and no target) "
+          "inside <answer></answer>.")
+
+
+def countdown_key(numbers: Sequence[int], target: int) -> str:
+  """Puzzle identity: the multiset of numbers and the target (order does not matter)."""
+  return f"{sorted(int(x) for x in numbers)}->{int(target)}"
+
+
+def generate_countdown(n: int, *, seed: int = 0, split: str = "train", num_numbers: int = 3,
+                       min_number: int = 1, max_number: int = 100, min_target: int = 1,
+                       max_target: int = 100, ops: str = "+-*/", test_fraction: float = 0.1,
+                       prompt_style: str = "long",
+                       max_attempts: int | None = None) -> list[dict]:
+  """n unique countdown puzzles, each built from a random expression over its numbers.
+
+  The expression combines the numbers pairwise with `ops`, keeping every intermediate value
+  an integer (division only when exact), and the result must land in [min_target,
+  max_target]. extra = {"numbers", "solution"}; ground_truth = str(target).
+  """
+  _check_split(split, test_fraction)
+  if num_numbers < 2 or not 0 <= min_number <= max_number or min_target > max_target:
+    raise ValueError(f"bad countdown knobs: num_numbers={num_numbers} (need >= 2), numbers "
+                     f"[{min_number}, {max_number}], targets [{min_target}, {max_target}]")
+  if not ops or set(ops) - set("+-*/"):
+    raise ValueError(f"ops {ops!r} must be a non-empty subset of '+-*/'")
+  if prompt_style not in PROMPT_STYLES:
+    raise ValueError(f"prompt_style {prompt_style!r} not in {PROMPT_STYLES}")
+  rng = _rng(seed, "countdown", split)
+  max_attempts = max_attempts or 200 * n + 10_000
+  seen: set[str] = set()
+  out: list[dict] = []
+  attempts = last_new = 0
+  while len(out) < n:
+    # Give up early once new puzzles stop turning up: the knobs allow too few.
+    if attempts >= max_attempts or attempts - last_new > _STALL_ATTEMPTS:
+      raise ValueError(
+          f"found only {len(out)} of {n} unique {split} countdown puzzles after {attempts} "
+          f"attempts with numbers [{min_number}, {max_number}], targets [{min_target}, "
+          f"{max_target}], ops {ops!r}; widen the ranges or ask for fewer")
+    attempts += 1
+    numbers = [rng.randint(min_number, max_number) for _ in range(num_numbers)]
+    pool = [(x, str(x)) for x in numbers]
+    ok = True
+    while len(pool) > 1:
+      i, j = rng.sample(range(len(pool)), 2)
+      op = ops[rng.randrange(len(ops))]
+      (a, ea), (b, eb) = pool[i], pool[j]
+      if op == "/" and (b == 0 or a % b):
+        ok = False
+        break
+      v = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if op == "/" else 0}[op]
+      pool = [pool[k] for k in range(len(pool)) if k not in (i, j)]
+      # Parenthesize when this is not the last combination (keeps precedence explicit).
+      expr = f"{ea}{op}{eb}"
+      pool.append((v, expr if not pool else f"({expr})"))
+    if not ok:
+      continue
+    target, solution = pool[0]
+    if not min_target <= target <= max_target:
+      continue
+    key = countdown_key(numbers, target)
+    if key in seen or hash_split("countdown", key, test_fraction) != split:
+      continue
+    seen.add(key)
+    last_new = attempts
+    out.append(_example("countdown", split, len(out),
+                        _countdown_prompt(numbers, target, prompt_style), str(target),
+                        {"numbers": numbers, "solution": solution}))
+  return out
+
+
+GENERATORS = {"sudoku": generate_sudoku, "countdown": generate_countdown}
+
+
+def generate(task: str, n: int, *, seed: int = 0, split: str = "train", **knobs) -> list[dict]:
+  """generate_sudoku / generate_countdown by task name."""
+  if task not in GENERATORS:
+    raise ValueError(f"no generator for task {task!r}; generated tasks: {sorted(GENERATORS)}")
+  return GENERATORS[task](n, seed=seed, split=split, **knobs)
+
+
+def demo_examples(task: str = "sudoku", split: str = "train", n: int = 2000, seed: int = 0,
+                  **overrides) -> list[dict]:
+  """The embedded demo's built-in task: DEMO_PRESETS[task] updated with overrides."""
+  if task not in DEMO_PRESETS:
+    raise ValueError(f"no demo preset for task {task!r}; choose one of {sorted(DEMO_PRESETS)}")
+  return generate(task, n, seed=seed, split=split, **{**DEMO_PRESETS[task], **overrides})

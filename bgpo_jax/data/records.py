@@ -1,0 +1,382 @@
+"""Reading task rows from local parquet / JSONL files into one uniform example schema.
+
+Every example, whatever the task or backend (in-memory list or TFDS array_record), is a flat
+dict of plain values:
+
+  task:         str  one of TASKS (the builder / prompt-instruction key)
+  data_source:  str  the row's own data_source (e.g. "math500" for task "math")
+  split:        str  "train" | "test"
+  index:        int  the row's extra_info.index when given, else its row number in its file
+  prompt_json:  str  JSON list of chat messages [{"role", "content"}, ...]
+  ground_truth: str  final answer (gsm8k, math, countdown target, sudoku solution), HumanEval
+                     test code defining check(candidate), or a JSON list of test statements
+                     (mbpp, user code sets)
+  extra_json:   str  JSON dict: the row's extra_info with countdown "numbers" parsed to a list of
+                     ints; code tasks add "test_format" ("check" | "asserts") and, for "check",
+                     "entry_point"; generated puzzles add "solution"
+
+Bad rows are skipped, counted per reason and the first few are reported (`RowStats`); a file
+that cannot be read raises `DataFileError` naming the path.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import dataclasses
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("gsm8k", "math", "countdown", "sudoku", "humaneval", "mbpp", "code")
+# Which verifier family grades each task (rewards/ keys on this).
+REWARD_KIND = {
+    "gsm8k": "gsm8k", "math": "math", "countdown": "countdown", "sudoku": "sudoku",
+    "humaneval": "code", "mbpp": "code", "code": "code",
+}
+EXAMPLE_FIELDS = ("task", "data_source", "split", "index", "prompt_json", "ground_truth",
+                  "extra_json")
+SPLITS = ("train", "test")
+# File-name stems searched per (task, split), first stem with files wins: the layout of
+# shared/datasets is <split>_<stem>[-suffix].{parquet,jsonl}, e.g. train_countdown-n20000.parquet.
+_STEMS: dict[str, dict[str, tuple[str, ...]]] = {
+    "math": {"train": ("math",), "test": ("math500", "math")},
+}
+_EXTS = (".parquet", ".jsonl")
+_ROLES = ("system", "user", "assistant")
+
+
+class DataFileError(ValueError):
+  """A whole data file is missing or unreadable."""
+
+
+class BadRow(ValueError):
+  """One row fails validation; the message is the reason (counted in RowStats)."""
+
+
+@dataclasses.dataclass
+class RowStats:
+  """What reading one (task, split) kept and skipped; `examples` holds the first few bad rows."""
+  source: str
+  total: int = 0
+  kept: int = 0
+  bad: int = 0
+  reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  examples: list = dataclasses.field(default_factory=list)
+  max_examples: int = 5
+
+  def add_bad(self, where: str, reason: str, row: Any) -> None:
+    self.bad += 1
+    self.reasons[reason.split(":")[0]] += 1
+    if len(self.examples) < self.max_examples:
+      self.examples.append({"where": where, "reason": reason, "row": repr(row)[:200]})
+
+  def report(self) -> None:
+    """logging.warning with the counts and first examples when any row was skipped."""
+    if self.bad:
+      logger.warning(
+          "%s: skipped %d of %d rows (%s); first %d: %s", self.source, self.bad, self.total,
+          dict(self.reasons), len(self.examples),
+          "; ".join(f"{e['where']}: {e['reason']}" for e in self.examples))
+
+  def to_dict(self) -> dict:
+    return {"source": self.source, "total": self.total, "kept": self.kept, "bad": self.bad,
+            "reasons": dict(self.reasons), "examples": list(self.examples)}
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def find_task_files(source_dir: str | Path, task: str, split: str) -> list[Path]:
+  """Files for (task, split) in source_dir: <split>_<stem>.{parquet,jsonl} or <split>_<stem>-*.
+
+  Returns [] when none match (the caller decides whether a missing split is an error).
+  """
+  _check_task(task)
+  source_dir = Path(source_dir)
+  if not source_dir.is_dir():
+    raise DataFileError(f"source_dir {source_dir} is not a directory; point it at a folder "
+                        f"holding files like train_{task}.parquet")
+  for stem in _STEMS.get(task, {}).get(split, (task,)):
+    # The stem must end at '.', '-' or '_' so "math" does not pick up "math500".
+    pat = re.compile(rf"^{split}_{re.escape(stem)}([-_.].*)?$")
+    hits = sorted(p for p in source_dir.iterdir()
+                  if p.is_file() and p.suffix in _EXTS and pat.match(p.stem))
+    if hits:
+      return hits
+  return []
+
+
+def read_rows(path: str | Path) -> list[dict]:
+  """All rows of one parquet or JSONL file as python dicts; DataFileError names the path."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataFileError(f"data file {path} does not exist")
+  if path.suffix == ".parquet":
+    try:
+      import pyarrow.parquet as pq
+      return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for corrupt files
+      raise DataFileError(f"cannot read parquet file {path}: {type(e).__name__}: {e}") from e
+  if path.suffix in (".jsonl", ".json"):
+    rows = []
+    try:
+      with open(path, encoding="utf-8") as f:
+        for line in f:
+          line = line.strip()
+          # A non-JSON line is a bad row, not a bad file: keep it as a marker for RowStats.
+          if not line:
+            continue
+          try:
+            rows.append(json.loads(line))
+          except json.JSONDecodeError as e:
+            rows.append(_Unparsed(line, str(e)))
+    except (OSError, UnicodeDecodeError) as e:
+      raise DataFileError(f"cannot read JSONL file {path}: {type(e).__name__}: {e}") from e
+    if rows and all(isinstance(r, _Unparsed) for r in rows):
+      raise DataFileError(f"no line of {path} parses as JSON (first error: {rows[0].error}); "
+                          "expected one JSON object per line")
+    return rows
+  raise DataFileError(f"data file {path} has unsupported suffix {path.suffix!r}; "
+                      "use .parquet or .jsonl")
+
+
+@dataclasses.dataclass
+class _Unparsed:
+  line: str
+  error: str
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _check_task(task: str) -> None:
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def _messages(prompt: Any) -> list[dict]:
+  """Validated chat messages from a row's prompt (a message list, or a plain string)."""
+  if isinstance(prompt, str):
+    prompt = [{"role": "user", "content": prompt}]
+  if prompt is None or not hasattr(prompt, "__len__") or isinstance(prompt, dict):
+    raise BadRow(f"prompt: expected a list of messages, got {type(prompt).__name__}")
+  msgs = []
+  for m in prompt:
+    if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(
+        m.get("content"), str):
+      raise BadRow(f"prompt: bad message {str(m)[:80]}")
+    msgs.append({"role": m["role"], "content": m["content"]})
+  users = [m for m in msgs if m["role"] == "user"]
+  if not users or not users[-1]["content"].strip():
+    raise BadRow("prompt: empty (no non-empty user message)")
+  return msgs
+
+
+def _number(text: str) -> float:
+  try:
+    v = float(text.replace(",", "").strip())
+  except (ValueError, AttributeError):
+    raise BadRow(f"ground_truth: not a number: {str(text)[:40]!r}") from None
+  if not math.isfinite(v):
+    raise BadRow(f"ground_truth: not finite: {text!r}")
+  return v
+
+
+def parse_numbers(value: Any) -> list[int]:
+  """Countdown numbers from a list or a string like "[30, 100, 93]" (BadRow if unparseable)."""
+  if isinstance(value, str):
+    try:
+      value = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      raise BadRow(f"numbers: cannot parse {value[:40]!r}") from None
+  if not isinstance(value, (list, tuple)) or not value:
+    raise BadRow(f"numbers: expected a non-empty list, got {str(value)[:40]!r}")
+  out = []
+  for v in value:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+      raise BadRow(f"numbers: {v!r} is not an integer")
+    out.append(int(v))
+  return out
+
+
+_DEF_RE = re.compile(r"^def\s+([A-Za-z_]\w*)\s*\(", re.M)
+
+
+def _entry_point(messages: list[dict]) -> str | None:
+  """HumanEval entry point: the last top-level def of the last user turn (helpers come first)."""
+  users = [m["content"] for m in messages if m["role"] == "user"]
+  names = _DEF_RE.findall(users[-1]) if users else []
+  return names[-1] if names else None
+
+
+def _code_ground_truth(tests: Any, messages: list[dict], extra: dict, *,
+                       allow_script: bool) -> str:
+  """Ground truth + test_format for code rows: check(candidate) code or a JSON statement list.
+
+  allow_script: a string that is not JSON is one test block (user {prompt, tests} rows); in
+  the reward_model layout (mbpp) it must be a JSON list, anything else is a bad row.
+  """
+  if isinstance(tests, str) and not tests.strip():
+    raise BadRow("ground_truth: empty tests")
+  if isinstance(tests, str) and "def check(" in tests:
+    extra["test_format"] = "check"
+    extra.setdefault("entry_point", _entry_point(messages))
+    if not extra["entry_point"]:
+      raise BadRow("ground_truth: check(candidate) tests but no entry point (no `def` in prompt)")
+    return tests
+  if isinstance(tests, str):
+    try:
+      parsed = json.loads(tests)
+    except json.JSONDecodeError:
+      if not allow_script:
+        raise BadRow(f"ground_truth: not a JSON list of tests: {tests[:60]!r}") from None
+      parsed = [tests]  # a plain test script: one statement block
+    tests = parsed
+  if (not isinstance(tests, (list, tuple)) or not tests
+      or not all(isinstance(t, str) and t.strip() for t in tests)):
+    raise BadRow(f"ground_truth: expected a non-empty JSON list of test strings, got "
+                 f"{str(tests)[:60]!r}")
+  extra["test_format"] = "asserts"
+  return json.dumps(list(tests))
+
+
+_SUDOKU_PUZZLE = re.compile(r"^[0-4]{16}$")
+_SUDOKU_SOLUTION = re.compile(r"^[1-4]{16}$")
+
+
+def normalize_row(row: Any, task: str, split: str, row_number: int) -> dict:
+  """One raw row -> uniform example dict (see module docstring); raises BadRow with the reason.
+
+  Accepts the shared/datasets layout {data_source, prompt, reward_model{ground_truth},
+  extra_info} and, for code tasks, the user layout {prompt, tests[, entry_point]}.
+  """
+  if isinstance(row, _Unparsed):
+    raise BadRow(f"json: {row.error}")
+  if not isinstance(row, dict):
+    raise BadRow(f"row: expected an object, got {type(row).__name__}")
+  if "prompt" not in row or row["prompt"] is None:
+    raise BadRow("missing: prompt")
+  messages = _messages(row["prompt"])
+  if not isinstance(row.get("extra_info") or {}, dict):
+    raise BadRow("extra_info: not an object")
+  extra = dict(row.get("extra_info") or {})
+  allow_script = False
+  if "reward_model" in row:
+    rm = row["reward_model"]
+    if not isinstance(rm, dict) or rm.get("ground_truth") is None:
+      raise BadRow("missing: reward_model.ground_truth")
+    gt = rm["ground_truth"]
+    if rm.get("style") is not None:
+      extra.setdefault("style", rm["style"])
+  elif "tests" in row and REWARD_KIND[task] == "code":
+    gt = row["tests"]
+    allow_script = True
+    if row.get("entry_point"):
+      extra["entry_point"] = str(row["entry_point"])
+  elif "ground_truth" in row:
+    gt = row["ground_truth"]
+  else:
+    raise BadRow("missing: reward_model.ground_truth" + (" or tests" if REWARD_KIND[task] ==
+                                                        "code" else ""))
+  if REWARD_KIND[task] != "code":
+    if not isinstance(gt, (str, int, float)) or isinstance(gt, bool) or not str(gt).strip():
+      raise BadRow("ground_truth: empty")
+    gt = str(gt).strip()
+
+  if task == "gsm8k":
+    _number(gt)
+  elif task == "countdown":
+    if "numbers" not in extra:
+      raise BadRow("missing: extra_info.numbers")
+    extra["numbers"] = parse_numbers(extra["numbers"])
+    if _number(gt) != int(_number(gt)):
+      raise BadRow(f"ground_truth: countdown target {gt!r} is not an integer")
+  elif task == "sudoku":
+    puzzle = str(extra.get("puzzle", ""))
+    if not _SUDOKU_PUZZLE.match(puzzle):
+      raise BadRow(f"puzzle: expected 16 digits 0-4, got {puzzle[:20]!r}")
+    if not _SUDOKU_SOLUTION.match(gt):
+      raise BadRow(f"ground_truth: expected 16 digits 1-4, got {gt[:20]!r}")
+    if any(p != "0" and p != s for p, s in zip(puzzle, gt)):
+      raise BadRow("ground_truth: solution contradicts the puzzle's givens")
+  elif REWARD_KIND[task] == "code":
+    gt = _code_ground_truth(gt, messages, extra, allow_script=allow_script)
+
+  index = extra.get("index")
+  if isinstance(index, bool) or not isinstance(index, int):
+    index = row_number
+  return {
+      "task": task,
+      "data_source": str(row.get("data_source") or task),
+      "split": split,
+      "index": int(index),
+      "prompt_json": json.dumps(messages, ensure_ascii=False),
+      "ground_truth": gt,
+      "extra_json": json.dumps(extra, ensure_ascii=False, sort_keys=True, default=str),
+  }
+
+
+def normalize_rows(rows: Iterable[Any], task: str, split: str, *, where: str = "rows",
+                   stats: RowStats | None = None) -> tuple[list[dict], RowStats]:
+  """Normalizes rows, skipping bad ones into `stats` (created when None; not reported here)."""
+  _check_task(task)
+  stats = stats or RowStats(source=f"{task}/{split}")
+  out = []
+  for i, row in enumerate(rows):
+    stats.total += 1
+    try:
+      out.append(normalize_row(row, task, split, i))
+      stats.kept += 1
+    except BadRow as e:
+      stats.add_bad(f"{where}:{i}", str(e), row)
+  return out, stats
+
+
+def load_examples(task: str, split: str, *, source_dir: str | Path | None = None,
+                  files: Sequence[str | Path] | None = None,
+                  max_bad_examples: int = 5) -> tuple[list[dict], RowStats]:
+  """Reads and normalizes every row of (task, split) from `files` or found in `source_dir`.
+
+  Returns (examples in file order, stats); bad rows are skipped and logged with a warning.
+  Raises DataFileError when no file matches or a file cannot be read.
+  """
+  _check_task(task)
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r} is not one of {SPLITS}")
+  if files is None:
+    if source_dir is None:
+      raise ValueError(f"load_examples({task!r}, {split!r}) needs source_dir or files")
+    files = find_task_files(source_dir, task, split)
+    if not files:
+      raise DataFileError(
+          f"no {split} files for task {task!r} in {source_dir}: expected "
+          f"{split}_{_STEMS.get(task, {}).get(split, (task,))[0]}[-*].parquet or .jsonl")
+  stats = RowStats(source=f"{task}/{split}", max_examples=max_bad_examples)
+  examples: list[dict] = []
+  for path in files:
+    rows = read_rows(path)
+    got, _ = normalize_rows(rows, task, split, where=Path(path).name, stats=stats)
+    examples.extend(got)
+  stats.report()
+  return examples, stats
+
+
+def decode_example(ex: dict) -> dict:
+  """Uniform example (str fields, possibly bytes from TFDS) -> dict with parsed messages/extra.
+
+  Returns {task, data_source, split, index, messages: list[dict], ground_truth: str,
+  extra: dict}.
+  """
+  def s(v):
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+  return {
+      "task": s(ex["task"]), "data_source": s(ex["data_source"]), "split": s(ex["split"]),
+      "index": int(ex["index"]), "messages": json.loads(s(ex["prompt_json"])),
+      "ground_truth": s(ex["ground_truth"]), "extra": json.loads(s(ex["extra_json"])),
+  }

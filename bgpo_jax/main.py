@@ -1,0 +1,331 @@
+r"""The trainer: `python -m bgpo_jax.main --config=configs/<task>.py --workdir=DIR [--config.k=v ...]`.
+
+One RL step, read top to bottom in `Trainer.rl_step`:
+  prompts (data) -> rollouts (G per prompt, diffusion sampler on the mesh) -> decode -> rewards
+  (the sandbox pool scores chunk k while the device generates chunk k+1) -> group advantages ->
+  shared MC masks -> (off-policy: stored old terms) -> train step(s) -> metrics.
+Around it: evaluation on the test split (also at step 0), Orbax checkpoints every
+`checkpoint_every` steps with automatic resume, SIGTERM/SIGINT -> finish the step, save, exit 0.
+`mode=sft` (or `sft.steps > 0` before RL) trains with the masked-diffusion SFT loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+from bgpo_jax import checkpoint as ckpt_lib
+from bgpo_jax import config as config_lib
+from bgpo_jax import metrics as metrics_lib
+from bgpo_jax import objectives
+from bgpo_jax import tasks as tasks_lib
+from bgpo_jax.diffusion import masking
+from bgpo_jax.models import llada
+from bgpo_jax.train import mesh as mesh_lib
+from bgpo_jax.train import optimizer as optim_lib
+from bgpo_jax.train import state as state_lib
+from bgpo_jax.train import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, curves.png.")
+
+
+class _Preemption:
+  """SIGTERM / SIGINT set a flag; the loop finishes its step, saves and exits 0."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = {}
+
+  def install(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.requested:  # a second Ctrl-C: stop now
+      raise KeyboardInterrupt
+    logging.warning("signal %d: finishing this step, saving a checkpoint, then exiting", signum)
+    self.requested = True
+
+
+class Progress:
+  """A one-line console progress bar with ETA (plain log lines when not a terminal)."""
+
+  def __init__(self, total: int, start: int, label: str):
+    self.total, self.start, self.label = total, start, label
+    self.t0 = time.time()
+    self.tty = sys.stderr.isatty()
+
+  def update(self, step: int, info: str) -> None:
+    done = step - self.start
+    rate = (time.time() - self.t0) / max(done, 1)
+    eta = rate * (self.total - step)
+    frac = step / max(self.total, 1)
+    bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+    line = f"{self.label} [{bar}] {step}/{self.total} eta {eta:5.0f}s {info}"
+    if self.tty:
+      sys.stderr.write("\r" + line[:200].ljust(200))
+      sys.stderr.flush()
+      if step >= self.total:
+        sys.stderr.write("\n")
+    else:
+      print(line, flush=True)
+
+
+class Trainer:
+  """Holds the run's pieces; `run()` is the whole loop."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    mesh_lib.maybe_initialize_distributed(config.distributed)
+    self.mesh = mesh_lib.make_mesh(config.mesh.shape)
+    self.dp = mesh_lib.data_parallel_size(self.mesh)
+    config_lib.validate(config, data_parallel_size=self.dp)
+    self.is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+
+    self.task = tasks_lib.build_task(config)
+    self.tokenizer = self.task.tokenizer
+    self.model_cfg, init_params = tasks_lib.build_model(config, self.tokenizer, self.mesh)
+    self.rng = jax.random.key(config.seed)
+
+    # One optimizer for the whole run; SFT warm-up and RL phases share the step counter.
+    self.sft_steps = config.total_steps if config.mode == "sft" else config.sft.steps
+    self.rl_steps = 0 if config.mode == "sft" else config.total_steps
+    self.total = self.sft_steps + self.rl_steps
+    self.optimizer, self.schedule = self._optimizer()
+    self.state, self.shardings = state_lib.create_train_state(
+        self.model_cfg, self.optimizer, self.mesh, rng=jax.random.fold_in(self.rng, 0), params=init_params)
+    self.ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+    self.start_step = 0
+    latest = self.ckpt.latest_step()
+    if latest is not None:
+      self.state, host = self.ckpt.restore(latest, self.state)
+      self.start_step = int(host["step"])
+      logging.info("resumed from %s at step %d", self.ckpt.directory, self.start_step)
+    self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main,
+                                            resume_step=self.start_step if latest is not None else None)
+    self.sampler = tasks_lib.build_rollout_sampler(config, self.model_cfg, self.tokenizer, self.mesh, "rollout")
+    self.eval_sampler = tasks_lib.build_rollout_sampler(config, self.model_cfg, self.tokenizer, self.mesh, "eval")
+    self._steps: dict = {}
+    self.preempt = _Preemption()
+    self.last_eval: dict = {}
+
+  # ------------------------------------------------------------------ pieces
+
+  def _optimizer(self):
+    c = self.config
+    optim = c.optim
+    if c.mode == "sft":
+      optim = c.optim.copy_and_resolve_references()
+      with optim.unlocked():
+        optim.learning_rate = c.sft.learning_rate
+    if self.sft_steps and self.rl_steps:
+      # Warm-up SFT at sft.learning_rate, then RL at optim.learning_rate (after its warmup).
+      sft_lr = optax.constant_schedule(float(c.sft.learning_rate))
+      rl = optim_lib.make_schedule(optim, self.rl_steps)
+      schedule = optax.join_schedules([sft_lr, rl], [self.sft_steps])
+      return optim_lib.make_optimizer(optim, self.total, schedule), schedule
+    schedule = optim_lib.make_schedule(optim, self.total)
+    return optim_lib.make_optimizer(optim, self.total), schedule
+
+  def _step_config(self, phase: str) -> step_lib.StepConfig:
+    c = self.config
+    if phase == "sft":
+      per_dev = c.sft.micro_batch_per_device
+      return step_lib.StepConfig(objective="sft", num_mc_samples=c.sft.num_mc_samples,
+                                 micro_batch_size=per_dev * self.dp, gen_length=c.rollout.gen_length)
+    rl = c.rl
+    return step_lib.StepConfig(
+        objective=rl.objective, num_mc_samples=rl.num_mc_samples,
+        micro_batch_size=rl.micro_batch_per_device * self.dp, gen_length=c.rollout.gen_length,
+        normalize_length=rl.normalize_length, off_policy=rl.updates_per_batch > 1,
+        clip_eps=rl.clip_eps, dual_clip=rl.dual_clip, kl_beta=rl.kl_beta,
+        prompt_mask_prob=rl.prompt_mask_prob)
+
+  def _compiled(self, phase: str, batch: dict):
+    """The jitted step for this phase and batch shapes, compiled ahead of time once (memory logged)."""
+    key = (phase, tuple((k, v.shape) for k, v in sorted(batch.items())))
+    if key not in self._steps:
+      scfg = self._step_config(phase)
+      fn = step_lib.jit_train_step(self.model_cfg, scfg, self.optimizer, self.schedule, self.mesh,
+                                   self.shardings, batch)
+      t0 = time.time()
+      compiled = fn.lower(self.state, batch).compile()
+      mem = step_lib.memory_report(compiled)
+      logging.info("compiled %s step in %.1fs; per-device memory: %s", phase, time.time() - t0,
+                   {k: f"{v / 2**20:.1f} MiB" for k, v in mem.items()})
+      old = None
+      if scfg.off_policy:
+        old = step_lib.jit_old_terms(self.model_cfg, scfg, self.mesh, self.shardings.params, batch)
+      self._steps[key] = (compiled, old, mem)
+    return self._steps[key]
+
+  def _masks(self, step: int, rows: int, n: int, estimator: str):
+    # Same key -> same masks for the current and the old policy (drawn once per rollout batch).
+    key = jax.random.fold_in(jax.random.fold_in(self.rng, 2), step)
+    key = jax.random.fold_in(key, jax.process_index())
+    m, w = masking.sample_masks(key, rows, self.config.rollout.gen_length, n, estimator=estimator)
+    return np.asarray(m), np.asarray(w)
+
+  # ------------------------------------------------------------------ steps
+
+  def sft_step(self, step: int) -> dict:
+    c = self.config
+    rows = c.sft.batch_size // jax.process_count()
+    t0 = time.time()
+    tokens, attn = self.task.sft_batch(step, rows, c.rollout.gen_length)
+    masks, weights = self._masks(step, tokens.shape[0], c.sft.num_mc_samples, "continuous")
+    batch = {"tokens": tokens, "attention_mask": attn, "advantages": np.zeros(tokens.shape[0], np.float32),
+             "mc_masks": masks, "mc_weights": weights}
+    batch = mesh_lib.host_batch_to_global(batch, self.mesh, step_lib.BATCH_AXIS)
+    compiled, _, mem = self._compiled("sft", batch)
+    self.state, m = compiled(self.state, batch)
+    m = jax.device_get(m)
+    m["time/train_s"] = time.time() - t0
+    m["perf/tokens_per_s"] = tokens.size * jax.process_count() / m["time/train_s"]
+    m["mem/step_temp_bytes"] = mem.get("temp_bytes", 0)
+    return m
+
+  def rl_step(self, step: int) -> dict:
+    c, rl = self.config, self.config.rl
+    m: dict = {}
+    # 1. prompts for this step (this host's share) and G rollouts each.
+    examples = self.task.train_examples(step, rl.prompts_per_step // jax.process_count())
+    t0 = time.time()
+    rng = jax.random.fold_in(jax.random.fold_in(self.rng, 1), step)
+    rollout, rewards, reward_s = tasks_lib.rollout_and_score(
+        self.sampler, self.task, self.state.params, examples, rng, group_size=rl.group_size,
+        chunk=c.rollout.batch_size // jax.process_count() if c.rollout.batch_size else 0)
+    m["time/rollout_s"] = time.time() - t0 - reward_s
+    m["time/reward_s"] = reward_s
+    # 2. advantages per prompt group.
+    r = np.asarray(rewards, np.float32).reshape(len(examples), rl.group_size)
+    adv = np.asarray(objectives.group_advantages(jnp.asarray(r), normalize_std=rl.advantage_std)).reshape(-1)
+    m["train/reward_mean"] = float(r.mean())
+    m["train/reward_std"] = float(r.std())
+    m["train/accuracy"] = float((r >= 1.0).mean())
+    m["train/response_len"] = float(np.mean(rollout.response_lengths))
+    m["train/zero_adv_groups"] = float(np.mean(np.all(np.abs(adv.reshape(r.shape)) < 1e-8, axis=1)))
+    # 3. the batch, with MC masks shared by every policy evaluated on it.
+    t1 = time.time()
+    rows = rollout.tokens.shape[0]
+    batch = {"tokens": np.asarray(rollout.tokens, np.int32),
+             "attention_mask": np.asarray(rollout.attention_mask, np.int32),
+             "advantages": adv.astype(np.float32)}
+    if rl.objective == "diffu_grpo":
+      L = c.rollout.gen_length
+      batch["response_mask"] = (np.arange(L)[None] < np.asarray(rollout.response_lengths)[:, None]).astype(np.float32)
+      batch["row_seeds"] = np.full((rows,), step * 7919 + jax.process_index(), np.uint32)
+    else:
+      batch["mc_masks"], batch["mc_weights"] = self._masks(step, rows, rl.num_mc_samples, rl.mc_estimator)
+    if rl.objective == "diffu_grpo" and rl.kl_beta > 0:
+      raise NotImplementedError("diffu_grpo with kl_beta > 0 needs a reference model; set rl.kl_beta=0")
+    batch = mesh_lib.host_batch_to_global(batch, self.mesh, step_lib.BATCH_AXIS)
+    compiled, old_fn, mem = self._compiled("rl", batch)
+    # 4. off-policy: store the old terms once, then mu clipped updates.
+    if old_fn is not None:
+      key = "old_logps" if rl.objective == "diffu_grpo" else "old_elbo"
+      batch = dict(batch, **{key: old_fn(self.state.params, batch)})
+      compiled, _, mem = self._compiled("rl_off", batch)
+    for _ in range(rl.updates_per_batch):
+      self.state, sm = compiled(self.state, batch)
+    sm = jax.device_get(sm)
+    m.update(sm)
+    m["time/train_s"] = time.time() - t1
+    m["perf/tokens_per_s"] = rows * jax.process_count() * c.rollout.gen_length / max(time.time() - t0, 1e-9)
+    m["mem/step_temp_bytes"] = mem.get("temp_bytes", 0)
+    m["mem/step_total_bytes"] = mem.get("total_bytes", 0)
+    return m
+
+  def evaluate(self, step: int) -> dict:
+    t0 = time.time()
+    result = tasks_lib.evaluate(self.eval_sampler, self.task, self.state.params,
+                                rng=jax.random.fold_in(jax.random.fold_in(self.rng, 3), step),
+                                num_examples=self.config.eval.num_examples,
+                                batch_size=self.config.eval.batch_size)
+    result["time/eval_s"] = time.time() - t0
+    self.last_eval = result
+    return result
+
+  def _save(self, step: int, metrics: dict | None = None) -> None:
+    host = {"step": step, "seed": int(self.config.seed), "data_position": step,
+            "config": json.loads(self.config.to_json_best_effort())}
+    self.ckpt.save(step, self.state, host, metrics=metrics)
+
+  # ------------------------------------------------------------------ loop
+
+  def run(self) -> dict:
+    c = self.config
+    self.preempt.install()
+    eval_on = c.eval_every > 0
+    if self.start_step == 0 and eval_on:
+      self.writer.write(0, self.evaluate(0))
+      self.first_eval = dict(self.last_eval)
+    progress = Progress(self.total, self.start_step, "sft+rl" if self.sft_steps and self.rl_steps else c.mode)
+    step = self.start_step
+    while step < self.total:
+      phase = "sft" if step < self.sft_steps else "rl"
+      m = self.sft_step(step) if phase == "sft" else self.rl_step(step)
+      step += 1
+      is_eval = eval_on and (step % c.eval_every == 0 or step == self.total or step == self.sft_steps)
+      if is_eval:
+        m.update(self.evaluate(step))
+      if step % c.log_every == 0 or is_eval:
+        row = self.writer.write(step, m)
+        info = " ".join(f"{k.split('/')[-1]}={row[k]:.3g}" for k in
+                        ("train/loss", "train/reward_mean", "eval/accuracy") if isinstance(row.get(k), float))
+        if self.is_main:
+          progress.update(step, f"{phase} {info}")
+      if step % c.checkpoint_every == 0 or step == self.total or self.preempt.requested:
+        self._save(step, m if is_eval else None)
+      if self.preempt.requested:
+        logging.warning("stopped at step %d on request; resume by running the same command", step)
+        break
+    self.ckpt.close()
+    self.writer.close()
+    summary = {"step": step, **self.last_eval}
+    if c.plot_at_end and self.is_main and step >= self.total:
+      from bgpo_jax.plot import plot_run
+      try:
+        summary["plot"] = plot_run(self.workdir)
+      except ValueError as e:
+        logging.warning("no plot: %s", e)
+    return summary
+
+
+def main(argv) -> None:
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/bgpo_demo")
+  trainer = Trainer(config, _WORKDIR.value)
+  summary = trainer.run()
+  if trainer.is_main:
+    first = getattr(trainer, "first_eval", {})
+    if "eval/accuracy" in first and "eval/accuracy" in summary:
+      print(f"held-out accuracy: {first['eval/accuracy']:.3f} at step 0 -> {summary['eval/accuracy']:.3f} "
+            f"at step {summary['step']}")
+    if "plot" in summary:
+      print(f"learning curves: {summary['plot']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

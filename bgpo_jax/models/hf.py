@@ -1,0 +1,370 @@
+"""Hugging Face LLaDA checkpoints (config.json + sharded safetensors) <-> our parameter tree.
+
+Import streams tensor by tensor: each HF tensor is read from its shard (safetensors, numpy),
+put on device (straight onto its NamedSharding when a mesh is given), transposed / cast there,
+and written into its slot of the stacked layer array by a jitted, donated update. Host memory
+therefore stays at about one HF tensor (the largest is the 126464 x 4096 embedding, 1 GB in
+bf16); device memory is the final parameters plus one tensor in flight.
+
+Export streams the other way: the safetensors files are written by a small writer that emits
+the header first and then one tensor at a time (byte-identical to safetensors.numpy.save_file),
+so host memory is again about one tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import struct
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from safetensors import safe_open
+
+from bgpo_jax.models import llada
+from bgpo_jax.models.sharding import DEFAULT_LOGICAL_RULES, logical_to_sharding
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_PREFIX = "model.transformer."
+_BLOCK_KINDS = ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj",
+                "up_proj", "ff_out")
+# safetensors dtype names; the rank is the order safetensors uses to lay tensors out in a file.
+_ST_DTYPES = {
+  "F64": (np.dtype(np.float64), 3),
+  "F32": (np.dtype(np.float32), 2),
+  "BF16": (np.dtype(ml_dtypes.bfloat16), 1),
+  "F16": (np.dtype(np.float16), 0),
+}
+_NP_TO_ST = {v[0]: k for k, v in _ST_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint does not match the config (missing / unexpected tensors, wrong shapes)."""
+
+
+def hf_tensor_map(config: llada.LLaDAConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
+  """HF tensor name -> (path in our param tree, layer index or None, transposed?).
+
+  Transposed tensors are HF Linear weights ([out, in]); ours are [in, out].
+  """
+  out: dict[str, tuple[tuple[str, ...], int | None, bool]] = {
+    _PREFIX + "wte.weight": (("wte",), None, False),
+    _PREFIX + "ln_f.weight": (("ln_f",), None, False),
+    _PREFIX + "ff_out.weight": (("ff_out",), None, True),
+  }
+  for i in range(config.n_layers):
+    for k in _BLOCK_KINDS:
+      out[f"{_PREFIX}blocks.{i}.{k}.weight"] = (("blocks", k), i, not k.endswith("norm"))
+  return out
+
+
+def hf_shape(config: llada.LLaDAConfig, name: str) -> tuple[int, ...]:
+  """The shape an HF tensor must have for `config`."""
+  path, layer, transposed = hf_tensor_map(config)[name]
+  shape = _get(llada.param_shapes(config), path)
+  if layer is not None:
+    shape = shape[1:]
+  return tuple(reversed(shape)) if transposed else tuple(shape)
+
+
+def _get(tree: Any, path: Sequence[str]) -> Any:
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _set(tree: dict, path: Sequence[str], value: Any) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def _weight_map(path: str) -> dict[str, str]:
+  """HF tensor name -> shard file name (from the index, or the single model.safetensors)."""
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.exists(index):
+    with open(index) as f:
+      return dict(json.load(f)["weight_map"])
+  single = os.path.join(path, SINGLE_FILE)
+  if os.path.exists(single):
+    with safe_open(single, framework="np") as f:
+      return {k: SINGLE_FILE for k in f.keys()}
+  raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {path}")
+
+
+def _check_checkpoint(config: llada.LLaDAConfig, path: str, weight_map: dict[str, str],
+                      strict: bool) -> None:
+  """Reads only the safetensors headers; raises one CheckpointError listing every problem."""
+  expected = hf_tensor_map(config)
+  problems = []
+  missing = sorted(set(expected) - set(weight_map))
+  if missing:
+    problems.append(f"{len(missing)} missing tensors: {', '.join(missing)}")
+  unexpected = sorted(set(weight_map) - set(expected))
+  if unexpected and strict:
+    problems.append(f"{len(unexpected)} unexpected tensors (pass strict=False to ignore): "
+                    f"{', '.join(unexpected)}")
+  by_file: dict[str, list[str]] = {}
+  for name, file in weight_map.items():
+    if name in expected:
+      by_file.setdefault(file, []).append(name)
+  for file, names in sorted(by_file.items()):
+    fpath = os.path.join(path, file)
+    if not os.path.exists(fpath):
+      problems.append(f"shard {file} (holding {names[0]}, ...) is missing")
+      continue
+    with safe_open(fpath, framework="np") as f:
+      stored = set(f.keys())
+      for name in sorted(names):
+        if name not in stored:
+          problems.append(f"{name}: listed in the index under {file} but not stored there")
+          continue
+        sl = f.get_slice(name)
+        got, want = tuple(sl.get_shape()), hf_shape(config, name)
+        if got != want:
+          problems.append(f"{name}: wrong shape, expected {want}, got {got}")
+        if sl.get_dtype() not in _ST_DTYPES:
+          problems.append(f"{name}: unsupported dtype {sl.get_dtype()} (want one of "
+                          f"{sorted(_ST_DTYPES)})")
+  if problems:
+    raise CheckpointError(f"checkpoint {path} does not match its config:\n  " +
+                          "\n  ".join(problems))
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _zeros(shape, dtype):
+  return jnp.zeros(shape, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _placer(out_sharding: NamedSharding | None, transposed: bool, stacked: bool) -> Callable:
+  """Jitted placement of one HF tensor: stacked: (target, tensor, layer) -> target with that
+  layer written (target donated); otherwise (tensor) -> param. Transposes / casts on device."""
+  kwargs = {} if out_sharding is None else {"out_shardings": out_sharding}
+
+  def prepare(value, dtype):
+    return (value.T if transposed else value).astype(dtype)
+
+  if stacked:
+    def place(target, value, layer):
+      return jax.lax.dynamic_update_index_in_dim(target, prepare(value, target.dtype), layer, 0)
+    return jax.jit(place, donate_argnums=0, **kwargs)
+  return jax.jit(prepare, static_argnums=1, **kwargs)
+
+
+def load(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh: Mesh | None = None,
+         logical_rules: Sequence[tuple[str, Any]] | None = None, strict: bool = True,
+         **config_overrides) -> tuple[llada.LLaDAConfig, dict[str, Any]]:
+  """Imports an HF LLaDA checkpoint dir -> (config, params).
+
+  dtype: parameter dtype (config.param_dtype follows it; None keeps the checkpoint's
+  torch_dtype). mesh: place each tensor straight onto its NamedSharding (param_logical_axes +
+  logical_rules, default DEFAULT_LOGICAL_RULES); None = default device. strict: unexpected
+  tensors are an error. config_overrides: LLaDAConfig fields (e.g. compute_dtype, remat_policy).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+  if dtype is not None:
+    config_overrides.setdefault("param_dtype", jnp.dtype(dtype).name)
+  config = llada.LLaDAConfig.from_hf(path, **config_overrides)
+  weight_map = _weight_map(path)
+  _check_checkpoint(config, path, weight_map, strict)
+
+  shapes = llada.param_shapes(config)
+  pdtype = config.param_jnp_dtype
+  if mesh is not None:
+    shardings = logical_to_sharding(llada.param_logical_axes(config), mesh,
+                                    logical_rules or DEFAULT_LOGICAL_RULES, shapes=shapes)
+  else:
+    shardings = jax.tree.map(lambda _: None, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+  # Preallocate every parameter (stacked arrays filled layer by layer below).
+  params: dict[str, Any] = {}
+  for leaf_path, shape in jax.tree_util.tree_flatten_with_path(
+      shapes, is_leaf=lambda x: isinstance(x, tuple))[0]:
+    keys = tuple(p.key for p in leaf_path)
+    sh = _get(shardings, keys)
+    if keys[0] == "blocks":
+      fn = _zeros if sh is None else jax.jit(_zeros, static_argnames=("shape", "dtype"),
+                                             out_shardings=sh)
+      _set(params, keys, fn(shape=tuple(shape), dtype=pdtype))
+    else:
+      _set(params, keys, None)
+
+  tmap = hf_tensor_map(config)
+  by_file: dict[str, list[str]] = {}
+  for name, file in weight_map.items():
+    if name in tmap:
+      by_file.setdefault(file, []).append(name)
+  for file, names in sorted(by_file.items()):
+    with safe_open(os.path.join(path, file), framework="np") as f:
+      for name in sorted(names):
+        keys, layer, transposed = tmap[name]
+        sh = _get(shardings, keys)
+        stacked = layer is not None
+        value = f.get_tensor(name)  # host: this one tensor
+        if sh is not None:
+          # Put the HF tensor directly onto the matching (per-layer, [out, in]) sharding.
+          spec = tuple(sh.spec) + (None,) * (len(_get(shapes, keys)) - len(sh.spec))
+          spec = spec[1:] if stacked else spec
+          spec = tuple(reversed(spec)) if transposed else spec
+          value = jax.device_put(value, NamedSharding(mesh, PartitionSpec(*spec)))
+        else:
+          value = jax.device_put(value)
+        place = _placer(sh, transposed, stacked)
+        if stacked:
+          _set(params, keys, place(_get(params, keys), value, jnp.int32(layer)))
+        else:
+          _set(params, keys, place(value, pdtype))
+        del value
+  return config, params
+
+
+# -----------------------------------------------------------------------------------------------
+# Export
+
+
+def _st_header(entries: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+               metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[str, tuple, np.dtype]]]:
+  """safetensors header bytes (length prefix included) and the tensors in file order.
+
+  Same layout as the safetensors library: tensors ordered by dtype rank (descending) then name,
+  compact JSON, padded with spaces to a multiple of 8 bytes.
+  """
+  order = sorted(entries, key=lambda e: (-_ST_DTYPES[_NP_TO_ST[np.dtype(e[2])]][1], e[0]))
+  header: dict[str, Any] = {}
+  if metadata:
+    header["__metadata__"] = metadata
+  offset = 0
+  for name, shape, dt in order:
+    n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+    header[name] = {"dtype": _NP_TO_ST[np.dtype(dt)], "shape": list(shape),
+                    "data_offsets": [offset, offset + n]}
+    offset += n
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * ((8 - len(text) % 8) % 8)
+  return struct.pack("<Q", len(text)) + text, order
+
+
+def write_safetensors(file: str, entries: Sequence[tuple[str, tuple[int, ...], Any]],
+                      get: Callable[[str], np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+  """Streams a safetensors file: `entries` (name, shape, dtype) first, then get(name) per tensor.
+
+  Only one tensor is in host memory at a time.
+  """
+  head, order = _st_header([(n, tuple(s), np.dtype(d)) for n, s, d in entries], metadata)
+  with open(file, "wb") as f:
+    f.write(head)
+    for name, shape, dt in order:
+      a = np.ascontiguousarray(get(name))
+      if a.shape != tuple(shape) or a.dtype != dt:
+        raise ValueError(f"{name}: got {a.shape} {a.dtype}, header says {tuple(shape)} {dt}")
+      f.write(a.tobytes())
+
+
+@functools.partial(jax.jit, static_argnames=("transposed", "dtype"))
+def _fetch(x: jax.Array, layer: jax.Array | None, *, transposed: bool, dtype) -> jax.Array:
+  """One HF tensor from a param: the layer's slice (traced index: one compile per shape),
+  transposed to [out, in], cast."""
+  if layer is not None:
+    x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
+  return (x.T if transposed else x).astype(dtype)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def save(config: llada.LLaDAConfig, params: dict[str, Any], path: str | os.PathLike, *,
+         max_shard_bytes: int = 5 * 2**30, dtype: Any = None) -> list[str]:
+  """Exports params as an HF LLaDA checkpoint dir; returns the shard file names.
+
+  Writes model-0000i-of-0000N.safetensors (at most max_shard_bytes each, unless one tensor is
+  larger), model.safetensors.index.json (metadata.total_size, weight_map) and config.json
+  (config.to_hf_dict(), original extra keys kept). dtype: tensor dtype in the files (None = the
+  params' dtype). Multi-process: every process must call it; process 0 writes.
+  """
+  path = os.fspath(path)
+  tmap = hf_tensor_map(config)
+  names = list(tmap)
+  entries = []
+  for name in names:
+    keys, _, _ = tmap[name]
+    dt = np.dtype(dtype) if dtype is not None else np.dtype(_get(params, keys).dtype)
+    if dt not in _NP_TO_ST:
+      raise ValueError(f"cannot save {name} as {dt}; use one of {sorted(map(str, _NP_TO_ST))}")
+    expected = _get(llada.param_shapes(config), keys)
+    got = tuple(_get(params, keys).shape)
+    if got != tuple(expected):
+      raise CheckpointError(f"param {'/'.join(keys)}: shape {got} does not match the config's "
+                            f"{tuple(expected)}")
+    entries.append((name, hf_shape(config, name), dt))
+
+  # Greedy shards in canonical order (embedding, layer 0, 1, ..., ln_f, head).
+  groups: list[list[tuple]] = [[]]
+  size = 0
+  for e in entries:
+    n = int(np.prod(e[1])) * e[2].itemsize
+    if groups[-1] and size + n > max_shard_bytes:
+      groups.append([])
+      size = 0
+    groups[-1].append(e)
+    size += n
+  n_shards = len(groups)
+  files = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+
+  dtypes = {e[0]: e[2] for e in entries}
+
+  def get(name: str) -> np.ndarray:
+    keys, layer, transposed = tmap[name]
+    return _to_host(_fetch(_get(params, keys), None if layer is None else jnp.int32(layer),
+                           transposed=transposed, dtype=dtypes[name]))
+
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(path, exist_ok=True)
+  weight_map = {}
+  total = 0
+  for file, group in zip(files, groups):
+    if writer:
+      write_safetensors(os.path.join(path, file), group, get, metadata={"format": "pt"})
+    else:
+      for name, _, _ in group:  # everyone joins the all-gathers
+        get(name)
+    for name, shape, dt in group:
+      weight_map[name] = file
+      total += int(np.prod(shape)) * dt.itemsize
+  if writer:
+    with open(os.path.join(path, INDEX_FILE), "w") as f:
+      json.dump({"metadata": {"total_size": total},
+                 "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+      f.write("\n")
+    hf = config.to_hf_dict()
+    saved = {e[2] for e in entries}
+    if len(saved) == 1:
+      hf["torch_dtype"] = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
+                           np.dtype(np.float64): "float64"}.get(saved.pop(), "bfloat16")
+    with open(os.path.join(path, "config.json"), "w") as f:
+      json.dump(hf, f, indent=2)
+      f.write("\n")
+  return files
+
+
+def iter_hf_tensors(config: llada.LLaDAConfig, params: dict[str, Any]) -> Iterable[tuple[str, jax.Array]]:
+  """(HF name, tensor in HF layout) pairs, lazily (for custom exporters / comparisons)."""
+  for name, (keys, layer, transposed) in hf_tensor_map(config).items():
+    x = _get(params, keys)
+    if layer is not None:
+      x = x[layer]
+    yield name, (x.T if transposed else x)

@@ -1,0 +1,413 @@
+"""Runs untrusted Python programs (model-written code + tests) in a sandboxed child process.
+
+`run_program(source)` executes `source` in a fresh interpreter and reports whether it ran to the
+end: a random per-run marker is printed after the last line of `source`, and `passed` needs
+exit status 0 *and* that marker, so `sys.exit(0)` / `os._exit(0)` before the asserts fail.
+
+Isolation ("namespace" mode, used when the process runs as root, e.g. in CI):
+- new PID, mount, network, IPC and UTS namespaces (see `_launcher.py`). The network namespace
+  has only a loopback device that is down: no connection to anything, 127.0.0.1 included. The
+  PID namespace hides every other process (/proc is remounted) and is torn down as a whole by
+  the kernel when its init exits or is killed, so fork bombs and daemons cannot outlive a run.
+- the program runs under its own unprivileged uid (one per concurrent run, from
+  `SANDBOX_UID_BASE`), with no supplementary groups, so RLIMIT_NPROC binds, it cannot signal
+  or ptrace the caller, and it can write only where every user may write. Those directories
+  (/tmp, /var/tmp, /dev/shm, /run/lock) are fresh size-limited tmpfs mounts private to the run;
+  the working directory is an empty tmpfs directory that vanishes with the namespace.
+- rlimits: CPU seconds, address space (`memory_mb`), file size, open files, core 0, NPROC;
+  oom_score_adj 1000 so the kernel OOM killer picks sandboxed code first.
+- scrubbed environment, stdin = /dev/null, `python -I` (isolated mode; `-S` too unless
+  `site_packages=True`), its own session / process group, wall-clock kill of that group,
+  stdout + stderr read with a byte cap (the run is killed when exceeded).
+What remains possible inside: reading world-readable files (e.g. the source tree, /etc),
+using CPU and memory up to the limits, and introspecting its own source file (the marker is
+in it, so a program written to *find* the marker can fake a pass; the marker only guards
+against programs that stop early, not against deliberate forgery).
+
+Without root, "userns" mode uses an unprivileged user namespace for the same namespaces
+(network, PID, mount, private /tmp) but keeps the caller's uid (only one uid can be mapped), so
+the program can still write wherever the caller can, outside the private tmpfs directories.
+Where namespaces are unavailable ("basic" mode) only the rlimits, the process-group kill, a
+best-effort cgroup cleanup and a Python-level socket block apply: NOT safe for hostile code.
+`isolation="namespace"` refuses to run (status "error") unless full isolation is available.
+
+Per-run cgroups (memory + pids, cgroup v1 or a delegated v2 subtree, root only; skipped where
+not writable) cap the run as a whole, since rlimits are per process. Kill-on-timeout uses the
+process group plus the PID namespace (or, in basic mode, the cgroup's member list).
+
+`SandboxPool` runs many programs in parallel (a thread per running child), so a batch with
+some infinite loops costs about one timeout per worker rather than per program.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import marshal
+import math
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+_LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
+
+# Per-run uids (namespace mode). Far above regular and systemd-dynamic uids.
+SANDBOX_UID_BASE = 1_500_000_000
+SANDBOX_UID_SLOTS = 4096
+
+STATUSES = ("passed", "failed", "timeout", "memory", "output_limit", "signal", "error")
+
+# Basic mode only (no network namespace): refuse socket creation from Python code.
+_BASIC_BOOT = """
+import runpy, socket, sys
+def _no_network(*a, **k):
+  raise PermissionError("network access is disabled in the sandbox")
+for _n in ("socket", "create_connection", "create_server", "socketpair", "fromfd"):
+  setattr(socket, _n, _no_network)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxResult:
+  """Outcome of one sandboxed run.
+
+  status: passed | failed (ran but exit != 0 or no marker) | timeout (wall clock or CPU limit)
+    | memory (MemoryError) | output_limit | signal (killed by another signal, e.g. SIGSEGV)
+    | error (the sandbox itself could not run the program).
+  returncode: the program's exit code, -signal when killed by a signal, None if unknown.
+  stdout / stderr: the last `tail_bytes` of each stream (marker line removed from stdout).
+  """
+
+  passed: bool
+  status: str
+  returncode: int | None
+  stdout: str
+  stderr: str
+  wall_s: float
+  isolation: str  # namespace | userns | basic | "" (unknown: launcher failed)
+
+
+class _UidSlots:
+  """Hands out distinct uids to concurrent runs: RLIMIT_NPROC counts per uid, so a fork bomb
+  in one run must not starve the process budget of another."""
+
+  def __init__(self, base: int, slots: int):
+    self._base, self._slots = base, slots
+    self._used: set[int] = set()
+    self._lock = threading.Lock()
+
+  def acquire(self) -> int:
+    with self._lock:
+      for i in range(self._slots):
+        if i not in self._used:
+          self._used.add(i)
+          return self._base + i
+    raise RuntimeError(f"all {self._slots} sandbox uid slots are busy; lower the concurrency")
+
+  def release(self, uid: int) -> None:
+    with self._lock:
+      self._used.discard(uid - self._base)
+
+
+_UIDS = _UidSlots(SANDBOX_UID_BASE, SANDBOX_UID_SLOTS)
+
+
+def _expose_paths() -> list[str]:
+  """Interpreter install dirs the sandbox uid must be able to read (see _launcher._expose)."""
+  paths = []
+  for p in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable))):
+    p = os.path.realpath(p)
+    if not any(p == q or p.startswith(q + os.sep) for q in paths):
+      paths = [q for q in paths if not q.startswith(p + os.sep)] + [p]
+  return paths
+
+
+def _killpg(pgid: int) -> None:
+  try:
+    os.killpg(pgid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    pass
+
+
+def _kill(pid: int) -> None:
+  try:
+    os.kill(pid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    pass
+
+
+def _tail(buf: bytes | bytearray, n: int) -> str:
+  return bytes(buf[-n:]).decode("utf-8", errors="replace")
+
+
+def run_program(
+    source: str,
+    timeout_s: float = 5.0,
+    memory_mb: int = 1024,
+    *,
+    max_output_bytes: int = 1 << 20,
+    nproc: int = 32,
+    fsize_mb: int = 16,
+    tmpfs_mb: int = 64,
+    site_packages: bool = False,
+    isolation: str = "auto",
+    tail_bytes: int = 4096,
+) -> SandboxResult:
+  """Runs `source` as `__main__` of a fresh sandboxed Python interpreter.
+
+  Args:
+    source: program text; the pass marker is appended on a new line at column 0.
+    timeout_s: wall-clock limit (interpreter start-up included); CPU limit is ceil(timeout)+1 s.
+    memory_mb: RLIMIT_AS of the program process.
+    max_output_bytes: cap on stdout + stderr; the run is killed when it is exceeded.
+    nproc: RLIMIT_NPROC (tasks, threads included) of the run's private uid.
+    fsize_mb: largest file the program may write; tmpfs_mb: size of each private tmpfs.
+    site_packages: let the program import the caller's site-packages (default: stdlib only).
+    isolation: "auto" (root namespaces, else a user namespace, else basic), "namespace"
+      (require root namespaces + private uid; status "error" otherwise) or "basic".
+    tail_bytes: how much of the end of stdout / stderr to keep in the result.
+  Thread-safe; blocks the calling thread for at most about timeout_s.
+  """
+  if isolation not in ("auto", "namespace", "basic"):
+    raise ValueError(f"isolation {isolation!r} is not one of 'auto', 'namespace', 'basic'")
+  if not timeout_s > 0:
+    raise ValueError(f"timeout_s {timeout_s} must be positive")
+  t0 = time.monotonic()
+  marker = "BGPO-SANDBOX-OK-" + secrets.token_hex(16)
+  # Written straight to fd 1 so a program that rebinds `print` still gets its marker.
+  program = (source + "\n\nimport os as _bgpo_os, sys as _bgpo_sys\n_bgpo_sys.stdout.flush()\n"
+             f"_bgpo_os.write(1, {(marker + chr(10)).encode()!r})\n")
+  uid = _UIDS.acquire()
+  tmpdir = tempfile.mkdtemp(prefix="bgpo-sandbox-")
+  status_r, status_w = os.pipe()
+  proc = None
+  try:
+    with open(os.path.join(tmpdir, "prog.py"), "w", encoding="utf-8") as f:
+      f.write(program)
+    cfg = {
+        "dir": tmpdir, "status_fd": status_w, "parent_pid": os.getpid(), "uid": uid,
+        "python": sys.executable, "site_packages": site_packages, "isolation": isolation,
+        "cpu_s": math.ceil(timeout_s) + 1, "memory_mb": int(memory_mb),
+        "fsize_mb": int(fsize_mb), "tmpfs_mb": int(tmpfs_mb), "nproc": int(nproc),
+        "cgroup_mb": int(memory_mb) + int(tmpfs_mb) + 64,
+        "expose": _expose_paths(), "basic_boot": _BASIC_BOOT,
+    }
+    try:
+      proc = subprocess.Popen(
+          [sys.executable, "-I", "-S", _LAUNCHER, marshal.dumps(cfg).hex()],
+          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}, cwd=tmpdir,
+          start_new_session=True, pass_fds=(status_w,), close_fds=True)
+    except OSError as e:
+      return SandboxResult(False, "error", None, "", f"could not start the sandbox: {e!r}",
+                           time.monotonic() - t0, "")
+    finally:
+      os.close(status_w)
+    out, err, reason = _collect(proc, t0 + timeout_s, max_output_bytes, tail_bytes)
+    # The launcher is the group leader and is not reaped yet, so its pgid cannot have been
+    # reused: killing the group here is safe and removes any straggler (basic mode).
+    _killpg(proc.pid)
+    proc.wait()
+    status_text = _read_all(status_r)
+    _remove_cgroups(status_text)
+  finally:
+    if proc is not None and proc.returncode is None:  # interrupted (e.g. KeyboardInterrupt)
+      _killpg(proc.pid)
+      proc.wait()
+    os.close(status_r)
+    if proc is not None:
+      for s in (proc.stdout, proc.stderr):
+        if s is not None:
+          s.close()
+    shutil.rmtree(tmpdir, ignore_errors=True)
+    _UIDS.release(uid)
+  return _classify(status_text, out, err, reason, marker, tail_bytes, time.monotonic() - t0)
+
+
+def _remove_cgroups(status_text: str) -> None:
+  """Removes the run's cgroups when the launcher was killed before it could (timeouts)."""
+  dirs = [l[6:] for l in status_text.splitlines() if l.startswith("cgdir ")]
+  for d in dirs:
+    if not d.rsplit("/", 1)[-1].startswith("bgpo-sandbox-"):
+      continue  # only ever remove what the launcher created
+    for _ in range(200):  # the run's last tasks may take a moment to exit
+      try:
+        with open(os.path.join(d, "cgroup.procs")) as f:
+          pids = [int(p) for p in f.read().split()]
+      except FileNotFoundError:
+        break
+      except (OSError, ValueError):
+        pids = []
+      for p in pids:  # only run members are listed: a daemon that escaped the group kill
+        _kill(p)
+      try:
+        os.rmdir(d)
+        break
+      except FileNotFoundError:
+        break
+      except OSError:
+        time.sleep(0.01)
+
+
+def _read_all(fd: int) -> str:
+  os.set_blocking(fd, False)
+  chunks = []
+  while True:
+    try:
+      b = os.read(fd, 65536)
+    except BlockingIOError:
+      break
+    if not b:
+      break
+    chunks.append(b)
+  return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def _collect(proc: subprocess.Popen, deadline: float, max_output: int,
+             tail_bytes: int) -> tuple[bytearray, bytearray, str | None]:
+  """Reads stdout/stderr until the launcher exits and both pipes close, the deadline passes
+  (reason "timeout") or the output cap is exceeded (reason "output_limit")."""
+  keep = max(tail_bytes, 256) * 2
+  bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+  sel = selectors.DefaultSelector()
+  for fd in bufs:
+    sel.register(fd, selectors.EVENT_READ)
+  try:
+    pidfd = os.pidfd_open(proc.pid)
+    sel.register(pidfd, selectors.EVENT_READ)
+  except (AttributeError, OSError):
+    pidfd = None  # old kernel: poll the exit status instead
+  open_fds, total, exited, grace_end, reason = set(bufs), 0, False, None, None
+  try:
+    while open_fds or not exited:
+      now = time.monotonic()
+      if now >= deadline:
+        reason = "timeout"
+        break
+      if exited and now >= grace_end:
+        break  # a leftover process holds the pipes open (basic mode); it gets killed
+      wait = deadline - now
+      if exited:
+        wait = min(wait, grace_end - now)
+      if pidfd is None and not exited:
+        wait = min(wait, 0.01)
+      for key, _ in sel.select(wait):
+        fd = key.fd
+        if fd == pidfd:
+          sel.unregister(fd)
+          exited, grace_end = True, time.monotonic() + 0.5
+          continue
+        data = os.read(fd, 65536)
+        if not data:
+          sel.unregister(fd)
+          open_fds.discard(fd)
+          continue
+        total += len(data)
+        buf = bufs[fd]
+        buf += data
+        if len(buf) > 4 * keep:
+          del buf[:-keep]
+      if total > max_output:
+        reason = "output_limit"
+        break
+      if pidfd is None and not exited and proc.poll() is not None:
+        exited, grace_end = True, time.monotonic() + 0.5
+  finally:
+    sel.close()
+    if pidfd is not None:
+      os.close(pidfd)
+  return bufs[proc.stdout.fileno()], bufs[proc.stderr.fileno()], reason
+
+
+def _classify(status_text: str, out: bytearray, err: bytearray, reason: str | None, marker: str,
+              tail_bytes: int, wall_s: float) -> SandboxResult:
+  mode, code, sig, error, oom = "", None, None, None, False
+  for line in status_text.splitlines():
+    key, _, val = line.partition(" ")
+    if key == "mode":
+      mode = val
+    elif key == "exit":
+      code = int(val)
+    elif key == "signal":
+      sig = int(val)
+    elif key == "error":
+      error = val
+    elif key == "oom":
+      oom = True
+  stdout = _tail(out, tail_bytes * 2)
+  found = marker in stdout
+  stdout = stdout.replace(marker + "\n", "").replace(marker, "")[-tail_bytes:]
+  stderr = _tail(err, tail_bytes)
+  rc = -sig if sig is not None else code
+  if reason is not None:
+    status = reason
+  elif error is not None:
+    status, stderr = "error", (stderr + f"\nbgpo-sandbox: {error}")[-tail_bytes:]
+  elif code == 0 and found:
+    status = "passed"  # even if some child it forked was OOM-killed: the tests ran through
+  elif oom:
+    status = "memory"  # the run's cgroup hit its memory cap
+  elif sig is not None:
+    status = "timeout" if sig in (signal.SIGXCPU, signal.SIGKILL) else "signal"
+  elif code is None:
+    status = "error"
+  elif "MemoryError" in stderr:
+    status = "memory"
+  else:
+    status = "failed"
+  return SandboxResult(status == "passed", status, rc, stdout, stderr, wall_s, mode)
+
+
+class SandboxPool:
+  """Runs sandboxed programs concurrently: a thread per in-flight program, each waiting on
+  its own child process (the heavy lifting happens in the children, not in the threads).
+
+  `submit` returns a `concurrent.futures.Future[SandboxResult]`, so callers (e.g. the trainer's
+  reward thread) can queue a batch and collect results later. Thread-safe.
+  """
+
+  def __init__(self, max_workers: int | None = None, **defaults):
+    """max_workers: concurrent programs (default: 2 * os.cpu_count(), at most 32: much of a
+    short run is process / namespace set-up latency, so more runs than cores still pay off).
+    defaults: keyword arguments of `run_program` applied to every run unless overridden."""
+    self.max_workers = max_workers or min(32, 2 * (os.cpu_count() or 1))
+    self._defaults = defaults
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=self.max_workers, thread_name_prefix="bgpo-sandbox")
+
+  def submit(self, source: str, timeout_s: float = 5.0, memory_mb: int = 1024,
+             **kwargs) -> concurrent.futures.Future:
+    kw = {**self._defaults, **kwargs}
+    return self._pool.submit(run_program, source, timeout_s, memory_mb, **kw)
+
+  def map(self, sources: Iterable[str], timeout_s: float = 5.0, memory_mb: int = 1024,
+          **kwargs) -> list[SandboxResult]:
+    futures = [self.submit(s, timeout_s, memory_mb, **kwargs) for s in sources]
+    return [f.result() for f in futures]
+
+  def close(self, wait: bool = True) -> None:
+    self._pool.shutdown(wait=wait, cancel_futures=not wait)
+
+  def __enter__(self) -> "SandboxPool":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def run_programs(sources: Sequence[str], timeout_s: float = 5.0, memory_mb: int = 1024,
+                 max_workers: int | None = None, **kwargs) -> list[SandboxResult]:
+  """Convenience: runs `sources` in a temporary `SandboxPool`."""
+  with SandboxPool(max_workers) as pool:
+    return pool.map(sources, timeout_s, memory_mb, **kwargs)

@@ -1,0 +1,222 @@
+"""Host-side rollout sampler: chat prompts -> G sampled responses per prompt.
+
+Tokenization, padding and decoding stay on the host; the whole reverse process is one jitted
+call (`diffusion.sampler.generate`) that takes the params as an argument, so a run compiles one
+program per prompt-length bucket and never per step.
+
+Prompt lengths are bucketed: a batch is left-padded to the smallest bucket >= its longest
+prompt. A prompt longer than the largest bucket is an error, or, with
+`truncate_long_prompts=True`, loses its oldest (leftmost) tokens; `Rollout.num_truncated` counts
+such prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bgpo_jax.diffusion import sampler
+from bgpo_jax.models import llada
+
+BATCH_MESH_AXES = ("data", "fsdp")
+DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """Reverse-process settings (SPEC section 4); defaults = the paper's training rollouts for
+  sudoku / countdown."""
+
+  gen_length: int = 256
+  steps: int = 128
+  block_length: int = 32
+  temperature: float = 0.6
+  remasking: str = "low_confidence"
+  cfg_scale: float = 0.0
+  suppress_eos: bool = False
+  suppress_eos_confidence: bool = False
+
+
+@dataclasses.dataclass
+class Rollout:
+  """One batch of rollouts; N = num_prompts * group_size rows, group members adjacent.
+
+  tokens: int32 [N, P+L] prompt (left padded) + response, on device (batch-sharded on a mesh).
+  prompt_mask: int32 [N, P] host copy, 1 = real prompt token.
+  attention_mask: int32 [N, P+L] = [prompt_mask | 1], on device like tokens.
+  prompt_len: P (the bucket).
+  completions: decoded responses, cut at the first EOS/EOT.
+  response_lengths: int32 [N], tokens up to and including the first EOS/EOT, else L.
+  group_ids: int32 [N], index of each row's prompt in the messages batch.
+  num_truncated: prompts shortened to fit the largest bucket.
+  """
+
+  tokens: jax.Array
+  prompt_mask: np.ndarray
+  attention_mask: jax.Array
+  prompt_len: int
+  completions: list[str]
+  response_lengths: np.ndarray
+  group_ids: np.ndarray
+  num_truncated: int = 0
+
+  @property
+  def gen_length(self) -> int:
+    return self.tokens.shape[1] - self.prompt_len
+
+  @property
+  def response_tokens(self) -> np.ndarray:
+    """int32 [N, L] host copy of the responses."""
+    return np.asarray(self.tokens[:, self.prompt_len:])
+
+
+def response_lengths(responses: np.ndarray, stop_ids: Sequence[int]) -> np.ndarray:
+  """responses int [N, L] -> int32 [N]: index of the first stop token + 1, or L if none."""
+  responses = np.asarray(responses)
+  stop = np.isin(responses, np.asarray(list(stop_ids)))
+  first = np.argmax(stop, axis=1)
+  return np.where(stop.any(axis=1), first + 1, responses.shape[1]).astype(np.int32)
+
+
+class RolloutSampler:
+  """Samples `group_size` responses for each chat prompt of a batch.
+
+  Args:
+    tokenizer: a bgpo_jax.tokenizer tokenizer (CharTokenizer / HFTokenizer); its mask and EOS
+      ids must equal the model config's.
+    config: the model's LLaDAConfig.
+    settings: SamplerSettings.
+    group_size: G responses per prompt.
+    prompt_buckets: allowed padded prompt lengths.
+    mesh: optional; rows are sharded over its ("data", "fsdp") axes (the call runs under
+      `jax.set_mesh(mesh)`). Params keep whatever sharding they arrive with.
+    truncate_long_prompts: left-truncate prompts longer than the largest bucket instead of
+      raising.
+  """
+
+  def __init__(self, tokenizer: Any, config: llada.LLaDAConfig,
+               settings: SamplerSettings = SamplerSettings(), *, group_size: int = 1,
+               prompt_buckets: Sequence[int] = DEFAULT_BUCKETS, mesh: Mesh | None = None,
+               truncate_long_prompts: bool = False):
+    if tokenizer.mask_id != config.mask_token_id or tokenizer.eos_id != config.eos_token_id:
+      raise ValueError(f"tokenizer mask/eos ids ({tokenizer.mask_id}, {tokenizer.eos_id}) differ "
+                       f"from the model config's ({config.mask_token_id}, "
+                       f"{config.eos_token_id}); use the matching tokenizer")
+    if group_size < 1:
+      raise ValueError(f"group_size must be >= 1, got {group_size}")
+    buckets = sorted({int(b) for b in prompt_buckets})
+    if not buckets or buckets[0] < 1:
+      raise ValueError(f"prompt_buckets must be positive ints, got {prompt_buckets!r}")
+    s = settings
+    sampler.check_settings(gen_length=s.gen_length, steps=s.steps, block_length=s.block_length,
+                           temperature=s.temperature, remasking=s.remasking,
+                           cfg_scale=s.cfg_scale, mask_id=config.mask_token_id,
+                           eos_id=config.eos_token_id, suppress_eos=s.suppress_eos,
+                           eot_id=tokenizer.eot_id,
+                           suppress_eos_confidence=s.suppress_eos_confidence)
+    self.tokenizer = tokenizer
+    self.config = config
+    self.settings = settings
+    self.group_size = int(group_size)
+    self.buckets = tuple(buckets)
+    self.mesh = mesh
+    self.truncate_long_prompts = truncate_long_prompts
+    self.stop_ids = tuple(i for i in (tokenizer.eos_id, tokenizer.eot_id) if i is not None)
+    self._batch_sharding = None
+    if mesh is not None:
+      axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.shape and mesh.shape[a] > 1)
+      self._batch_shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+      self._batch_sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
+    self._generate = jax.jit(self._generate_impl)
+
+  # -- device side ------------------------------------------------------------------------------
+  def _generate_impl(self, params: Any, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                     rng: jax.Array) -> jax.Array:
+    cfg, s = self.config, self.settings
+
+    def logits_fn(tokens, attention_mask):
+      # The vocab head only on the response positions: the prompt's logits are never used.
+      hidden = llada.hidden_states(cfg, params, tokens, attention_mask)[:, -s.gen_length:]
+      return llada.lm_head(cfg, params, hidden)
+
+    return sampler.generate(
+        logits_fn, prompt_tokens, prompt_mask, rng=rng, gen_length=s.gen_length, steps=s.steps,
+        block_length=s.block_length, temperature=s.temperature, remasking=s.remasking,
+        cfg_scale=s.cfg_scale, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
+        suppress_eos=s.suppress_eos, eot_id=self.tokenizer.eot_id,
+        suppress_eos_confidence=s.suppress_eos_confidence)
+
+  @property
+  def num_compiled(self) -> int:
+    """Distinct programs compiled so far (one per bucket used)."""
+    return self._generate._cache_size()
+
+  def generate_tokens(self, params: Any, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
+                      rng: jax.Array) -> jax.Array:
+    """Jitted generate on already padded prompts [N, P] -> tokens int32 [N, P+L]."""
+    sampler.check_prompt(prompt_tokens, prompt_mask, self.config.mask_token_id)
+    plen = prompt_tokens.shape[1]
+    if plen + self.settings.gen_length > self.config.max_sequence_length:
+      raise ValueError(f"prompt length {plen} + gen_length {self.settings.gen_length} exceeds "
+                       f"the model's max_sequence_length {self.config.max_sequence_length}")
+    toks = jnp.asarray(prompt_tokens, jnp.int32)
+    mask = jnp.asarray(prompt_mask, jnp.int32)
+    if self.mesh is None:
+      return self._generate(params, toks, mask, rng)
+    n = toks.shape[0]
+    if n % self._batch_shards:
+      raise ValueError(f"{n} rollout rows are not divisible by the {self._batch_shards} batch "
+                       f"shards of the mesh {dict(self.mesh.shape)}; change the prompt batch "
+                       f"or group size")
+    toks = jax.device_put(toks, self._batch_sharding)
+    mask = jax.device_put(mask, self._batch_sharding)
+    with jax.set_mesh(self.mesh):
+      return self._generate(params, toks, mask, rng)
+
+  # -- host side --------------------------------------------------------------------------------
+  def bucket_for(self, length: int) -> int:
+    """Smallest bucket >= length (the largest bucket if truncation is on)."""
+    for b in self.buckets:
+      if b >= length:
+        return b
+    if self.truncate_long_prompts:
+      return self.buckets[-1]
+    raise ValueError(f"a prompt has {length} tokens, more than the largest bucket "
+                     f"{self.buckets[-1]}; add a larger bucket or set truncate_long_prompts=True")
+
+  def encode_prompts(self, messages_batch: Sequence[Sequence[Mapping[str, str]]]
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Chat-templates and left-pads one row per prompt -> (tokens [B, P], mask [B, P],
+    num_truncated)."""
+    if not messages_batch:
+      raise ValueError("messages_batch is empty")
+    ids = [self.tokenizer.apply_chat_template(list(m), add_generation_prompt=True)
+           for m in messages_batch]
+    plen = self.bucket_for(max(len(i) for i in ids))
+    num_truncated = sum(len(i) > plen for i in ids)
+    ids = [i[len(i) - plen:] if len(i) > plen else i for i in ids]
+    toks, mask = self.tokenizer.pad_left(ids, length=plen)
+    return toks, mask, num_truncated
+
+  def sample(self, params: Any, messages_batch: Sequence[Sequence[Mapping[str, str]]],
+             rng: jax.Array) -> Rollout:
+    """G responses for each prompt; rows i*G .. i*G+G-1 belong to messages_batch[i]."""
+    toks, mask, num_truncated = self.encode_prompts(messages_batch)
+    g = self.group_size
+    toks, mask = np.repeat(toks, g, axis=0), np.repeat(mask, g, axis=0)
+    out = self.generate_tokens(params, toks, mask, rng)
+    plen = toks.shape[1]
+    resp = np.asarray(out[:, plen:])
+    lengths = response_lengths(resp, self.stop_ids)
+    completions = [self.tokenizer.decode(r[:n], stop_at_eos=True) for r, n in zip(resp, lengths)]
+    attn = np.concatenate([mask, np.ones_like(resp, dtype=np.int32)], axis=1)
+    attn = jax.device_put(attn, self._batch_sharding) if self.mesh is not None else jnp.asarray(attn)
+    return Rollout(tokens=out, prompt_mask=mask, attention_mask=attn, prompt_len=plen,
+                   completions=completions, response_lengths=lengths,
+                   group_ids=np.repeat(np.arange(len(messages_batch), dtype=np.int32), g),
+                   num_truncated=int(num_truncated))

@@ -1,0 +1,100 @@
+"""Worker for test_sharding.py / test_distributed.py (run as a subprocess; not collected by pytest).
+
+mode "meshes": with 8 host CPU devices, runs one BGPO train step on several meshes and prints JSON
+  with loss, updated-parameter checksums and parameter partition specs per mesh.
+mode "distributed": one of several processes started by the test; joins jax.distributed, feeds
+  its share of the batch, prints the step's loss and parameter checksum.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bgpo_jax.config import base_config
+from bgpo_jax.diffusion import masking
+from bgpo_jax.models import llada
+from bgpo_jax.train import mesh as mesh_lib
+from bgpo_jax.train import optimizer as optim_lib
+from bgpo_jax.train import state as state_lib
+from bgpo_jax.train import step as step_lib
+
+B, P, L, N = 8, 4, 8, 2
+
+
+def model_cfg():
+  return dataclasses.replace(llada.LLaDAConfig.preset("tiny"), n_layers=2)
+
+
+def host_batch(cfg):
+  """The global batch as NumPy (every process builds it identically, then keeps its rows)."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.mask_token_id, size=(B, P + L)).astype(np.int32)
+  attn = np.ones((B, P + L), np.int32)
+  attn[:3, :1] = 0
+  masks, weights = masking.sample_masks(jax.random.key(3), B, L, N)
+  adv = rng.normal(size=(B,)).astype(np.float32)
+  return {"tokens": tokens, "attention_mask": attn, "advantages": adv,
+          "mc_masks": np.asarray(masks), "mc_weights": np.asarray(weights)}
+
+
+def spec_list(spec, mesh):
+  """A PartitionSpec as JSON: one entry per dimension (None, an axis name, or a list of names)."""
+  dims = list(spec)
+  return [list(d) if isinstance(d, tuple) else d for d in dims]
+
+
+def run_step(mesh, batch_np, rows=None):
+  cfg = model_cfg()
+  c = base_config()
+  c.optim.learning_rate = 1e-2
+  optimizer = optim_lib.make_optimizer(c.optim, total_steps=10)
+  schedule = optim_lib.make_schedule(c.optim, total_steps=10)
+  params = llada.init_params(cfg, jax.random.key(7))  # same values everywhere, then sharded
+  state, shardings = state_lib.create_train_state(cfg, optimizer, mesh, params=params)
+  local = batch_np if rows is None else {k: (v[:, rows] if k in step_lib.BATCH_AXIS else v[rows])
+                                         for k, v in batch_np.items()}
+  batch = mesh_lib.host_batch_to_global(local, mesh, step_lib.BATCH_AXIS)
+  scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=N, gen_length=L, micro_batch_size=4)
+  step = step_lib.jit_train_step(cfg, scfg, optimizer, schedule, mesh, shardings, batch)
+  new_state, metrics = step(state, batch)
+  leaves = jax.tree.leaves(new_state.params)
+  # Checksums of the updated parameters (gathered to every host).
+  sums = [float(jnp.sum(x.astype(jnp.float32))) for x in leaves]
+  abs_sums = [float(jnp.sum(jnp.abs(x.astype(jnp.float32)))) for x in leaves]
+  specs = jax.tree.map(lambda s: spec_list(s.spec, s.mesh), shardings.params)
+  actual = jax.tree.map(lambda x: spec_list(x.sharding.spec, x.sharding.mesh), new_state.params)
+  return {"loss": float(metrics["train/loss"]), "grad_norm": float(metrics["train/grad_norm"]),
+          "sums": sums, "abs_sums": abs_sums, "specs": specs, "actual_specs": actual}
+
+
+def main():
+  mode = sys.argv[1]
+  if mode == "meshes":
+    assert jax.device_count() == 8, jax.devices()
+    batch = host_batch(model_cfg())
+    out = {"single": run_step(mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]), batch)}
+    for shape in ((8, 1, 1), (1, 8, 1), (2, 2, 2)):
+      out[str(shape)] = run_step(mesh_lib.make_mesh(shape), batch)
+    print("RESULT " + json.dumps(out))
+  elif mode == "distributed":
+    pid, nproc, port = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
+    batch = host_batch(model_cfg())
+    per = B // nproc
+    rows = np.arange(pid * per, (pid + 1) * per)
+    out = run_step(mesh_lib.make_mesh((-1, 1, 1)), batch, rows)
+    out["process_count"] = jax.process_count()
+    print("RESULT " + json.dumps(out))
+    jax.distributed.shutdown()
+  else:
+    raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+  main()

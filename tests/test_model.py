@@ -1,0 +1,233 @@
+"""LLaDA forward vs an independent float64 NumPy forward; padding, remat, bf16, config, sharding."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from bgpo_jax.models import llada
+from bgpo_jax.models.sharding import logical_to_sharding, logical_to_spec, make_mesh
+
+BASE = llada.LLaDAConfig.preset("tiny", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                mlp_hidden_size=48, init_std=0.2)
+FWD = jax.jit(llada.forward, static_argnums=0)
+
+
+def _params(config, seed=0):
+  """Random params with non-trivial norm weights (ones would hide a missing weight multiply)."""
+  p = llada.init_params(config, jax.random.key(seed))
+  k1, k2, k3 = jax.random.split(jax.random.key(seed + 100), 3)
+  p["blocks"]["attn_norm"] = 1 + 0.3 * jax.random.normal(k1, p["blocks"]["attn_norm"].shape)
+  p["blocks"]["ff_norm"] = 1 + 0.3 * jax.random.normal(k2, p["blocks"]["ff_norm"].shape)
+  p["ln_f"] = 1 + 0.3 * jax.random.normal(k3, p["ln_f"].shape)
+  return jax.tree.map(lambda x: x.astype(config.param_jnp_dtype), p)
+
+
+def _np_forward(config: llada.LLaDAConfig, params, tokens, mask=None) -> np.ndarray:
+  """Reference forward in float64, written from SPEC section 1 (HF [out, in] reasoning aside)."""
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  tokens = np.asarray(tokens)
+  B, S = tokens.shape
+  H, KV, hd = config.n_heads, config.n_kv_heads, config.d_model // config.n_heads
+  eps = config.rms_norm_eps
+
+  def rms(x, w):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+  def rope(x):  # x [B,S,h,hd]; rotate-half with frequencies repeated over the two halves
+    inv = config.rope_theta ** (-np.arange(0, hd, 2) / hd)
+    ang = np.arange(S)[:, None] * inv[None, :]
+    cos = np.cos(np.concatenate([ang, ang], -1))[None, :, None, :]
+    sin = np.sin(np.concatenate([ang, ang], -1))[None, :, None, :]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * cos + np.concatenate([-x2, x1], -1) * sin
+
+  x = p["wte"][tokens]
+  for layer in range(config.n_layers):
+    w = {k: v[layer] for k, v in p["blocks"].items()}
+    n = rms(x, w["attn_norm"])
+    q = rope((n @ w["q_proj"]).reshape(B, S, H, hd))
+    k = rope((n @ w["k_proj"]).reshape(B, S, KV, hd))
+    v = (n @ w["v_proj"]).reshape(B, S, KV, hd)
+    k = np.repeat(k, H // KV, axis=2)  # query head h reads kv head h // (H / KV)
+    v = np.repeat(v, H // KV, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
+    if mask is not None:
+      s = np.where(np.asarray(mask)[:, None, None, :] > 0, s, -np.inf)
+    s = np.exp(s - s.max(-1, keepdims=True))
+    a = s / s.sum(-1, keepdims=True)
+    ctx = np.einsum("bhqk,bkhd->bqhd", a, v).reshape(B, S, H * hd)
+    x = x + ctx @ w["attn_out"]
+    m = rms(x, w["ff_norm"])
+    g = m @ w["ff_proj"]
+    x = x + (g / (1 + np.exp(-g)) * (m @ w["up_proj"])) @ w["ff_out"]
+  return rms(x, p["ln_f"]) @ p["ff_out"]
+
+
+def _tokens(B, S, vocab, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (B, S)), jnp.int32)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_forward_matches_float64_numpy(n_kv_heads):
+  config = dataclasses.replace(BASE, n_kv_heads=n_kv_heads)
+  params = _params(config)
+  tokens = _tokens(3, 10, config.vocab_size)
+  mask = jnp.ones((3, 10), jnp.int32).at[1, :4].set(0).at[2, :1].set(0)  # left padding
+  got = FWD(config, params, tokens, mask)
+  assert got.dtype == jnp.float32
+  chex.assert_shape(got, (3, 10, config.vocab_size))
+  want = _np_forward(config, params, tokens, mask)
+  assert np.abs(want).max() > 1.0  # the comparison is not trivially small
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(FWD(config, params, tokens)),
+                             _np_forward(config, params, tokens), rtol=2e-5, atol=2e-5)
+
+
+def test_left_padding_leaves_real_positions_unchanged():
+  config = BASE
+  params = _params(config, seed=1)
+  real = _tokens(1, 7, config.vocab_size, seed=1)
+  alone = FWD(config, params, real)
+  for pad_id in (config.pad_token_id, 17):
+    padded = jnp.concatenate([jnp.full((1, 5), pad_id, jnp.int32), real], axis=1)
+    mask = jnp.concatenate([jnp.zeros((1, 5), jnp.int32), jnp.ones((1, 7), jnp.int32)], axis=1)
+    got = FWD(config, params, padded, mask)
+    np.testing.assert_allclose(np.asarray(got[:, 5:]), np.asarray(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_fully_padded_row_is_finite():
+  params = _params(BASE)
+  tokens = _tokens(2, 6, BASE.vocab_size)
+  mask = jnp.zeros((2, 6), jnp.int32).at[1].set(1)
+  out = FWD(BASE, params, tokens, mask)
+  assert bool(jnp.all(jnp.isfinite(out)))
+  np.testing.assert_allclose(np.asarray(out[1]), np.asarray(FWD(BASE, params, tokens[1:])[0]),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_then_lm_head_is_forward():
+  params = _params(BASE)
+  tokens = _tokens(2, 5, BASE.vocab_size)
+  h = jax.jit(llada.hidden_states, static_argnums=0)(BASE, params, tokens, None)
+  chex.assert_shape(h, (2, 5, BASE.d_model))
+  assert h.dtype == jnp.float32
+  # The head on a subset of positions (as the ELBO does on response tokens only).
+  chex.assert_trees_all_close(llada.lm_head(BASE, params, h[:, 2:]), FWD(BASE, params, tokens)[:, 2:],
+                              rtol=1e-6, atol=1e-6)
+
+
+def test_embedding_rows_beyond_vocab_are_not_logits():
+  config = dataclasses.replace(BASE, vocab_size=120)  # embedding_size stays 128
+  params = _params(config)
+  assert params["wte"].shape[0] == 128
+  out = FWD(config, params, _tokens(1, 4, 120))
+  chex.assert_shape(out, (1, 4, 120))
+
+
+def _loss(config, params, tokens, mask):
+  return jnp.mean(jax.nn.log_softmax(llada.forward(config, params, tokens, mask))[..., 3])
+
+
+GRAD = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
+
+
+@pytest.mark.parametrize("policy", ["full", "save_attn"])
+def test_remat_same_logits_and_grads(policy):
+  params = _params(BASE)
+  tokens = _tokens(2, 8, BASE.vocab_size)
+  mask = jnp.ones((2, 8), jnp.int32).at[0, :2].set(0)
+  remat = dataclasses.replace(BASE, remat_policy=policy)
+  v0, g0 = GRAD(BASE, params, tokens, mask)  # compiled once for both policies
+  v1, g1 = GRAD(remat, params, tokens, mask)
+  chex.assert_trees_all_close(v1, v0, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(g0["blocks"]["q_proj"]).max()) > 0
+
+
+def test_bfloat16_compute_is_close():
+  params = _params(BASE)
+  tokens = _tokens(2, 8, BASE.vocab_size)
+  ref = FWD(BASE, params, tokens)
+  config = dataclasses.replace(BASE, compute_dtype="bfloat16", param_dtype="bfloat16")
+  p = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  out = FWD(config, p, tokens)
+  assert out.dtype == jnp.float32
+  err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert 0 < err < 0.05, err
+  # float32 params, bfloat16 compute: dtypes only (eval_shape, no compile).
+  mixed = dataclasses.replace(BASE, compute_dtype="bfloat16")
+  hidden = jax.eval_shape(functools.partial(llada.hidden_states, mixed), params, tokens)
+  assert hidden.dtype == jnp.bfloat16
+  assert jax.eval_shape(functools.partial(llada.forward, mixed), params, tokens).dtype == jnp.float32
+
+
+def test_dot_product_attention_impl_matches():
+  params = _params(BASE)
+  tokens = _tokens(2, 8, BASE.vocab_size)
+  mask = jnp.ones((2, 8), jnp.int32).at[0, :3].set(0)
+  other = dataclasses.replace(BASE, attention_impl="jax")
+  chex.assert_trees_all_close(FWD(other, params, tokens, mask), FWD(BASE, params, tokens, mask),
+                              rtol=1e-5, atol=1e-5)
+
+
+def test_config_presets_and_validation():
+  tiny = llada.LLaDAConfig.preset("tiny")
+  assert 0.8e6 < tiny.num_params() < 1.3e6 and tiny.vocab_size == 128
+  small = llada.LLaDAConfig.preset("small")
+  assert 0.9e8 < small.num_params() < 1.5e8
+  big = llada.LLaDAConfig.preset("llada_8b")
+  assert (big.d_model, big.n_layers, big.n_heads, big.n_kv_heads, big.mlp_hidden_size,
+          big.vocab_size, big.mask_token_id, big.eos_token_id) == (
+          4096, 32, 32, 32, 12288, 126464, 126336, 126081)
+  assert hash(tiny) == hash(llada.LLaDAConfig.preset("tiny"))
+  assert llada.LLaDAConfig.from_hf(tiny.to_hf_dict(), param_dtype="float32") == tiny
+  with pytest.raises(ValueError, match="d_model 100 is not a multiple of n_heads 3"):
+    dataclasses.replace(tiny, d_model=100, n_heads=3)
+  with pytest.raises(ValueError, match="n_heads 4 is not a multiple of n_kv_heads 3"):
+    dataclasses.replace(tiny, n_kv_heads=3)
+  with pytest.raises(ValueError, match="remat_policy 'bogus'"):
+    dataclasses.replace(tiny, remat_policy="bogus")
+  with pytest.raises(ValueError, match="unknown preset 'huge'"):
+    llada.LLaDAConfig.preset("huge")
+
+
+def test_param_logical_axes_match_params():
+  config = llada.LLaDAConfig.preset("tiny")
+  shapes = jax.eval_shape(functools.partial(llada.init_params, config), jax.random.key(0))
+  axes = llada.param_logical_axes(config)
+  is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+  assert jax.tree.structure(axes, is_leaf=is_axes) == jax.tree.structure(shapes)
+  for a, s in zip(jax.tree.leaves(axes, is_leaf=is_axes), jax.tree.leaves(shapes)):
+    assert len(a) == s.ndim
+  params = llada.init_params(config, jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(params["ln_f"]), np.ones(config.d_model))
+  assert 0.015 < float(jnp.std(params["blocks"]["ff_proj"])) < 0.025
+
+
+def test_logical_to_spec_rules():
+  mesh = make_mesh()  # 1 device: everything replicated
+  assert logical_to_spec(("layers", "embed", "heads"), mesh) == PartitionSpec(None, None, None)
+
+  class FakeMesh:  # only .shape is read by logical_to_spec
+    shape = {"data": 2, "fsdp": 4, "tensor": 2}
+
+  m = FakeMesh()
+  assert logical_to_spec(("layers", "embed", "heads"), m) == PartitionSpec(None, "fsdp", "tensor")
+  assert logical_to_spec(("vocab", "embed"), m) == PartitionSpec("tensor", "fsdp")
+  assert logical_to_spec(("batch", "seq"), m) == PartitionSpec(("data", "fsdp"), None)
+  # kv_heads 6 not divisible by tensor=4 -> replicated; a mesh axis is never used twice.
+  m.shape = {"fsdp": 2, "tensor": 4}
+  assert logical_to_spec(("embed", "kv_heads"), m, shape=(8, 6)) == PartitionSpec("fsdp", None)
+  assert logical_to_spec(("heads", "mlp"), m) == PartitionSpec("tensor", None)
+  with pytest.raises(ValueError, match="logical axis 'nope' has no sharding rule"):
+    logical_to_spec(("nope",), m)
+  tree = logical_to_sharding(llada.param_logical_axes(BASE), mesh)
+  assert tree["blocks"]["q_proj"].spec == PartitionSpec(None, None, None)
