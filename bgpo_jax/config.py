@@ -55,6 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.max_prompt_tokens = 512  # longer prompts are handled by task.truncation
   c.task.truncation = "left"  # left: keep the end of the prompt; drop: skip the row (counted)
   c.task.instruction = ""  # "" = the task's default instruction (answer tags / \boxed{})
+  c.task.tfds_dir = ""  # where TFDS array_record datasets are built; "" = WORKDIR/tfds
+  # task.name == "demo": a procedurally generated task, no files needed.
+  c.task.demo_task = "countdown"  # countdown / sudoku
+  c.task.demo_train_size = 2000
+  c.task.demo_test_size = 200
 
   # --- rollouts (training)
   c.rollout = ml_collections.ConfigDict()
@@ -238,5 +243,7 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   if c.task.name not in ("demo",) and not c.task.data_dir and not c.task.train_file:
     raise ConfigError(f"config.task.name {c.task.name!r} reads data: set --config.task.data_dir to a folder of "
                       "train_*/test_* parquet or JSONL files (or use configs/demo.py, which needs none)")
+  if c.task.name == "demo" and c.task.demo_task not in ("countdown", "sudoku"):
+    raise ConfigError(f"config.task.demo_task {c.task.demo_task!r} is unknown; use countdown or sudoku")
   if c.task.truncation not in ("left", "drop"):
     raise ConfigError(f"config.task.truncation {c.task.truncation!r} is unknown; use left or drop")

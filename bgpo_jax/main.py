@@ -98,7 +98,7 @@ class Trainer:
     self.is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
-    self.task = tasks_lib.build_task(config)
+    self.task = tasks_lib.build_task(config, workdir)
     self.tokenizer = self.task.tokenizer
     self.model_cfg, init_params = tasks_lib.build_model(config, self.tokenizer, self.mesh)
     self.rng = jax.random.key(config.seed)
@@ -205,16 +205,16 @@ class Trainer:
     c, rl = self.config, self.config.rl
     m: dict = {}
     # 1. prompts for this step (this host's share) and G rollouts each.
-    examples = self.task.train_examples(step, rl.prompts_per_step // jax.process_count())
+    prompts = self.task.train_examples(step, rl.prompts_per_step // jax.process_count())
     t0 = time.time()
     rng = jax.random.fold_in(jax.random.fold_in(self.rng, 1), step)
     rollout, rewards, reward_s = tasks_lib.rollout_and_score(
-        self.sampler, self.task, self.state.params, examples, rng, group_size=rl.group_size,
+        self.sampler, self.task, self.state.params, prompts, rng, group_size=rl.group_size,
         chunk=c.rollout.batch_size // jax.process_count() if c.rollout.batch_size else 0)
     m["time/rollout_s"] = time.time() - t0 - reward_s
     m["time/reward_s"] = reward_s
     # 2. advantages per prompt group.
-    r = np.asarray(rewards, np.float32).reshape(len(examples), rl.group_size)
+    r = np.asarray(rewards, np.float32).reshape(len(prompts.examples), rl.group_size)
     adv = np.asarray(objectives.group_advantages(jnp.asarray(r), normalize_std=rl.advantage_std)).reshape(-1)
     m["train/reward_mean"] = float(r.mean())
     m["train/reward_std"] = float(r.std())
@@ -269,7 +269,8 @@ class Trainer:
 
   # ------------------------------------------------------------------ loop
 
-  def run(self) -> dict:
+  def run(self, stop_at: int | None = None) -> dict:
+    """Trains to config.total_steps (or to `stop_at`, then saves as on preemption)."""
     c = self.config
     self.preempt.install()
     eval_on = c.eval_every > 0
@@ -291,9 +292,10 @@ class Trainer:
                         ("train/loss", "train/reward_mean", "eval/accuracy") if isinstance(row.get(k), float))
         if self.is_main:
           progress.update(step, f"{phase} {info}")
-      if step % c.checkpoint_every == 0 or step == self.total or self.preempt.requested:
+      stop = self.preempt.requested or step == stop_at
+      if step % c.checkpoint_every == 0 or step == self.total or stop:
         self._save(step, m if is_eval else None)
-      if self.preempt.requested:
+      if stop:
         logging.warning("stopped at step %d on request; resume by running the same command", step)
         break
     self.ckpt.close()

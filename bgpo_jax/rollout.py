@@ -46,9 +46,11 @@ class SamplerSettings:
 class Rollout:
   """One batch of rollouts; N = num_prompts * group_size rows, group members adjacent.
 
-  tokens: int32 [N, P+L] prompt (left padded) + response, on device (batch-sharded on a mesh).
-  prompt_mask: int32 [N, P] host copy, 1 = real prompt token.
-  attention_mask: int32 [N, P+L] = [prompt_mask | 1], on device like tokens.
+  All arrays are host NumPy arrays holding this process's rows (all rows on one host).
+
+  tokens: int32 [N, P+L] prompt (left padded) + response.
+  prompt_mask: int32 [N, P], 1 = real prompt token.
+  attention_mask: int32 [N, P+L] = [prompt_mask | 1].
   prompt_len: P (the bucket).
   completions: decoded responses, cut at the first EOS/EOT.
   response_lengths: int32 [N], tokens up to and including the first EOS/EOT, else L.
@@ -56,9 +58,9 @@ class Rollout:
   num_truncated: prompts shortened to fit the largest bucket.
   """
 
-  tokens: jax.Array
+  tokens: np.ndarray
   prompt_mask: np.ndarray
-  attention_mask: jax.Array
+  attention_mask: np.ndarray
   prompt_len: int
   completions: list[str]
   response_lengths: np.ndarray
@@ -71,8 +73,18 @@ class Rollout:
 
   @property
   def response_tokens(self) -> np.ndarray:
-    """int32 [N, L] host copy of the responses."""
-    return np.asarray(self.tokens[:, self.prompt_len:])
+    """int32 [N, L] the responses."""
+    return self.tokens[:, self.prompt_len:]
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in global order, as NumPy."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {}
+  for sh in x.addressable_shards:  # replicas along other mesh axes repeat a row range
+    shards.setdefault(sh.index[0].start or 0, sh.data)
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
 
 
 def response_lengths(responses: np.ndarray, stop_ids: Sequence[int]) -> np.ndarray:
@@ -94,7 +106,9 @@ class RolloutSampler:
     group_size: G responses per prompt.
     prompt_buckets: allowed padded prompt lengths.
     mesh: optional; rows are sharded over its ("data", "fsdp") axes (the call runs under
-      `jax.set_mesh(mesh)`). Params keep whatever sharding they arrive with.
+      `jax.set_mesh(mesh)`). Params keep whatever sharding they arrive with. With several
+      processes each passes its own prompts (its share of the global batch) and gets its own
+      rows back.
     truncate_long_prompts: left-truncate prompts longer than the largest bucket instead of
       raising.
   """
@@ -139,17 +153,16 @@ class RolloutSampler:
                      rng: jax.Array) -> jax.Array:
     cfg, s = self.config, self.settings
 
-    def logits_fn(tokens, attention_mask):
-      # The vocab head only on the response positions: the prompt's logits are never used.
-      hidden = llada.hidden_states(cfg, params, tokens, attention_mask)[:, -s.gen_length:]
-      return llada.lm_head(cfg, params, hidden)
-
+    # Hidden states from the model, the vocab head on the current block only (generate slices):
+    # ~4% of an LLaDA-8B step at gen_length 256 that response-wide logits would spend.
     return sampler.generate(
-        logits_fn, prompt_tokens, prompt_mask, rng=rng, gen_length=s.gen_length, steps=s.steps,
+        lambda tokens, attn: llada.hidden_states(cfg, params, tokens, attn),
+        prompt_tokens, prompt_mask, rng=rng, gen_length=s.gen_length, steps=s.steps,
         block_length=s.block_length, temperature=s.temperature, remasking=s.remasking,
         cfg_scale=s.cfg_scale, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
         suppress_eos=s.suppress_eos, eot_id=self.tokenizer.eot_id,
-        suppress_eos_confidence=s.suppress_eos_confidence)
+        suppress_eos_confidence=s.suppress_eos_confidence,
+        head_fn=lambda hidden: llada.lm_head(cfg, params, hidden))
 
   @property
   def num_compiled(self) -> int:
@@ -158,7 +171,8 @@ class RolloutSampler:
 
   def generate_tokens(self, params: Any, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
                       rng: jax.Array) -> jax.Array:
-    """Jitted generate on already padded prompts [N, P] -> tokens int32 [N, P+L]."""
+    """Jitted generate on already padded prompts [N, P] -> tokens int32 [N, P+L] on device
+    (with a mesh: a global array whose rows are the processes' local prompts, batch-sharded)."""
     sampler.check_prompt(prompt_tokens, prompt_mask, self.config.mask_token_id)
     plen = prompt_tokens.shape[1]
     if plen + self.settings.gen_length > self.config.max_sequence_length:
@@ -168,13 +182,13 @@ class RolloutSampler:
     mask = jnp.asarray(prompt_mask, jnp.int32)
     if self.mesh is None:
       return self._generate(params, toks, mask, rng)
-    n = toks.shape[0]
+    n = toks.shape[0] * jax.process_count()
     if n % self._batch_shards:
       raise ValueError(f"{n} rollout rows are not divisible by the {self._batch_shards} batch "
                        f"shards of the mesh {dict(self.mesh.shape)}; change the prompt batch "
                        f"or group size")
-    toks = jax.device_put(toks, self._batch_sharding)
-    mask = jax.device_put(mask, self._batch_sharding)
+    toks = jax.make_array_from_process_local_data(self._batch_sharding, np.asarray(toks))
+    mask = jax.make_array_from_process_local_data(self._batch_sharding, np.asarray(mask))
     with jax.set_mesh(self.mesh):
       return self._generate(params, toks, mask, rng)
 
@@ -195,28 +209,64 @@ class RolloutSampler:
     num_truncated)."""
     if not messages_batch:
       raise ValueError("messages_batch is empty")
-    ids = [self.tokenizer.apply_chat_template(list(m), add_generation_prompt=True)
-           for m in messages_batch]
+    return self.pad_prompt_ids([self.tokenizer.apply_chat_template(list(m), add_generation_prompt=True)
+                                for m in messages_batch])
+
+  def pad_prompt_ids(self, ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Left-pads already templated prompt ids to their bucket -> (tokens, mask, num_truncated)."""
+    if not ids:
+      raise ValueError("no prompts given")
     plen = self.bucket_for(max(len(i) for i in ids))
     num_truncated = sum(len(i) > plen for i in ids)
-    ids = [i[len(i) - plen:] if len(i) > plen else i for i in ids]
+    ids = [list(i[len(i) - plen:]) if len(i) > plen else list(i) for i in ids]
     toks, mask = self.tokenizer.pad_left(ids, length=plen)
     return toks, mask, num_truncated
 
   def sample(self, params: Any, messages_batch: Sequence[Sequence[Mapping[str, str]]],
              rng: jax.Array) -> Rollout:
     """G responses for each prompt; rows i*G .. i*G+G-1 belong to messages_batch[i]."""
-    toks, mask, num_truncated = self.encode_prompts(messages_batch)
+    return self._sample_padded(params, *self.encode_prompts(messages_batch), rng)
+
+  def sample_ids(self, params: Any, prompt_ids: Sequence[Sequence[int]], rng: jax.Array) -> Rollout:
+    """Like `sample` for prompts already templated to ids (e.g. data.PromptBatch.prompt_ids, which
+    keeps an assistant prefill such as MBPP's "[BEGIN]")."""
+    return self._sample_padded(params, *self.pad_prompt_ids(prompt_ids), rng)
+
+  def _sample_padded(self, params: Any, toks: np.ndarray, mask: np.ndarray, num_truncated: int,
+                     rng: jax.Array) -> Rollout:
+    num_prompts = toks.shape[0]
     g = self.group_size
     toks, mask = np.repeat(toks, g, axis=0), np.repeat(mask, g, axis=0)
-    out = self.generate_tokens(params, toks, mask, rng)
+    out = local_rows(self.generate_tokens(params, toks, mask, rng))
     plen = toks.shape[1]
-    resp = np.asarray(out[:, plen:])
+    resp = out[:, plen:]
     lengths = response_lengths(resp, self.stop_ids)
     completions = [self.tokenizer.decode(r[:n], stop_at_eos=True) for r, n in zip(resp, lengths)]
     attn = np.concatenate([mask, np.ones_like(resp, dtype=np.int32)], axis=1)
-    attn = jax.device_put(attn, self._batch_sharding) if self.mesh is not None else jnp.asarray(attn)
     return Rollout(tokens=out, prompt_mask=mask, attention_mask=attn, prompt_len=plen,
                    completions=completions, response_lengths=lengths,
-                   group_ids=np.repeat(np.arange(len(messages_batch), dtype=np.int32), g),
+                   group_ids=np.repeat(np.arange(num_prompts, dtype=np.int32), g),
                    num_truncated=int(num_truncated))
+
+
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+  """One Rollout from several chunks of the same step (left-padded to the longest prompt bucket)."""
+  if len(parts) == 1:
+    return parts[0]
+  plen = max(r.prompt_len for r in parts)
+
+  def pad(x, r, value):
+    extra = plen - r.prompt_len
+    return np.pad(np.asarray(x), ((0, 0), (extra, 0)), constant_values=value) if extra else np.asarray(x)
+
+  pad_id = parts[0].tokens.dtype.type(0)
+  offsets = np.cumsum([0] + [int(r.group_ids.max()) + 1 for r in parts[:-1]])
+  return Rollout(
+      tokens=np.concatenate([pad(r.tokens, r, pad_id) for r in parts]),
+      prompt_mask=np.concatenate([pad(r.prompt_mask, r, 0) for r in parts]),
+      attention_mask=np.concatenate([pad(r.attention_mask, r, 0) for r in parts]),
+      prompt_len=plen,
+      completions=[c for r in parts for c in r.completions],
+      response_lengths=np.concatenate([r.response_lengths for r in parts]),
+      group_ids=np.concatenate([r.group_ids + o for r, o in zip(parts, offsets)]),
+      num_truncated=sum(r.num_truncated for r in parts))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bgpo_jax import rollout
+from bgpo_jax.diffusion import sampler
 from bgpo_jax.models import llada, sharding
 from bgpo_jax.tokenizer import CharTokenizer
 
@@ -82,13 +83,22 @@ def test_long_prompts_error_or_truncate():
   np.testing.assert_array_equal(toks[0], full[-64:])
 
 
-def test_mesh_sharded_rollout():
+def test_mesh_sharded_rollout_matches_plain_generate():
   mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)
   rs = make(mesh=mesh)
-  out = rs.sample(params(), [chat("What is 2+3?"), chat("Hi")], jax.random.key(1))
-  ref = make().sample(params(), [chat("What is 2+3?"), chat("Hi")], jax.random.key(1))
-  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
-  assert out.tokens.sharding.mesh.shape == mesh.shape
+  batch = [chat("What is 2+3?"), chat("Hi")]
+  out = rs.sample(params(), batch, jax.random.key(1))
+  toks, mask, _ = rs.encode_prompts(batch)
+  toks, mask = np.repeat(toks, 2, 0), np.repeat(mask, 2, 0)
+  dev = rs.generate_tokens(params(), toks, mask, jax.random.key(1))
+  assert dev.sharding.mesh.shape == mesh.shape and rs.num_compiled == 1
+  np.testing.assert_array_equal(rollout.local_rows(dev), out.tokens)
+  # Same tokens as sampler.generate on full-sequence llada.forward logits with the same key.
+  ref = jax.jit(lambda p, t, m, k: sampler.generate(
+      lambda x, a: llada.forward(CFG, p, x, a), t, m, rng=k, gen_length=16, steps=8,
+      block_length=8, temperature=0.8, mask_id=CFG.mask_token_id))(params(), toks, mask,
+                                                                     jax.random.key(1))
+  np.testing.assert_array_equal(out.tokens, np.asarray(ref))
 
 
 def test_bad_settings():

@@ -29,16 +29,22 @@ def make_toy_logits_fn(seed: int = 0):
   out = jnp.asarray(r.normal(size=(DIM, VOCAB)) * 1.5, jnp.float32)
   freqs = jnp.asarray(r.uniform(0.1, 1.0, size=(DIM,)), jnp.float32)
 
-  def logits_fn(tokens, attention_mask):
+  def hidden_fn(tokens, attention_mask):
     tokens = jnp.asarray(tokens)
     am = jnp.asarray(attention_mask, jnp.float32)
     x = jax.nn.one_hot(tokens, VOCAB, dtype=jnp.float32) @ emb  # (a gather needs out_sharding
     # under an Explicit mesh; a one-hot matmul keeps the batch sharding)
     pos = jnp.sin(jnp.arange(tokens.shape[1], dtype=jnp.float32)[:, None] * freqs)
     ctx = jnp.sum(x * am[..., None], 1) / jnp.maximum(jnp.sum(am, 1, keepdims=True), 1.0)
-    h = jnp.tanh(x + pos + (ctx @ mix)[:, None, :] * 2.0)
+    return jnp.tanh(x + pos + (ctx @ mix)[:, None, :] * 2.0)
+
+  def head_fn(h):
     return h @ out
 
+  def logits_fn(tokens, attention_mask):
+    return head_fn(hidden_fn(tokens, attention_mask))
+
+  logits_fn.hidden_fn, logits_fn.head_fn = hidden_fn, head_fn
   return logits_fn
 
 
@@ -232,13 +238,17 @@ def test_jit_no_recompile_and_sharded_inputs():
     assert b.sharding.is_equivalent_to(shard, 2)
 
 
-def test_response_only_logits_are_accepted():
+def test_response_only_logits_and_block_head():
   fn = make_toy_logits_fn()
   toks, mask = prompts()
-  full = run_jit(fn, toks, mask, gen_length=8, steps=4, block_length=4)
-  resp = run_jit(lambda t, a: fn(t, a)[:, -8:], toks, mask, gen_length=8, steps=4,
-                 block_length=4)
+  kw = dict(gen_length=8, steps=4, block_length=4, cfg_scale=1.0)
+  full = run_jit(fn, toks, mask, **kw)
+  np.testing.assert_array_equal(full, ref_generate(fn, toks, mask, **kw))
+  resp = run_jit(lambda t, a: fn(t, a)[:, -8:], toks, mask, **kw)
   np.testing.assert_array_equal(full, resp)
+  # Features + a head applied to the current block only: same tokens.
+  split = run_jit(fn.hidden_fn, toks, mask, head_fn=fn.head_fn, **kw)
+  np.testing.assert_array_equal(full, split)
 
 
 @pytest.mark.parametrize("kw,msg", [

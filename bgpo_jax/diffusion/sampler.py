@@ -9,7 +9,8 @@ for "random" remasking), and the k most confident candidates of each row are com
 
 Everything runs inside two nested `lax.fori_loop`s over a fixed-shape canvas, so `generate`
 traces once per (shapes, settings) and runs under `jax.jit` with batch-sharded inputs. Only the
-current block's logits are post-processed (softmax, sampling, ranking).
+current block's logits are post-processed (softmax, sampling, ranking); with `head_fn` the
+vocab head itself runs on the current block only.
 
 Tie-break: among equal confidences the lower position wins (stable sort), the same as
 `jax.lax.top_k`; the torch reference leaves ties to `torch.topk`.
@@ -100,11 +101,11 @@ def check_prompt(prompt_tokens, prompt_mask, mask_id: int) -> None:
                      f"({len(bad)} such positions); strip mask tokens from prompts")
 
 
-def _response_logits(out: jax.Array, seq_len: int, gen_length: int) -> jax.Array:
+def _response_part(out: jax.Array, seq_len: int, gen_length: int) -> jax.Array:
   if out.ndim != 3 or out.shape[1] not in (seq_len, gen_length):
-    raise ValueError(f"logits_fn returned shape {out.shape}; expected [B, {seq_len}, V] or "
-                     f"[B, {gen_length}, V]")
-  return out[:, out.shape[1] - gen_length:].astype(jnp.float32)
+    raise ValueError(f"logits_fn returned shape {out.shape}; expected [B, {seq_len}, ...] or "
+                     f"[B, {gen_length}, ...]")
+  return out[:, out.shape[1] - gen_length:]
 
 
 def generate(logits_fn: LogitsFn, prompt_tokens: jax.Array, prompt_mask: jax.Array, *,
@@ -112,7 +113,8 @@ def generate(logits_fn: LogitsFn, prompt_tokens: jax.Array, prompt_mask: jax.Arr
              temperature: float = 0.0, remasking: str = "low_confidence",
              cfg_scale: float = 0.0, mask_id: int, eos_id: int | None = None,
              suppress_eos: bool = False, eot_id: int | None = None,
-             suppress_eos_confidence: bool = False) -> jax.Array:
+             suppress_eos_confidence: bool = False,
+             head_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
   """Samples responses by iterative unmasking (SPEC section 4).
 
   Pure and traceable: call it inside `jax.jit` (with a `logits_fn` closing over the params
@@ -133,6 +135,9 @@ def generate(logits_fn: LogitsFn, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     mask_id, eos_id, eot_id: special token ids.
     suppress_eos: EOS logit set to -inf.
     suppress_eos_confidence: EOS/EOT candidates are committed last (module docstring).
+    head_fn: optional vocab head, features [B', block_length, D] -> logits. When given,
+      `logits_fn` returns features [B', S or gen_length, D] instead of logits and the head runs
+      on the current block only (the other positions' logits are never used).
   Returns:
     int32 [B, P + gen_length]: the prompt unchanged followed by the response (no mask left).
   """
@@ -166,20 +171,24 @@ def generate(logits_fn: LogitsFn, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     un_prompt = jnp.where(prompt_mask != 0, mask_id, prompt_tokens)
     attn2 = jnp.concatenate([attn, attn], axis=0)
 
-  def response_logits(canvas: jax.Array) -> jax.Array:  # [B, L, V] float32
+  def block_logits(canvas: jax.Array, start: jax.Array) -> jax.Array:  # [B, bl, V] float32
+    def run(tokens, attention_mask):
+      out = _response_part(logits_fn(tokens, attention_mask), seq_len, gen_length)
+      out = lax.dynamic_slice_in_dim(out, start, block_length, axis=1)
+      return (out if head_fn is None else head_fn(out)).astype(jnp.float32)
+
     if cfg_scale > 0:
       un = lax.dynamic_update_slice_in_dim(canvas, un_prompt, 0, axis=1)
-      both = _response_logits(logits_fn(jnp.concatenate([canvas, un], 0), attn2),
-                              seq_len, gen_length)
+      both = run(jnp.concatenate([canvas, un], 0), attn2)
       cond, unc = both[:batch], both[batch:]
       return unc + (cfg_scale + 1.0) * (cond - unc)
-    return _response_logits(logits_fn(canvas, attn), seq_len, gen_length)
+    return run(canvas, attn)
 
   def step(blk_idx: jax.Array, i: jax.Array, counts: jax.Array, canvas: jax.Array) -> jax.Array:
     key = jax.random.fold_in(rng, blk_idx * steps_per_block + i)
     k_sample, k_conf = jax.random.split(key)
     start = blk_idx * block_length
-    logits = lax.dynamic_slice_in_dim(response_logits(canvas), start, block_length, axis=1)
+    logits = block_logits(canvas, start)
     blk = lax.dynamic_slice_in_dim(canvas, plen + start, block_length, axis=1)  # [B, bl]
     # The mask token is never a valid output: committing it would leave the position masked
     # and break the schedule (trained LLaDA gives it ~0 probability; random models do not).
@@ -193,7 +202,9 @@ def generate(logits_fn: LogitsFn, prompt_tokens: jax.Array, prompt_mask: jax.Arr
       cand = jax.random.categorical(k_sample, logits / temperature, axis=-1).astype(jnp.int32)
 
     if remasking == "low_confidence":
-      cand_logit = jnp.take_along_axis(logits, cand[..., None], axis=-1)[..., 0]
+      # Select by comparison rather than gather: elementwise, fine on a vocab-sharded axis.
+      vocab = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+      cand_logit = jnp.max(jnp.where(vocab == cand[..., None], logits, -jnp.inf), axis=-1)
       conf = jnp.exp(cand_logit - jax.nn.logsumexp(logits, axis=-1))
     else:
       conf = jax.random.uniform(k_conf, blk.shape, jnp.float32)

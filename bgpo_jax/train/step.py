@@ -207,6 +207,8 @@ def train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer: optax.G
                constrain: Callable[[dict], dict] = lambda mb: mb):
   """One optimizer update from one rollout batch. Returns (new_state, metrics)."""
   objective, grads, aux = accumulate_gradients(model_cfg, cfg, state.params, batch, constrain)
+  # optax minimizes: descend the loss = -objective.
+  grads = jax.tree.map(jnp.negative, grads)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
