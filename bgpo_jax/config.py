@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Rows per device in one gradient-accumulation micro-batch (the scan runs over micro-batches, then
   # over MC samples); 0 = the whole per-device batch at once. 1 is the memory-lean choice for 8B.
   c.rl.micro_batch_per_device = 0
+  # Train only on prompt groups with some non-zero advantage (all-equal rewards give A = 0 and
+  # exactly zero gradient); the update is unchanged, the step is cheaper.
+  c.rl.skip_zero_advantage = True
   c.rl.updates_per_batch = 1  # mu: 1 = on-policy (paper); >1 stores old terms and clips
   c.rl.normalize_length = True  # divide ELBO differences by the response length
   c.rl.clip_eps = config_dict.placeholder(float)  # PPO clip of the per-sample ratio (off-policy)

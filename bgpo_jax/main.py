@@ -223,13 +223,19 @@ class Trainer:
     m["train/zero_adv_groups"] = float(np.mean(np.all(np.abs(adv.reshape(r.shape)) < 1e-8, axis=1)))
     # 3. the batch, with MC masks shared by every policy evaluated on it.
     t1 = time.time()
-    rows = rollout.tokens.shape[0]
-    batch = {"tokens": np.asarray(rollout.tokens, np.int32),
-             "attention_mask": np.asarray(rollout.attention_mask, np.int32),
-             "advantages": adv.astype(np.float32)}
+    tokens = np.asarray(rollout.tokens, np.int32)
+    attn = np.asarray(rollout.attention_mask, np.int32)
+    lengths = np.asarray(rollout.response_lengths)
+    if self._can_skip_groups():
+      rows_idx, scale = self._nonzero_groups(adv, r.shape)
+      tokens, attn, lengths = tokens[rows_idx], attn[rows_idx], lengths[rows_idx]
+      adv = adv[rows_idx] * scale
+      m["train/rows_trained"] = float(len(rows_idx))
+    rows = tokens.shape[0]
+    batch = {"tokens": tokens, "attention_mask": attn, "advantages": adv.astype(np.float32)}
     if rl.objective == "diffu_grpo":
       L = c.rollout.gen_length
-      batch["response_mask"] = (np.arange(L)[None] < np.asarray(rollout.response_lengths)[:, None]).astype(np.float32)
+      batch["response_mask"] = (np.arange(L)[None] < lengths[:, None]).astype(np.float32)
       batch["row_seeds"] = np.full((rows,), step * 7919 + jax.process_index(), np.uint32)
     else:
       batch["mc_masks"], batch["mc_weights"] = self._masks(step, rows, rl.num_mc_samples, rl.mc_estimator)
@@ -251,6 +257,31 @@ class Trainer:
     m["mem/step_temp_bytes"] = mem.get("temp_bytes", 0)
     m["mem/step_total_bytes"] = mem.get("total_bytes", 0)
     return m
+
+  @staticmethod
+  def _agreed(flag: bool) -> bool:
+    """True when any host saw the flag, on every host (a signal may reach hosts at different steps;
+    all must save at the same step, or they would wait on each other forever)."""
+    if jax.process_count() == 1:
+      return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+  def _can_skip_groups(self) -> bool:
+    rl = self.config.rl
+    # Exact only where the objective is linear in a positive scaling of A and zero at A = 0
+    # (no KL term), and where every host drops the same number of rows (one host).
+    return rl.skip_zero_advantage and rl.kl_beta == 0 and jax.process_count() == 1
+
+  def _nonzero_groups(self, adv: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, float]:
+    g = shape[1]
+    # Kept rows must split over the devices (and into micro-batches): a multiple of `unit` groups.
+    unit = max(1, self.dp // int(np.gcd(self.dp, g)))
+    per_dev = self.config.rl.micro_batch_per_device
+    if per_dev:
+      step_rows = per_dev * self.dp
+      unit = max(unit, step_rows // int(np.gcd(step_rows, g)))
+    return step_lib.live_group_rows(adv, g, unit)
 
   def evaluate(self, step: int) -> dict:
     t0 = time.time()
@@ -292,7 +323,7 @@ class Trainer:
                         ("train/loss", "train/reward_mean", "eval/accuracy") if isinstance(row.get(k), float))
         if self.is_main:
           progress.update(step, f"{phase} {info}")
-      stop = self.preempt.requested or step == stop_at
+      stop = self._agreed(self.preempt.requested) or step == stop_at
       if step % c.checkpoint_every == 0 or step == self.total or stop:
         self._save(step, m if is_eval else None)
       if stop:
@@ -313,6 +344,7 @@ class Trainer:
 def main(argv) -> None:
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")

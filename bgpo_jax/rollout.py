@@ -216,7 +216,12 @@ class RolloutSampler:
     """Left-pads already templated prompt ids to their bucket -> (tokens, mask, num_truncated)."""
     if not ids:
       raise ValueError("no prompts given")
-    plen = self.bucket_for(max(len(i) for i in ids))
+    longest = max(len(i) for i in ids)
+    if jax.process_count() > 1:
+      # Every host must pick the same bucket: the generate call is one program over all hosts.
+      from jax.experimental import multihost_utils
+      longest = int(np.max(multihost_utils.process_allgather(np.int32(longest))))
+    plen = self.bucket_for(longest)
     num_truncated = sum(len(i) > plen for i in ids)
     ids = [list(i[len(i) - plen:]) if len(i) > plen else list(i) for i in ids]
     toks, mask = self.tokenizer.pad_left(ids, length=plen)

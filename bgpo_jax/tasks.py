@@ -108,10 +108,16 @@ class Task:
     ids, answers = (ids * reps)[:rows], (answers * reps)[:rows]
     tok, attn = self.tokenizer.pad_left(ids, length=self.train.pad_length)
     eos = self.tokenizer.eos_id
-    resp = np.full((rows, gen_length), eos, np.int32)
+    resp = np.full((rows, gen_length), eos, np.int32)  # EOS fills the canvas after the answer
+    cut = 0
     for i, a in enumerate(answers):
-      a_ids = self.tokenizer.encode(a)[: gen_length - 1]
+      a_ids = self.tokenizer.encode(a)
+      cut += len(a_ids) > gen_length
+      a_ids = a_ids[:gen_length]
       resp[i, : len(a_ids)] = a_ids
+    if cut:
+      logging.warning("SFT step %d: %d of %d reference answers are longer than gen_length %d and were cut",
+                      step, cut, rows, gen_length)
     tokens = np.concatenate([tok, resp], axis=1).astype(np.int32)
     mask = np.concatenate([attn, np.ones_like(resp)], axis=1).astype(np.int32)
     return tokens, mask
@@ -173,7 +179,9 @@ def build_task(config, workdir: str | None = None) -> Task:
     train_src = srcs[0] if len(srcs) == 1 else ConcatSource(srcs)
     eval_srcs = {n: source(n, "test") for n in eval_names}
   train = TaskDataset(train_src, tokenizer, batch_size=prompts, seed=config.seed, shuffle=True, **common)
-  evals = {name: TaskDataset(src, tokenizer, batch_size=1, seed=0, shuffle=False, **common)
+  # Every host walks the whole eval set in order (the generate call needs the same rows everywhere).
+  eval_common = dict(common, process_index=0, process_count=1)
+  evals = {name: TaskDataset(src, tokenizer, batch_size=1, seed=0, shuffle=False, **eval_common)
            for name, src in eval_srcs.items()}
   rk = dict(format_reward=config.rl.format_reward, code_timeout_s=config.rewards.code_timeout_s,
             code_memory_mb=config.rewards.code_memory_mb)

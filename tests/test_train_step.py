@@ -182,3 +182,29 @@ def test_steps_improve_their_objective(setup):
   after = np.asarray(_elbo_stack(cfg, state.params, batch)).mean(0)
   gain = after - before
   assert gain[adv > 0].mean() > gain[adv < 0].mean() + 0.1, (gain, adv)
+
+
+def test_skipping_zero_advantage_groups_keeps_the_update(setup):
+  cfg, params, batch = setup
+  g = 2
+  adv = np.asarray(batch["advantages"]).copy()
+  adv[0:2] = 0.0  # group 0: all rewards equal
+  adv[4:6] = 0.0  # group 2
+  rows, scale = step_lib.live_group_rows(adv, g, unit=1)
+  np.testing.assert_array_equal(rows, [2, 3, 6, 7])
+  assert scale == 0.5
+  full = dict(batch, advantages=jnp.asarray(adv))
+  kept = {k: (v[:, rows] if k in step_lib.BATCH_AXIS else v[rows]) for k, v in full.items()}
+  kept["advantages"] = kept["advantages"] * scale
+  scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=N, gen_length=L)
+  f = jax.jit(lambda p, b: step_lib.accumulate_gradients(cfg, scfg, p, b)[:2])
+  (o_full, g_full), (o_kept, g_kept) = f(params, full), f(params, kept)
+  np.testing.assert_allclose(o_kept, o_full, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(g_kept, g_full, rtol=2e-4, atol=1e-8)
+  # Padding to a power of two keeps zero-advantage groups as filler; all-live keeps everything.
+  rows3, _ = step_lib.live_group_rows(np.r_[np.ones(2), np.zeros(6)], g, unit=1)
+  assert len(rows3) == 2
+  rows4, s4 = step_lib.live_group_rows(np.r_[np.ones(6), np.zeros(2)], g, unit=1)
+  assert len(rows4) == 8 and s4 == 1.0
+  rows5, _ = step_lib.live_group_rows(np.zeros(8), g, unit=2)
+  assert len(rows5) == 4  # no live group: still one (zero) update of `unit` groups

@@ -1,0 +1,94 @@
+"""The memory benchmark's functions on a tiny config, and its claims in miniature: BGPO's compiled
+temp memory is flat in n, VRPO-OL's grows with n; the fit search and the per-layer extrapolation."""
+
+import math
+
+import numpy as np
+import pytest
+
+from bgpo_jax.benchmarks import memory
+
+# Tiny shapes: 4 compiles in all (compiling dominates: ~7-12 s each on a 2-core CPU).
+LENS = dict(batch=4, micro_batch=2, prompt_len=16, gen_length=32)
+
+
+@pytest.fixture(scope="module")
+def rows():
+  """BGPO timed (its executables' memory analysis comes along), VRPO-OL compiled on abstract arrays."""
+  cfg = memory.model_config("tiny", remat="full", n_layers=2)
+  timed = memory.time_rows(cfg, "bgpo", (2, 8), repeats=1, peak=1e12, **LENS)
+  out = {("bgpo", r["n"]): r for r in timed}
+  for n in (2, 8):
+    out["vrpo_ol", n] = memory.memory_row(cfg, "vrpo_ol", n, **LENS)
+  return cfg, out
+
+
+def test_time_rows_run_and_report(rows):
+  cfg, r = rows
+  for n in (2, 8):
+    t = r["bgpo", n]
+    assert t["step_s"] > 0 and math.isfinite(t["step_s"]) and len(t["all_s"]) == 1
+    assert t["model_flops"] == pytest.approx(
+        n * 3 * memory.llada.forward_flops(cfg, LENS["batch"], LENS["prompt_len"] + LENS["gen_length"]))
+    assert 0 < t["mfu"] < 1
+    assert t["timed_total_bytes"] > t["timed_temp_bytes"] > 0
+
+
+def test_bgpo_memory_flat_vrpo_grows(rows):
+  _, r = rows
+  b2, b8 = r["bgpo", 2]["timed_temp_bytes"], r["bgpo", 8]["timed_temp_bytes"]
+  v2, v8 = r["vrpo_ol", 2]["temp_bytes"], r["vrpo_ol", 8]["temp_bytes"]
+  assert b8 <= 1.02 * b2, (b2, b8)  # only the [n, B, L] masks' split copy may grow
+  assert v2 > b2  # the same n, all samples' graph at once
+  assert v8 >= 1.3 * v2, (v2, v8)
+  assert v8 - v2 > 20 * abs(b8 - b2)
+  assert r["vrpo_ol", 8]["total_bytes"] - r["vrpo_ol", 2]["total_bytes"] >= v8 - v2 - 2**20
+  # summarize() reads the same claims off the records.
+  recs = [dict(objective="bgpo", n=n, temp_bytes=r["bgpo", n]["timed_temp_bytes"],
+               total_bytes=r["bgpo", n]["timed_total_bytes"], step_s=r["bgpo", n]["step_s"]) for n in (2, 8)]
+  recs += [dict(r["vrpo_ol", n], step_s=None) for n in (2, 8)]
+  s = memory.summarize(recs, flops_per_sample=1.0, peak=1.0)
+  assert s["bgpo"]["temp_ratio"] <= 1.02 and s["vrpo_ol"]["temp_ratio"] >= 1.3
+  assert s["vrpo_ol"]["temp_bytes_per_sample"] > 1000 * abs(s["bgpo"]["temp_bytes_per_sample"])
+  assert "time_per_sample_s" in s["bgpo"] and "time_per_sample_s" not in s["vrpo_ol"]
+
+
+@pytest.mark.parametrize("k,max_n,want", [(0, 64, 0), (1, 64, 1), (5, 64, 5), (37, 64, 37),
+                                          (64, 64, 64), (1000, 48, 48), (47, 48, 47)])
+def test_largest_fitting_n(k, max_n, want):
+  best, probes = memory.largest_fitting_n(lambda n: n <= k, max_n)
+  assert best == want
+  assert len(probes) <= 2 * math.ceil(math.log2(max_n)) + 1  # doubling + bisection, not a scan
+  assert all(ok == (n <= k) for n, ok in probes)
+
+
+def test_gpu_fit_with_fake_limit(monkeypatch):
+  # The search and its glue against a fake byte limit, with a modelled compile: BGPO flat at
+  # 100 MB, VRPO-OL 100 MB + 30 MB per sample.
+  def fake_row(model_cfg, obj, n, **kw):
+    temp = 100e6 + (30e6 * n if obj == "vrpo_ol" else 0.0)
+    return {"objective": obj, "n": n, "temp_bytes": temp, "total_bytes": temp + 50e6}
+
+  monkeypatch.setattr(memory, "memory_row", fake_row)
+  cfg = memory.model_config("tiny")
+  out = memory.gpu_fit(cfg, ["bgpo", "vrpo_ol"], batch=8, micro_batch=1, prompt_len=16, gen_length=32,
+                       max_n=256, bytes_limit=int(1e9), headroom=0.9)
+  got = {r["objective"]: r for r in out}
+  assert got["bgpo"]["max_fitting_n"] == 256 and got["bgpo"]["capped_at_max_n"]
+  # 150 MB + 30 MB * n <= 900 MB  ->  n = 25.
+  assert got["vrpo_ol"]["max_fitting_n"] == 25 and not got["vrpo_ol"]["capped_at_max_n"]
+  assert got["vrpo_ol"]["total_bytes"] <= 0.9e9
+
+
+def test_gpu_fit_needs_a_byte_limit_on_cpu():
+  with pytest.raises(RuntimeError, match="bytes_limit"):
+    memory.device_bytes_limit()
+
+
+def test_extrapolate_layers_is_affine():
+  a = {"n_layers": 4, "temp_bytes": 10.0, "total_bytes": 20.0, "objective": "bgpo"}
+  b = {"n_layers": 8, "temp_bytes": 14.0, "total_bytes": 26.0, "objective": "bgpo"}
+  out = memory.extrapolate_layers(a, b, 32)
+  np.testing.assert_allclose([out["temp_bytes"], out["total_bytes"]], [38.0, 62.0])
+  assert out["temp_bytes_per_layer"] == 1.0 and out["n_layers"] == 32
+  assert out["extrapolated_from"] == [4, 8]
