@@ -4,25 +4,10 @@ python -m bgpo_jax.main --config=configs/code.py --workdir=DIR \
     --config.init.checkpoint=/path/LLaDA-8B-Instruct --config.task.data_dir=/path/datasets
 """
 
-from bgpo_jax.config import base_config
+from bgpo_jax.config import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.task.name = "code"
-  c.task.eval_tasks = "humaneval,mbpp"
-  c.task.train_file = ""  # REQUIRED: --config.task.train_file=/path/code_train.jsonl
-  c.rollout.gen_length = 512
-  c.rollout.steps = 512
-  c.rollout.block_length = 32
-  c.rollout.temperature = 0.6
-  c.eval.gen_length = 512
-  c.eval.steps = 512
-  c.eval.block_length = 32
-  c.rl.objective = "bgpo"
-  c.rl.num_mc_samples = 16
-  c.rl.group_size = 8
-  c.rl.prompts_per_step = 16
-  c.rl.micro_batch_per_device = 1  # memory-lean for 8B; raise it when memory allows
-  c.optim.learning_rate = 5e-7
-  return c
+  # Required: --config.task.train_file=/path/code_train.jsonl ({prompt, tests} per line).
+  return paper_config("code", gen_length=512, train_steps=512, eval_steps=512, num_mc_samples=16,
+                      eval_tasks="humaneval,mbpp")

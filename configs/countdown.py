@@ -4,24 +4,8 @@ python -m bgpo_jax.main --config=configs/countdown.py --workdir=DIR \
     --config.init.checkpoint=/path/LLaDA-8B-Instruct --config.task.data_dir=/path/datasets
 """
 
-from bgpo_jax.config import base_config
+from bgpo_jax.config import paper_config
 
 
 def get_config():
-  c = base_config()
-  c.task.name = "countdown"
-  c.task.eval_tasks = ""
-  c.rollout.gen_length = 256
-  c.rollout.steps = 128
-  c.rollout.block_length = 32
-  c.rollout.temperature = 0.6
-  c.eval.gen_length = 256
-  c.eval.steps = 256
-  c.eval.block_length = 32
-  c.rl.objective = "bgpo"
-  c.rl.num_mc_samples = 16
-  c.rl.group_size = 8
-  c.rl.prompts_per_step = 16
-  c.rl.micro_batch_per_device = 1  # memory-lean for 8B; raise it when memory allows
-  c.optim.learning_rate = 5e-7
-  return c
+  return paper_config("countdown", gen_length=256, train_steps=128, eval_steps=256, num_mc_samples=16)

@@ -2,6 +2,7 @@
 and off-policy bookkeeping change nothing they should not, and a jitted, donated step updates."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -208,3 +209,18 @@ def test_skipping_zero_advantage_groups_keeps_the_update(setup):
   assert len(rows4) == 8 and s4 == 1.0
   rows5, _ = step_lib.live_group_rows(np.zeros(8), g, unit=2)
   assert len(rows5) == 4  # no live group: still one (zero) update of `unit` groups
+
+
+def test_state_dtypes_survive_the_step_with_bf16_params():
+  """bf16 parameters: the updated state keeps every dtype (donation works, no recompilation)."""
+  cfg = dataclasses.replace(_model_cfg(), param_dtype="bfloat16", compute_dtype="bfloat16")
+  c = base_config()
+  mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+  optimizer = optim_lib.make_optimizer(c.optim, total_steps=10)
+  schedule = optim_lib.make_schedule(c.optim, total_steps=10)
+  abstract, shardings = state_lib.abstract_train_state(cfg, optimizer, mesh)
+  batch = make_batch(cfg)
+  scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=2, gen_length=L)
+  fn = functools.partial(step_lib.train_step, cfg, scfg, optimizer, schedule)
+  out, _ = jax.eval_shape(fn, abstract, batch)
+  chex.assert_trees_all_equal_dtypes(out, abstract)

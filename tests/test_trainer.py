@@ -49,11 +49,13 @@ def _strip(rows):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda c: setattr(c.rollout, "gen_length", 20), "config.rollout.gen_length 20 is not a multiple of config.rollout.block_length 16"),
-    (lambda c: setattr(c.rollout, "steps", 12), "config.rollout.steps 12 is not a multiple"),
+    (lambda c: (setattr(c.rollout, "block_length", 8), setattr(c.rollout, "steps", 15)),
+     "config.rollout.steps 15 is not a multiple of the number of blocks 2"),
     (lambda c: setattr(c.rl, "group_size", 1), "config.rl.group_size 1 must be >= 2"),
     (lambda c: setattr(c.rl, "objective", "ppo"), "config.rl.objective 'ppo' is unknown"),
     (lambda c: setattr(c.init, "checkpoint", "/nonexistent/ckpt"), "config.init.checkpoint '/nonexistent/ckpt' is not a directory"),
-    (lambda c: setattr(c.rl, "prompts_per_step", 3), "not divisible by the data-parallel size 2"),
+    (lambda c: (setattr(c.rl, "prompts_per_step", 3), setattr(c.rl, "group_size", 3)),
+     "= 9 is not divisible by the data-parallel size 2"),
     (lambda c: setattr(c.rl, "micro_batch_per_device", 3), "config.rl.micro_batch_per_device 3 x 2 devices does not divide"),
 ])
 def test_config_errors_name_key_value_and_fix(mutate, message):
@@ -142,3 +144,33 @@ def test_sigterm_saves_and_resumes(tmp_path):
   steps = [r["step"] for r in read_metrics(workdir)]
   assert steps == sorted(set(steps)), "each step is logged once"
   assert steps[-1] > stopped
+
+
+def test_evaluate_reproduces_the_trainers_final_eval(straight_run, tmp_path):
+  from bgpo_jax.evaluate import run_eval
+  workdir, summary = straight_run
+  out = str(tmp_path / "eval.jsonl")
+  result = run_eval(small_demo(), workdir, out, progress=False)
+  lines = [json.loads(l) for l in open(out)]
+  assert len(lines) == 16
+  assert set(lines[0]) >= {"prompt", "completion", "reward", "ground_truth"}
+  # Same checkpoint, same greedy settings, same examples: the same accuracy as the run's last eval.
+  assert result["eval/accuracy"] == pytest.approx(summary["eval/accuracy"])
+  assert np.mean([l["reward"] >= 1.0 for l in lines]) == pytest.approx(result["eval/accuracy"])
+
+
+@pytest.mark.parametrize("name", ["math", "code", "countdown", "sudoku", "demo", "base"])
+def test_shipped_configs_validate(name, tmp_path):
+  import importlib
+  c = importlib.import_module(f"configs.{name}").get_config()
+  if name != "demo":
+    c.task.data_dir = str(tmp_path)
+    c.tokenizer.path = str(tmp_path)
+    if name == "code":
+      c.task.train_file = str(tmp_path / "train.jsonl")
+      (tmp_path / "train.jsonl").write_text("")
+  config_lib.validate(c, data_parallel_size=8)
+  if name in ("math", "sudoku"):
+    c.task.data_dir = ""
+    with pytest.raises(config_lib.ConfigError, match="set --config.task.data_dir"):
+      config_lib.validate(c)

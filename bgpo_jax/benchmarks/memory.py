@@ -22,7 +22,10 @@ use the same step with the "tiny" model (`--time-model`) for the n in `--time-ns
 `timed_model`; other rows have step_s null). The steps of one objective are timed round-robin and
 each keeps its fastest run (robust to a shared, loaded machine). FLOPs of one MC sample's
 forward+backward = 3 * llada.forward_flops(batch, prompt+response) (remat recompute not counted:
-model FLOPs); MFU divides by benchmarks.common.matmul_peak_flops of the compute dtype.
+model FLOPs); MFU divides by the matmul peak of the compute dtype (robust_peak_flops: the larger of
+benchmarks.common.matmul_peak_flops and a best-of-7 run, since a median taken while other jobs
+compute understates the peak). Every timed n keeps its own train state alive while the
+objective's steps are timed (tiny: 12 MB each; small: 1.6 GB each).
 
 --plan-8b: ahead-of-time compile of the LLaDA-8B step at 512 + 512 tokens, per-device micro-batch
 1, on 8 fake CPU devices (a subprocess with --xla_force_host_platform_device_count=8) with a
@@ -38,7 +41,6 @@ tokens; search by doubling then bisection, one compile per probe.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -206,7 +208,7 @@ def time_rows(model_cfg: llada.LLaDAConfig, objective: str, ns: Sequence[int], *
                 "timed_temp_bytes": mem.get("temp_bytes"), "timed_total_bytes": mem.get("total_bytes"),
                 "time_compile_s": r["compile_s"], "model_flops": flops,
                 "tflops_per_s": flops / step_s / 1e12,
-                "mfu": flops / step_s / peak if peak else None, "all_s": r["all_s"]})
+                "mfu": flops / step_s / peak if peak else None, "peak_flops": peak, "all_s": r["all_s"]})
   return out
 
 

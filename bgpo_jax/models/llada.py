@@ -21,6 +21,13 @@ Parameter tree (ours <- Hugging Face tensor name; HF Linear weights are [out, in
 
 Precision: params are stored in `param_dtype` and cast to `compute_dtype` for the matmuls;
 RMSNorm, RoPE and softmax run in float32; logits are float32.
+
+Sharding: under a context mesh (`jax.set_mesh`, or the train step's abstract mesh) the forward
+pins the FSDP layout with `sharding.constrain`: activations are split over the batch
+("data", "fsdp") and, with tensor parallelism, over heads / MLP / vocab ("tensor"); each layer's
+weights are cast to the compute dtype and gathered over their "embed" (FSDP) axis right before
+use, so the backward reduce-scatters their gradients. Without a mesh (or on one device) every
+constraint is a no-op and the program is unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+
+from bgpo_jax.models import sharding
 
 Params = dict[str, Any]
 
@@ -328,6 +337,19 @@ def param_logical_axes(config: LLaDAConfig) -> dict[str, Any]:
   }
 
 
+def compute_weight_axes(config: LLaDAConfig) -> dict[str, tuple]:
+  """Logical axes of one layer's weight matrices as used by the matmuls: the stacked "layers"
+  axis dropped and "embed" (the FSDP axis) gathered, heads / MLP keep their tensor sharding."""
+  blocks = param_logical_axes(config)["blocks"]
+  return {k: tuple(None if a == "embed" else a for a in axes[1:])
+          for k, axes in blocks.items() if not k.endswith("_norm")}
+
+
+def _batch_axes(ndim: int, last: str | None) -> tuple:
+  """Logical axes of an activation [batch, ..., last]: ("batch", None, ..., last)."""
+  return ("batch",) + (None,) * (ndim - 2) + (last,) if ndim >= 2 else (last,)
+
+
 def _is_norm(path: tuple) -> bool:
   return path[-1] in ("attn_norm", "ff_norm", "ln_f")
 
@@ -412,6 +434,7 @@ def _attention(config: LLaDAConfig, q: jax.Array, k: jax.Array, v: jax.Array,
   G = H // KV
   qg = q.reshape(B, S, KV, G, hd)
   scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+  scores = sharding.constrain(scores, ("batch", "act_kv_heads", None, None, None))
   if key_mask is not None:
     # A finite fill (not -inf) keeps rows whose keys are all padding finite (uniform softmax).
     scores = jnp.where(key_mask[:, None, None, None, :], scores, jnp.finfo(jnp.float32).min)
@@ -426,21 +449,27 @@ def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, s
   cdt = config.compute_jnp_dtype
   B, S, D = x.shape
   H, KV, hd = config.n_heads, config.n_kv_heads, config.head_dim
-  w = {k: v.astype(cdt) for k, v in p.items()}
+  act = lambda y, *axes: sharding.constrain(y, ("batch", "seq") + axes)
+  # FSDP: cast, then gather over the embed axis; the backward reduce-scatters the gradient.
+  param_axes = param_logical_axes(config)["blocks"]
+  w = {k: sharding.gather_weight(p[k], param_axes[k][1:], axes, cdt)
+       for k, axes in compute_weight_axes(config).items()}
 
+  x = act(x, "act_embed")
   n = rms_norm(x, p["attn_norm"], config.rms_norm_eps).astype(cdt)
-  q = (n @ w["q_proj"]).reshape(B, S, H, hd)
-  k = (n @ w["k_proj"]).reshape(B, S, KV, hd)
-  v = (n @ w["v_proj"]).reshape(B, S, KV, hd)
+  q = act((n @ w["q_proj"]).reshape(B, S, H, hd), "act_heads", None)
+  k = act((n @ w["k_proj"]).reshape(B, S, KV, hd), "act_kv_heads", None)
+  v = act((n @ w["v_proj"]).reshape(B, S, KV, hd), "act_kv_heads", None)
   q = checkpoint_name(apply_rope(q, cos, sin).astype(cdt), "q")
   k = checkpoint_name(apply_rope(k, cos, sin).astype(cdt), "k")
   v = checkpoint_name(v, "v")
-  ctx = checkpoint_name(_attention(config, q, k, v, key_mask).reshape(B, S, H * hd), "attn_ctx")
-  x = x + (ctx @ w["attn_out"]).astype(cdt)
+  ctx = act(_attention(config, q, k, v, key_mask), "act_heads", None)
+  ctx = checkpoint_name(ctx.reshape(B, S, H * hd), "attn_ctx")
+  x = act(x + (ctx @ w["attn_out"]).astype(cdt), "act_embed")
 
   m = rms_norm(x, p["ff_norm"], config.rms_norm_eps).astype(cdt)
-  h = jax.nn.silu(m @ w["ff_proj"]) * (m @ w["up_proj"])
-  return x + (h @ w["ff_out"]).astype(cdt)
+  h = act(jax.nn.silu(m @ w["ff_proj"]) * (m @ w["up_proj"]), "act_mlp")
+  return act(x + (h @ w["ff_out"]).astype(cdt), "act_embed")
 
 
 def hidden_states(config: LLaDAConfig, params: Params, tokens: jax.Array,
@@ -453,7 +482,7 @@ def hidden_states(config: LLaDAConfig, params: Params, tokens: jax.Array,
   """
   cdt = config.compute_jnp_dtype
   S = tokens.shape[1]
-  x = jnp.take(params["wte"], tokens, axis=0).astype(cdt)
+  x = sharding.constrain(jnp.take(params["wte"], tokens, axis=0).astype(cdt), ("batch", "seq", "act_embed"))
   cos, sin = rope_tables(S, config.head_dim, config.rope_theta)
   key_mask = None if attention_mask is None else attention_mask.astype(bool)
 
@@ -470,8 +499,11 @@ def hidden_states(config: LLaDAConfig, params: Params, tokens: jax.Array,
 def lm_head(config: LLaDAConfig, params: Params, hidden: jax.Array) -> jax.Array:
   """hidden [..., d_model] -> logits float32 [..., vocab_size] (embedding padding rows dropped)."""
   cdt = config.compute_jnp_dtype
-  logits = jnp.matmul(hidden.astype(cdt), params["ff_out"].astype(cdt),
-                      preferred_element_type=jnp.float32)
+  hidden = sharding.constrain(hidden.astype(cdt), _batch_axes(hidden.ndim, "act_embed"))
+  # Gathered over embed (FSDP), vocab still split over "tensor" (see _block).
+  w = sharding.gather_weight(params["ff_out"], param_logical_axes(config)["ff_out"], (None, "vocab"), cdt)
+  logits = jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+  logits = sharding.constrain(logits, _batch_axes(logits.ndim, "act_vocab"))
   if config.embedding_size != config.vocab_size:
     logits = logits[..., : config.vocab_size]
   return logits

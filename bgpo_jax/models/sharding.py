@@ -3,11 +3,21 @@
 Parameters carry logical names (llada.param_logical_axes); a rule table maps each name to a mesh
 axis (or a tuple of mesh axes, or None = replicated). Mesh axes absent from the mesh (or of size
 1) are dropped, so the same rules work on 1 device, pure FSDP, or FSDP x tensor parallel.
+
+Activations: `constrain(x, logical_axes)` pins an intermediate's layout inside the model (the
+batch over ("data", "fsdp"), heads / MLP / vocab over "tensor"). It reads the mesh of the current
+context (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`; the train step and the rollout sampler
+set one) and is a no-op without one, on one device, and for Explicit mesh axes (whose shardings
+live in the array types). Without these constraints XLA's propagation is free to keep the
+embed-sharded weights in place and move the activations instead (all-gathering every device's
+micro-batch and all-reducing partial sums), which is not FSDP and costs ~8x the activation memory
+on an 8-way mesh.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -26,10 +36,14 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
   ("mlp", "tensor"),
   ("head_dim", None),
   ("norm", None),
-  # activations (for with_sharding_constraint in train steps)
+  # activations (`constrain` inside the model, with_sharding_constraint in train steps)
   ("batch", ("data", "fsdp")),
   ("seq", None),
   ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
 )
 
 
@@ -55,6 +69,27 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
   return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
 
 
+def _spec(axes: Sequence[str | None], sizes: Mapping[str, int], rules: Sequence[tuple[str, Any]],
+          shape: Sequence[int] | None) -> PartitionSpec:
+  """logical_to_spec over the usable mesh axes `sizes` (name -> size)."""
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(axes):
+    if name is not None and name not in table:
+      raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
+    target = table.get(name) if name is not None else None
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    targets = tuple(a for a in targets if sizes.get(a, 1) > 1 and a not in used)
+    if targets and shape is not None:
+      size = int(np.prod([sizes[a] for a in targets]))
+      if shape[i] % size:
+        targets = ()
+    used.update(targets)
+    spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+  return PartitionSpec(*spec)
+
+
 def logical_to_spec(axes: Sequence[str | None], mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICAL_RULES,
                     shape: Sequence[int] | None = None) -> PartitionSpec:
@@ -64,23 +99,94 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh,
   dimension is not reused; with `shape`, a dimension not divisible by its mesh axes' total size
   stays replicated (e.g. 8 kv heads on a 16-way tensor axis).
   """
-  table = dict(rules)
-  used: set[str] = set()
-  spec = []
-  for i, name in enumerate(axes):
-    if name is not None and name not in table:
-      raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
-    target = table.get(name) if name is not None else None
-    targets = (target,) if isinstance(target, str) else tuple(target or ())
-    targets = tuple(a for a in targets
-                    if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
-    if targets and shape is not None:
-      size = int(np.prod([mesh.shape[a] for a in targets]))
-      if shape[i] % size:
-        targets = ()
-    used.update(targets)
-    spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
-  return PartitionSpec(*spec)
+  return _spec(axes, dict(mesh.shape), rules, shape)
+
+
+def context_mesh_axes() -> dict[str, int]:
+  """Auto-typed axes of size > 1 of the current context mesh (name -> size); {} without a mesh.
+
+  Inside jit this is the mesh entered by `jax.set_mesh` (outside the jit) or
+  `jax.sharding.use_abstract_mesh` (inside it). Explicit and Manual axes are left out: explicit
+  shardings are part of the array types, manual axes belong to a shard_map body.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size <= 1:
+    return {}
+  auto = jax.sharding.AxisType.Auto
+  return {name: size for (name, size), t in zip(mesh.shape.items(), mesh.axis_types)
+          if t == auto and size > 1}
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None],
+              rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICAL_RULES) -> jax.Array:
+  """with_sharding_constraint of `x` to its logical axes on the context mesh; a no-op (returns
+  `x` itself) without a context mesh of more than one device.
+
+  A dimension not divisible by its mesh axes stays replicated (e.g. a 4-row micro-batch on 8
+  devices), so a constraint never pads.
+  """
+  if len(logical_axes) != x.ndim:
+    raise ValueError(f"logical axes {tuple(logical_axes)} do not match the shape {x.shape}")
+  sizes = context_mesh_axes()
+  if not sizes:
+    return x
+  return jax.lax.with_sharding_constraint(x, _spec(logical_axes, sizes, rules, x.shape))
+
+
+def gather_weight(w: jax.Array, logical_axes: Sequence[str | None], compute_axes: Sequence[str | None],
+                  dtype: Any, rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICAL_RULES) -> jax.Array:
+  """A parameter cast to `dtype` and laid out by `compute_axes` for its matmul (FSDP: the "embed"
+  axis gathered, tensor-parallel axes kept), on the context mesh; `w.astype(dtype)` without one.
+
+  The backward casts the gradient back to the parameter's dtype and constrains it to the
+  parameter's own sharding (`logical_axes`), so XLA reduce-scatters the per-device partial sums
+  in the parameter dtype (float32 master weights: a float32 reduction) instead of all-reducing a
+  full copy of the gradient on every device.
+  """
+  if len(logical_axes) != w.ndim or len(compute_axes) != w.ndim:
+    raise ValueError(f"logical axes {tuple(logical_axes)} / {tuple(compute_axes)} do not match "
+                     f"the shape {w.shape}")
+  sizes = context_mesh_axes()
+  if not sizes:
+    return w.astype(dtype)
+  return _gather(w, _spec(compute_axes, sizes, rules, w.shape), _spec(logical_axes, sizes, rules, w.shape),
+                 jax.numpy.dtype(dtype), w.dtype)
+
+
+# dtypes ride as static arguments: a custom_vjp residual must be an array.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _gather(w: jax.Array, compute_spec: PartitionSpec, param_spec: PartitionSpec, dtype,
+            param_dtype) -> jax.Array:
+  return jax.lax.with_sharding_constraint(w.astype(dtype), compute_spec)
+
+
+def _gather_fwd(w, compute_spec, param_spec, dtype, param_dtype):
+  return _gather(w, compute_spec, param_spec, dtype, param_dtype), None
+
+
+def _gather_bwd(compute_spec, param_spec, dtype, param_dtype, _, ct):
+  return (jax.lax.with_sharding_constraint(ct.astype(param_dtype), param_spec),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """`fn` with `mesh` as the context mesh while it is traced, for `jax.jit(under_mesh(fn, mesh))`.
+
+  The abstract mesh is entered inside the traced function (jax.set_mesh is not allowed under
+  jit), so a direct call and `.lower(...).compile()` both see it, and `constrain` inside `fn`
+  takes effect. A mesh of one device returns `fn` unchanged.
+  """
+  if mesh.size <= 1:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def logical_to_sharding(logical_axes_tree: Any, mesh: Mesh,

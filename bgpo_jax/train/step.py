@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from bgpo_jax import objectives
 from bgpo_jax.diffusion import elbo
 from bgpo_jax.models import llada
+from bgpo_jax.models import sharding as sharding_lib
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train.state import TrainState
 
@@ -212,8 +213,10 @@ def train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer: optax.G
   grad_norm = optax.global_norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # Keep the parameter dtype (updates are float32 when params are bf16).
+  # Keep every dtype of the state (gradients are float32 even for bf16 params): a drifting dtype
+  # would defeat buffer donation and recompile the step on its second call.
   params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
+  opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
   metrics = {
       "train/loss": -objective,
       "train/objective": objective,
@@ -270,10 +273,14 @@ def _micro_constraint(mesh: Mesh) -> Callable[[dict], dict]:
 
 def jit_train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer, schedule, mesh: Mesh,
                    shardings: TrainState, batch_example: dict):
-  """`train_step` compiled with explicit in/out shardings; the state's buffers are donated."""
+  """`train_step` compiled with explicit in/out shardings; the state's buffers are donated.
+
+  The step is traced under `mesh` (sharding_lib.under_mesh), so the model's constraints lay it out
+  as FSDP: batch-split activations, each layer's weights gathered before use.
+  """
   fn = functools.partial(train_step, model_cfg, cfg, optimizer, schedule, constrain=_micro_constraint(mesh))
   rep = NamedSharding(mesh, P())
-  return jax.jit(fn, in_shardings=(shardings, batch_shardings(mesh, batch_example)),
+  return jax.jit(sharding_lib.under_mesh(fn, mesh), in_shardings=(shardings, batch_shardings(mesh, batch_example)),
                  out_shardings=(shardings, rep), donate_argnums=(0,))
 
 
@@ -282,7 +289,8 @@ def jit_old_terms(model_cfg: llada.LLaDAConfig, cfg: StepConfig, mesh: Mesh, par
   fn = functools.partial(compute_old_terms, model_cfg, cfg, constrain=_micro_constraint(mesh))
   axis = 0 if cfg.objective == "diffu_grpo" else 1
   out = mesh_lib.batch_sharding(mesh, 2, axis)
-  return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, batch_example)), out_shardings=out)
+  return jax.jit(sharding_lib.under_mesh(fn, mesh), in_shardings=(param_shardings, batch_shardings(mesh, batch_example)),
+                 out_shardings=out)
 
 
 def memory_report(compiled) -> dict:
