@@ -23,9 +23,14 @@ from bgpo_jax.models import llada
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train import state as state_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=False)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF directory, run workdir or Orbax checkpoint.")
-_OUT = flags.DEFINE_string("out", None, "JSONL of per-example results (default: eval_<task>.jsonl here).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags; defined only when this module is the program (so it stays importable)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=False)
+  flags.DEFINE_string("checkpoint", None, "HF directory, run workdir or Orbax checkpoint.")
+  flags.DEFINE_string("out", None, "JSONL of per-example results (default: eval_<task>.jsonl here).")
 
 
 def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = True) -> dict:
@@ -56,9 +61,9 @@ def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = T
 def main(argv) -> None:
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  if _CONFIG.value is None:
+  if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/math.py")
-  result = run_eval(_CONFIG.value, _CHECKPOINT.value, _OUT.value)
+  result = run_eval(FLAGS.config, FLAGS.checkpoint, FLAGS.out)
   for k, v in sorted(result.items()):
     if k.endswith("accuracy"):
       print(f"{k:32s} {v:.4f}")
@@ -66,4 +71,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

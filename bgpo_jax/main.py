@@ -39,8 +39,13 @@ from bgpo_jax.train import optimizer as optim_lib
 from bgpo_jax.train import state as state_lib
 from bgpo_jax.train import step as step_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, curves.png.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags; defined only when this module is the program (so it stays importable)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, curves.png.")
 
 
 class _Preemption:
@@ -308,6 +313,8 @@ class Trainer:
     if self.start_step == 0 and eval_on:
       self.writer.write(0, self.evaluate(0))
       self.first_eval = dict(self.last_eval)
+      if not self.sft_steps:
+        self.before_rl = dict(self.last_eval)
     progress = Progress(self.total, self.start_step, "sft+rl" if self.sft_steps and self.rl_steps else c.mode)
     step = self.start_step
     while step < self.total:
@@ -317,6 +324,8 @@ class Trainer:
       is_eval = eval_on and (step % c.eval_every == 0 or step == self.total or step == self.sft_steps)
       if is_eval:
         m.update(self.evaluate(step))
+        if step == self.sft_steps and self.rl_steps:
+          self.before_rl = dict(self.last_eval)
       if step % c.log_every == 0 or is_eval:
         row = self.writer.write(step, m)
         info = " ".join(f"{k.split('/')[-1]}={row[k]:.3g}" for k in
@@ -345,16 +354,20 @@ def main(argv) -> None:
   del argv
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
-  config = _CONFIG.value
+  config = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
-  if not _WORKDIR.value:
+  if not FLAGS.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/bgpo_demo")
-  trainer = Trainer(config, _WORKDIR.value)
+  trainer = Trainer(config, FLAGS.workdir)
   summary = trainer.run()
   if trainer.is_main:
     first = getattr(trainer, "first_eval", {})
-    if "eval/accuracy" in first and "eval/accuracy" in summary:
+    before_rl = getattr(trainer, "before_rl", {})
+    if "eval/accuracy" in before_rl and "eval/accuracy" in summary:
+      print(f"held-out accuracy before RL (step {trainer.sft_steps}): {before_rl['eval/accuracy']:.3f} -> "
+            f"after RL (step {summary['step']}): {summary['eval/accuracy']:.3f}")
+    elif "eval/accuracy" in first and "eval/accuracy" in summary:
       print(f"held-out accuracy: {first['eval/accuracy']:.3f} at step 0 -> {summary['eval/accuracy']:.3f} "
             f"at step {summary['step']}")
     if "plot" in summary:
@@ -362,4 +375,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -18,7 +18,8 @@ def _scalar(v) -> float:
 class MetricsWriter:
   """Appends `{"step": s, key: value, ...}` lines; mirrors scalars to TensorBoard when available.
 
-  Only process 0 writes. On resume, lines with a step >= the resumed step are dropped first, so
+  Only process 0 writes. On resume, lines with a step after the resumed checkpoint's step are
+  dropped first (they were written after that checkpoint was saved and will be written again), so
   the file never holds the same step twice.
   """
 
@@ -39,7 +40,7 @@ class MetricsWriter:
 
   def _truncate(self, resume_step: int) -> None:
     with open(self.path) as f:
-      lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) < resume_step]
+      lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
     with open(self.path, "w") as f:
       f.writelines(lines)
 

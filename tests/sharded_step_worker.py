@@ -1,7 +1,9 @@
 """Worker for test_sharding.py / test_distributed.py (run as a subprocess; not collected by pytest).
 
 mode "meshes": with 8 host CPU devices, runs one BGPO train step on several meshes and prints JSON
-  with loss, updated-parameter checksums and parameter partition specs per mesh.
+  with loss, updated-parameter checksums and parameter partition specs per mesh; plus XLA's
+  per-device memory and dot shapes of a step whose activations dominate, on one device and on an
+  8-way FSDP mesh (compiled only).
 mode "distributed": one of several processes started by the test; joins jax.distributed, feeds
   its share of the batch, prints the step's loss and parameter checksum.
 """
@@ -9,6 +11,7 @@ mode "distributed": one of several processes started by the test; joins jax.dist
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import jax
@@ -23,7 +26,9 @@ from bgpo_jax.train import optimizer as optim_lib
 from bgpo_jax.train import state as state_lib
 from bgpo_jax.train import step as step_lib
 
-B, P, L, N = 8, 4, 8, 2
+# 2 micro-batches of 8 rows: one row per device on (8, 1, 1) and (1, 8, 1), so the sharded
+# activation path (not a replicated fallback) is what the equality tests compare.
+B, P, L, N, MICRO = 16, 4, 8, 2, 8
 
 
 def model_cfg():
@@ -59,7 +64,7 @@ def run_step(mesh, batch_np, rows=None):
   local = batch_np if rows is None else {k: (v[:, rows] if k in step_lib.BATCH_AXIS else v[rows])
                                          for k, v in batch_np.items()}
   batch = mesh_lib.host_batch_to_global(local, mesh, step_lib.BATCH_AXIS)
-  scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=N, gen_length=L, micro_batch_size=4)
+  scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=N, gen_length=L, micro_batch_size=MICRO)
   step = step_lib.jit_train_step(cfg, scfg, optimizer, schedule, mesh, shardings, batch)
   new_state, metrics = step(state, batch)
   leaves = jax.tree.leaves(new_state.params)
@@ -72,6 +77,23 @@ def run_step(mesh, batch_np, rows=None):
           "sums": sums, "abs_sums": abs_sums, "specs": specs, "actual_specs": actual}
 
 
+def fsdp_memory() -> dict:
+  """temp bytes and dot output shapes of one compiled BGPO step (tiny model, 1 layer, 8 rows of
+  32 + 96 tokens in one micro-batch, n = 2) on one device and on the (1, 8, 1) FSDP mesh."""
+  from bgpo_jax.benchmarks import memory as mem_lib  # noqa: PLC0415 (heavy import, this mode only)
+  cfg = dataclasses.replace(llada.LLaDAConfig.preset("tiny"), n_layers=1)
+  rows, prompt, gen = 8, 32, 96
+  out = {"global_tokens": rows * (prompt + gen)}
+  for name, mesh in (("single", mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])),
+                     ("fsdp", mesh_lib.make_mesh((1, 8, 1)))):
+    compiled, _ = mem_lib.compile_step(cfg, "bgpo", N, mesh, batch=rows, micro_batch=rows,
+                                       prompt_len=prompt, gen_length=gen)
+    dots = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} dot\(", compiled.as_text())
+    out[name] = {"temp_bytes": step_lib.memory_report(compiled)["temp_bytes"],
+                 "dot_shapes": sorted({tuple(int(d) for d in s.split(",") if d) for s in dots})}
+  return out
+
+
 def main():
   mode = sys.argv[1]
   if mode == "meshes":
@@ -80,6 +102,7 @@ def main():
     out = {"single": run_step(mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]), batch)}
     for shape in ((8, 1, 1), (1, 8, 1), (2, 2, 2)):
       out[str(shape)] = run_step(mesh_lib.make_mesh(shape), batch)
+    out["fsdp_memory"] = fsdp_memory()
     print("RESULT " + json.dumps(out))
   elif mode == "distributed":
     pid, nproc, port = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

@@ -8,8 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from bgpo_jax.models import sharding
 
 WORKER = Path(__file__).with_name("sharded_step_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +49,33 @@ def test_meshes_match_single_device(meshes, shape):
   np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-4)
   np.testing.assert_allclose(got["sums"], ref["sums"], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(got["abs_sums"], ref["abs_sums"], rtol=1e-5)
+
+
+def test_fsdp_mesh_splits_activations(meshes):
+  """On (1, 8, 1) the step runs as FSDP: each device computes its own row of the micro-batch
+  (no matmul over the global micro-batch's tokens, which is what XLA picks when it keeps the
+  embed-split weights in place and gathers the activations) and its scratch memory is a fraction
+  of one device's (activations / 8, gradient shards / 8)."""
+  m = meshes["fsdp_memory"]
+  tokens = m["global_tokens"]
+  assert any(tokens in s for s in m["single"]["dot_shapes"])  # the check can see the pattern
+  assert not any(tokens in s for s in m["fsdp"]["dot_shapes"]), m["fsdp"]["dot_shapes"]
+  ratio = m["fsdp"]["temp_bytes"] / m["single"]["temp_bytes"]
+  assert ratio < 0.35, (ratio, m["fsdp"]["temp_bytes"], m["single"]["temp_bytes"])
+
+
+def test_constraints_are_no_ops_without_a_mesh():
+  """One process device, no context mesh: the model's constraints change nothing (the
+  single-device program stays the same), and a mesh of one device does not enter the context."""
+  x = jnp.ones((4, 8), jnp.float32)
+  assert sharding.constrain(x, ("batch", "act_embed")) is x
+  w = sharding.gather_weight(x, ("embed", "mlp"), (None, "mlp"), jnp.bfloat16)
+  assert w.dtype == jnp.bfloat16
+  chex.assert_trees_all_equal(w, x.astype(jnp.bfloat16))
+  fn = lambda a: a + 1
+  assert sharding.under_mesh(fn, sharding.make_mesh(devices=jax.devices()[:1])) is fn
+  with pytest.raises(ValueError, match="do not match the shape"):
+    sharding.constrain(x, ("batch",))
 
 
 def _spec(spec, ndim):

@@ -26,8 +26,9 @@ Sharding: under a context mesh (`jax.set_mesh`, or the train step's abstract mes
 pins the FSDP layout with `sharding.constrain`: activations are split over the batch
 ("data", "fsdp") and, with tensor parallelism, over heads / MLP / vocab ("tensor"); each layer's
 weights are cast to the compute dtype and gathered over their "embed" (FSDP) axis right before
-use, so the backward reduce-scatters their gradients. Without a mesh (or on one device) every
-constraint is a no-op and the program is unchanged.
+use, so the backward reduce-scatters their gradients. The vocab head is vocab-parallel over
+("tensor", "fsdp") instead (a [D, V] gather would cost 1 GB per device for LLaDA). Without a mesh
+(or on one device) every constraint is a no-op and the program is unchanged.
 """
 
 from __future__ import annotations
@@ -345,9 +346,9 @@ def compute_weight_axes(config: LLaDAConfig) -> dict[str, tuple]:
           for k, axes in blocks.items() if not k.endswith("_norm")}
 
 
-def _batch_axes(ndim: int, last: str | None) -> tuple:
-  """Logical axes of an activation [batch, ..., last]: ("batch", None, ..., last)."""
-  return ("batch",) + (None,) * (ndim - 2) + (last,) if ndim >= 2 else (last,)
+def _lead_axes(ndim: int, first: str | None, last: str | None) -> tuple:
+  """Logical axes of an activation [batch, ..., last]: (first, None, ..., last)."""
+  return (first,) + (None,) * (ndim - 2) + (last,) if ndim >= 2 else (last,)
 
 
 def _is_norm(path: tuple) -> bool:
@@ -452,8 +453,9 @@ def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, s
   act = lambda y, *axes: sharding.constrain(y, ("batch", "seq") + axes)
   # FSDP: cast, then gather over the embed axis; the backward reduce-scatters the gradient.
   param_axes = param_logical_axes(config)["blocks"]
-  w = {k: sharding.gather_weight(p[k], param_axes[k][1:], axes, cdt)
-       for k, axes in compute_weight_axes(config).items()}
+  compute_axes = compute_weight_axes(config)
+  w = {k: sharding.gather_weight(v, param_axes[k][1:], compute_axes[k], cdt)
+       for k, v in p.items() if k in compute_axes}
 
   x = act(x, "act_embed")
   n = rms_norm(x, p["attn_norm"], config.rms_norm_eps).astype(cdt)
@@ -482,7 +484,10 @@ def hidden_states(config: LLaDAConfig, params: Params, tokens: jax.Array,
   """
   cdt = config.compute_jnp_dtype
   S = tokens.shape[1]
-  x = sharding.constrain(jnp.take(params["wte"], tokens, axis=0).astype(cdt), ("batch", "seq", "act_embed"))
+  # The lookup runs on the embed-split table (each device fills its slice of D for the rows of
+  # its "data" group), then an all-to-all trades the D split for the batch split.
+  x = sharding.constrain(jnp.take(params["wte"], tokens, axis=0).astype(cdt), ("batch_dp", "seq", "embed"))
+  x = sharding.constrain(x, ("batch", "seq", "act_embed"))
   cos, sin = rope_tables(S, config.head_dim, config.rope_theta)
   key_mask = None if attention_mask is None else attention_mask.astype(bool)
 
@@ -499,11 +504,14 @@ def hidden_states(config: LLaDAConfig, params: Params, tokens: jax.Array,
 def lm_head(config: LLaDAConfig, params: Params, hidden: jax.Array) -> jax.Array:
   """hidden [..., d_model] -> logits float32 [..., vocab_size] (embedding padding rows dropped)."""
   cdt = config.compute_jnp_dtype
-  hidden = sharding.constrain(hidden.astype(cdt), _batch_axes(hidden.ndim, "act_embed"))
-  # Gathered over embed (FSDP), vocab still split over "tensor" (see _block).
-  w = sharding.gather_weight(params["ff_out"], param_logical_axes(config)["ff_out"], (None, "vocab"), cdt)
+  # Vocab-parallel over the FSDP axis too: the micro-batch's hidden states are gathered (small,
+  # [B,S,D]) and each device computes all rows for 1/(fsdp*tensor) of the vocabulary, so no
+  # device holds the whole [D,V] head or its gradient (for LLaDA: 1 GB bf16 each), only its
+  # slice; log_softmax reduces [B,S] statistics across devices.
+  hidden = sharding.constrain(hidden.astype(cdt), _lead_axes(hidden.ndim, "batch_dp", "act_embed"))
+  w = sharding.gather_weight(params["ff_out"], param_logical_axes(config)["ff_out"], (None, "head_vocab"), cdt)
   logits = jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
-  logits = sharding.constrain(logits, _batch_axes(logits.ndim, "act_vocab"))
+  logits = sharding.constrain(logits, _lead_axes(logits.ndim, "batch_dp", "head_vocab"))
   if config.embedding_size != config.vocab_size:
     logits = logits[..., : config.vocab_size]
   return logits

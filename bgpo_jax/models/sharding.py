@@ -5,13 +5,14 @@ axis (or a tuple of mesh axes, or None = replicated). Mesh axes absent from the 
 1) are dropped, so the same rules work on 1 device, pure FSDP, or FSDP x tensor parallel.
 
 Activations: `constrain(x, logical_axes)` pins an intermediate's layout inside the model (the
-batch over ("data", "fsdp"), heads / MLP / vocab over "tensor"). It reads the mesh of the current
-context (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`; the train step and the rollout sampler
-set one) and is a no-op without one, on one device, and for Explicit mesh axes (whose shardings
-live in the array types). Without these constraints XLA's propagation is free to keep the
-embed-sharded weights in place and move the activations instead (all-gathering every device's
-micro-batch and all-reducing partial sums), which is not FSDP and costs ~8x the activation memory
-on an 8-way mesh.
+batch over ("data", "fsdp"), heads / MLP over "tensor", the vocab head's logits over both model
+axes); `gather_weight` casts a parameter and gathers its FSDP axis for a matmul. Both read the
+mesh of the current context (`jax.set_mesh`, `jax.sharding.use_abstract_mesh`; the train step
+and the rollout sampler set one) and are no-ops without one, on one device, and for Explicit
+mesh axes (whose shardings live in the array types). Without them XLA's propagation is free to
+keep the embed-split weights in place and move the activations instead (all-gathering every
+device's micro-batch and all-reducing partial sums), which is not FSDP and costs ~8x the
+activation memory on an 8-way mesh.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -43,7 +45,10 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
   ("act_heads", "tensor"),
   ("act_kv_heads", "tensor"),
   ("act_mlp", "tensor"),
-  ("act_vocab", "tensor"),
+  # where "fsdp" splits a model dimension (the embedding lookup's output, the vocab head's
+  # logits) the batch is split over "data" only
+  ("batch_dp", "data"),
+  ("head_vocab", ("tensor", "fsdp")),
 )
 
 
@@ -138,10 +143,11 @@ def gather_weight(w: jax.Array, logical_axes: Sequence[str | None], compute_axes
   """A parameter cast to `dtype` and laid out by `compute_axes` for its matmul (FSDP: the "embed"
   axis gathered, tensor-parallel axes kept), on the context mesh; `w.astype(dtype)` without one.
 
-  The backward casts the gradient back to the parameter's dtype and constrains it to the
-  parameter's own sharding (`logical_axes`), so XLA reduce-scatters the per-device partial sums
-  in the parameter dtype (float32 master weights: a float32 reduction) instead of all-reducing a
-  full copy of the gradient on every device.
+  The backward constrains the gradient straight to the parameter's own sharding (`logical_axes`),
+  so XLA reduce-scatters the per-device partial sums instead of all-reducing a full copy on every
+  device (XLA:CPU has no reduce-scatter: it all-reduces and slices). The reduction runs in the
+  compute dtype, as the unconstrained program's would; the shard is then cast to the parameter
+  dtype for the float32 accumulation.
   """
   if len(logical_axes) != w.ndim or len(compute_axes) != w.ndim:
     raise ValueError(f"logical axes {tuple(logical_axes)} / {tuple(compute_axes)} do not match "
@@ -150,7 +156,7 @@ def gather_weight(w: jax.Array, logical_axes: Sequence[str | None], compute_axes
   if not sizes:
     return w.astype(dtype)
   return _gather(w, _spec(compute_axes, sizes, rules, w.shape), _spec(logical_axes, sizes, rules, w.shape),
-                 jax.numpy.dtype(dtype), w.dtype)
+                 jnp.dtype(dtype), w.dtype)
 
 
 # dtypes ride as static arguments: a custom_vjp residual must be an array.
@@ -164,8 +170,22 @@ def _gather_fwd(w, compute_spec, param_spec, dtype, param_dtype):
   return _gather(w, compute_spec, param_spec, dtype, param_dtype), None
 
 
+def _dims(spec: PartitionSpec, ndim: int) -> list[set]:
+  out = []
+  for d in tuple(spec) + (None,) * (ndim - len(spec)):
+    out.append(set() if d is None else {d} if isinstance(d, str) else set(d))
+  return out
+
+
 def _gather_bwd(compute_spec, param_spec, dtype, param_dtype, _, ct):
-  return (jax.lax.with_sharding_constraint(ct.astype(param_dtype), param_spec),)
+  # The transposed matmul yields the gradient in the compute layout (as partial sums when the
+  # batch was split). If that layout only drops mesh axes of the parameter's, constraining to the
+  # parameter's layout is one reduce-scatter. If it splits a dimension the parameter does not
+  # (the vocab-parallel head), pin the compute layout first: else XLA may gather the other
+  # operand (the full [B,S,V] logits gradient) to produce the parameter layout directly.
+  if any(c - p for c, p in zip(_dims(compute_spec, ct.ndim), _dims(param_spec, ct.ndim))):
+    ct = jax.lax.with_sharding_constraint(ct, compute_spec)
+  return (jax.lax.with_sharding_constraint(ct, param_spec).astype(param_dtype),)
 
 
 _gather.defvjp(_gather_fwd, _gather_bwd)
