@@ -18,7 +18,12 @@ def plot_run(workdir: str, out: str | None = None) -> str:
   out = out or os.path.join(workdir, "curves.png")
   panels = [("train/reward_mean", "train reward (mean)"), ("eval/accuracy", "held-out accuracy"),
             ("train/loss", "loss")]
-  panels = [(k, t) for k, t in panels if any(isinstance(r.get(k), float) for r in rows)]
+  def informative(key):
+    vals = [r[key] for r in rows if isinstance(r.get(key), float)]
+    # On-policy RL's loss is exactly zero up to rounding: a flat panel says nothing.
+    return vals and (max(vals) - min(vals) > 1e-6 or key != "train/loss")
+
+  panels = [(k, t) for k, t in panels if informative(k)]
   if not panels:
     raise ValueError(f"{workdir}/metrics.jsonl has no train/reward_mean, eval/accuracy or train/loss values")
   fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)

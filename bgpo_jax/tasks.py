@@ -91,9 +91,10 @@ class Task:
   """Prompt data of a run: training batches per step, the eval sets, and SFT targets."""
   name: str
   tokenizer: Any
-  train: TaskDataset | None
+  train: TaskDataset | None  # RL prompts: rl.prompts_per_step per step
   evals: dict  # eval task name -> TaskDataset (in order, no shuffling)
   reward_kwargs: dict
+  sft: TaskDataset | None = None  # SFT examples: sft.batch_size per step
 
   def train_examples(self, step: int, num_prompts: int):
     """This host's PromptBatch for `step` (a pure function of seed and step)."""
@@ -101,12 +102,12 @@ class Task:
     return self.train.batch(step)
 
   def sft_batch(self, step: int, rows: int, gen_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [rows, P+L], attention_mask) of prompt + reference answer + EOS fill."""
-    b = self.train.batch(step)
+    """(tokens [rows, P+L], attention_mask) of prompt + reference answer + EOS fill, rows distinct examples."""
+    b = self.sft.batch(step)
     ids, answers = b.prompt_ids, [sft_target(ex) for ex in b.examples]
-    reps = -(-rows // len(ids))
-    ids, answers = (ids * reps)[:rows], (answers * reps)[:rows]
-    tok, attn = self.tokenizer.pad_left(ids, length=self.train.pad_length)
+    if len(ids) != rows:
+      raise ValueError(f"SFT batch has {len(ids)} examples for {rows} rows; sft.batch_size must be the global rows")
+    tok, attn = self.tokenizer.pad_left(ids, length=self.sft.pad_length)
     eos = self.tokenizer.eos_id
     resp = np.full((rows, gen_length), eos, np.int32)  # EOS fills the canvas after the answer
     cut = 0
@@ -152,7 +153,6 @@ def build_task(config, workdir: str | None = None) -> Task:
   pc, pi = jax.process_count(), jax.process_index()
   common = dict(instructions=_instructions(config), max_prompt_tokens=t.max_prompt_tokens,
                 truncation=t.truncation, process_index=pi, process_count=pc)
-  prompts = config.rl.prompts_per_step if config.mode == "rl" else config.sft.batch_size
   if t.name == "demo":
     train_src = demo_examples(t.demo_task, split="train", n=t.demo_train_size, seed=config.seed)
     eval_srcs = {t.demo_task: demo_examples(t.demo_task, split="test", n=t.demo_test_size, seed=config.seed)}
@@ -178,14 +178,20 @@ def build_task(config, workdir: str | None = None) -> Task:
     srcs = [source(n, "train") for n in train_names]
     train_src = srcs[0] if len(srcs) == 1 else ConcatSource(srcs)
     eval_srcs = {n: source(n, "test") for n in eval_names}
-  train = TaskDataset(train_src, tokenizer, batch_size=prompts, seed=config.seed, shuffle=True, **common)
+  train = TaskDataset(train_src, tokenizer, batch_size=config.rl.prompts_per_step, seed=config.seed,
+                      shuffle=True, **common)
+  sft = None
+  if config.mode == "sft" or config.sft.steps:
+    # Its own order (seed + 1): warm-up examples are drawn independently of the RL prompts.
+    sft = TaskDataset(train_src, tokenizer, batch_size=config.sft.batch_size, seed=config.seed + 1,
+                      shuffle=True, **common)
   # Every host walks the whole eval set in order (the generate call needs the same rows everywhere).
   eval_common = dict(common, process_index=0, process_count=1)
   evals = {name: TaskDataset(src, tokenizer, batch_size=1, seed=0, shuffle=False, **eval_common)
            for name, src in eval_srcs.items()}
   rk = dict(format_reward=config.rl.format_reward, code_timeout_s=config.rewards.code_timeout_s,
             code_memory_mb=config.rewards.code_memory_mb)
-  return Task(t.name, tokenizer, train, evals, rk)
+  return Task(t.name, tokenizer, train, evals, rk, sft)
 
 
 # ------------------------------------------------------------------------------------ sampling

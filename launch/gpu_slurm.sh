@@ -232,7 +232,7 @@ ${venv_line}
 # jax.distributed.initialize() (called by the trainer because JAX_COORDINATOR_ADDRESS is set)
 # reads the process id and count from SLURM_PROCID / SLURM_NTASKS of each srun task. It would
 # also guess the coordinator, but from SLURM_STEP_NODELIST by string parsing; scontrol is exact.
-head_node=\$(scontrol show hostnames "\${SLURM_JOB_NODELIST}" | head -n 1)
+head_node=\$(scontrol show hostnames "\${SLURM_JOB_NODELIST}" | sed -n 1p)  # sed reads all input: no SIGPIPE under pipefail
 export JAX_COORDINATOR_ADDRESS="\${head_node}:${port_expr}"
 # One process per node drives all its GPUs. Without this JAX's SLURM detection would give each
 # process only GPU SLURM_LOCALID (it assumes one process per GPU).
