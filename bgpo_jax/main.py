@@ -11,14 +11,12 @@ Around it: evaluation on the test split (also at step 0), Orbax checkpoints ever
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +31,6 @@ from bgpo_jax import metrics as metrics_lib
 from bgpo_jax import objectives
 from bgpo_jax import tasks as tasks_lib
 from bgpo_jax.diffusion import masking
-from bgpo_jax.models import llada
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train import optimizer as optim_lib
 from bgpo_jax.train import state as state_lib

@@ -7,7 +7,6 @@ the same way.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
