@@ -5,6 +5,7 @@ import itertools
 import json
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 def _rows(name: str):
   if not (DATA / name).exists():
     pytest.skip(f"{DATA / name} not found (shared datasets live beside the repo)")
-  import pandas as pd
-  return pd.read_parquet(DATA / name)
+  import pyarrow.parquet as pq  # a runtime dependency; pandas is not
+  return [types.SimpleNamespace(**r) for r in pq.read_table(DATA / name).to_pylist()]
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -80,8 +81,8 @@ def test_gsm8k(completion, truth, expected):
 
 
 def test_gsm8k_real_rows():
-  df = _rows("test_gsm8k.parquet").head(50)
-  for rm in df.reward_model:
+  rows = _rows("test_gsm8k.parquet")[:50]
+  for rm in (r.reward_model for r in rows):
     gt = rm["ground_truth"]
     value = int(gt.replace(",", ""))
     assert rewards.score("gsm8k", f"<reasoning>...</reasoning><answer>{gt}</answer>", gt) == 1.0
@@ -145,8 +146,8 @@ def test_math_verifier_hard_timeout_and_restart(tmp_path):
 
 
 def test_math500_real_rows():
-  df = _rows("test_math500.parquet").head(12)
-  truths = [rm["ground_truth"] for rm in df.reward_model]
+  rows = _rows("test_math500.parquet")[:12]
+  truths = [r.reward_model["ground_truth"] for r in rows]
   completions = [f"<reasoning>work</reasoning><answer>\\boxed{{{t}}}</answer>" for t in truths]
   assert rewards.score_batch("math500", completions, truths) == [1.0] * len(truths)
   wrong = [r"\boxed{123456789}"] * len(truths)
@@ -206,9 +207,9 @@ def _solve_countdown(numbers, target):
 
 
 def test_countdown_real_rows():
-  df = _rows("test_countdown.parquet").head(30)
+  rows = _rows("test_countdown.parquet")[:30]
   solved = 0
-  for rm, extra in zip(df.reward_model, df.extra_info):
+  for rm, extra in ((r.reward_model, r.extra_info) for r in rows):
     expr = _solve_countdown(parse_numbers(extra["numbers"]), float(rm["ground_truth"]))
     if expr is None:
       continue
@@ -249,8 +250,8 @@ def test_sudoku_extract_and_errors():
 
 
 def test_sudoku_real_rows():
-  df = _rows("test_sudoku.parquet").head(40)
-  for rm, extra in zip(df.reward_model, df.extra_info):
+  rows = _rows("test_sudoku.parquet")[:40]
+  for rm, extra in ((r.reward_model, r.extra_info) for r in rows):
     sol, puzzle = rm["ground_truth"], extra["puzzle"]
     assert rewards.score("sudoku", f"<answer>{sol}</answer>", sol, dict(extra)) == 1.0
     assert rewards.score("sudoku", f"<answer>{puzzle}</answer>", sol, dict(extra)) == 0.0
@@ -310,12 +311,12 @@ MBPP_WRONG = {
 }
 
 
-def _find(df, needle_of_row):
+def _find(rows, needle_of_row):
   out = {}
-  for i in range(len(df)):
-    key = needle_of_row(df.iloc[i])
+  for row in rows:
+    key = needle_of_row(row)
     if key:
-      out.setdefault(key, df.iloc[i])
+      out.setdefault(key, row)
   return out
 
 
