@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # master weights (float32 keeps small updates exact)
   c.model.compute_dtype = "bfloat16"  # matmul dtype; norms, RoPE, softmax and logits stay float32
   c.model.remat_policy = "full"  # per-block rematerialization: none / full / dots_saveable
+  c.model.scan_unroll = 1  # layers per layer-scan iteration (n_layers = fully unrolled; small models)
   # Architecture overrides of the preset (None = keep the preset's value).
   c.model.d_model = config_dict.placeholder(int)
   c.model.n_layers = config_dict.placeholder(int)
@@ -85,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Train only on prompt groups with some non-zero advantage (all-equal rewards give A = 0 and
   # exactly zero gradient); the update is unchanged, the step is cheaper.
   c.rl.skip_zero_advantage = True
+  c.rl.reset_optimizer = True  # fresh AdamW moments when RL starts after the SFT warm-up
   c.rl.updates_per_batch = 1  # mu: 1 = on-policy (paper); >1 stores old terms and clips
   c.rl.normalize_length = True  # divide ELBO differences by the response length
   c.rl.clip_eps = config_dict.placeholder(float)  # PPO clip of the per-sample ratio (off-policy)
@@ -113,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.num_mc_samples = 1
   c.sft.learning_rate = 1e-4
   c.sft.micro_batch_per_device = 0
+  c.sft.eval_every = 0  # evaluate every this many warm-up steps (0 = config.eval_every)
 
   # --- evaluation
   c.eval = ml_collections.ConfigDict()
@@ -216,6 +219,8 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
       raise ConfigError(f"config.{key} {c[key]} must be >= 1")
   if c.eval_every < 0:
     raise ConfigError(f"config.eval_every {c.eval_every} must be >= 0 (0 = never)")
+  if c.sft.eval_every < 0:
+    raise ConfigError(f"config.sft.eval_every {c.sft.eval_every} must be >= 0 (0 = config.eval_every)")
   _check_sampler(c, "rollout")
   _check_sampler(c, "eval")
   rl = c.rl

@@ -316,9 +316,13 @@ class Trainer:
     step = self.start_step
     while step < self.total:
       phase = "sft" if step < self.sft_steps else "rl"
+      if step == self.sft_steps and self.sft_steps and c.rl.reset_optimizer:
+        # A function of the step, so a run resumed at the boundary does the same.
+        self.state = self.state.replace(opt_state=optim_lib.reset_moments(self.state.opt_state))
       m = self.sft_step(step) if phase == "sft" else self.rl_step(step)
       step += 1
-      is_eval = eval_on and (step % c.eval_every == 0 or step == self.total or step == self.sft_steps)
+      every = c.sft.eval_every if phase == "sft" and c.sft.eval_every else c.eval_every
+      is_eval = eval_on and (step % every == 0 or step == self.total or step == self.sft_steps)
       if is_eval:
         m.update(self.evaluate(step))
         if step == self.sft_steps and self.rl_steps:

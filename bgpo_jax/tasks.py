@@ -54,7 +54,8 @@ def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
   from bgpo_jax.train import state as state_lib
 
   m = config.model
-  knobs = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat_policy)
+  knobs = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat_policy,
+               scan_unroll=m.scan_unroll)
   path = config.init.checkpoint
   if path and os.path.exists(os.path.join(path, "config.json")):
     model_cfg, params = hf.load(path, dtype=None, mesh=mesh)

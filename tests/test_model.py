@@ -152,6 +152,19 @@ def test_remat_same_logits_and_grads(policy):
   assert float(jnp.abs(g0["blocks"]["q_proj"]).max()) > 0
 
 
+def test_unrolled_layer_scan_same_logits_and_grads():
+  params = _params(BASE)
+  tokens = _tokens(2, 8, BASE.vocab_size)
+  mask = jnp.ones((2, 8), jnp.int32).at[1, :3].set(0)
+  unrolled = dataclasses.replace(BASE, scan_unroll=BASE.n_layers)
+  v0, g0 = GRAD(BASE, params, tokens, mask)
+  v1, g1 = GRAD(unrolled, params, tokens, mask)
+  chex.assert_trees_all_close(v1, v0, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="scan_unroll 0 must be in"):
+    dataclasses.replace(BASE, scan_unroll=0)
+
+
 def test_bfloat16_compute_is_close():
   params = _params(BASE)
   tokens = _tokens(2, 8, BASE.vocab_size)

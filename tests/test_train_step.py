@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bgpo_jax import objectives
@@ -224,3 +225,26 @@ def test_state_dtypes_survive_the_step_with_bf16_params():
   fn = functools.partial(step_lib.train_step, cfg, scfg, optimizer, schedule)
   out, _ = jax.eval_shape(fn, abstract, batch)
   chex.assert_trees_all_equal_dtypes(out, abstract)
+
+
+def test_reset_moments_keeps_the_schedule_and_restarts_adam():
+  c = base_config()
+  c.optim.learning_rate = 1e-2
+  c.optim.warmup_steps = 4
+  c.optim.grad_clip_norm = 0.0
+  optimizer = optim_lib.make_optimizer(c.optim, total_steps=20)
+  params = {"w": jnp.ones((3,), jnp.float32)}
+  state = optimizer.init(params)
+  for i in range(6):
+    _, state = optimizer.update({"w": jnp.full((3,), 10.0 * (i + 1))}, state, params)
+  reset = optim_lib.reset_moments(state)
+  adam = [s for s in jax.tree.leaves(reset, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)]
+  assert len(adam) == 1 and int(adam[0].count) == 0
+  chex.assert_trees_all_close(adam[0].mu, {"w": jnp.zeros(3)})
+  chex.assert_trees_all_close(adam[0].nu, {"w": jnp.zeros(3)})
+  chex.assert_trees_all_equal_dtypes(reset, state)
+  # The schedule's count is kept (the learning rate follows the global step): Adam's first step
+  # after the reset moves each weight by lr(6) = 1e-2 (warmup over), whatever the old moments.
+  updates, _ = optimizer.update({"w": jnp.array([0.1, -2.0, 30.0])}, reset, params)
+  chex.assert_trees_all_close(updates, {"w": jnp.array([-1e-2, 1e-2, -1e-2])}, rtol=1e-5)

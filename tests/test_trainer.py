@@ -56,6 +56,7 @@ def _strip(rows):
     (lambda c: setattr(c.init, "checkpoint", "/nonexistent/ckpt"), "config.init.checkpoint '/nonexistent/ckpt' is not a directory"),
     (lambda c: (setattr(c.rl, "prompts_per_step", 3), setattr(c.rl, "group_size", 3)),
      "= 9 is not divisible by the data-parallel size 2"),
+    (lambda c: setattr(c.sft, "eval_every", -1), "config.sft.eval_every -1 must be >= 0"),
     (lambda c: setattr(c.rl, "micro_batch_per_device", 3), "config.rl.micro_batch_per_device 3 x 2 devices does not divide"),
 ])
 def test_config_errors_name_key_value_and_fix(mutate, message):

@@ -58,20 +58,12 @@ def _is_axes_leaf(x: Any) -> bool:
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "fsdp", "tensor") mesh; one size may be -1 (takes the remaining devices)."""
-  devices = list(devices if devices is not None else jax.devices())
-  sizes = [data, fsdp, tensor]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh size may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices are not divisible by data*fsdp*tensor={known}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs "
-                     f"{int(np.prod(sizes))} devices, have {len(devices)}")
-  return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+  """A ("data", "fsdp", "tensor") mesh; one size may be -1 (takes the remaining devices).
+
+  Keyword form of `bgpo_jax.train.mesh.make_mesh`, which builds every mesh of the project.
+  """
+  from bgpo_jax.train.mesh import make_mesh as make_shaped_mesh  # train imports models, not back
+  return make_shaped_mesh((data, fsdp, tensor), devices)
 
 
 def _spec(axes: Sequence[str | None], sizes: Mapping[str, int], rules: Sequence[tuple[str, Any]],

@@ -56,3 +56,19 @@ def make_optimizer(optim: Any, total_steps: int,
       )
   )
   return optax.chain(*chain)
+
+
+def reset_moments(opt_state: Any) -> Any:
+  """AdamW's moments and bias-correction count set to zero; the schedule's count is kept.
+
+  RL after the SFT warm-up starts from fresh moments, as RL from a released checkpoint would:
+  the second moments of SFT gradients (several times larger than RL's) would otherwise shrink
+  every RL update for ~1/(1 - b2) steps. Keeping the schedule's count keeps the learning rate a
+  function of the global step. `x * 0` keeps each leaf's dtype and sharding.
+  """
+  def reset(s):
+    if isinstance(s, optax.ScaleByAdamState):
+      return jax.tree.map(lambda x: x * 0, s)
+    return s
+
+  return jax.tree.map(reset, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
