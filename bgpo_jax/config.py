@@ -114,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.batch_size = 32
   c.sft.num_mc_samples = 1
   c.sft.learning_rate = 1e-4
+  c.sft.warmup_steps = 0
+  c.sft.schedule = "constant"  # constant / cosine / linear (decays over the SFT steps)
+  c.sft.final_lr_fraction = 0.0  # cosine / linear end value as a fraction of sft.learning_rate
   c.sft.micro_batch_per_device = 0
   c.sft.eval_every = 0  # evaluate every this many warm-up steps (0 = config.eval_every)
 
@@ -219,6 +222,9 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
       raise ConfigError(f"config.{key} {c[key]} must be >= 1")
   if c.eval_every < 0:
     raise ConfigError(f"config.eval_every {c.eval_every} must be >= 0 (0 = never)")
+  for key, value in (("optim.schedule", c.optim.schedule), ("sft.schedule", c.sft.schedule)):
+    if value not in ("constant", "cosine", "linear"):
+      raise ConfigError(f"config.{key} {value!r} is unknown; use constant, cosine or linear")
   if c.sft.eval_every < 0:
     raise ConfigError(f"config.sft.eval_every {c.sft.eval_every} must be >= 0 (0 = config.eval_every)")
   _check_sampler(c, "rollout")

@@ -132,13 +132,19 @@ class Trainer:
   def _optimizer(self):
     c = self.config
     optim = c.optim
+    # SFT (warm-up or mode=sft): the sft.* learning rate, warmup and schedule; AdamW as in optim.
+    sft_optim = c.optim.copy_and_resolve_references()
+    with sft_optim.unlocked():
+      sft_optim.learning_rate = c.sft.learning_rate
+      sft_optim.schedule = c.sft.schedule
+      sft_optim.final_lr_fraction = c.sft.final_lr_fraction
+      sft_optim.warmup_steps = c.sft.warmup_steps
     if c.mode == "sft":
-      optim = c.optim.copy_and_resolve_references()
-      with optim.unlocked():
-        optim.learning_rate = c.sft.learning_rate
+      schedule = optim_lib.make_schedule(sft_optim, self.total)
+      return optim_lib.make_optimizer(sft_optim, self.total, schedule), schedule
     if self.sft_steps and self.rl_steps:
-      # Warm-up SFT at sft.learning_rate, then RL at optim.learning_rate (after its warmup).
-      sft_lr = optax.constant_schedule(float(c.sft.learning_rate))
+      # Warm-up SFT, then RL at optim.learning_rate (after its warmup).
+      sft_lr = optim_lib.make_schedule(sft_optim, self.sft_steps)
       rl = optim_lib.make_schedule(optim, self.rl_steps)
       schedule = optax.join_schedules([sft_lr, rl], [self.sft_steps])
       return optim_lib.make_optimizer(optim, self.total, schedule), schedule

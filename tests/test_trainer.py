@@ -31,6 +31,8 @@ def small_demo(sft_steps=2, rl_steps=2):
   c.task.demo_test_size = 16
   c.sft.steps = sft_steps
   c.sft.batch_size = 8
+  c.sft.micro_batch_per_device = 0  # whole batch (the demo's 16 exceeds these tiny batches)
+  c.rl.micro_batch_per_device = 0
   c.total_steps = rl_steps
   c.rl.prompts_per_step = 2
   c.rl.group_size = 4
@@ -56,6 +58,7 @@ def _strip(rows):
     (lambda c: setattr(c.init, "checkpoint", "/nonexistent/ckpt"), "config.init.checkpoint '/nonexistent/ckpt' is not a directory"),
     (lambda c: (setattr(c.rl, "prompts_per_step", 3), setattr(c.rl, "group_size", 3)),
      "= 9 is not divisible by the data-parallel size 2"),
+    (lambda c: setattr(c.sft, "schedule", "step"), "config.sft.schedule 'step' is unknown"),
     (lambda c: setattr(c.sft, "eval_every", -1), "config.sft.eval_every -1 must be >= 0"),
     (lambda c: setattr(c.rl, "micro_batch_per_device", 3), "config.rl.micro_batch_per_device 3 x 2 devices does not divide"),
 ])
@@ -116,8 +119,9 @@ def test_sigterm_saves_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   args = [sys.executable, "-m", "bgpo_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
           "--config.model.n_layers=2", "--config.task.demo_train_size=200", "--config.task.demo_test_size=16",
-          "--config.sft.steps=400", "--config.sft.batch_size=8", "--config.total_steps=1",
+          "--config.sft.steps=400", "--config.sft.batch_size=8", "--config.sft.micro_batch_per_device=0", "--config.total_steps=1",
           "--config.rl.prompts_per_step=2", "--config.rl.group_size=4", "--config.rl.num_mc_samples=2",
+          "--config.rl.micro_batch_per_device=0",
           "--config.eval_every=0", "--config.checkpoint_every=1000", "--config.log_every=1"]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
