@@ -10,7 +10,6 @@ mode "distributed": one of several processes started by the test; joins jax.dist
 
 import dataclasses
 import json
-import os
 import re
 import sys
 
