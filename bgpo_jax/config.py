@@ -259,7 +259,8 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
                             ("sft.micro_batch_per_device", c.sft.micro_batch_per_device, c.sft.batch_size)):
       if per_dev < 0:
         raise ConfigError(f"config.{key} {per_dev} must be >= 0 (0 = whole batch)")
-      if per_dev and n % (per_dev * data_parallel_size):
+      # A micro-batch larger than a device's share of the batch is the whole share.
+      if per_dev and (n // data_parallel_size) % min(per_dev, n // data_parallel_size):
         raise ConfigError(f"config.{key} {per_dev} x {data_parallel_size} devices does not divide the batch "
                           f"of {n} rows; pick a divisor of {n // data_parallel_size}")
   if c.init.checkpoint and not c.init.checkpoint.startswith("gs://") and not os.path.isdir(c.init.checkpoint):

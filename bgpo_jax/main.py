@@ -154,16 +154,22 @@ class Trainer:
   def _step_config(self, phase: str) -> step_lib.StepConfig:
     c = self.config
     if phase == "sft":
-      per_dev = c.sft.micro_batch_per_device
       return step_lib.StepConfig(objective="sft", num_mc_samples=c.sft.num_mc_samples,
-                                 micro_batch_size=per_dev * self.dp, gen_length=c.rollout.gen_length)
+                                 micro_batch_size=self._micro_rows("sft"), gen_length=c.rollout.gen_length)
     rl = c.rl
     return step_lib.StepConfig(
         objective=rl.objective, num_mc_samples=rl.num_mc_samples,
-        micro_batch_size=rl.micro_batch_per_device * self.dp, gen_length=c.rollout.gen_length,
+        micro_batch_size=self._micro_rows("rl"), gen_length=c.rollout.gen_length,
         normalize_length=rl.normalize_length, off_policy=rl.updates_per_batch > 1,
         clip_eps=rl.clip_eps, dual_clip=rl.dual_clip, kl_beta=rl.kl_beta,
         prompt_mask_prob=rl.prompt_mask_prob)
+
+  def _micro_rows(self, phase: str) -> int:
+    """Global rows per micro-batch (0 = whole batch); at most the whole batch."""
+    c = self.config
+    per_dev, rows = ((c.sft.micro_batch_per_device, c.sft.batch_size) if phase == "sft" else
+                     (c.rl.micro_batch_per_device, c.rl.prompts_per_step * c.rl.group_size))
+    return min(per_dev * self.dp, rows) if per_dev else 0
 
   def _compiled(self, phase: str, batch: dict):
     """The jitted step for this phase and batch shapes, compiled ahead of time once (memory logged)."""
@@ -285,9 +291,8 @@ class Trainer:
     g = shape[1]
     # Kept rows must split over the devices (and into micro-batches): a multiple of `unit` groups.
     unit = max(1, self.dp // int(np.gcd(self.dp, g)))
-    per_dev = self.config.rl.micro_batch_per_device
-    if per_dev:
-      step_rows = per_dev * self.dp
+    step_rows = self._micro_rows("rl")
+    if step_rows:
       unit = max(unit, step_rows // int(np.gcd(step_rows, g)))
     return step_lib.live_group_rows(adv, g, unit)
 

@@ -161,7 +161,7 @@ def test_unrolled_layer_scan_same_logits_and_grads():
   v1, g1 = GRAD(unrolled, params, tokens, mask)
   chex.assert_trees_all_close(v1, v0, rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="scan_unroll 0 must be in"):
+  with pytest.raises(ValueError, match="scan_unroll 0 must be >= 1"):
     dataclasses.replace(BASE, scan_unroll=0)
 
 

@@ -171,8 +171,8 @@ class LLaDAConfig:
         raise ValueError(f"{name} {getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
-    if not 1 <= self.scan_unroll <= max(self.n_layers, 1):
-      raise ValueError(f"scan_unroll {self.scan_unroll} must be in [1, n_layers={self.n_layers}]")
+    if self.scan_unroll < 1:  # values >= n_layers all mean "fully unrolled"
+      raise ValueError(f"scan_unroll {self.scan_unroll} must be >= 1 (n_layers or more = fully unrolled)")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
