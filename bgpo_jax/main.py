@@ -68,12 +68,17 @@ class Progress:
 
   def __init__(self, total: int, start: int, label: str):
     self.total, self.start, self.label = total, start, label
-    self.t0 = time.time()
     self.tty = sys.stderr.isatty()
+    # The rate is measured within the current phase (an RL step costs ~25 SFT steps in the demo).
+    self.phase, self.phase_step, self.phase_t0 = None, start, time.time()
+    self.last_step, self.last_t = start, self.phase_t0
 
-  def update(self, step: int, info: str) -> None:
-    done = step - self.start
-    rate = (time.time() - self.t0) / max(done, 1)
+  def update(self, step: int, info: str, phase: str | None = None) -> None:
+    now = time.time()
+    if phase != self.phase:
+      self.phase, self.phase_step, self.phase_t0 = phase, self.last_step, self.last_t
+    self.last_step, self.last_t = step, now
+    rate = (now - self.phase_t0) / max(step - self.phase_step, 1)
     eta = rate * (self.total - step)
     frac = step / max(self.total, 1)
     bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
@@ -343,7 +348,7 @@ class Trainer:
         info = " ".join(f"{k.split('/')[-1]}={row[k]:.3g}" for k in
                         ("train/loss", "train/reward_mean", "eval/accuracy") if isinstance(row.get(k), float))
         if self.is_main:
-          progress.update(step, f"{phase} {info}")
+          progress.update(step, f"{phase} {info}", phase)
       stop = self._agreed(self.preempt.requested) or step == stop_at
       if step % c.checkpoint_every == 0 or step == self.total or stop:
         self._save(step, m if is_eval else None)
