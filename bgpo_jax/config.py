@@ -7,6 +7,8 @@ command line overrides any key: --config.rl.num_mc_samples=32.
 import ml_collections
 from ml_collections import config_dict
 
+SCHEDULES = ("constant", "cosine", "linear")  # learning-rate schedules after warmup (optim / sft)
+
 
 def base_config() -> ml_collections.ConfigDict:
   """All keys with defaults (the paper's LLaDA-8B-Instruct settings where it has one)."""
@@ -223,8 +225,8 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   if c.eval_every < 0:
     raise ConfigError(f"config.eval_every {c.eval_every} must be >= 0 (0 = never)")
   for key, value in (("optim.schedule", c.optim.schedule), ("sft.schedule", c.sft.schedule)):
-    if value not in ("constant", "cosine", "linear"):
-      raise ConfigError(f"config.{key} {value!r} is unknown; use constant, cosine or linear")
+    if value not in SCHEDULES:
+      raise ConfigError(f"config.{key} {value!r} is unknown; use one of {SCHEDULES}")
   if c.sft.eval_every < 0:
     raise ConfigError(f"config.sft.eval_every {c.sft.eval_every} must be >= 0 (0 = config.eval_every)")
   _check_sampler(c, "rollout")

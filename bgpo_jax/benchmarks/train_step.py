@@ -12,7 +12,6 @@ divides by the measured matmul peak of this machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax

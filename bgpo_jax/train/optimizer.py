@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import optax
 
-SCHEDULES = ("constant", "cosine", "linear")
+from bgpo_jax.config import SCHEDULES
 
 
 def make_schedule(optim: Any, total_steps: int) -> optax.Schedule:
