@@ -115,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.steps = 0  # warm-up SFT steps before RL (0 = none)
   c.sft.batch_size = 32
   c.sft.num_mc_samples = 1
+  # continuous (LLaDA SFT: t ~ U, weight 1/t) / stratified (mask counts, weight L/l <= L): the
+  # stratified weights are bounded, so its loss and gradients are far less heavy-tailed.
+  c.sft.mc_estimator = "continuous"
   c.sft.learning_rate = 1e-4
   c.sft.warmup_steps = 0
   c.sft.schedule = "constant"  # constant / cosine / linear (decays over the SFT steps)
@@ -130,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.temperature = 0.0
   c.eval.num_examples = 0  # 0 = the whole test split
   c.eval.batch_size = 16
+  c.eval.at_start = True  # evaluate before the first step (False: skip it, e.g. for a random init)
 
   # --- rewards
   c.rewards = ml_collections.ConfigDict()
@@ -214,6 +218,7 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   one_of("mode", c.mode, MODES)
   one_of("rl.objective", c.rl.objective, RL_OBJECTIVES)
   one_of("rl.mc_estimator", c.rl.mc_estimator, ESTIMATORS)
+  one_of("sft.mc_estimator", c.sft.mc_estimator, ESTIMATORS)
   one_of("tokenizer.kind", c.tokenizer.kind, TOKENIZERS)
   one_of("model.param_dtype", c.model.param_dtype, DTYPES)
   one_of("model.compute_dtype", c.model.compute_dtype, DTYPES)

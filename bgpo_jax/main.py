@@ -208,7 +208,7 @@ class Trainer:
     rows = c.sft.batch_size // jax.process_count()
     t0 = time.time()
     tokens, attn = self.task.sft_batch(step, rows, c.rollout.gen_length)
-    masks, weights = self._masks(step, tokens.shape[0], c.sft.num_mc_samples, "continuous")
+    masks, weights = self._masks(step, tokens.shape[0], c.sft.num_mc_samples, c.sft.mc_estimator)
     batch = {"tokens": tokens, "attention_mask": attn, "advantages": np.zeros(tokens.shape[0], np.float32),
              "mc_masks": masks, "mc_weights": weights}
     batch = mesh_lib.host_batch_to_global(batch, self.mesh, step_lib.BATCH_AXIS)
@@ -323,7 +323,7 @@ class Trainer:
     c = self.config
     self.preempt.install()
     eval_on = c.eval_every > 0
-    if self.start_step == 0 and eval_on:
+    if self.start_step == 0 and eval_on and c.eval.at_start:
       self.writer.write(0, self.evaluate(0))
       self.first_eval = dict(self.last_eval)
       if not self.sft_steps:
@@ -387,6 +387,8 @@ def main(argv) -> None:
     elif "eval/accuracy" in first and "eval/accuracy" in summary:
       print(f"held-out accuracy: {first['eval/accuracy']:.3f} at step 0 -> {summary['eval/accuracy']:.3f} "
             f"at step {summary['step']}")
+    elif "eval/accuracy" in summary:
+      print(f"held-out accuracy at step {summary['step']}: {summary['eval/accuracy']:.3f}")
     if "plot" in summary:
       print(f"learning curves: {summary['plot']}")
 

@@ -40,7 +40,7 @@ def get_config():
   c.rl.prompts_per_step = 16
   c.rl.micro_batch_per_device = 16
   # RL starts from fresh AdamW moments (rl.reset_optimizer); BENCHMARKS.md has the lr search.
-  c.optim.learning_rate = 2e-4
+  c.optim.learning_rate = 4e-4
   c.optim.warmup_steps = 5
   c.optim.grad_clip_norm = 1.0
 
@@ -56,6 +56,7 @@ def get_config():
   c.eval.temperature = 0.0
   c.eval.num_examples = 500
   c.eval.batch_size = 250
+  c.eval.at_start = False  # the random init scores 0; the SFT warm-up's evaluations show the rise
 
   c.eval_every = 10
   c.checkpoint_every = 50

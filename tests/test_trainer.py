@@ -39,6 +39,7 @@ def small_demo(sft_steps=2, rl_steps=2):
   c.rl.num_mc_samples = 2
   c.eval.num_examples = 16
   c.eval.batch_size = 16
+  c.eval.at_start = True
   c.eval_every = 2
   c.checkpoint_every = 2
   c.log_every = 1
@@ -60,6 +61,7 @@ def _strip(rows):
      "= 9 is not divisible by the data-parallel size 2"),
     (lambda c: setattr(c.sft, "schedule", "step"), "config.sft.schedule 'step' is unknown"),
     (lambda c: setattr(c.sft, "eval_every", -1), "config.sft.eval_every -1 must be >= 0"),
+    (lambda c: setattr(c.sft, "mc_estimator", "uniform"), "config.sft.mc_estimator 'uniform' is unknown"),
     (lambda c: setattr(c.rl, "micro_batch_per_device", 3), "config.rl.micro_batch_per_device 3 x 2 devices does not divide"),
 ])
 def test_config_errors_name_key_value_and_fix(mutate, message):
@@ -149,6 +151,20 @@ def test_sigterm_saves_and_resumes(tmp_path):
   steps = [r["step"] for r in read_metrics(workdir)]
   assert steps == sorted(set(steps)), "each step is logged once"
   assert steps[-1] > stopped
+
+
+def test_sft_mode_without_start_eval_and_with_the_stratified_estimator(tmp_path):
+  c = small_demo()
+  c.mode = "sft"
+  c.total_steps = 2
+  c.sft.mc_estimator = "stratified"
+  c.eval.at_start = False
+  c.checkpoint_every = 1000
+  summary = Trainer(c, str(tmp_path)).run()
+  rows = read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == [1, 2]  # no step-0 evaluation
+  assert "eval/accuracy" not in rows[0] and "eval/accuracy" in rows[1]
+  assert summary["step"] == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
 
 
 def test_evaluate_reproduces_the_trainers_final_eval(straight_run, tmp_path):
