@@ -66,8 +66,10 @@ class _Preemption:
 class Progress:
   """A one-line console progress bar with ETA (plain log lines when not a terminal)."""
 
-  def __init__(self, total: int, start: int, label: str):
-    self.total, self.start, self.label = total, start, label
+  def __init__(self, total: int, start: int, label: str, sft_end: int = 0):
+    """sft_end: the step where an SFT warm-up hands over to RL (0 = no warm-up). Until then the
+    ETA covers the warm-up only: RL steps cost far more, and their rate is not known yet."""
+    self.total, self.start, self.label, self.sft_end = total, start, label, sft_end
     self.tty = sys.stderr.isatty()
     # The rate is measured within the current phase (an RL step costs ~25 SFT steps in the demo).
     self.phase, self.phase_step, self.phase_t0 = None, start, time.time()
@@ -79,10 +81,13 @@ class Progress:
       self.phase, self.phase_step, self.phase_t0 = phase, self.last_step, self.last_t
     self.last_step, self.last_t = step, now
     rate = (now - self.phase_t0) / max(step - self.phase_step, 1)
-    eta = rate * (self.total - step)
+    if phase == "sft" and step < self.sft_end < self.total:
+      eta = f"sft eta {rate * (self.sft_end - step):5.0f}s, then {self.total - self.sft_end} rl steps"
+    else:
+      eta = f"eta {rate * (self.total - step):5.0f}s"
     frac = step / max(self.total, 1)
     bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-    line = f"{self.label} [{bar}] {step}/{self.total} eta {eta:5.0f}s {info}"
+    line = f"{self.label} [{bar}] {step}/{self.total} {eta} {info}"
     if self.tty:
       sys.stderr.write("\r" + line[:200].ljust(200))
       sys.stderr.flush()
@@ -328,7 +333,8 @@ class Trainer:
       self.first_eval = dict(self.last_eval)
       if not self.sft_steps:
         self.before_rl = dict(self.last_eval)
-    progress = Progress(self.total, self.start_step, "sft+rl" if self.sft_steps and self.rl_steps else c.mode)
+    progress = Progress(self.total, self.start_step, "sft+rl" if self.sft_steps and self.rl_steps else c.mode,
+                        sft_end=self.sft_steps if self.rl_steps else 0)
     step = self.start_step
     while step < self.total:
       phase = "sft" if step < self.sft_steps else "rl"

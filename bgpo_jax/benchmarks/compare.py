@@ -32,18 +32,24 @@ def _demo_config():
   return demo.get_config()
 
 
-def run(seeds, rl_steps: int, sft_steps: int | None, workdir: str, objectives=OBJECTIVES) -> list[dict]:
+def run(seeds, rl_steps: int, sft_steps: int | None, workdir: str, objectives=OBJECTIVES,
+        sft_seed: int = 0, overrides=None) -> list[dict]:
+  """One SFT start, then `rl_steps` RL steps per objective and seed. `overrides(config)` edits
+  the demo config in place first (tests shrink it). Returns one record per (objective, seed)."""
   from bgpo_jax.main import Trainer
 
   base = _demo_config()
+  if overrides is not None:
+    overrides(base)
   sft = base.copy_and_resolve_references()
   sft.mode = "sft"
+  sft.seed = sft_seed
   sft.total_steps = sft_steps or base.sft.steps
   sft.eval_every = sft.total_steps
   sft_dir = os.path.join(workdir, "sft")
   t0 = time.time()
   start = Trainer(sft, sft_dir).run()
-  print(f"SFT start: {sft.total_steps} steps, held-out accuracy {start.get('eval/accuracy', float('nan')):.3f} "
+  print(f"SFT start (seed {sft_seed}): {sft.total_steps} steps, held-out accuracy {start.get('eval/accuracy', float('nan')):.3f} "
         f"({time.time() - t0:.0f}s)", flush=True)
   records = []
   for name, n in objectives.items():
@@ -54,6 +60,7 @@ def run(seeds, rl_steps: int, sft_steps: int | None, workdir: str, objectives=OB
       c.sft.steps = 0
       c.total_steps = rl_steps
       c.eval_every = rl_steps
+      c.eval.at_start = True  # the "before" accuracy, on this seed's test set
       c.checkpoint_every = rl_steps
       c.plot_at_end = False
       c.rl.objective = name
@@ -93,6 +100,7 @@ def main(argv=None) -> None:
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--rl-steps", type=int, default=None, help="default: configs/demo.py total_steps")
   p.add_argument("--sft-steps", type=int, default=None, help="default: configs/demo.py sft.steps")
+  p.add_argument("--sft-seed", type=int, default=0, help="seed of the shared SFT start")
   p.add_argument("--objectives", default=",".join(OBJECTIVES))
   p.add_argument("--workdir", default=None)
   p.add_argument("--out", default=None)
@@ -101,12 +109,13 @@ def main(argv=None) -> None:
   objectives = {k: OBJECTIVES[k] for k in a.objectives.split(",")}
   rl_steps = a.rl_steps or _demo_config().total_steps
   workdir = a.workdir or tempfile.mkdtemp(prefix="bgpo_compare_")
-  records = run(seeds, rl_steps, a.sft_steps, workdir, objectives)
+  records = run(seeds, rl_steps, a.sft_steps, workdir, objectives, sft_seed=a.sft_seed)
   table = summarize(records)
   print_table(table, ["objective", "n", "seeds", "acc_before", "acc_after_mean", "acc_after_std",
                       "acc_after_min", "acc_after_max", "temp_MiB", "train_step_s"],
-              title=f"demo task, {rl_steps} RL steps from one SFT start; {device_description()}")
-  write_json(a.out, records, meta={"summary": table, "rl_steps": rl_steps, "device": device_description()})
+              title=f"demo task, {rl_steps} RL steps from one SFT start (seed {a.sft_seed}); {device_description()}")
+  write_json(a.out, records, meta={"summary": table, "rl_steps": rl_steps, "sft_seed": a.sft_seed,
+                                   "device": device_description()})
 
 
 if __name__ == "__main__":
