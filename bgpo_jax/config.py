@@ -10,6 +10,12 @@ from ml_collections import config_dict
 SCHEDULES = ("constant", "cosine", "linear")  # learning-rate schedules after warmup (optim / sft)
 
 
+def micro_batch_rows(per_device: int, batch_rows: int, data_parallel_size: int) -> int:
+  """Global rows per micro-batch (0 = the whole batch in one pass). A micro-batch larger than a
+  device's share of the batch means the whole share."""
+  return min(per_device * data_parallel_size, batch_rows) if per_device else 0
+
+
 def base_config() -> ml_collections.ConfigDict:
   """All keys with defaults (the paper's LLaDA-8B-Instruct settings where it has one)."""
   c = ml_collections.ConfigDict()
@@ -116,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.batch_size = 32
   c.sft.num_mc_samples = 1
   # continuous (LLaDA SFT: t ~ U, weight 1/t) / stratified (mask counts, weight L/l <= L): the
-  # stratified weights are bounded, so its loss and gradients are far less heavy-tailed.
+  # stratified weights are bounded, so its loss is less heavy-tailed (not better on the demo).
   c.sft.mc_estimator = "continuous"
   c.sft.learning_rate = 1e-4
   c.sft.warmup_steps = 0
@@ -266,8 +272,8 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
                             ("sft.micro_batch_per_device", c.sft.micro_batch_per_device, c.sft.batch_size)):
       if per_dev < 0:
         raise ConfigError(f"config.{key} {per_dev} must be >= 0 (0 = whole batch)")
-      # A micro-batch larger than a device's share of the batch is the whole share.
-      if per_dev and (n // data_parallel_size) % min(per_dev, n // data_parallel_size):
+      micro = micro_batch_rows(per_dev, n, data_parallel_size)
+      if micro and n % micro:
         raise ConfigError(f"config.{key} {per_dev} x {data_parallel_size} devices does not divide the batch "
                           f"of {n} rows; pick a divisor of {n // data_parallel_size}")
   if c.init.checkpoint and not c.init.checkpoint.startswith("gs://") and not os.path.isdir(c.init.checkpoint):

@@ -175,11 +175,10 @@ class Trainer:
         prompt_mask_prob=rl.prompt_mask_prob)
 
   def _micro_rows(self, phase: str) -> int:
-    """Global rows per micro-batch (0 = whole batch); at most the whole batch."""
     c = self.config
-    per_dev, rows = ((c.sft.micro_batch_per_device, c.sft.batch_size) if phase == "sft" else
-                     (c.rl.micro_batch_per_device, c.rl.prompts_per_step * c.rl.group_size))
-    return min(per_dev * self.dp, rows) if per_dev else 0
+    if phase == "sft":
+      return config_lib.micro_batch_rows(c.sft.micro_batch_per_device, c.sft.batch_size, self.dp)
+    return config_lib.micro_batch_rows(c.rl.micro_batch_per_device, c.rl.prompts_per_step * c.rl.group_size, self.dp)
 
   def _compiled(self, phase: str, batch: dict):
     """The jitted step for this phase and batch shapes, compiled ahead of time once (memory logged)."""

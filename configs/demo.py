@@ -19,8 +19,8 @@ def get_config():
   c.tokenizer.kind = "char"
   c.task.name = "demo"
   c.task.demo_task = "sudoku"  # or countdown (harder for a model this small)
-  # 20000 distinct puzzles (of ~35000): SFT sees each at most once. With 4000 (2.4 epochs) the
-  # SFT-150 accuracy ranged 0.26-0.45 over seeds; with 20000 it was 0.44-0.53.
+  # 20000 distinct puzzles (of ~35000): SFT sees each at most once. The SFT-150 accuracy still
+  # ranges 0.27-0.56 over seeds (BENCHMARKS.md), and RL gains most from the low starts.
   c.task.demo_train_size = 20000
   c.task.demo_test_size = 500  # +-2.2 points of binomial noise on the accuracy (200 gave +-3.5)
   c.task.max_prompt_tokens = 64
