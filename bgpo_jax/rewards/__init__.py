@@ -1,13 +1,24 @@
 """Verifiable rewards (SPEC section 5): math, countdown, sudoku and sandboxed code tests.
 
-    score(task, completion, ground_truth, extra=None, *, format_reward=0.0) -> float
-    score_batch(tasks, completions, ground_truths, extras=None, *, pool=None, ...) -> list[float]
-    submit_batch(...) -> concurrent.futures.Future[list[float]]   (non-blocking)
+    grade(task, completion, ground_truth, extra=None, *, recipes=None, format_reward=0.0) -> Grade
+    grade_batch(tasks, completions, ground_truths, extras=None, *, pool=None, ...) -> list[Grade]
+    submit_grades(...) -> concurrent.futures.Future[list[Grade]]   (non-blocking)
+    score / score_batch / submit_batch: the same, returning the training rewards only (floats)
     format_score(task, completion) -> float in [0, 1]
 
-Tasks: gsm8k, math, math500, countdown, sudoku, humaneval, mbpp. Correctness is 1.0 / 0.0
-(sudoku: the fraction of originally empty cells solved). `extra` is the row's `extra_info`
-(countdown: `numbers`; sudoku: `puzzle`) plus, for humaneval, `prompt` (see `rewards.code`).
+Tasks: gsm8k, math, math500, countdown, sudoku, humaneval, mbpp. `extra` is the row's
+`extra_info` (countdown: `numbers`; sudoku: `puzzle`) plus, for humaneval, `prompt` (see
+`rewards.code`).
+
+A `Grade` keeps apart what training and evaluation need:
+- `correct`: the answer is fully correct (a sudoku grid completely and validly filled). Evaluation
+  accuracy is the mean of this, whatever the training reward recipe or format bonus.
+- `score`: the task's published per-example evaluation score (d1's protocol): 1.0 / 0.0, and for
+  sudoku the fraction of originally empty cells filled correctly.
+- `reward`: the training reward: the task's recipe (`recipes`, config `rewards.countdown` /
+  `rewards.sudoku`; `DEFAULT_RECIPES` are the published d1 ones) plus the format bonus.
+  countdown "d1": 1.0 correct, 0.1 well-formed but wrong, 0.0 no answer; "binary": 1 / 0.
+  sudoku "fraction": the fraction of empty cells solved; "binary": 1 / 0. Other tasks: 1 / 0.
 
 Format reward (off by default): `score(..., format_reward=w)` adds `w * format_score(...)`,
 where format_score is 1.0 for the d1 layout `<reasoning>...</reasoning>` followed by
@@ -23,16 +34,19 @@ device computes; `submit_batch` does exactly that and returns a future.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import re
 import threading
 from typing import Any, Sequence
 
 from bgpo_jax.rewards import code as _code
-from bgpo_jax.rewards.countdown import countdown_reward
-from bgpo_jax.rewards.extract import answer_tag, code_blocks, last_boxed
+from bgpo_jax.rewards import countdown as _countdown
+from bgpo_jax.rewards import sudoku as _sudoku
+from bgpo_jax.rewards.countdown import countdown_grade, countdown_reward
+from bgpo_jax.rewards.extract import answer_tag, code_blocks, end_of_response, last_boxed
 from bgpo_jax.rewards.math_reward import MathVerifier, default_verifier, gsm8k_reward, math_reward
 from bgpo_jax.rewards.sandbox import SandboxPool, SandboxResult, run_program
-from bgpo_jax.rewards.sudoku import sudoku_reward
+from bgpo_jax.rewards.sudoku import sudoku_grade, sudoku_reward
 
 TASKS = ("gsm8k", "math", "math500", "countdown", "sudoku", "humaneval", "mbpp")
 CODE_TASKS = ("humaneval", "mbpp")
@@ -41,11 +55,38 @@ MATH_TASKS = ("math", "math500")
 DEFAULT_CODE_TIMEOUT_S = 5.0
 DEFAULT_CODE_MEMORY_MB = 1024
 
+# Training reward recipes per task (config rewards.countdown / rewards.sudoku) and the published
+# (d1 / TinyZero) choice, used when none is given.
+RECIPES = {"countdown": _countdown.RECIPES, "sudoku": _sudoku.RECIPES}
+DEFAULT_RECIPES = {"countdown": "d1", "sudoku": "fraction"}
+
 __all__ = [
-    "TASKS", "score", "score_batch", "submit_batch", "format_score", "code_result",
-    "SandboxPool", "SandboxResult", "run_program", "MathVerifier", "default_pool",
-    "default_verifier",
+    "TASKS", "Grade", "grade", "grade_batch", "submit_grades", "score", "score_batch",
+    "submit_batch", "format_score", "code_result", "RECIPES", "DEFAULT_RECIPES",
+    "SandboxPool", "SandboxResult", "run_program", "MathVerifier",
+    "default_pool", "default_verifier",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Grade:
+  """One completion's grade (module docstring): training `reward`, evaluation `correct`, and
+  the published per-example `score`."""
+  reward: float
+  correct: bool
+  score: float
+
+
+def check_recipes(recipes: dict | None) -> dict:
+  """`recipes` merged over DEFAULT_RECIPES; unknown tasks or recipe names are an error."""
+  out = dict(DEFAULT_RECIPES)
+  for task, name in (recipes or {}).items():
+    if task not in RECIPES:
+      raise ValueError(f"no reward recipes for task {task!r}; tasks with recipes: {sorted(RECIPES)}")
+    if name not in RECIPES[task]:
+      raise ValueError(f"{task} reward recipe {name!r} is unknown; use one of {RECIPES[task]}")
+    out[task] = name
+  return out
 
 
 def _check_task(task: str) -> str:
@@ -69,6 +110,7 @@ _REASONING_ANSWER_RE = re.compile(
 def format_score(task: str, completion: str) -> float:
   """Well-formedness of the answer layout in [0, 1] (see the module docstring)."""
   _check_task(task)
+  completion = end_of_response(completion)
   if task in CODE_TASKS:
     if code_blocks(completion) or ("[DONE]" in completion and task == "mbpp"):
       return 1.0
@@ -85,33 +127,59 @@ def format_score(task: str, completion: str) -> float:
   return 0.5 if tag is not None else 0.0
 
 
-def _correctness(task: str, completion: str, ground_truth: Any, extra: dict,
-                 verifier: MathVerifier | None, code_timeout_s: float,
-                 code_memory_mb: int) -> float:
+def _grade(task: str, completion: str, ground_truth: Any, extra: dict,
+           verifier: MathVerifier | None, recipes: dict) -> tuple[bool, float, float]:
+  """(correct, published score, recipe reward) of a non-code row."""
   if task == "gsm8k":
-    return gsm8k_reward(completion, ground_truth)
+    ok = bool(gsm8k_reward(completion, ground_truth))
+    return ok, float(ok), float(ok)
   if task in MATH_TASKS:
-    return math_reward(completion, ground_truth, verifier)
+    ok = bool(math_reward(completion, ground_truth, verifier))
+    return ok, float(ok), float(ok)
   if task == "countdown":
     if "numbers" not in extra:
       raise ValueError("countdown needs extra['numbers'] (e.g. '[30, 100, 93]')")
-    return countdown_reward(completion, ground_truth, extra["numbers"])
+    ok, formed = countdown_grade(completion, ground_truth, extra["numbers"])
+    reward = 1.0 if ok else (_countdown.FORMAT_SCORE if formed and recipes["countdown"] == "d1"
+                             else 0.0)
+    return ok, float(ok), reward
   if task == "sudoku":
-    return sudoku_reward(completion, ground_truth, extra.get("puzzle"))
-  program = _code.code_program(task, completion, ground_truth, extra)
-  return float(run_program(program, code_timeout_s, code_memory_mb).passed)
+    ok, frac = sudoku_grade(completion, ground_truth, extra.get("puzzle"))
+    return ok, frac, frac if recipes["sudoku"] == "fraction" else float(ok)
+  raise ValueError(f"{task!r} is graded in the sandbox")
+
+
+def _make(task: str, completion: str, parts: tuple[bool, float, float],
+          format_reward: float) -> Grade:
+  ok, sc, reward = parts
+  if format_reward:
+    reward += format_reward * format_score(task, completion)
+  return Grade(float(reward), bool(ok), float(sc))
+
+
+def grade(task: str, completion: str, ground_truth: Any, extra: dict | None = None, *,
+          recipes: dict | None = None, format_reward: float = 0.0,
+          code_timeout_s: float = DEFAULT_CODE_TIMEOUT_S,
+          code_memory_mb: int = DEFAULT_CODE_MEMORY_MB) -> Grade:
+  """The Grade of one completion (code tasks run in a one-off sandbox, no pool self-test)."""
+  _check_task(task)
+  recipes = check_recipes(recipes)
+  if task in CODE_TASKS:
+    program = _code.code_program(task, completion, ground_truth, _extra(extra))
+    ok = run_program(program, code_timeout_s, code_memory_mb).passed
+    parts = (ok, float(ok), float(ok))
+  else:
+    parts = _grade(task, completion, ground_truth, _extra(extra), None, recipes)
+  return _make(task, completion, parts, format_reward)
 
 
 def score(task: str, completion: str, ground_truth: Any, extra: dict | None = None, *,
           format_reward: float = 0.0, code_timeout_s: float = DEFAULT_CODE_TIMEOUT_S,
-          code_memory_mb: int = DEFAULT_CODE_MEMORY_MB) -> float:
-  """Reward of one completion: correctness (+ format_reward * format_score)."""
-  _check_task(task)
-  r = _correctness(task, completion, ground_truth, _extra(extra), None, code_timeout_s,
-                   code_memory_mb)
-  if format_reward:
-    r += format_reward * format_score(task, completion)
-  return r
+          code_memory_mb: int = DEFAULT_CODE_MEMORY_MB, recipes: dict | None = None) -> float:
+  """Training reward of one completion: recipe reward (+ format_reward * format_score)."""
+  return grade(task, completion, ground_truth, extra, recipes=recipes,
+               format_reward=format_reward, code_timeout_s=code_timeout_s,
+               code_memory_mb=code_memory_mb).reward
 
 
 def code_result(task: str, completion: str, ground_truth: Any, extra: dict | None = None, *,
@@ -136,16 +204,17 @@ def default_pool() -> SandboxPool:
     return _DEFAULT_POOL
 
 
-def score_batch(tasks: Sequence[str] | str, completions: Sequence[str],
+def grade_batch(tasks: Sequence[str] | str, completions: Sequence[str],
                 ground_truths: Sequence[Any], extras: Sequence[dict | None] | None = None, *,
                 pool: SandboxPool | None = None, format_reward: float = 0.0,
                 code_timeout_s: float = DEFAULT_CODE_TIMEOUT_S,
                 code_memory_mb: int = DEFAULT_CODE_MEMORY_MB,
-                verifier: MathVerifier | None = None) -> list[float]:
-  """Rewards of a batch. `tasks` is one task name for all rows or one per row.
+                verifier: MathVerifier | None = None, recipes: dict | None = None) -> list[Grade]:
+  """Grades of a batch. `tasks` is one task name for all rows or one per row.
 
   Code rows are submitted to `pool` (default: `default_pool()`) first, so they run while the
-  other rows are scored here. Thread-safe; blocks until all rewards are known.
+  other rows are graded here; the pool's self-test runs before its first program, and raises
+  `SandboxError` if the sandbox cannot run code. Thread-safe; blocks until all are known.
   """
   n = len(completions)
   tasks = [tasks] * n if isinstance(tasks, str) else list(tasks)
@@ -155,7 +224,8 @@ def score_batch(tasks: Sequence[str] | str, completions: Sequence[str],
                      f"{len(ground_truths)} ground truths, {len(extras)} extras")
   for t in set(tasks):
     _check_task(t)
-  rewards = [0.0] * n
+  recipes = check_recipes(recipes)
+  parts: list = [None] * n
   futures: dict[int, concurrent.futures.Future] = {}
   code_rows = [i for i in range(n) if tasks[i] in CODE_TASKS]
   if code_rows:
@@ -165,27 +235,47 @@ def score_batch(tasks: Sequence[str] | str, completions: Sequence[str],
       futures[i] = pool.submit(program, code_timeout_s, code_memory_mb)
   for i in range(n):
     if i not in futures:
-      rewards[i] = _correctness(tasks[i], completions[i], ground_truths[i], _extra(extras[i]),
-                                verifier, code_timeout_s, code_memory_mb)
+      parts[i] = _grade(tasks[i], completions[i], ground_truths[i], _extra(extras[i]),
+                        verifier, recipes)
   for i, f in futures.items():
-    rewards[i] = float(f.result().passed)
-  if format_reward:
-    for i in range(n):
-      rewards[i] += format_reward * format_score(tasks[i], completions[i])
-  return rewards
+    ok = f.result().passed
+    parts[i] = (ok, float(ok), float(ok))
+  return [_make(tasks[i], completions[i], parts[i], format_reward) for i in range(n)]
 
 
-def submit_batch(tasks: Sequence[str] | str, completions: Sequence[str],
-                 ground_truths: Sequence[Any], extras: Sequence[dict | None] | None = None,
-                 **kwargs) -> concurrent.futures.Future:
-  """`score_batch` in a background thread; returns a Future of the reward list, so the
-  caller can overlap reward computation with device work."""
+def score_batch(tasks: Sequence[str] | str, completions: Sequence[str],
+                ground_truths: Sequence[Any], extras: Sequence[dict | None] | None = None,
+                **kwargs) -> list[float]:
+  """Training rewards of a batch (`grade_batch(...)[i].reward`); same arguments."""
+  return [g.reward for g in grade_batch(tasks, completions, ground_truths, extras, **kwargs)]
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
   global _BATCH_EXECUTOR
   with _LOCK:
     if _BATCH_EXECUTOR is None:
       _BATCH_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
           max_workers=2, thread_name_prefix="bgpo-rewards")
-    ex = _BATCH_EXECUTOR
-  return ex.submit(score_batch, list(tasks) if not isinstance(tasks, str) else tasks,
-                   list(completions), list(ground_truths),
-                   None if extras is None else list(extras), **kwargs)
+    return _BATCH_EXECUTOR
+
+
+def _listed(tasks, completions, ground_truths, extras):
+  return (list(tasks) if not isinstance(tasks, str) else tasks, list(completions),
+          list(ground_truths), None if extras is None else list(extras))
+
+
+def submit_grades(tasks: Sequence[str] | str, completions: Sequence[str],
+                  ground_truths: Sequence[Any], extras: Sequence[dict | None] | None = None,
+                  **kwargs) -> concurrent.futures.Future:
+  """`grade_batch` in a background thread; returns a Future of the Grade list, so the caller
+  can overlap reward computation with device work."""
+  return _executor().submit(grade_batch, *_listed(tasks, completions, ground_truths, extras),
+                            **kwargs)
+
+
+def submit_batch(tasks: Sequence[str] | str, completions: Sequence[str],
+                 ground_truths: Sequence[Any], extras: Sequence[dict | None] | None = None,
+                 **kwargs) -> concurrent.futures.Future:
+  """`score_batch` in a background thread; returns a Future of the reward list."""
+  return _executor().submit(score_batch, *_listed(tasks, completions, ground_truths, extras),
+                            **kwargs)

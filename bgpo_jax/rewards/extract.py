@@ -1,4 +1,10 @@
-"""Answer extraction shared by the task rewards: answer tags, \\boxed{...}, fenced code blocks."""
+"""Answer extraction shared by the task rewards: answer tags, \\boxed{...}, fenced code blocks.
+
+Every task reward first cuts the completion at its first end-of-turn token (`end_of_response`):
+decoded LLaDA output keeps `<|eot_id|>` and the `<|endoftext|>` padding after it, and whatever
+follows the first one is not part of the answer (the model sometimes writes a second, different
+`\\boxed{}` there).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,27 @@ import re
 _ANSWER_OPEN_RE = re.compile(r"<answer>", re.IGNORECASE)
 _ANSWER_CLOSE_RE = re.compile(r"</answer>", re.IGNORECASE)
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*")
+# End-of-turn / end-of-text spellings of the LLaMA-3 style (LLaDA), GPT-2 / Qwen and ChatML vocabularies.
+_END_RE = re.compile(r"<\|(?:eot_id|endoftext|end_of_text|im_end)\|>")
 _FENCE_RE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _CODE_LANGS = ("", "python", "py", "python3", "py3")
+
+
+def end_of_response(text: str) -> str:
+  """`text` up to its first end-of-turn token (`<|eot_id|>`, `<|endoftext|>`, ...)."""
+  m = _END_RE.search(text)
+  return text[:m.start()] if m else text
+
+
+def answer_blocks(text: str) -> list[str]:
+  """Contents of the closed `<answer>...</answer>` blocks, in order (a `<answer>` re-opened
+  before the close starts the block anew)."""
+  out = []
+  for close in _ANSWER_CLOSE_RE.finditer(text):
+    opens = [m for m in _ANSWER_OPEN_RE.finditer(text, 0, close.start())]
+    if opens and (not out or opens[-1].start() > out[-1][0]):
+      out.append((opens[-1].start(), text[opens[-1].end():close.start()].strip()))
+  return [c for _, c in out]
 
 
 def answer_tag(text: str) -> str | None:

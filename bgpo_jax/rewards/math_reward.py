@@ -1,8 +1,13 @@
 """GSM8K (numeric) and MATH / MATH-500 (LaTeX, via math-verify) rewards.
 
-gsm8k: the answer text is the last `<answer>...</answer>`, else the last `\\boxed{...}`, else the
-whole completion; its last number must equal the ground truth numerically ("1,234", "$18",
-"-3", "5.0" == 5, trailing units / text are ignored).
+Both cut the completion at its first end-of-turn token first (see `extract.end_of_response`).
+
+gsm8k: the answer text is the last `\\boxed{...}` holding a number inside the last
+`<answer>...</answer>`, else that tag's content if it holds a number, else the last `\\boxed{...}`
+anywhere. As in d1's evaluation, a completion with neither a box nor an answer tag has no answer
+(a number merely mentioned in the reasoning is not one). The answer's last number must equal the
+ground truth numerically ("1,234", "$18", "-3", "5.0" == 5, trailing units / text are ignored;
+d1 reads "1,234" as 1 or 234, one of the cases BENCHMARKS.md counts).
 
 math / math500: the answer is the last `\\boxed{...}` anywhere in the completion (several boxed
 answers: the last wins), else the last answer tag's content. It must be mathematically
@@ -32,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from bgpo_jax.rewards.extract import answer_tag, last_boxed
+from bgpo_jax.rewards.extract import answer_tag, boxed_all, end_of_response, last_boxed
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +71,19 @@ def numbers_equal(a: float, b: float) -> bool:
   return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
 
 
-def gsm8k_answer_text(completion: str) -> str:
+def gsm8k_answer_text(completion: str) -> str | None:
+  """The answer text of a gsm8k completion (module docstring), or None."""
+  completion = end_of_response(completion)
+  has_digit = lambda t: t is not None and re.search(r"\d", t) is not None
   tag = answer_tag(completion)
   if tag is not None:
-    return tag
-  boxed = last_boxed(completion)
-  return boxed if boxed is not None else completion
+    boxes = [b for b in boxed_all(tag) if has_digit(b)]
+    if boxes:
+      return boxes[-1]
+    if has_digit(tag):
+      return tag
+  boxes = [b for b in boxed_all(completion) if has_digit(b)]
+  return boxes[-1] if boxes else None
 
 
 def gsm8k_reward(completion: str, ground_truth: str) -> float:
@@ -80,13 +92,15 @@ def gsm8k_reward(completion: str, ground_truth: str) -> float:
     gt = last_number(str(ground_truth))
   if gt is None:
     raise ValueError(f"gsm8k ground truth {ground_truth!r} is not a number")
-  pred = last_number(gsm8k_answer_text(completion))
+  text = gsm8k_answer_text(completion)
+  pred = last_number(text) if text is not None else None
   return float(pred is not None and numbers_equal(pred, gt))
 
 
 def math_answer_text(completion: str) -> str | None:
   """The last \\boxed{...} anywhere, else the last answer tag's content (without an inner
   box), else None."""
+  completion = end_of_response(completion)
   boxed = last_boxed(completion)
   if boxed is not None:
     return boxed
