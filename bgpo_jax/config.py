@@ -102,7 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.kl_beta = 0.0  # diffu_grpo: k3 KL to the initial policy
   c.rl.prompt_mask_prob = 0.15  # diffu_grpo: prompt masking probability
   c.rl.advantage_std = True  # divide group advantages by the group std (False: d1 style)
-  c.rl.format_reward = 0.0  # bonus for a well-formed answer (0 = off)
+  # Bonus weight w: reward += w * format_score (1 for <reasoning>..</reasoning><answer>..</answer>,
+  # 0.5 for an answer tag or box alone). 0 = off (the paper's rewards have none). Never counted in
+  # accuracy: evaluation uses the grade's correctness flag, not the reward.
+  c.rl.format_reward = 0.0
 
   # --- optimizer
   c.optim = ml_collections.ConfigDict()
@@ -143,9 +146,17 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- rewards
   c.rewards = ml_collections.ConfigDict()
-  c.rewards.code_timeout_s = 5.0
-  c.rewards.code_memory_mb = 1024
-  c.rewards.code_workers = 0  # sandbox processes in parallel; 0 = number of CPUs
+  c.rewards.code_timeout_s = 5.0  # wall-clock limit of one sandboxed test program
+  c.rewards.code_memory_mb = 1024  # its address-space limit
+  # Sandboxed programs run at once (the code-reward SandboxPool's size); 0 = 2 x CPUs, at most 32
+  # (much of a short run is process start-up latency, so more runs than cores still pay off).
+  c.rewards.code_workers = 0
+  # Training reward recipes (docs: README "Rewards"). countdown: "d1" = the d1 / TinyZero reward
+  # (1 correct, 0.1 for a well-formed wrong answer, 0 none), "binary" = 1 / 0. sudoku: "fraction"
+  # = d1's fraction of empty cells solved, "binary" = 1 for a fully valid grid. Defaults are the
+  # published recipes; evaluation accuracy is always "fully correct" whatever these say.
+  c.rewards.countdown = "d1"
+  c.rewards.sudoku = "fraction"
 
   # --- devices
   c.mesh = ml_collections.ConfigDict()
@@ -296,5 +307,16 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
                       "train_*/test_* parquet or JSONL files (or use configs/demo.py, which needs none)")
   if c.task.name == "demo" and c.task.demo_task not in ("countdown", "sudoku"):
     raise ConfigError(f"config.task.demo_task {c.task.demo_task!r} is unknown; use countdown or sudoku")
+  from bgpo_jax.rewards import RECIPES as _RECIPES  # the reward module owns the names
+
+  one_of("rewards.countdown", c.rewards.countdown, _RECIPES["countdown"])
+  one_of("rewards.sudoku", c.rewards.sudoku, _RECIPES["sudoku"])
+  if c.rewards.code_workers < 0:
+    raise ConfigError(f"config.rewards.code_workers {c.rewards.code_workers} must be >= 0 (0 = 2 x CPUs)")
+  for key in ("code_timeout_s", "code_memory_mb"):
+    if not c.rewards[key] > 0:
+      raise ConfigError(f"config.rewards.{key} {c.rewards[key]} must be positive")
+  if c.rl.format_reward < 0:
+    raise ConfigError(f"config.rl.format_reward {c.rl.format_reward} must be >= 0 (0 = off)")
   if c.task.truncation not in ("left", "drop"):
     raise ConfigError(f"config.task.truncation {c.task.truncation!r} is unknown; use left or drop")

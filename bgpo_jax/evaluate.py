@@ -4,6 +4,9 @@ Generates with the config's eval sampler settings (greedy by default), scores wi
 verifiable reward, prints accuracy per eval task and writes a JSONL of prompt, completion,
 reward and ground truth. PATH is a Hugging Face LLaDA directory, a run's workdir, or one of its
 Orbax checkpoints; without --checkpoint the config's init.checkpoint is evaluated.
+
+`python -m bgpo_jax.evaluate --score FILE` re-grades saved generations (this command's JSONL,
+d1's generation JSON/JSONL) without a model and prints the per-task table (bgpo_jax.rescore).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=False)
   flags.DEFINE_string("checkpoint", None, "HF directory, run workdir or Orbax checkpoint.")
   flags.DEFINE_string("out", None, "JSONL of per-example results (default: eval_<task>.jsonl here).")
+  flags.DEFINE_string("score", None, "Re-grade this file of saved generations without a model (bgpo_jax.rescore).")
 
 
 def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = True) -> dict:
@@ -61,6 +65,10 @@ def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = T
 def main(argv) -> None:
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  if FLAGS.score:
+    from bgpo_jax import rescore
+    rescore.score_file(FLAGS.score, out=FLAGS.out)
+    return
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/math.py")
   result = run_eval(FLAGS.config, FLAGS.checkpoint, FLAGS.out)

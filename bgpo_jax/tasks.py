@@ -7,6 +7,7 @@ the same way.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -189,9 +190,19 @@ def build_task(config, workdir: str | None = None) -> Task:
   eval_common = dict(common, process_index=0, process_count=1)
   evals = {name: TaskDataset(src, tokenizer, batch_size=1, seed=0, shuffle=False, **eval_common)
            for name, src in eval_srcs.items()}
-  rk = dict(format_reward=config.rl.format_reward, code_timeout_s=config.rewards.code_timeout_s,
-            code_memory_mb=config.rewards.code_memory_mb)
+  rk = reward_kwargs(config)
   return Task(t.name, tokenizer, train, evals, rk, sft)
+
+
+def reward_kwargs(config) -> dict:
+  """Keyword arguments of rewards.grade_batch from config.rewards / rl.format_reward. The code
+  rewards' SandboxPool (rewards.code_workers programs at once) starts its threads and its
+  self-test only when the first code row is graded, so tasks without code pay nothing."""
+  r = config.rewards
+  return dict(format_reward=config.rl.format_reward, code_timeout_s=r.code_timeout_s,
+              code_memory_mb=r.code_memory_mb,
+              recipes={"countdown": r.countdown, "sudoku": r.sudoku},
+              pool=rewards_lib.SandboxPool(max_workers=r.code_workers or None))
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -209,9 +220,12 @@ def build_rollout_sampler(config, model_cfg, tokenizer, mesh, section: str) -> r
                                     truncate_long_prompts=config.task.truncation == "left")
 
 
-def rollout_and_score(sampler, task: Task, params, batch, rng, *, group_size: int, chunk: int = 0):
+def rollout_and_score(sampler, task: Task, params, batch, rng, *, group_size: int, chunk: int = 0,
+                      return_correct: bool = False):
   """Rollouts for a PromptBatch and their rewards: the reward pool scores chunk k while the device
-  generates chunk k+1. Returns (Rollout of all rows, rewards [rows], seconds spent waiting on rewards)."""
+  generates chunk k+1. Returns (Rollout of all rows, rewards [rows], seconds spent waiting on rewards),
+  plus, with return_correct, correct [rows] (bool: fully correct answers, for train/accuracy: a reward
+  >= 1 is not one when a format bonus or partial credit is on)."""
   ids = batch.prompt_ids
   tasks, gts, extras = batch.reward_inputs()
   per = max(1, (chunk // group_size) if chunk else len(ids))
@@ -221,11 +235,15 @@ def rollout_and_score(sampler, task: Task, params, batch, rng, *, group_size: in
     r = sampler.sample_ids(params, ids[sl], jax.random.fold_in(rng, c))
     parts.append(r)
     rep = lambda xs: [x for x in xs[sl] for _ in range(group_size)]
-    futures.append(rewards_lib.submit_batch(rep(tasks), r.completions, rep(gts), rep(extras), **task.reward_kwargs))
+    futures.append(rewards_lib.submit_grades(rep(tasks), r.completions, rep(gts), rep(extras), **task.reward_kwargs))
   t0 = time.time()
-  scores = [s for f in futures for s in f.result()]
+  grades = [g for f in futures for g in f.result()]
   waited = time.time() - t0
-  return rollout_lib.concat_rollouts(parts), np.asarray(scores, np.float32), waited
+  scores = np.asarray([g.reward for g in grades], np.float32)
+  out = (rollout_lib.concat_rollouts(parts), scores, waited)
+  if return_correct:
+    out += (np.asarray([g.correct for g in grades], bool),)
+  return out
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -233,36 +251,50 @@ def rollout_and_score(sampler, task: Task, params, batch, rng, *, group_size: in
 
 def evaluate(sampler, task: Task, params, *, rng, num_examples: int = 0, batch_size: int = 16,
              records: list | None = None, progress: bool = False) -> dict:
-  """Greedy (eval settings) accuracy per eval set. Appends one dict per example to `records`."""
+  """Greedy (eval settings) accuracy per eval set. Appends one dict per example to `records`.
+
+  accuracy: the share of fully correct answers (the grade's flag; never the training reward, so a
+  format bonus or sudoku's partial credit cannot count as solved). score_mean: the mean of the
+  published per-example score (sudoku: fraction of empty cells, d1's metric). reward_mean: the
+  mean training reward."""
   out = {}
-  all_scores = []
+  all_grades = []
   for name, ds in task.evals.items():
     n = len(ds) if not num_examples else min(num_examples, len(ds))
-    scores = []
+    grades = []
     for start in range(0, n, batch_size):
       exs = [ds.example(i) for i in range(start, min(start + batch_size, n))]
       ids = [ds.prompt_ids(ex) for ex in exs]
       r = sampler.sample_ids(params, ids, jax.random.fold_in(rng, start))
       tasks, gts, extras = _reward_inputs(exs)
-      s = rewards_lib.score_batch(tasks, r.completions, gts, extras, **task.reward_kwargs)
-      scores += s
+      g = rewards_lib.grade_batch(tasks, r.completions, gts, extras, **task.reward_kwargs)
+      grades += g
       if records is not None:
-        for ex, comp, sc in zip(exs, r.completions, s):
-          records.append({"task": name, "index": ex.get("index"), "prompt": ex["messages"],
-                          "completion": comp, "reward": sc, "ground_truth": ex["ground_truth"]})
+        # grader + extra let `python -m bgpo_jax.evaluate --score FILE` re-grade without a model.
+        for ex, t, extra, comp, gr in zip(exs, tasks, extras, r.completions, g):
+          records.append({"task": name, "grader": t, "index": ex.get("index"), "prompt": ex["messages"],
+                          "completion": comp, "reward": gr.reward, "correct": gr.correct,
+                          "score": gr.score, "ground_truth": ex["ground_truth"],
+                          "extra": json.loads(json.dumps(extra, default=str))})
       if progress:
         print(f"  eval {name}: {min(start + batch_size, n)}/{n} accuracy so far "
-              f"{np.mean(np.asarray(scores) >= 1.0):.3f}", flush=True)
-    scores = np.asarray(scores, np.float32)
-    out[f"eval/{name}/accuracy"] = float((scores >= 1.0).mean())
-    out[f"eval/{name}/reward_mean"] = float(scores.mean())
-    all_scores.append(scores)
-  scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
-  out["eval/accuracy"] = float((scores >= 1.0).mean()) if scores.size else 0.0
-  out["eval/reward_mean"] = float(scores.mean()) if scores.size else 0.0
+              f"{np.mean([x.correct for x in grades]):.3f}", flush=True)
+    out.update(_summary(f"eval/{name}/", grades))
+    all_grades += grades
+  out.update(_summary("eval/", all_grades))
   return out
 
 
+def _summary(prefix: str, grades: Sequence) -> dict:
+  if not grades:
+    return {f"{prefix}accuracy": 0.0, f"{prefix}score_mean": 0.0, f"{prefix}reward_mean": 0.0}
+  return {f"{prefix}accuracy": float(np.mean([g.correct for g in grades])),
+          f"{prefix}score_mean": float(np.mean([g.score for g in grades])),
+          f"{prefix}reward_mean": float(np.mean([g.reward for g in grades]))}
+
+
 def _reward_inputs(examples: Sequence[dict]):
+  """(graders, ground truths, extras) of examples: PromptBatch.reward_inputs's mapping (a "code"
+  row grades as humaneval or mbpp)."""
   from bgpo_jax.data.dataset import PromptBatch
   return PromptBatch(0, np.zeros(len(examples)), list(examples), None, None, None, 0, 0).reward_inputs()

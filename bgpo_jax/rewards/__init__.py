@@ -45,7 +45,7 @@ from bgpo_jax.rewards import sudoku as _sudoku
 from bgpo_jax.rewards.countdown import countdown_grade, countdown_reward
 from bgpo_jax.rewards.extract import answer_tag, code_blocks, end_of_response, last_boxed
 from bgpo_jax.rewards.math_reward import MathVerifier, default_verifier, gsm8k_reward, math_reward
-from bgpo_jax.rewards.sandbox import SandboxPool, SandboxResult, run_program
+from bgpo_jax.rewards.sandbox import SandboxError, SandboxPool, SandboxResult, run_program
 from bgpo_jax.rewards.sudoku import sudoku_grade, sudoku_reward
 
 TASKS = ("gsm8k", "math", "math500", "countdown", "sudoku", "humaneval", "mbpp")
@@ -63,7 +63,7 @@ DEFAULT_RECIPES = {"countdown": "d1", "sudoku": "fraction"}
 __all__ = [
     "TASKS", "Grade", "grade", "grade_batch", "submit_grades", "score", "score_batch",
     "submit_batch", "format_score", "code_result", "RECIPES", "DEFAULT_RECIPES",
-    "SandboxPool", "SandboxResult", "run_program", "MathVerifier",
+    "SandboxError", "SandboxPool", "SandboxResult", "run_program", "MathVerifier",
     "default_pool", "default_verifier",
 ]
 

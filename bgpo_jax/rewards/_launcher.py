@@ -93,42 +93,60 @@ def _blocking_ancestor(path: str) -> str | None:
   return None
 
 
-def _expose(paths: list[str]) -> None:
-  """Makes `paths` (the interpreter's install dirs) reachable for the unprivileged uid.
-
-  A 0700 ancestor such as /root is covered with an empty tmpfs (which also hides the rest of
-  that home directory) and each path is bind-mounted back read-only at its original location,
-  so shared-library rpaths and venv symlinks keep working.
-  """
-  todo = [(p, _blocking_ancestor(p)) for p in paths]
-  todo = [(p, a) for p, a in todo if a is not None]
-  if not todo:
-    return
-  staged = []
-  for i, (p, _) in enumerate(todo):
-    st = f"/tmp/.expose{i}"
-    os.mkdir(st, 0o700)
-    _mount(p, st, None, MS_BIND | MS_REC)
-    staged.append((p, st))
-  for a in sorted({a for _, a in todo}, key=len):
-    _mount("tmpfs", a, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-  for p, st in staged:
-    os.makedirs(p, mode=0o755, exist_ok=True)
-    _mount(st, p, None, MS_BIND | MS_REC)
-    _mount(None, p, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
-    _check(_libc.umount2(st.encode(), MNT_DETACH), f"umount {st}")
-    os.rmdir(st)
+def _under(path: str, dirs) -> bool:
+  return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
 
 
-def _setup_mounts(cfg: dict) -> None:
+# statvfs f_flag bits -> mount flags a read-only re-bind must keep (the kernel refuses to
+# clear flags it locked on a mount inherited into a user namespace).
+_KEEP_FLAGS = ((8, MS_NOEXEC), (1024, 1024), (2048, 2048), (4096, 1 << 21))  # noexec, atimes
+
+
+def _expose(keep: list, covered: list, blockers: list) -> None:
+  """Mounts each kept interpreter directory (path, O_PATH fd opened before anything was
+  covered) back read-only at its own path when a private tmpfs now hides it: one of the
+  world-writable directories (a venv under /tmp), or a 0700 ancestor covered for the
+  sandbox uid (a conda env under /root). Same path, so rpaths and venv symlinks keep working."""
+  for p, fd in keep:
+    if _under(p, covered) or _under(p, blockers):
+      os.makedirs(p, mode=0o755, exist_ok=True)
+      _mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+      flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+      try:
+        have = os.statvfs(p).f_flag
+        for bit, flag in _KEEP_FLAGS:
+          if have & bit:
+            flags |= flag
+      except OSError:
+        pass
+      _mount(None, p, None, flags)
+    os.close(fd)
+
+
+def _setup_mounts(cfg: dict, mode: str) -> None:
   _mount(None, "/", None, MS_REC | MS_PRIVATE)
+  # Handles on the interpreter's directories first: the tmpfs mounts below may hide them.
+  keep = []
+  for p in cfg["expose"]:
+    try:
+      keep.append((p, os.open(p, os.O_PATH | os.O_DIRECTORY)))
+    except OSError:
+      pass
   size = f"size={cfg['tmpfs_mb']}m"
+  covered = []
   for d in WORLD_WRITABLE:
     if os.path.isdir(d) and not os.path.islink(d):
       _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=1777")
+      covered.append(d)
+  blockers = []
+  if mode == "namespace":  # the program runs under another uid: 0700 ancestors block it
+    found = {_blocking_ancestor(p) for p, _ in keep if not _under(p, covered)}
+    blockers = sorted(a for a in found if a is not None)
+    for a in blockers:  # an empty tmpfs also hides the rest of that home directory
+      _mount("tmpfs", a, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
   # A /proc for the new PID namespace: other processes' /proc/<pid>/environ are not visible.
   _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-  _expose(cfg["expose"])
+  _expose(keep, covered, blockers)
 
 
 def _set_limits(cfg: dict) -> None:
@@ -143,7 +161,7 @@ def _set_limits(cfg: dict) -> None:
     resource.setrlimit(resource.RLIMIT_NPROC, (cfg["nproc"], cfg["nproc"]))
 
 
-def _exec_program(cfg: dict, mode: str, cwd: str) -> None:
+def _exec_program(cfg: dict, mode: str, cwd: str, marker: bytes) -> None:
   """In the forked program child: limits, privileges, then exec. Never returns."""
   try:
     os.chdir(cwd)
@@ -160,12 +178,14 @@ def _exec_program(cfg: dict, mode: str, cwd: str) -> None:
     _die_with_parent()  # cleared by setuid, so set it afterwards
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": cwd, "LANG": "C.UTF-8",
            "LC_ALL": "C.UTF-8"}
+    # The pass marker reaches the runner through a pipe it reads (and closes) before the
+    # program starts: it is in no file, argument or environment variable the program can read.
+    r, w = os.pipe()
+    os.write(w, marker)
+    os.close(w)
+    os.set_inheritable(r, True)
     argv = [cfg["python"], "-I"] + ([] if cfg["site_packages"] else ["-S"])
-    if mode == "basic":
-      # No network namespace: fall back to disabling socket creation in Python (best effort).
-      argv += ["-c", cfg["basic_boot"], "prog.py"]
-    else:
-      argv += ["prog.py"]
+    argv += ["-c", cfg["boot"], "prog.py", str(r), "1" if mode == "basic" else "0"]
     os.execve(cfg["python"], argv, env)
   except BaseException as e:  # noqa: BLE001 - report anything, then die
     os.write(2, f"bgpo-sandbox: exec failed: {e!r}\n".encode())
@@ -185,7 +205,7 @@ def _wait_main(child: int) -> int:
       return st
 
 
-def _init(cfg: dict, mode: str, source: bytes) -> None:
+def _init(cfg: dict, mode: str, source: bytes, marker: bytes) -> None:
   """PID 1 of the new namespace (or a plain child in basic mode). Never returns."""
   sfd = cfg["status_fd"]
   try:
@@ -194,7 +214,7 @@ def _init(cfg: dict, mode: str, source: bytes) -> None:
     if mode == "basic":
       cwd = cfg["dir"]
     else:
-      _setup_mounts(cfg)
+      _setup_mounts(cfg, mode)
       cwd = WORKDIR
       os.mkdir(cwd, 0o700)
       with open(os.path.join(cwd, "prog.py"), "wb") as f:
@@ -206,7 +226,7 @@ def _init(cfg: dict, mode: str, source: bytes) -> None:
     child = os.fork()
     if child == 0:
       os.close(sfd)
-      _exec_program(cfg, mode, cwd)
+      _exec_program(cfg, mode, cwd, marker)
     st = _wait_main(child)
     if os.WIFSIGNALED(st):
       _status(sfd, f"signal {os.WTERMSIG(st)}")
@@ -216,6 +236,19 @@ def _init(cfg: dict, mode: str, source: bytes) -> None:
     _status(sfd, f"error {e!r}")
     os._exit(125)
   os._exit(0)
+
+
+def _read_marker(fd: int) -> bytes:
+  """The pass marker the parent wrote into pipe `fd` (then closed): it never appears in this
+  launcher's command line, which a basic-mode program could read from /proc."""
+  buf = b""
+  while True:
+    chunk = os.read(fd, 4096)
+    if not chunk:
+      break
+    buf += chunk
+  os.close(fd)
+  return buf
 
 
 def _our_cgroups() -> list[tuple[str, str]]:
@@ -360,6 +393,7 @@ def main() -> None:
     os._exit(125)  # the parent is already gone
   with open(os.path.join(cfg["dir"], "prog.py"), "rb") as f:
     source = f.read()
+  marker = _read_marker(cfg.pop("marker_fd"))
   ns = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
   mode = "basic"
   if cfg["isolation"] != "basic":
@@ -385,9 +419,9 @@ def main() -> None:
       _status(sfd, "error full isolation needs root with namespace support (CAP_SYS_ADMIN)")
       os._exit(125)
   if mode != "namespace":
-    # Same uid as the parent: the interpreter is already readable, and RLIMIT_NPROC counts
-    # all of that user's tasks, so allow `nproc` more than now (root is exempt anyway).
-    cfg["expose"] = []
+    # Same uid as the parent: RLIMIT_NPROC counts all of that user's tasks, so allow `nproc`
+    # more than now (root is exempt anyway). (userns still needs `expose`: its private /tmp
+    # hides an interpreter installed there.)
     cfg["nproc"] = None if os.geteuid() == 0 else cfg["nproc"] + _count_tasks(os.getuid())
   cgroups = None
   if os.geteuid() == 0:
@@ -397,7 +431,7 @@ def main() -> None:
       _status(sfd, f"cgdir {d}")  # the parent removes it if we get killed
   pid = os.fork()
   if pid == 0:
-    _init(cfg, mode, source)
+    _init(cfg, mode, source, marker)
   st = _wait_main(pid)
   if cgroups is not None:
     if cgroups.oom_killed():

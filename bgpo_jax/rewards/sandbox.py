@@ -1,8 +1,18 @@
 """Runs untrusted Python programs (model-written code + tests) in a sandboxed child process.
 
 `run_program(source)` executes `source` in a fresh interpreter and reports whether it ran to the
-end: a random per-run marker is printed after the last line of `source`, and `passed` needs
-exit status 0 *and* that marker, so `sys.exit(0)` / `os._exit(0)` before the asserts fail.
+end: a small runner executes `source` as `__main__` and, only when it returns normally, writes a
+random per-run marker; `passed` needs exit status 0 *and* that marker, so `sys.exit(0)` /
+`os._exit(0)` before the asserts fail. The marker is not in the program's source, its argv, its
+environment or any file descriptor it holds while it runs (the runner reads it from a pipe and
+closes it first), so a program cannot find it by reading its own file, /proc/self or its fds.
+
+Wherever the interpreter lives (a venv under /tmp, /var/tmp or /dev/shm, a conda env under /opt
+or /root, a home directory), its installation directories are mounted back read-only inside the
+sandbox at their own paths (`_expose_paths`), since the private tmpfs mounts and the per-run uid
+would otherwise hide them. `SandboxPool` runs a self-test (a trivial passing and a trivial
+failing program) before its first program and raises `SandboxError` with the status, isolation
+level and exec error when the sandbox cannot run code, so a broken setup is never a silent 0.
 
 Isolation ("namespace" mode, used when the process runs as root, e.g. in CI):
 - new PID, mount, network, IPC and UTS namespaces (see `_launcher.py`). The network namespace
@@ -20,9 +30,9 @@ Isolation ("namespace" mode, used when the process runs as root, e.g. in CI):
   `site_packages=True`), its own session / process group, wall-clock kill of that group,
   stdout + stderr read with a byte cap (the run is killed when exceeded).
 What remains possible inside: reading world-readable files (e.g. the source tree, /etc),
-using CPU and memory up to the limits, and introspecting its own source file (the marker is
-in it, so a program written to *find* the marker can fake a pass; the marker only guards
-against programs that stop early, not against deliberate forgery).
+using CPU and memory up to the limits, and walking its own interpreter's memory (frames of the
+runner, ctypes): the marker is in the program's process once read, so a program written to dig
+it out of memory could still fake a pass (basic mode: also from the launcher's memory).
 
 Without root, "userns" mode uses an unprivileged user namespace for the same namespaces
 (network, PID, mount, private /tmp) but keeps the caller's uid (only one uid can be mapped), so
@@ -66,16 +76,36 @@ SANDBOX_UID_SLOTS = 4096
 
 STATUSES = ("passed", "failed", "timeout", "memory", "output_limit", "signal", "error")
 
-# Basic mode only (no network namespace): refuse socket creation from Python code.
-_BASIC_BOOT = """
-import runpy, socket, sys
-def _no_network(*a, **k):
-  raise PermissionError("network access is disabled in the sandbox")
-for _n in ("socket", "create_connection", "create_server", "socketpair", "fromfd"):
-  setattr(socket, _n, _no_network)
-sys.argv = sys.argv[1:]
+# The program's runner (`python -I [-S] -c BOOT prog.py MARKER_FD BASIC`): reads the pass marker
+# from its pipe and closes it, runs prog.py as __main__, and writes the marker to fd 1 only when
+# the program returned normally (an exception, sys.exit or os._exit never reach that line).
+# Basic mode only (no network namespace): socket creation is refused from Python code.
+_BOOT = """
+import os, sys
+_fd, _basic = int(sys.argv[2]), sys.argv[3] == "1"
+_m = b""
+while True:
+  _c = os.read(_fd, 4096)
+  if not _c:
+    break
+  _m += _c
+os.close(_fd)
+sys.argv = sys.argv[1:2]
+if _basic:
+  import socket
+  def _no_network(*a, **k):
+    raise PermissionError("network access is disabled in the sandbox")
+  for _n in ("socket", "create_connection", "create_server", "socketpair", "fromfd"):
+    setattr(socket, _n, _no_network)
+import runpy
 runpy.run_path(sys.argv[0], run_name="__main__")
+sys.stdout.flush()
+os.write(1, _m)
 """
+
+
+class SandboxError(RuntimeError):
+  """The sandbox cannot run code here (its self-test failed): no code reward would be right."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +153,32 @@ class _UidSlots:
 _UIDS = _UidSlots(SANDBOX_UID_BASE, SANDBOX_UID_SLOTS)
 
 
-def _expose_paths() -> list[str]:
-  """Interpreter install dirs the sandbox uid must be able to read (see _launcher._expose)."""
-  paths = []
-  for p in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable))):
-    p = os.path.realpath(p)
+def _expose_paths(python: str | None = None) -> list[str]:
+  """Installation directories of the interpreter `python` (default: this one) that the program
+  must see: the launcher mounts each back read-only where a private tmpfs (a venv under /tmp)
+  or another uid's missing permissions (a conda env under /root) would hide it."""
+  if python is None or os.path.realpath(python) == os.path.realpath(sys.executable):
+    python = sys.executable
+    cands = [sys.base_prefix, sys.prefix]
+  else:
+    prefix = os.path.dirname(os.path.dirname(os.path.abspath(python)))
+    cands = [prefix]
+    try:  # a venv: pyvenv.cfg names the base interpreter's bin directory ("home")
+      with open(os.path.join(prefix, "pyvenv.cfg")) as f:
+        for line in f:
+          key, _, val = line.partition("=")
+          if key.strip() == "home" and val.strip():
+            cands.append(os.path.dirname(val.strip()))
+    except OSError:
+      pass
+  real = os.path.realpath(python)
+  cands += [os.path.dirname(os.path.abspath(python)), os.path.dirname(real),
+            os.path.dirname(os.path.dirname(real))]
+  paths: list[str] = []
+  for p in cands:
+    p = os.path.realpath(p) if os.path.exists(p) else os.path.abspath(p)
+    if p == "/" or not os.path.isdir(p):
+      continue
     if not any(p == q or p.startswith(q + os.sep) for q in paths):
       paths = [q for q in paths if not q.startswith(p + os.sep)] + [p]
   return paths
@@ -163,11 +214,12 @@ def run_program(
     site_packages: bool = False,
     isolation: str = "auto",
     tail_bytes: int = 4096,
+    python: str | None = None,
 ) -> SandboxResult:
   """Runs `source` as `__main__` of a fresh sandboxed Python interpreter.
 
   Args:
-    source: program text; the pass marker is appended on a new line at column 0.
+    source: program text, run as `__main__` (file `prog.py`) by the marker-writing runner.
     timeout_s: wall-clock limit (interpreter start-up included); CPU limit is ceil(timeout)+1 s.
     memory_mb: RLIMIT_AS of the program process.
     max_output_bytes: cap on stdout + stderr; the run is killed when it is exceeded.
@@ -177,6 +229,7 @@ def run_program(
     isolation: "auto" (root namespaces, else a user namespace, else basic), "namespace"
       (require root namespaces + private uid; status "error" otherwise) or "basic".
     tail_bytes: how much of the end of stdout / stderr to keep in the result.
+    python: the interpreter that runs the program (default: this one, sys.executable).
   Thread-safe; blocks the calling thread for at most about timeout_s.
   """
   if isolation not in ("auto", "namespace", "basic"):
@@ -185,35 +238,38 @@ def run_program(
     raise ValueError(f"timeout_s {timeout_s} must be positive")
   t0 = time.monotonic()
   marker = "BGPO-SANDBOX-OK-" + secrets.token_hex(16)
-  # Written straight to fd 1 so a program that rebinds `print` still gets its marker.
-  program = (source + "\n\nimport os as _bgpo_os, sys as _bgpo_sys\n_bgpo_sys.stdout.flush()\n"
-             f"_bgpo_os.write(1, {(marker + chr(10)).encode()!r})\n")
+  python = python or sys.executable
   uid = _UIDS.acquire()
   tmpdir = tempfile.mkdtemp(prefix="bgpo-sandbox-")
   status_r, status_w = os.pipe()
+  marker_r, marker_w = os.pipe()
   proc = None
   try:
     with open(os.path.join(tmpdir, "prog.py"), "w", encoding="utf-8") as f:
-      f.write(program)
+      f.write(source)  # the marker is NOT in the program's source
+    os.write(marker_w, (marker + "\n").encode())
+    os.close(marker_w)
+    marker_w = None
     cfg = {
-        "dir": tmpdir, "status_fd": status_w, "parent_pid": os.getpid(), "uid": uid,
-        "python": sys.executable, "site_packages": site_packages, "isolation": isolation,
+        "dir": tmpdir, "status_fd": status_w, "marker_fd": marker_r, "parent_pid": os.getpid(),
+        "uid": uid, "python": python, "site_packages": site_packages, "isolation": isolation,
         "cpu_s": math.ceil(timeout_s) + 1, "memory_mb": int(memory_mb),
         "fsize_mb": int(fsize_mb), "tmpfs_mb": int(tmpfs_mb), "nproc": int(nproc),
         "cgroup_mb": int(memory_mb) + int(tmpfs_mb) + 64,
-        "expose": _expose_paths(), "basic_boot": _BASIC_BOOT,
+        "expose": _expose_paths(python), "boot": _BOOT,
     }
     try:
       proc = subprocess.Popen(
           [sys.executable, "-I", "-S", _LAUNCHER, marshal.dumps(cfg).hex()],
           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
           env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}, cwd=tmpdir,
-          start_new_session=True, pass_fds=(status_w,), close_fds=True)
+          start_new_session=True, pass_fds=(status_w, marker_r), close_fds=True)
     except OSError as e:
       return SandboxResult(False, "error", None, "", f"could not start the sandbox: {e!r}",
                            time.monotonic() - t0, "")
     finally:
       os.close(status_w)
+      os.close(marker_r)
     out, err, reason = _collect(proc, t0 + timeout_s, max_output_bytes, tail_bytes)
     # The launcher is the group leader and is not reaped yet, so its pgid cannot have been
     # reused: killing the group here is safe and removes any straggler (basic mode).
@@ -226,6 +282,8 @@ def run_program(
       _killpg(proc.pid)
       proc.wait()
     os.close(status_r)
+    if marker_w is not None:
+      os.close(marker_w)
     if proc is not None:
       for s in (proc.stdout, proc.stderr):
         if s is not None:
@@ -369,25 +427,73 @@ def _classify(status_text: str, out: bytearray, err: bytearray, reason: str | No
   return SandboxResult(status == "passed", status, rc, stdout, stderr, wall_s, mode)
 
 
+_PASSING = "print('bgpo sandbox self-test')\n"
+_FAILING = "raise SystemExit(3)\n"
+
+
+def self_test(**run_kwargs) -> None:
+  """Runs a trivial passing and a trivial failing program with `run_kwargs` (run_program's
+  keywords); raises SandboxError saying why when the first does not pass or the second does."""
+  kw = {"timeout_s": 60.0, **run_kwargs}  # start-up can be slow on a loaded machine
+  good = run_program(_PASSING, **kw)
+  python = kw.get("python") or sys.executable
+  if not good.passed:
+    err = good.stderr.strip()[-1500:] or "(nothing on stderr)"
+    raise SandboxError(
+        f"the code sandbox cannot run a trivial program, so every code reward would be 0: "
+        f"status {good.status!r}, isolation {good.isolation or 'unknown (the launcher failed)'!r}, "
+        f"interpreter {python}, return code {good.returncode}; the program's stderr: {err}\n"
+        "Fix: make that interpreter executable for other users (its installation dirs and their "
+        "parents need o+rx), or run as root for namespace isolation / set isolation='basic' "
+        "where namespaces are unavailable (see bgpo_jax.rewards.sandbox).")
+  bad = run_program(_FAILING, **kw)
+  if bad.passed or bad.returncode != 3:
+    raise SandboxError(
+        f"the code sandbox misreports a failing program (SystemExit(3)): passed={bad.passed}, "
+        f"status {bad.status!r}, return code {bad.returncode}, isolation {bad.isolation!r}")
+
+
 class SandboxPool:
   """Runs sandboxed programs concurrently: a thread per in-flight program, each waiting on
   its own child process (the heavy lifting happens in the children, not in the threads).
 
   `submit` returns a `concurrent.futures.Future[SandboxResult]`, so callers (e.g. the trainer's
-  reward thread) can queue a batch and collect results later. Thread-safe.
+  reward thread) can queue a batch and collect results later. Before its first program the pool
+  runs `self_test` with its defaults and raises SandboxError if the sandbox cannot run code
+  here (instead of scoring every program 0 in silence). Thread-safe.
   """
 
-  def __init__(self, max_workers: int | None = None, **defaults):
+  def __init__(self, max_workers: int | None = None, *, check: bool = True, **defaults):
     """max_workers: concurrent programs (default: 2 * os.cpu_count(), at most 32: much of a
     short run is process / namespace set-up latency, so more runs than cores still pay off).
+    check: run the self-test before the first program (False: for tests of broken setups).
     defaults: keyword arguments of `run_program` applied to every run unless overridden."""
+    if max_workers is not None and max_workers < 1:
+      raise ValueError(f"max_workers {max_workers} must be >= 1 (or None for the default)")
     self.max_workers = max_workers or min(32, 2 * (os.cpu_count() or 1))
     self._defaults = defaults
+    self._check = check
+    self._checked: BaseException | bool = False
+    self._check_lock = threading.Lock()
     self._pool = concurrent.futures.ThreadPoolExecutor(
         max_workers=self.max_workers, thread_name_prefix="bgpo-sandbox")
 
+  def self_test(self) -> None:
+    """Runs the self-test once (later calls re-raise its error or return at once)."""
+    with self._check_lock:
+      if self._checked is False:
+        try:
+          self_test(**self._defaults)
+          self._checked = True
+        except SandboxError as e:
+          self._checked = e
+      if isinstance(self._checked, BaseException):
+        raise self._checked
+
   def submit(self, source: str, timeout_s: float = 5.0, memory_mb: int = 1024,
              **kwargs) -> concurrent.futures.Future:
+    if self._check:
+      self.self_test()
     kw = {**self._defaults, **kwargs}
     return self._pool.submit(run_program, source, timeout_s, memory_mb, **kw)
 

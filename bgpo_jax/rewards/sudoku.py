@@ -13,7 +13,8 @@ Answer extraction (`extract_grid`), after cutting the completion at its first en
 Scoring: a puzzle may have several valid completions. `solutions(puzzle)` lists all of them (a
 4x4 grid has at most 288, found by backtracking in microseconds): any of them is fully correct
 (score 1.0), not only the listed ground truth. Any other answer scores the fraction of empty
-cells equal to the ground truth's, as d1 does.
+cells equal to the ground truth's, as d1 does, and is correct when that is 1.0 (the given cells
+are not re-checked, as in d1, so "reward >= 1" and "correct" coincide under "fraction").
 
 Training reward recipes (config `rewards.sudoku`): "fraction" (d1: the fraction of empty cells
 filled correctly) or "binary" (1.0 for a complete, valid grid, else 0.0). Correctness (the
@@ -108,9 +109,10 @@ def sudoku_grade(completion: str, solution: str, puzzle: str | None = None) -> t
   empty = [i for i, c in enumerate(puzzle) if c == "0"]
   if not empty:
     return grid == solution, float(grid == solution)
-  if grid == solution or (puzzle != "0" * SIZE and grid in solutions(puzzle)):
-    return True, 1.0
-  return False, sum(grid[i] == solution[i] for i in empty) / len(empty)
+  if puzzle != "0" * SIZE and grid != solution and grid in solutions(puzzle):
+    return True, 1.0  # another valid completion
+  frac = sum(grid[i] == solution[i] for i in empty) / len(empty)
+  return frac == 1.0, frac
 
 
 def sudoku_reward(completion: str, solution: str, puzzle: str | None = None,
