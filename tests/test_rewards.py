@@ -63,16 +63,20 @@ def test_answer_tag_and_boxed_extraction():
 @pytest.mark.parametrize("completion,truth,expected", [
     ("<answer>1,234</answer>", "1234", 1.0),           # thousands separator in the answer
     ("<answer>1234</answer>", "1,234", 1.0),           # ... or in the ground truth
-    ("She pays $1,234.00 in total.", "1234", 1.0),     # "$", decimals, trailing text
-    ("The temperature drops to -5 degrees.", "-5", 1.0),
+    ("<answer>She pays $1,234.00 in total.</answer>", "1234", 1.0),  # "$", decimals, text
+    ("<answer>The temperature drops to -5 degrees.</answer>", "-5", 1.0),
     ("<answer>-5</answer>", "5", 0.0),
     ("<answer>18 eggs per day</answer>", "18", 1.0),   # units after the number
     ("<answer>18</answer> next year she will have 20", "18", 1.0),  # the tag wins
     (r"so \boxed{5.0} then 7 more", "5", 1.0),        # boxed beats later text, 5.0 == 5
-    ("first 3 then 4 then 72", "72", 1.0),             # last number anywhere
-    ("first 3 then 4 then 72", "3", 0.0),
-    ("pages 5-6", "6", 1.0),                           # a range, not -6
-    ("no numbers here", "3", 0.0),
+    ("first 3 then 4 then 72", "72", 0.0),             # no box, no tag: no answer (d1)
+    ("<answer>first 3 then 4 then 72</answer>", "72", 1.0),  # last number of the answer
+    ("<answer>pages 5-6</answer>", "6", 1.0),          # a range, not -6
+    ("<answer>no numbers here</answer>", "3", 0.0),
+    (r"<answer>\boxed{12} apples, 3 left</answer>", "12", 1.0),  # the box inside the tag
+    (r"<answer>\boxed{}101</answer>", "101", 1.0),    # an empty box: the tag's number
+    (r"<answer>\boxed{20}</answer><|eot_id|>\boxed{0}<|eot_id|>", "20", 1.0),  # after EOS: ignored
+    ("<answer>\n\\boxed{36>", "36", 1.0),          # an answer tag cut off by the length
     ("<answer>0.5</answer>", "0.50", 1.0),
     ("<answer>1,234,567</answer>", "1234567", 1.0),
 ])
@@ -86,7 +90,8 @@ def test_gsm8k_real_rows():
     gt = rm["ground_truth"]
     value = int(gt.replace(",", ""))
     assert rewards.score("gsm8k", f"<reasoning>...</reasoning><answer>{gt}</answer>", gt) == 1.0
-    assert rewards.score("gsm8k", f"The answer is {value:,} dollars.", gt) == 1.0
+    assert rewards.score("gsm8k", f"The answer is \\boxed{{{value:,}}} dollars.", gt) == 1.0
+    assert rewards.score("gsm8k", f"The answer is {value:,} dollars.", gt) == 0.0  # no box/tag
     assert rewards.score("gsm8k", f"<answer>{value + 1}</answer>", gt) == 0.0
 
 
@@ -182,7 +187,14 @@ NUMS = "[30, 100, 93]"
     ("<answer>" + "1+" * 300 + "1</answer>", "301", NUMS, 0.0),  # over the length cap
 ])
 def test_countdown(completion, target, numbers, expected):
-  assert rewards.score("countdown", completion, target, {"numbers": numbers}) == expected
+  extra = {"numbers": numbers}
+  g = rewards.grade("countdown", completion, target, extra)
+  assert g.correct == bool(expected) and g.score == expected
+  # d1 / TinyZero recipe (the default): 0.1 for a wrong answer in an answer tag or box.
+  formed = "<answer>" in completion or "\\boxed" in completion
+  assert g.reward == (1.0 if expected else 0.1 if formed else 0.0)
+  assert rewards.score("countdown", completion, target, extra,
+                       recipes={"countdown": "binary"}) == expected
 
 
 def test_countdown_evaluate_is_exact_and_safe():
@@ -216,8 +228,9 @@ def test_countdown_real_rows():
     solved += 1
     assert rewards.score("countdown", f"<answer>{expr}</answer>", rm["ground_truth"],
                          dict(extra)) == 1.0
-    assert rewards.score("countdown", f"<answer>{expr} + 1</answer>", rm["ground_truth"],
-                         dict(extra)) == 0.0
+    wrong = rewards.grade("countdown", f"<answer>{expr} + 1</answer>", rm["ground_truth"],
+                          dict(extra))
+    assert not wrong.correct and wrong.reward == pytest.approx(0.1)
   assert solved >= 20
 
 
@@ -236,7 +249,8 @@ SOLUTION = "3142243142131324"
     (f"<answer>{PUZZLE}</answer>", 0.0),                              # nothing filled in
     ("<answer>3112243142131323</answer>", 6 / 8),                     # 2 of 8 empty cells wrong
     ("<answer>4142243142131324</answer>", 1.0),   # a given cell changed: only empty cells count
-    ("<answer>314224</answer>", 0.0),
+    ("<answer>314224</answer>", 2 / 8),            # short: padded with "0" as in d1
+    ("<answer>31422431421313241111</answer>", 1.0),   # long: cut to the first 16
     ("no digits", 0.0),
 ])
 def test_sudoku(completion, expected):

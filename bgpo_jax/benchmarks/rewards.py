@@ -1,7 +1,14 @@
-"""Reward throughput: sandboxed code rewards vs pool workers and timeouts, plus the cheap tasks.
+"""Reward throughput: sandboxed code rewards vs pool workers and timeouts, plus the cheap tasks;
+and, with --d1, agreement with d1's published evaluation labels on real LLaDA generations.
 
   python -m bgpo_jax.benchmarks.rewards                       # ~1 minute on 2 CPU cores
   python -m bgpo_jax.benchmarks.rewards --n 64 --workers 1,2,4,8 --out rewards.json
+  python -m bgpo_jax.benchmarks.rewards --d1 ../shared/reference/d1-llada-generations/generations.jsonl
+
+--d1 grades every completion with `rewards.grade_batch` and compares with d1's label per task and
+generation length (sudoku: the same fraction of empty cells; other tasks: the same correctness).
+Each disagreement where d1's parser is plainly wrong is put in a named category (`d1_faults`);
+`agree_excl` is the agreement over the other rows, and `--examples K` prints K rows per category.
 
 Code rows are MBPP-style completions (a small function + three asserts) scored end to end with
 `rewards.score_batch` (program building, sandbox launch, namespaces, interpreter start-up, test
@@ -14,12 +21,18 @@ math-verify worker (first call includes its start-up); gsm8k / countdown / sudok
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
+import re
 import time
 
 from bgpo_jax import rewards
 from bgpo_jax.benchmarks import common
+from bgpo_jax.rewards.extract import answer_tag, boxed_all
+from bgpo_jax.rewards.math_reward import gsm8k_answer_text
+from bgpo_jax.rewards.sudoku import extract_grid
+from bgpo_jax.rewards.sudoku import solutions as sudoku_solutions
 
 _GOOD = "```python\ndef add_{i}(a, b):\n    return a + b\n```"
 _LOOP = "```python\ndef add_{i}(a, b):\n    while True:\n        pass\n```"
@@ -71,6 +84,91 @@ def bench_simple(task: str, n: int) -> dict:
           "per_s": n / wall}
 
 
+# ------------------------------------------------------------------------------ d1 agreement
+
+_END = re.compile(r"<\|(?:eot_id|endoftext)\|>")
+
+
+def d1_fault(row: dict) -> str | None:
+  """The category of a disagreement where d1's evaluation parser is plainly wrong, else None
+  (a disagreement we do not excuse). `row`: a graded rescore row with d1's label."""
+  text = _END.split(row["completion"])[0]
+  task, ours, d1 = row["grader"], row["correct"], row["ref_correct"]
+  if task == "math500" and ours and not d1:
+    return "equivalent answer that d1's string comparison rejects (15.975 vs \\frac{639}{40})"
+  if task == "gsm8k" and ours and not d1:
+    ans = gsm8k_answer_text(row["completion"]) or ""
+    if re.search(r"\d,\d{3}", ans):
+      return "thousands separator: d1 reads 43,500 as 43"
+    boxes = [b for b in boxed_all(text) if re.search(r"\d", b)]
+    if len(boxes) > 1 and boxes[0] != boxes[-1]:
+      return "several boxed answers: d1 takes the first"
+    if re.search(r"\\boxed\s+\{", text):
+      return "\\boxed {..} with a space or newline: d1 finds no box"
+    if "<answer>" in text and "</answer>" not in text.split("<answer>")[-1]:
+      return "answer in an unclosed <answer> tag (cut off or malformed): d1 finds none"
+  if task == "countdown" and ours and not d1 and "\\boxed" not in text:
+    return "answer without \\boxed{}: d1 parses the whole completion as the expression"
+  if task == "sudoku":
+    puzzle = row["extra"].get("puzzle", "")
+    grid = extract_grid(row["completion"])
+    if grid and grid != row["ground_truth"] and grid in sudoku_solutions(puzzle):
+      return "another valid solution of a puzzle with several: d1 compares to one"
+    first = text.split("</answer>")[0]
+    if first.count("<answer>") > 1:
+      return "<answer> opened twice: d1 reads the second tag's text as cells"
+    region = answer_tag(text)
+    if region is None and "</answer>" in text:
+      region = text.split("</answer>", 1)[1]
+    if region is not None and re.search(r"[^\d\s]", region.strip()):
+      return "non-digit characters in the answer: d1 keeps them, shifting the cells"
+  return None
+
+
+def bench_d1(path: str, examples: int = 0) -> list[dict]:
+  from bgpo_jax import rescore
+
+  rows, problems = rescore.load(path)
+  if problems:
+    print(f"{len(problems)} rows of {path} could not be read; first: {problems[:3]}")
+  rows = rescore.grade(rows)
+  rows = [r for r in rows if "ref_correct" in r and "correct" in r]
+  groups = collections.defaultdict(list)
+  for r in rows:
+    groups[(r["grader"], r.get("gen_length"))].append(r)
+  out, faults_all = [], collections.defaultdict(list)
+  for (task, length), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    partial = task == "sudoku"
+    differ = [r for r in rs if (abs(r["score"] - r["ref_score"]) > 1e-6 if partial
+                                else r["correct"] != r["ref_correct"])]
+    faults = collections.Counter()
+    for r in differ:
+      why = d1_fault(r)
+      if why:
+        faults[why] += 1
+        faults_all[why].append(r)
+    excused = sum(faults.values())
+    n = len(rs)
+    out.append({"task": task, "gen_length": length, "n": n,
+                "agree": 1 - len(differ) / n,
+                "agree_excl": 1 - (len(differ) - excused) / max(1, n - excused),
+                "d1_acc": sum(r["ref_score"] for r in rs) / n,
+                "ours_acc": sum(r["score"] for r in rs) / n,
+                "differ": len(differ), "d1_faults": excused,
+                "faults": "; ".join(f"{v} {k.split(':')[0]}" for k, v in faults.most_common())})
+  common.print_table(out, ["task", "gen_length", "n", "agree", "agree_excl", "d1_acc", "ours_acc",
+                           "differ", "d1_faults"],
+                     title="Agreement with d1's evaluation labels (sudoku: acc = mean fraction "
+                           "of empty cells; agree_excl leaves out rows where d1's parser is wrong)")
+  print("\nWhere d1's parser is plainly wrong (count over all tasks and lengths):")
+  for why, rs in sorted(faults_all.items(), key=lambda kv: -len(kv[1])):
+    print(f"  {len(rs):4d}  {why}")
+    for r in rs[:examples]:
+      tail = _END.split(r["completion"])[0][-160:].replace("\n", "\\n")
+      print(f"        ours {r['score']:.3f} d1 {r['ref_score']:.3f} truth {r['ground_truth']!r}: ...{tail}")
+  return out
+
+
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +179,14 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--simple-n", type=int, default=2000, help="rows for gsm8k/countdown/sudoku")
   ap.add_argument("--math-n", type=int, default=40, help="math500 rows (math-verify worker)")
   ap.add_argument("--out", default=None, help="write JSON records here")
+  ap.add_argument("--d1", default=None, help="JSONL of d1-labelled generations: print the "
+                  "agreement table instead of the throughput benchmark")
+  ap.add_argument("--examples", type=int, default=2, help="--d1: example rows per d1 fault")
   args = ap.parse_args(argv)
+  if args.d1:
+    rows = bench_d1(args.d1, args.examples)
+    common.write_json(args.out, rows, meta={"argv": argv, "file": args.d1})
+    return rows
   rows = []
   base = None
   for w in [int(x) for x in args.workers.split(",")]:
