@@ -108,11 +108,13 @@ def load(path: str, task: str | None = None) -> tuple[list[dict], list[str]]:
   rows, problems = [], []
   with open(path, encoding="utf-8") as f:
     text = f.read()
-  stripped = text.lstrip()
   objs: Iterable = []
-  if stripped.startswith("{") and '"generations"' in stripped[:2000] and stripped.count("\n{") == 0:
-    data = json.loads(text)
-    objs = [(i, o) for i, o in enumerate(data.get("generations", []))]
+  try:
+    whole = json.loads(text)
+  except json.JSONDecodeError:
+    whole = None
+  if isinstance(whole, dict) and isinstance(whole.get("generations"), list):  # d1's JSON
+    objs = list(enumerate(whole["generations"]))
     if hint is None:
       raise ValueError(f"{path}: a d1 generation file whose task the name does not tell; pass "
                        "the task (gsm8k, math500, countdown, sudoku)")

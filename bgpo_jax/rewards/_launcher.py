@@ -9,7 +9,13 @@ Process tree (namespace mode, the default when running as root):
 
   launcher (root, original namespaces, process-group leader, killed by the parent on timeout)
     └─ init (root, PID 1 of a new PID namespace; new mount / network / IPC / UTS namespaces)
-         └─ program (unprivileged per-run uid, rlimits, empty tmpfs cwd, stdin = /dev/null)
+         └─ program (unprivileged per-run uid, rlimits, empty tmpfs cwd, stdin = /dev/null):
+            `python -I [-S] -c BOOT prog.py FD`, the runner that reads the pass marker from
+            pipe FD, closes it, runs prog.py and writes the marker only if it returned
+
+The marker reaches the launcher through a pipe (config "marker_fd"), not its command line, and
+the interpreter's installation directories ("expose") are mounted back read-only wherever the
+private tmpfs mounts or the per-run uid would hide them (`_setup_mounts`).
 
 When init exits the kernel SIGKILLs every process left in its PID namespace, so a fork bomb or
 a daemonized grandchild can never outlive the run. The parent kills the launcher's process
