@@ -209,8 +209,10 @@ def test_environment_is_scrubbed(hostile_results):
 @needs_namespace
 def test_cannot_write_outside_sandbox(hostile_results):
   r = hostile_results["results"]["write_repo"]
-  assert "PermissionError" in r.stderr, r
-  assert not REPO_FILE.exists()
+  # A checkout under /tmp is hidden behind the run's private /tmp (no such directory there);
+  # elsewhere the sandbox uid may not write to it, or a read-only mount refuses it.
+  assert any(e in r.stderr for e in ("PermissionError", "FileNotFoundError", "Read-only")), r
+  assert not r.passed and not REPO_FILE.exists()
 
 
 @needs_namespace

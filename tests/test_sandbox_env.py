@@ -1,7 +1,6 @@
 """The sandbox wherever the interpreter lives, its self-test, and the unforgeable pass marker."""
 
 import os
-import site
 import stat
 import subprocess
 import sys
@@ -24,7 +23,8 @@ def tmp_venv():
   subprocess.run([sys.executable, "-m", "venv", "--without-pip", f"{d}/venv"], check=True,
                  capture_output=True, timeout=120)
   # The venv sees this interpreter's packages (pytest, jax...) and this checkout via PYTHONPATH.
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *site.getsitepackages()])}
+  pkgs = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *pkgs])}
   yield f"{d}/venv/bin/python", env
   subprocess.run(["rm", "-rf", d], check=False)
 
