@@ -97,8 +97,12 @@ if _basic:
     raise PermissionError("network access is disabled in the sandbox")
   for _n in ("socket", "create_connection", "create_server", "socketpair", "fromfd"):
     setattr(socket, _n, _no_network)
-import runpy
-runpy.run_path(sys.argv[0], run_name="__main__")
+with open(sys.argv[0], "rb") as _f:
+  _code = compile(_f.read(), sys.argv[0], "exec")
+_main = type(sys)("__main__")  # a fresh module (no runpy import: start-up time matters)
+_main.__file__ = sys.argv[0]
+sys.modules["__main__"] = _main
+exec(_code, _main.__dict__)
 sys.stdout.flush()
 os.write(1, _m)
 """
