@@ -25,17 +25,6 @@ def end_of_response(text: str) -> str:
   return text[:m.start()] if m else text
 
 
-def answer_blocks(text: str) -> list[str]:
-  """Contents of the closed `<answer>...</answer>` blocks, in order (a `<answer>` re-opened
-  before the close starts the block anew)."""
-  out = []
-  for close in _ANSWER_CLOSE_RE.finditer(text):
-    opens = [m for m in _ANSWER_OPEN_RE.finditer(text, 0, close.start())]
-    if opens and (not out or opens[-1].start() > out[-1][0]):
-      out.append((opens[-1].start(), text[opens[-1].end():close.start()].strip()))
-  return [c for _, c in out]
-
-
 def answer_tag(text: str) -> str | None:
   """Content of the last `<answer>...</answer>`; an unclosed last `<answer>` (generation cut
   off) yields everything after it. None when there is no answer tag."""
