@@ -294,3 +294,91 @@ def test_config_keys_validated():
   ok = c.copy_and_resolve_references()
   ok.rollout.cache, ok.rollout.threshold, ok.eval.cache, ok.eval.threshold = "dual", 0.9, "prefix", 1.0
   config_lib.validate(ok)
+
+
+# ----------------------------------------------------------------------------- rollout sampler
+
+
+def test_rollout_sampler_cached_threshold_and_inference_params():
+  from bgpo_jax import rollout
+  from bgpo_jax.tokenizer import CharTokenizer
+
+  tok = CharTokenizer()
+  cfg = llada.LLaDAConfig.preset("tiny", init_std=0.5, compute_dtype="bfloat16")
+  params = llada.init_params(cfg, jax.random.key(0))
+  settings = rollout.SamplerSettings(gen_length=8, steps=4, block_length=8, temperature=0.0,
+                                     cache="dual", threshold=0.5)
+  rs = rollout.RolloutSampler(tok, cfg, settings, group_size=2, prompt_buckets=(40,))
+  ready = rs.inference_params(params)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(ready.tree))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # masters untouched
+  assert rs.inference_params(ready) is ready and rs.weight_layout() == "local"
+  ids = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in ("2+3?", "Hi there")]
+  out = rs.sample_ids(ready, ids, jax.random.key(1))
+  again = rs.sample_ids(params, ids, jax.random.key(2))  # raw params are cast inside
+  assert rs.num_compiled == 1
+  np.testing.assert_array_equal(out.tokens, again.tokens)  # T = 0: the key does not matter
+  want = jax.jit(lambda p, t, m: sampler.generate_cached(
+      cfg, p, t, m, cache="dual", rng=jax.random.key(0), gen_length=8, steps=4, block_length=8,
+      mask_id=cfg.mask_token_id, threshold=0.5, eos_id=cfg.eos_token_id, eot_id=tok.eot_id))(
+          ready.tree, out.tokens[:, :40], out.prompt_mask)
+  np.testing.assert_array_equal(out.tokens, np.asarray(want))
+
+
+_MESH_SCRIPT = r"""
+import json, jax, numpy as np
+from bgpo_jax import rollout
+from bgpo_jax.models import llada, sharding
+from bgpo_jax.tokenizer import CharTokenizer
+tok = CharTokenizer()
+cfg = llada.LLaDAConfig.preset("tiny", init_std=0.5)
+params = llada.init_params(cfg, jax.random.key(0))
+settings = rollout.SamplerSettings(gen_length=8, steps=4, block_length=8, temperature=0.0,
+                                   cache="dual")
+ids = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in ("2+3?", "Hi", "a", "bc")]
+plain = rollout.RolloutSampler(tok, cfg, settings, group_size=2, prompt_buckets=(40,))
+want = plain.sample_ids(params, ids, jax.random.key(1)).tokens
+mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+from bgpo_jax.train import state
+sharded = jax.device_put(params, state.param_shardings(cfg, mesh))
+res = {}
+for gw in ("on", "off"):
+  rs = rollout.RolloutSampler(tok, cfg, settings, group_size=2, prompt_buckets=(40,), mesh=mesh,
+                              gather_weights=gw)
+  ready = rs.inference_params(sharded)
+  toks, mask, _ = rs.pad_prompt_ids(ids)
+  toks, mask = np.repeat(toks, 2, 0), np.repeat(mask, 2, 0)
+  toks = jax.make_array_from_process_local_data(rs._batch_sharding, toks)
+  mask = jax.make_array_from_process_local_data(rs._batch_sharding, mask)
+  with jax.set_mesh(mesh):
+    compiled = rs._generate.lower(ready.tree, toks, mask, jax.random.key(1)).compile()
+    got = compiled(ready.tree, toks, mask, jax.random.key(1))
+  hlo = compiled.as_text()
+  res[gw] = dict(layout=rs.weight_layout(), equal=bool((np.asarray(got) == want).all()),
+                 q_spec=str(ready.tree["blocks"]["q_proj"].sharding.spec),
+                 all_gathers=hlo.count("all-gather-start") + hlo.count("all-gather("))
+print("RESULT " + json.dumps(res))
+"""
+
+
+def test_mesh_gathered_inference_weights():
+  """On a (1, 4, 2) mesh of 8 CPU devices (a subprocess): with gather_weights on, the inference
+  copy is replicated over fsdp (tensor split kept) and the compiled sampler all-gathers fewer
+  arrays than from the FSDP layout; both give the single-device tokens."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+  p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stderr[-4000:]
+  res = json.loads([l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+  on, off = res["on"], res["off"]
+  assert on["layout"] == "gathered" and off["layout"] == "sharded"
+  assert "fsdp" not in on["q_spec"] and "tensor" in on["q_spec"] and "fsdp" in off["q_spec"]
+  assert on["equal"] and off["equal"]
+  assert on["all_gathers"] < off["all_gathers"], res
