@@ -152,7 +152,7 @@ def run(toks, mask, rng=None, **kw):
   if key not in _JITTED:
     _JITTED[key] = jax.jit(functools.partial(sampler.generate_cached, CFG, **kw))
   rng = jax.random.key(0) if rng is None else rng
-  return np.asarray(_JITTED[key](PARAMS, jnp.asarray(toks), jnp.asarray(mask), rng=rng))
+  return jax.tree.map(np.asarray, _JITTED[key](PARAMS, jnp.asarray(toks), jnp.asarray(mask), rng=rng))
 
 
 @pytest.mark.parametrize("cache,gen_length,block_length,steps", [
@@ -177,13 +177,13 @@ def test_cached_matches_numpy_reference(cache, gen_length, block_length, steps):
 def test_parallel_decoding_matches_numpy_reference(cache, rule, value, gen_length, block_length):
   toks, mask = prompts()
   kw = {rule: value}
-  got = run(toks, mask, cache=cache, gen_length=gen_length, steps=gen_length,
-            block_length=block_length, **kw)
+  got, nfe = run(toks, mask, cache=cache, gen_length=gen_length, steps=gen_length,
+                 block_length=block_length, return_nfe=True, **kw)
   want, calls = ref_generate(toks, mask, cache=cache, gen_length=gen_length, steps=gen_length,
                              block_length=block_length, rule=rule, value=value)
   np.testing.assert_array_equal(got, want)
   assert (got != MASK).all()
-  assert calls < gen_length  # the rule committed several positions at some step
+  assert int(nfe) == calls < gen_length  # the rule committed several positions at some step
 
 
 def test_threshold_one_is_one_position_per_step():

@@ -307,7 +307,7 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
                     threshold: float | None = None, factor: float | None = None,
                     cfg_scale: float = 0.0, eos_id: int | None = None, suppress_eos: bool = False,
                     eot_id: int | None = None, suppress_eos_confidence: bool = False,
-                    refresh_every: int = 0) -> jax.Array:
+                    refresh_every: int = 0, return_nfe: bool = False) -> jax.Array:
   """Samples responses from a LLaDA model with Fast-dLLM's KV caches and parallel decoding.
 
   Pure and traceable like `generate` (call it inside `jax.jit` with `params` an argument; every
@@ -337,9 +337,11 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
     prompt_tokens, prompt_mask: int [B, P], left padded; mask 1 = real token.
     refresh_every: 0 = refresh the cache at block starts only (Fast-dLLM); r > 0 also runs a
       full forward (commit from it, cache refreshed) at every r-th step of a block; 1 = no cache.
+    return_nfe: also return the number of model calls (int32 scalar; Fast-dLLM's "nfe").
     Others as in `generate`.
   Returns:
-    int32 [B, P + gen_length]: the prompt followed by the response (no mask left).
+    int32 [B, P + gen_length]: the prompt followed by the response (no mask left); with
+    return_nfe, (tokens, nfe).
   """
   from bgpo_jax.models import llada, llada_cache  # the sampler core stays model-agnostic
 
@@ -418,8 +420,8 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
       blk = _commit_top_k(blk, cand, conf, count, mask_id)
     return lax.dynamic_update_slice_in_dim(canvas, blk, start, axis=1)
 
-  def run_block(b, canvas: jax.Array, width: int) -> jax.Array:
-    """Decodes block b (a Python int for the prefix cache, else traced) of the canvas."""
+  def run_block(b, canvas: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """Decodes block b (a Python int for the prefix cache, else traced) -> (canvas, nfe)."""
     start = plen + b * block_length
     blk = lax.dynamic_slice_in_dim(canvas, start, block_length, axis=1)
     counts = transfer_schedule(jnp.sum(blk == mask_id, axis=1), steps_per_block)
@@ -450,16 +452,25 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
 
       if refresh_every > 1:
         body = lambda carry: (carry[0] + 1,) + step(*carry)
-        return lax.while_loop(cond, body, (jnp.int32(1), canvas, kv))[1]
-      body = lambda carry: (carry[0] + 1, step(carry[0], carry[1], kv)[0])
-      return lax.while_loop(cond, body, (jnp.int32(1), canvas))[1]
+        out = lax.while_loop(cond, body, (jnp.int32(1), canvas, kv))
+      else:
+        body = lambda carry: (carry[0] + 1, step(carry[0], carry[1], kv)[0])
+        out = lax.while_loop(cond, body, (jnp.int32(1), canvas))
+      return out[1], out[0]
+    nfe = jnp.int32(steps_per_block)
     if refresh_every > 1:
-      return lax.fori_loop(1, steps_per_block, lambda i, c: step(i, *c), (canvas, kv))[0]
+      return lax.fori_loop(1, steps_per_block, lambda i, c: step(i, *c), (canvas, kv))[0], nfe
     # The cache is a loop constant here (not carried): XLA keeps one copy.
-    return lax.fori_loop(1, steps_per_block, lambda i, c: step(i, c, kv)[0], canvas)
+    return lax.fori_loop(1, steps_per_block, lambda i, c: step(i, c, kv)[0], canvas), nfe
 
+  nfe = jnp.int32(0)
   if cache == "prefix":
     for b in range(num_blocks):  # static starts: each block's window has its own shape
-      canvas = run_block(b, canvas, seq_len - (plen + b * block_length))
-    return canvas
-  return lax.fori_loop(0, num_blocks, lambda b, c: run_block(b, c, block_length), canvas)
+      canvas, n = run_block(b, canvas, seq_len - (plen + b * block_length))
+      nfe = nfe + n
+  else:
+    def blocks(b, carry):
+      canvas, n = run_block(b, carry[0], block_length)
+      return canvas, carry[1] + n
+    canvas, nfe = lax.fori_loop(0, num_blocks, blocks, (canvas, nfe))
+  return (canvas, nfe) if return_nfe else canvas
