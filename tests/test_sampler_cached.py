@@ -382,3 +382,36 @@ def test_mesh_gathered_inference_weights():
   assert "fsdp" not in on["q_spec"] and "tensor" in on["q_spec"] and "fsdp" in off["q_spec"]
   assert on["equal"] and off["equal"]
   assert on["all_gathers"] < off["all_gathers"], res
+
+
+def test_build_rollout_sampler_wires_the_keys():
+  from bgpo_jax import tasks
+  from bgpo_jax.tokenizer import CharTokenizer
+
+  c = config_lib.base_config()
+  c.rollout.cache, c.rollout.threshold, c.rollout.suppress_eos = "prefix", 0.8, True
+  c.rollout.suppress_eos_confidence, c.rollout.gather_weights = True, "off"
+  c.eval.cache = "dual"
+  cfg = llada.LLaDAConfig.preset("tiny")
+  train = tasks.build_rollout_sampler(c, cfg, CharTokenizer(), None, "rollout")
+  ev = tasks.build_rollout_sampler(c, cfg, CharTokenizer(), None, "eval")
+  s, e = train.settings, ev.settings
+  assert (s.cache, s.threshold, s.suppress_eos, s.suppress_eos_confidence) == ("prefix", 0.8, True, True)
+  assert (e.cache, e.threshold, e.suppress_eos) == ("dual", None, True)
+  assert train.gather_weights == "off" and train.group_size == c.rl.group_size and ev.group_size == 1
+
+
+def test_compilation_cache_dir(tmp_path):
+  from bgpo_jax import tasks
+
+  c = config_lib.base_config()
+  c.compilation_cache_dir = "off"
+  assert tasks.enable_compilation_cache(c, str(tmp_path)) is None
+  before = jax.config.jax_compilation_cache_dir
+  c.compilation_cache_dir = ""
+  try:
+    assert tasks.enable_compilation_cache(c, str(tmp_path)) == str(tmp_path / "jax_cache")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+    assert (tmp_path / "jax_cache").is_dir()
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
