@@ -79,6 +79,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.remasking = "low_confidence"  # low_confidence / random
   c.rollout.cfg_scale = 0.0
   c.rollout.prompt_buckets = (64, 128, 256, 512)  # prompts are left-padded to one of these lengths
+  # KV cache of the sampler (SPEC section 4b, Fast-dLLM): none (exact LLaDA sampling) / prefix
+  # (each block's steps after the first run on the canvas from the block on, over the cached
+  # prefix K/V) / dual (only the block's positions, over the whole cache). An approximation of the
+  # sampling distribution, not of the objective (ELBO terms use the final sequence). Default none:
+  # exact, and what the demo's published numbers used; BENCHMARKS.md ("Cached sampler") has the
+  # speedups (2-core CPU, gen 256, block 32: prefix ~2x, dual ~5x) and their accuracy cost on the
+  # demo checkpoint. The paper configs (config.paper_config) roll out with prefix, as DARE's BGPO
+  # recipes do.
+  c.rollout.cache = "none"
+  # Fast-dLLM's confidence-threshold parallel decoding: at each step commit every masked block
+  # position with confidence >= threshold (and always the most confident one) until the block
+  # is done; rollout.steps then sets nothing. None = the fixed schedule of rollout.steps.
+  c.rollout.threshold = config_dict.placeholder(float)
+  # Never propose EOS (its logit -> -inf) / commit EOS and EOT candidates last (SPEC section 4
+  # options; both samplers, training and eval). Off in the paper's settings.
+  c.rollout.suppress_eos = False
+  c.rollout.suppress_eos_confidence = False
+  # Rollouts and evaluation run from a compute-dtype copy of the params made once per RL step (or
+  # eval pass). gather_weights: on an FSDP mesh that copy is also gathered once (replicated over
+  # "fsdp", tensor splits kept) instead of every layer's weights at every denoising step.
+  # auto = gather when the copy takes at most 30% of a device's memory (CPU: always); on / off.
+  c.rollout.gather_weights = "auto"
   c.rollout.batch_size = 0  # sequences per generate call; 0 = the whole rollout batch
 
   # --- RL
@@ -142,6 +164,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.temperature = 0.0
   c.eval.num_examples = 0  # 0 = the whole test split
   c.eval.batch_size = 16
+  # Evaluation sampler cache / threshold (as rollout.cache / rollout.threshold). Default none and
+  # fixed steps: the paper reports exact LLaDA sampling at temperature 0.
+  c.eval.cache = "none"
+  c.eval.threshold = config_dict.placeholder(float)
   c.eval.at_start = True  # evaluate before the first step (False: skip it, e.g. for a random init)
 
   # --- rewards
@@ -157,6 +183,11 @@ def base_config() -> ml_collections.ConfigDict:
   # published recipes; evaluation accuracy is always "fully correct" whatever these say.
   c.rewards.countdown = "d1"
   c.rewards.sudoku = "fraction"
+
+  # Persistent XLA compilation cache, so a resumed or repeated run loads its programs instead of
+  # recompiling them: "" = WORKDIR/jax_cache for the trainer (evaluation: the user cache,
+  # ~/.cache/bgpo_jax/jax_cache), "off" = none, or a directory (e.g. shared across runs).
+  c.compilation_cache_dir = ""
 
   # --- devices
   c.mesh = ml_collections.ConfigDict()
@@ -184,6 +215,10 @@ def paper_config(task: str, *, gen_length: int, train_steps: int, eval_steps: in
   c.rl.prompts_per_step = 16
   c.rl.micro_batch_per_device = 1  # memory-lean for 8B; raise it when memory allows
   c.optim.learning_rate = 5e-7
+  # Rollouts with Fast-dLLM's prefix cache (DARE's BGPO recipes do; ~2x faster sampling), exact
+  # sampling for the reported greedy evaluation.
+  c.rollout.cache = "prefix"
+  c.eval.cache = "none"
   return c
 
 
@@ -198,6 +233,8 @@ REMASKING = ("low_confidence", "random")
 TOKENIZERS = ("hf", "char")
 PRESETS = ("tiny", "small", "llada_8b")
 DTYPES = ("float32", "bfloat16")
+CACHES = ("none", "prefix", "dual")  # = diffusion.sampler.CACHES
+GATHER_WEIGHTS = ("auto", "on", "off")
 
 
 def _check_sampler(c, section: str) -> None:
@@ -219,9 +256,16 @@ def _check_sampler(c, section: str) -> None:
                       f"commit no token; use at most {s.gen_length}")
   if s.temperature < 0:
     raise ConfigError(f"{key}.temperature {s.temperature} must be >= 0 (0 = greedy)")
+  if s.cache not in CACHES:
+    raise ConfigError(f"{key}.cache {s.cache!r} is unknown; use one of {CACHES}")
+  if s.threshold is not None and not 0.0 < s.threshold <= 1.0:
+    raise ConfigError(f"{key}.threshold {s.threshold} must be in (0, 1] (Fast-dLLM uses 0.9), or "
+                      f"unset for the fixed schedule of {key}.steps")
   if section == "rollout":
     if s.remasking not in REMASKING:
       raise ConfigError(f"{key}.remasking {s.remasking!r} is unknown; use one of {REMASKING}")
+    if s.gather_weights not in GATHER_WEIGHTS:
+      raise ConfigError(f"{key}.gather_weights {s.gather_weights!r} is unknown; use one of {GATHER_WEIGHTS}")
 
 
 def validate(c, *, data_parallel_size: int | None = None) -> None:

@@ -40,6 +40,7 @@ def define_flags() -> None:
 def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = True) -> dict:
   if checkpoint:
     config.init.checkpoint = checkpoint
+  tasks_lib.enable_compilation_cache(config)
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   config_lib.validate(config, data_parallel_size=mesh_lib.data_parallel_size(mesh))
   task = tasks_lib.build_task(config, workdir=os.path.dirname(os.path.abspath(out or ".")))

@@ -109,6 +109,7 @@ class Trainer:
     config_lib.validate(config, data_parallel_size=self.dp)
     self.is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    self.compilation_cache = tasks_lib.enable_compilation_cache(config, workdir)
 
     self.task = tasks_lib.build_task(config, workdir)
     self.tokenizer = self.task.tokenizer

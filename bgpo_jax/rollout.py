@@ -40,6 +40,18 @@ class SamplerSettings:
   cfg_scale: float = 0.0
   suppress_eos: bool = False
   suppress_eos_confidence: bool = False
+  # SPEC section 4b: "none" = `sampler.generate`, "prefix" / "dual" = Fast-dLLM's KV caches;
+  # threshold = confidence-threshold parallel decoding (None = the fixed schedule of `steps`).
+  cache: str = "none"
+  threshold: float | None = None
+
+
+class InferenceParams:
+  """Params made ready for sampling by `RolloutSampler.inference_params` (compute dtype, and
+  gathered over FSDP when asked); passing one to `sample*` skips the cast."""
+
+  def __init__(self, tree: Any):
+    self.tree = tree
 
 
 @dataclasses.dataclass
@@ -111,12 +123,14 @@ class RolloutSampler:
       rows back.
     truncate_long_prompts: left-truncate prompts longer than the largest bucket instead of
       raising.
+    gather_weights: "auto" / "on" / "off": whether `inference_params` replicates the weights
+      over the mesh's "fsdp" axis (auto: when they take at most 30% of a device's memory).
   """
 
   def __init__(self, tokenizer: Any, config: llada.LLaDAConfig,
                settings: SamplerSettings = SamplerSettings(), *, group_size: int = 1,
                prompt_buckets: Sequence[int] = DEFAULT_BUCKETS, mesh: Mesh | None = None,
-               truncate_long_prompts: bool = False):
+               truncate_long_prompts: bool = False, gather_weights: str = "auto"):
     if tokenizer.mask_id != config.mask_token_id or tokenizer.eos_id != config.eos_token_id:
       raise ValueError(f"tokenizer mask/eos ids ({tokenizer.mask_id}, {tokenizer.eos_id}) differ "
                        f"from the model config's ({config.mask_token_id}, "
@@ -133,6 +147,11 @@ class RolloutSampler:
                            eos_id=config.eos_token_id, suppress_eos=s.suppress_eos,
                            eot_id=tokenizer.eot_id,
                            suppress_eos_confidence=s.suppress_eos_confidence)
+    sampler.check_cached_settings(cache=s.cache, threshold=s.threshold, factor=None)
+    if gather_weights not in ("auto", "on", "off"):
+      raise ValueError(f"gather_weights {gather_weights!r} is not one of auto / on / off")
+    self.gather_weights = gather_weights
+    self._cast = None
     self.tokenizer = tokenizer
     self.config = config
     self.settings = settings
@@ -153,6 +172,14 @@ class RolloutSampler:
                      rng: jax.Array) -> jax.Array:
     cfg, s = self.config, self.settings
 
+    if s.cache != "none" or s.threshold is not None:
+      return sampler.generate_cached(
+          cfg, params, prompt_tokens, prompt_mask, cache=s.cache, rng=rng,
+          gen_length=s.gen_length, steps=s.steps, block_length=s.block_length,
+          temperature=s.temperature, remasking=s.remasking, mask_id=cfg.mask_token_id,
+          threshold=s.threshold, cfg_scale=s.cfg_scale, eos_id=cfg.eos_token_id,
+          suppress_eos=s.suppress_eos, eot_id=self.tokenizer.eot_id,
+          suppress_eos_confidence=s.suppress_eos_confidence)
     # Hidden states from the model, the vocab head on the current block only (generate slices):
     # ~4% of an LLaDA-8B step at gen_length 256 that response-wide logits would spend.
     return sampler.generate(
@@ -163,6 +190,46 @@ class RolloutSampler:
         suppress_eos=s.suppress_eos, eot_id=self.tokenizer.eot_id,
         suppress_eos_confidence=s.suppress_eos_confidence,
         head_fn=lambda hidden: llada.lm_head(cfg, params, hidden))
+
+  # -- inference weights -------------------------------------------------------------------------
+  def weight_layout(self) -> str:
+    """"gathered" when `inference_params` replicates the weights over the "fsdp" mesh axis,
+    "sharded" when they keep the training layout (each layer gathered at each step), "local"
+    without a multi-device FSDP mesh."""
+    fsdp = self.mesh.shape.get("fsdp", 1) if self.mesh is not None else 1
+    if fsdp <= 1 or self.gather_weights == "off":
+      return "local" if fsdp <= 1 else "sharded"
+    if self.gather_weights == "on":
+      return "gathered"
+    cfg = self.config
+    tensor = self.mesh.shape.get("tensor", 1)
+    nbytes = cfg.num_params() * jnp.dtype(cfg.compute_jnp_dtype).itemsize / tensor
+    stats = jax.local_devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    return "gathered" if not limit or nbytes <= 0.3 * limit else "sharded"
+
+  def inference_params(self, params: Any) -> InferenceParams:
+    """The params as the sampler runs them: cast to the compute dtype once (not at every
+    denoising step, and never the float32 masters when computing in bfloat16) and, with
+    `weight_layout() == "gathered"`, replicated over "fsdp" once per call instead of one
+    all-gather per layer per step. Call once per RL step / eval pass; idempotent."""
+    if isinstance(params, InferenceParams):
+      return params
+    cdt = self.config.compute_jnp_dtype
+    layout = self.weight_layout()
+    if layout != "gathered" and all(x.dtype == cdt for x in jax.tree.leaves(params)):
+      return InferenceParams(params)  # nothing to do (e.g. float32 compute)
+    if self._cast is None:
+      shardings = None
+      if layout == "gathered":
+        from bgpo_jax.models import sharding as sharding_lib
+        axes = jax.tree.map(lambda a: tuple(None if n == "embed" else n for n in a),
+                            llada.param_logical_axes(self.config),
+                            is_leaf=lambda a: isinstance(a, tuple))
+        shardings = sharding_lib.logical_to_sharding(axes, self.mesh, shapes=params)
+      self._cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cdt), p),
+                           out_shardings=shardings)
+    return InferenceParams(self._cast(params))
 
   @property
   def num_compiled(self) -> int:
@@ -178,6 +245,7 @@ class RolloutSampler:
     if plen + self.settings.gen_length > self.config.max_sequence_length:
       raise ValueError(f"prompt length {plen} + gen_length {self.settings.gen_length} exceeds "
                        f"the model's max_sequence_length {self.config.max_sequence_length}")
+    params = self.inference_params(params).tree
     toks = jnp.asarray(prompt_tokens, jnp.int32)
     mask = jnp.asarray(prompt_mask, jnp.int32)
     if self.mesh is None:

@@ -210,14 +210,33 @@ def reward_kwargs(config) -> dict:
 
 def build_rollout_sampler(config, model_cfg, tokenizer, mesh, section: str) -> rollout_lib.RolloutSampler:
   """The training ("rollout") or evaluation ("eval") sampler; eval draws one response per prompt."""
-  s = config[section]
+  s, r = config[section], config.rollout
   settings = rollout_lib.SamplerSettings(
       gen_length=s.gen_length, steps=s.steps, block_length=s.block_length, temperature=s.temperature,
-      remasking=config.rollout.remasking, cfg_scale=config.rollout.cfg_scale)
+      remasking=r.remasking, cfg_scale=r.cfg_scale, suppress_eos=r.suppress_eos,
+      suppress_eos_confidence=r.suppress_eos_confidence, cache=s.cache, threshold=s.threshold)
   group = config.rl.group_size if section == "rollout" else 1
   return rollout_lib.RolloutSampler(tokenizer, model_cfg, settings, group_size=group,
-                                    prompt_buckets=tuple(config.rollout.prompt_buckets), mesh=mesh,
-                                    truncate_long_prompts=config.task.truncation == "left")
+                                    prompt_buckets=tuple(r.prompt_buckets), mesh=mesh,
+                                    truncate_long_prompts=config.task.truncation == "left",
+                                    gather_weights=r.gather_weights)
+
+
+def enable_compilation_cache(config, workdir: str | None = None) -> str | None:
+  """Turns on JAX's persistent compilation cache per config.compilation_cache_dir (config.py);
+  returns the directory (None when off). Process-wide: the first call of a process decides."""
+  d = config.compilation_cache_dir
+  if d == "off":
+    return None
+  if not d:
+    d = os.path.join(workdir, "jax_cache") if workdir else os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bgpo_jax", "jax_cache")
+  os.makedirs(d, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", d)
+  # Every program of a run is worth keeping (the sampler's and train step's take seconds; the
+  # many small ones are cheap to store).
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return d
 
 
 def rollout_and_score(sampler, task: Task, params, batch, rng, *, group_size: int, chunk: int = 0,
@@ -228,6 +247,7 @@ def rollout_and_score(sampler, task: Task, params, batch, rng, *, group_size: in
   >= 1 is not one when a format bonus or partial credit is on)."""
   ids = batch.prompt_ids
   tasks, gts, extras = batch.reward_inputs()
+  params = sampler.inference_params(params)  # once per step, shared by the chunks
   per = max(1, (chunk // group_size) if chunk else len(ids))
   parts, futures = [], []
   for c, start in enumerate(range(0, len(ids), per)):
@@ -259,6 +279,7 @@ def evaluate(sampler, task: Task, params, *, rng, num_examples: int = 0, batch_s
   mean training reward."""
   out = {}
   all_grades = []
+  params = sampler.inference_params(params)  # once per evaluation pass
   for name, ds in task.evals.items():
     n = len(ds) if not num_examples else min(num_examples, len(ds))
     grades = []

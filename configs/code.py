@@ -8,6 +8,8 @@ from bgpo_jax.config import paper_config
 
 
 def get_config():
+  # Rollouts with Fast-dLLM's prefix KV cache, exact greedy evaluation (set in paper_config:
+  # rollout.cache="prefix", eval.cache="none"; README "Fast rollouts").
   # Required: --config.task.train_file=/path/code_train.jsonl ({prompt, tests} per line).
   return paper_config("code", gen_length=512, train_steps=512, eval_steps=512, num_mc_samples=16,
                       eval_tasks="humaneval,mbpp")

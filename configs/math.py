@@ -8,5 +8,7 @@ from bgpo_jax.config import paper_config
 
 
 def get_config():
+  # Rollouts with Fast-dLLM's prefix KV cache, exact greedy evaluation (set in paper_config:
+  # rollout.cache="prefix", eval.cache="none"; README "Fast rollouts").
   return paper_config("math", gen_length=512, train_steps=256, eval_steps=512, num_mc_samples=16,
                       eval_tasks="gsm8k,math500")

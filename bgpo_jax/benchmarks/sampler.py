@@ -11,6 +11,15 @@ and the fastest run of each is kept (robust to a shared, loaded machine).
 
 On a CPU the default shrinks "small" (batch 1, 16 steps) to keep the run to a few minutes; pass
 --small-batch / --small-steps to override (the overhead ratio is per step, so it still reads).
+
+--caches: the cached samplers instead (SPEC section 4b, `sampler.generate_cached`): none / prefix
+/ dual, each on the fixed schedule and (with --threshold) with threshold decoding, at every
+--gen-lengths value, block --block-length and steps = gen_length * --steps-ratio, timed
+round-robin like the rest. Models: tiny, "small8" (d_model 512, 8 layers, 8 heads, MLP 1536,
+vocab 32000) or any preset. Columns: seconds, tokens/s, model calls (nfe), MFU (model FLOPs of
+the calls actually made), speedup over the uncached fixed-schedule sampler of the same length.
+
+  python -m bgpo_jax.benchmarks.sampler --caches [--models tiny,small8] [--gen-lengths 256,512]
 """
 
 from __future__ import annotations
@@ -123,6 +132,98 @@ def bench_model(name: str, *, batch: int, plen: int, gen_length: int, block_leng
   }
 
 
+# d_model 512, 8 layers: the issue's "small-class" model (57M parameters, 25M without embeddings).
+_EXTRA_MODELS = {"small8": ("small", dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
+                                          mlp_hidden_size=1536))}
+
+
+def _model_config(name: str) -> llada.LLaDAConfig:
+  base, over = _EXTRA_MODELS.get(name, (name, {}))
+  return llada.LLaDAConfig.preset(base, **over)
+
+
+def window_flops(config: llada.LLaDAConfig, batch: int, width: int, keys: int,
+                 block_length: int) -> float:
+  """Model FLOPs of one cached call: `width` query positions over `keys` keys (layers and
+  attention), the vocab head on one block."""
+  n = config.num_params(embeddings=False)
+  return (2.0 * n * batch * width + 4.0 * batch * width * keys * config.d_model * config.n_layers
+          + 2.0 * config.d_model * config.embedding_size * batch * block_length)
+
+
+def cached_flops(config, cache: str, batch: int, plen: int, gen_length: int, block_length: int,
+                 steps: int, nfe: int) -> float:
+  """Model FLOPs of a generate_cached call of `nfe` model calls (each block: one full forward,
+  the rest windows; the calls of a threshold run are spread evenly over the blocks)."""
+  S = plen + gen_length
+  nb = gen_length // block_length
+  per_block = nfe / nb
+  total = 0.0
+  for b in range(nb):
+    s = plen + b * block_length
+    width = {"none": S, "prefix": S - s, "dual": block_length}[cache]
+    total += window_flops(config, batch, S, S, block_length)
+    total += (per_block - 1) * window_flops(config, batch, width, S, block_length)
+  return total
+
+
+def bench_caches(name: str, *, batch: int, plen: int, gen_length: int, block_length: int,
+                 steps: int, temperature: float, threshold: float | None, repeats: int,
+                 peak: float) -> list[dict]:
+  config = _model_config(name)
+  params = llada.init_params(config, jax.random.key(0))
+  toks = jax.random.randint(jax.random.key(1), (batch, plen), 6, min(config.vocab_size, 120))
+  toks = toks.astype(jnp.int32)
+  mask = jnp.ones((batch, plen), jnp.int32).at[0, : plen // 4].set(0)  # one left-padded row
+  runs = [(c, None) for c in sampler.CACHES]
+  if threshold is not None:
+    runs += [(c, threshold) for c in sampler.CACHES]
+
+  def make(cache, thr):
+    @jax.jit
+    def gen(params, toks, mask, rng):
+      return sampler.generate_cached(config, params, toks, mask, cache=cache, rng=rng,
+                                     gen_length=gen_length, steps=steps,
+                                     block_length=block_length, temperature=temperature,
+                                     mask_id=config.mask_token_id, threshold=thr,
+                                     return_nfe=True)
+    return gen
+
+  args = (params, toks, mask, jax.random.key(2))
+  fns = [make(c, t) for c, t in runs]
+  timed = _interleaved([(f, args) for f in fns], repeats)
+  nfes = [int(f(*args)[1]) for f in fns]
+  base = timed[0]["step_s"]
+  rows = []
+  for (cache, thr), rec, nfe in zip(runs, timed, nfes):
+    flops = cached_flops(config, cache, batch, plen, gen_length, block_length, steps, nfe)
+    rows.append({
+        "model": name, "params_M": config.num_params() / 1e6, "batch": batch, "prompt": plen,
+        "gen": gen_length, "block": block_length, "steps": steps, "cache": cache,
+        "threshold": "-" if thr is None else thr, "nfe": nfe, "gen_s": rec["step_s"],
+        "tok/s": batch * gen_length / rec["step_s"], "MFU_%": 100.0 * flops / rec["step_s"] / peak,
+        "speedup": base / rec["step_s"], "compile_s": rec["compile_s"],
+    })
+  return rows
+
+
+def main_caches(args, peak: float) -> list[dict]:
+  rows = []
+  for name in args.models.split(","):
+    for gen_length in (int(g) for g in args.gen_lengths.split(",")):
+      steps = max(gen_length // args.block_length, int(gen_length * args.steps_ratio))
+      rows += bench_caches(name, batch=args.batch, plen=args.prompt_len, gen_length=gen_length,
+                           block_length=args.block_length, steps=steps,
+                           temperature=args.temperature, threshold=args.threshold,
+                           repeats=args.repeats, peak=peak)
+  common.print_table(rows, ["model", "params_M", "batch", "prompt", "gen", "block", "steps",
+                            "cache", "threshold", "nfe", "gen_s", "tok/s", "MFU_%", "speedup",
+                            "compile_s"],
+                     title=f"cached sampler ({common.device_description()}; fp32 matmul peak "
+                           f"{peak / 1e9:.1f} GFLOP/s)")
+  return rows
+
+
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--models", default="tiny,small")
@@ -136,10 +237,20 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--small-batch", type=int, default=None, help="default: 1 on CPU, else --batch")
   ap.add_argument("--small-steps", type=int, default=None, help="default: 16 on CPU, else --steps")
   ap.add_argument("--out", default=None)
+  ap.add_argument("--caches", action="store_true", help="benchmark none / prefix / dual caches")
+  ap.add_argument("--gen-lengths", default="256,512", help="--caches: response lengths")
+  ap.add_argument("--steps-ratio", type=float, default=0.5, help="--caches: steps / gen_length")
+  ap.add_argument("--threshold", type=float, default=None,
+                  help="--caches: also time threshold decoding at this threshold")
   args = ap.parse_args(argv)
 
   on_cpu = jax.devices()[0].platform == "cpu"
   peak = common.matmul_peak_flops(jnp.float32)
+  if args.caches:
+    rows = main_caches(args, peak)
+    common.write_json(args.out, rows, meta={"device": common.device_description(),
+                                            "peak_flops": peak, "args": vars(args)})
+    return rows
   rows = []
   for name in args.models.split(","):
     batch, steps, repeats = args.batch, args.steps, args.repeats
