@@ -17,7 +17,8 @@ import numpy as np
 
 from bgpo_jax import rewards as rewards_lib
 from bgpo_jax import rollout as rollout_lib
-from bgpo_jax.data import ConcatSource, TaskDataset, demo_examples, solve_countdown
+from bgpo_jax.data import ConcatSource, TaskDataset, demo_examples, eval_batches, solve_countdown
+from bgpo_jax.data import records as records_lib
 from bgpo_jax.models import llada
 from bgpo_jax.tokenizer import CharTokenizer, load_tokenizer
 
@@ -29,15 +30,47 @@ TRAIN_TASKS = {
     "sudoku": (["sudoku"], ["sudoku"]),
     "code": (["code"], ["humaneval", "mbpp"]),
 }
+# Eval set names that read another data task's test split (MATH500 is the "math" task's test
+# split: test_math500*.parquet, see data.records._STEMS).
+EVAL_DATA_TASK = {"math500": "math"}
 
 
 # ------------------------------------------------------------------------------------ tokenizer
 
 
-def build_tokenizer(config):
+def _run_record(config):
+  """(run.json record, workdir) when config.init.checkpoint is a run of this trainer, else None."""
+  from bgpo_jax import checkpoint as ckpt_lib
+  path = config.init.checkpoint
+  if not path or os.path.exists(os.path.join(path, "config.json")):
+    return None  # a Hugging Face directory holds its own tokenizer and config
+  return ckpt_lib.find_run_record(path)
+
+
+def tokenizer_source(config) -> tuple[str, str]:
+  """(kind, directory) of the run's tokenizer: config.tokenizer.path, else the tokenizer a
+  trainer workdir recorded (WORKDIR/tokenizer, when init.checkpoint is a run), else
+  init.checkpoint itself (a Hugging Face directory)."""
   if config.tokenizer.kind == "char":
+    return "char", ""
+  if config.tokenizer.path:
+    return "hf", config.tokenizer.path
+  found = _run_record(config)
+  if found is not None:
+    record, workdir = found
+    tok = record.get("tokenizer", {})
+    if tok.get("kind") == "char":
+      return "char", ""
+    if tok.get("path"):
+      return "hf", os.path.join(workdir, tok["path"])
+  return "hf", config.init.checkpoint
+
+
+def build_tokenizer(config):
+  kind, path = tokenizer_source(config)
+  if kind == "char":
     return CharTokenizer()
-  return load_tokenizer(config.tokenizer.path or config.init.checkpoint)
+  return load_tokenizer(path)
 
 
 # ------------------------------------------------------------------------------------ model
@@ -66,7 +99,12 @@ def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
             if m[k] is not None}
     if "n_heads" in arch and "n_kv_heads" not in arch:
       arch["n_kv_heads"] = arch["n_heads"]
-    model_cfg = llada.LLaDAConfig.preset(m.preset, **arch, **knobs)
+    found = _run_record(config) if path else None
+    if found is not None and found[0].get("model"):
+      # A run of this trainer: its architecture as recorded (e.g. trained from an HF checkpoint).
+      model_cfg = dataclasses.replace(llada.LLaDAConfig.from_hf(found[0]["model"]), **knobs)
+    else:
+      model_cfg = llada.LLaDAConfig.preset(m.preset, **arch, **knobs)
     params = None
     if path:
       abstract = state_lib.param_shardings(model_cfg, mesh)
@@ -177,7 +215,11 @@ def build_task(config, workdir: str | None = None) -> Task:
 
     srcs = [source(n, "train") for n in train_names]
     train_src = srcs[0] if len(srcs) == 1 else ConcatSource(srcs)
-    eval_srcs = {n: source(n, "test") for n in eval_names}
+    unknown = [n for n in eval_names if EVAL_DATA_TASK.get(n, n) not in records_lib.TASKS or n == "code"]
+    if unknown:
+      raise ValueError(f"config.task.eval_tasks names unknown eval sets {unknown}; use some of "
+                       f"{sorted(set(records_lib.TASKS) - {'code'} | set(EVAL_DATA_TASK))}")
+    eval_srcs = {n: source(EVAL_DATA_TASK.get(n, n), "test") for n in eval_names}
   train = TaskDataset(train_src, tokenizer, batch_size=config.rl.prompts_per_step, seed=config.seed,
                       shuffle=True, **common)
   sft = None
@@ -233,29 +275,38 @@ def rollout_and_score(sampler, task: Task, params, batch, rng, *, group_size: in
 
 def evaluate(sampler, task: Task, params, *, rng, num_examples: int = 0, batch_size: int = 16,
              records: list | None = None, progress: bool = False) -> dict:
-  """Greedy (eval settings) accuracy per eval set. Appends one dict per example to `records`."""
+  """Greedy (eval settings) accuracy per eval set. Appends one dict per example to `records`.
+
+  Any split size on any mesh: every generate call gets `batch_size` rows (data.eval_batches pads
+  the last batch by repeating a row) and padding rows are dropped before scoring, so batch_size
+  only has to divide over the mesh's batch shards (config.validate checks it).
+  """
   out = {}
   all_scores = []
   for name, ds in task.evals.items():
     n = len(ds) if not num_examples else min(num_examples, len(ds))
     scores = []
-    for start in range(0, n, batch_size):
-      exs = [ds.example(i) for i in range(start, min(start + batch_size, n))]
+    for rows, valid in eval_batches(n, batch_size):
+      start = int(rows[0])
+      exs = ds.examples_at(rows)
       ids = [ds.prompt_ids(ex) for ex in exs]
       r = sampler.sample_ids(params, ids, jax.random.fold_in(rng, start))
+      keep = np.flatnonzero(valid)
+      exs, completions = [exs[k] for k in keep], [r.completions[k] for k in keep]
       tasks, gts, extras = _reward_inputs(exs)
-      s = rewards_lib.score_batch(tasks, r.completions, gts, extras, **task.reward_kwargs)
+      s = rewards_lib.score_batch(tasks, completions, gts, extras, **task.reward_kwargs)
       scores += s
       if records is not None:
-        for ex, comp, sc in zip(exs, r.completions, s):
+        for ex, comp, sc in zip(exs, completions, s):
           records.append({"task": name, "index": ex.get("index"), "prompt": ex["messages"],
                           "completion": comp, "reward": sc, "ground_truth": ex["ground_truth"]})
       if progress:
-        print(f"  eval {name}: {min(start + batch_size, n)}/{n} accuracy so far "
+        print(f"  eval {name}: {len(scores)}/{n} accuracy so far "
               f"{np.mean(np.asarray(scores) >= 1.0):.3f}", flush=True)
     scores = np.asarray(scores, np.float32)
     out[f"eval/{name}/accuracy"] = float((scores >= 1.0).mean())
     out[f"eval/{name}/reward_mean"] = float(scores.mean())
+    out[f"eval/{name}/num_examples"] = float(scores.size)
     all_scores.append(scores)
   scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
   out["eval/accuracy"] = float((scores >= 1.0).mean()) if scores.size else 0.0
