@@ -281,7 +281,10 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   if c.eval.num_examples < 0:
     raise ConfigError(f"config.eval.num_examples {c.eval.num_examples} must be >= 0 (0 = the whole split)")
   if data_parallel_size:
+    sft_runs = c.mode == "sft" or c.sft.steps > 0
     for key, n in (("rl.prompts_per_step x rl.group_size", rows), ("sft.batch_size", c.sft.batch_size)):
+      if key.startswith("sft") and not sft_runs:
+        continue  # no SFT phase: its batch is never built
       if n % data_parallel_size:
         raise ConfigError(f"config.{key} = {n} is not divisible by the data-parallel size "
                           f"{data_parallel_size} (mesh data x fsdp); change the batch or config.mesh.shape")
@@ -295,6 +298,8 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
                           f"{dp} such as {-(-n // dp) * dp}")
     for key, per_dev, n in (("rl.micro_batch_per_device", rl.micro_batch_per_device, rows),
                             ("sft.micro_batch_per_device", c.sft.micro_batch_per_device, c.sft.batch_size)):
+      if key.startswith("sft") and not sft_runs:
+        continue
       if per_dev < 0:
         raise ConfigError(f"config.{key} {per_dev} must be >= 0 (0 = whole batch)")
       micro = micro_batch_rows(per_dev, n, data_parallel_size)
