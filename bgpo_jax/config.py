@@ -195,6 +195,8 @@ REMASKING = ("low_confidence", "random")
 TOKENIZERS = ("hf", "char")
 PRESETS = ("tiny", "small", "llada_8b")
 DTYPES = ("float32", "bfloat16")
+# Test splits task.eval_tasks can name (math500 = the math task's test_math500 files).
+EVAL_SETS = ("gsm8k", "math", "math500", "countdown", "sudoku", "humaneval", "mbpp")
 
 
 def _check_sampler(c, section: str) -> None:
@@ -326,5 +328,9 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
                       "train_*/test_* parquet or JSONL files (or use configs/demo.py, which needs none)")
   if c.task.name == "demo" and c.task.demo_task not in ("countdown", "sudoku"):
     raise ConfigError(f"config.task.demo_task {c.task.demo_task!r} is unknown; use countdown or sudoku")
+  bad_evals = [n.strip() for n in c.task.eval_tasks.split(",") if n.strip() and n.strip() not in EVAL_SETS]
+  if bad_evals and c.task.name != "demo":
+    raise ConfigError(f"config.task.eval_tasks {c.task.eval_tasks!r} names unknown test sets {bad_evals}; "
+                      f"use a comma-separated list of {EVAL_SETS}")
   if c.task.truncation not in ("left", "drop"):
     raise ConfigError(f"config.task.truncation {c.task.truncation!r} is unknown; use left or drop")

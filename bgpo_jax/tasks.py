@@ -213,12 +213,12 @@ def build_task(config, workdir: str | None = None) -> Task:
                         stats.get("examples", [])[:3])
       return src
 
-    srcs = [source(n, "train") for n in train_names]
-    train_src = srcs[0] if len(srcs) == 1 else ConcatSource(srcs)
     unknown = [n for n in eval_names if EVAL_DATA_TASK.get(n, n) not in records_lib.TASKS or n == "code"]
     if unknown:
       raise ValueError(f"config.task.eval_tasks names unknown eval sets {unknown}; use some of "
                        f"{sorted(set(records_lib.TASKS) - {'code'} | set(EVAL_DATA_TASK))}")
+    srcs = [source(n, "train") for n in train_names]
+    train_src = srcs[0] if len(srcs) == 1 else ConcatSource(srcs)
     eval_srcs = {n: source(EVAL_DATA_TASK.get(n, n), "test") for n in eval_names}
   train = TaskDataset(train_src, tokenizer, batch_size=config.rl.prompts_per_step, seed=config.seed,
                       shuffle=True, **common)

@@ -146,3 +146,15 @@ def test_validation_names_every_batch_divisibility_constraint(key, value, dp, me
   setattr(c[section], k, value)
   with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
     config_lib.validate(c, data_parallel_size=dp)
+
+
+def test_validation_rejects_an_unknown_eval_set(tmp_path):
+  from bgpo_jax import config as config_lib
+  c = _config("math")
+  c.task.data_dir = str(tmp_path)
+  c.tokenizer.path = str(tmp_path)
+  config_lib.validate(c, data_parallel_size=8)  # gsm8k,math500 are known
+  c.task.eval_tasks = "gsm8k,math5000"
+  with pytest.raises(config_lib.ConfigError, match=r"config.task.eval_tasks 'gsm8k,math5000' names unknown "
+                                                   r"test sets \['math5000'\]"):
+    config_lib.validate(c, data_parallel_size=8)
