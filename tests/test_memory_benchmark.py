@@ -106,16 +106,18 @@ def test_plan_a_task_config_cli(tmp_path):
   out = tmp_path / "plan.json"
   p = subprocess.run([sys.executable, "-m", "bgpo_jax.benchmarks.memory", "--plan-8b",
                       "--config=configs/sudoku.py", "--devices", "4", "--plan-n-layers", "2",
-                      "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+                      "--config.rl.num_mc_samples=8", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-2000:]
   recs = json.loads(out.read_text())
   assert [r["what"] for r in recs] == ["train_step", "sampler"]
   for r in recs:
-    assert r["config"] == "configs/sudoku.py" and r["devices"] == 4 and r["mesh"] == [1, 4, 1]
+    assert r["config"] == "configs/sudoku.py --config.rl.num_mc_samples=8"
+    assert r["devices"] == 4 and r["mesh"] == [1, 4, 1]
     assert r["n_layers"] == 2 and r["total_bytes"] > 0 and "H100" not in r
   step, sampler = recs
-  # The config's settings: 16 prompts x G 8, n 32, 256-token responses after a 512 bucket.
-  assert step["rows"] == 128 and step["n"] == 32 and step["prompt_len"] + step["gen_length"] == 768
+  # The config's settings (n overridden as on the trainer's command line): 16 prompts x G 8,
+  # 256-token responses after a 512 bucket.
+  assert step["rows"] == 128 and step["n"] == 8 and step["prompt_len"] + step["gen_length"] == 768
   assert step["micro_batch_rows"] == 4  # rl.micro_batch_per_device 1 x 4 devices
   # FSDP: float32 params + both AdamW moments, a quarter of them per device (plus the batch).
   state = 3 * 4 * step["params"] / 4

@@ -32,7 +32,8 @@ objective's steps are timed (tiny: 12 MB each; small: 1.6 GB each).
 (1, 8, 1) mesh (8-way FSDP); per-device argument / output / temp / total vs an H100 (80 GB) and a
 TPU v5p chip (95 GB).
 
---plan-8b --config=configs/math.py [--devices N]: plans what that task config would run on N
+--plan-8b --config=configs/math.py [--devices N] [--config.k=v ...]: plans what that task config
+(with the trainer's command-line overrides) would run on N
 devices (default 8): LLaDA-8B with the config's mesh, precision, remat, rollout batch, n,
 micro-batch, prompt bucket and lengths; compiles its train step (built by the trainer's own
 Trainer._step_config) and its rollout sampler (tasks.build_rollout_sampler) ahead of time on N
@@ -457,7 +458,8 @@ def _plan_worker(spec: dict) -> None:
   if "config_path" in spec:
     if jax.device_count() != spec["devices"]:
       raise SystemExit(f"plan worker sees {jax.device_count()} devices, expected {spec['devices']}")
-    plan_config_records(load_config_file(spec["config_path"]), spec["config_path"], emit=emit,
+    name = " ".join([spec["config_path"], *spec.get("overrides", [])])
+    plan_config_records(load_config_file(spec["config_path"], spec.get("overrides", [])), name, emit=emit,
                         n_layers=spec.get("n_layers"))
     return
   plan_records([tuple(v) for v in spec.pop("variants")], emit=emit, **spec)
@@ -534,15 +536,24 @@ def print_plan(records: list[dict], args) -> None:
 # ------------------------------------------------------------------------------ plan a config
 
 
-def load_config_file(path: str):
-  """get_config() of a config file (configs/*.py), as `--config=FILE` would load it."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f"_plan_config_{abs(hash(path))}", path)
-  if spec is None or spec.loader is None:
-    raise FileNotFoundError(f"cannot load config file {path!r}")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+def load_config_file(path: str, overrides: Sequence[str] = ()):
+  """A config file (configs/*.py) with `--config.k=v` overrides, parsed by ml_collections'
+  config_flags exactly as `python -m bgpo_jax.main --config=FILE --config.k=v` parses them."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    raise ValueError(f"overrides {bad} must look like --config.rl.num_mc_samples=8")
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True)
+  argv = ["plan", f"--config={path}", *overrides]
+  saved, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv
+  try:
+    fv(argv)
+  finally:
+    sys.argv = saved
+  return fv.config
 
 
 def plan_prompt_len(config) -> int:
@@ -647,14 +658,15 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
 
 
 def run_config_plan_subprocess(config_path: str, devices: int, timeout_s: float = 3600,
-                               n_layers: int | None = None) -> tuple[list[dict], int, str]:
+                               n_layers: int | None = None, overrides: Sequence[str] = ()
+                               ) -> tuple[list[dict], int, str]:
   """plan_config_records for one config file in a subprocess with `devices` fake CPU devices."""
   env = dict(os.environ)
   flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                    if not f.startswith("--xla_force_host_platform_device_count"))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
   env["JAX_PLATFORMS"] = "cpu"
-  spec = {"config_path": config_path, "devices": devices, "n_layers": n_layers}
+  spec = {"config_path": config_path, "devices": devices, "n_layers": n_layers, "overrides": list(overrides)}
   proc = subprocess.run([sys.executable, "-m", "bgpo_jax.benchmarks.memory", "--plan-worker", json.dumps(spec)],
                         env=env, capture_output=True, text=True, timeout=timeout_s)
   records = [json.loads(line[len("RECORD "):]) for line in proc.stdout.splitlines()
@@ -662,11 +674,13 @@ def run_config_plan_subprocess(config_path: str, devices: int, timeout_s: float 
   return records, proc.returncode, proc.stderr[-2000:]
 
 
-def plan_configs(paths: Sequence[str], devices: int, n_layers: int | None = None) -> list[dict]:
-  """--plan-8b --config=FILE[,FILE...]: the records of every config, one subprocess each."""
+def plan_configs(paths: Sequence[str], devices: int, n_layers: int | None = None,
+                 overrides: Sequence[str] = ()) -> list[dict]:
+  """--plan-8b --config=FILE[,FILE...] [--config.k=v ...]: the records of every config, one
+  subprocess each (the overrides apply to every config)."""
   records = []
   for path in paths:
-    recs, rc, err = run_config_plan_subprocess(path, devices, n_layers=n_layers)
+    recs, rc, err = run_config_plan_subprocess(path, devices, n_layers=n_layers, overrides=overrides)
     if rc != 0:
       raise RuntimeError(f"planning {path} on {devices} devices failed ({rc}):\n{err}")
     records += recs
@@ -733,7 +747,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--fit-bytes-limit", type=float, default=None,
                   help="override the device's bytes_limit (to test the search on a CPU)")
   ap.add_argument("--plan-worker", default=None, help=argparse.SUPPRESS)
-  args = ap.parse_args(argv)
+  args, rest = ap.parse_known_args(argv)
+  args.config_overrides = [a for a in rest if a.startswith("--config.")]
+  if len(args.config_overrides) != len(rest):
+    ap.error(f"unrecognized arguments: {' '.join(a for a in rest if not a.startswith('--config.'))}")
+  if args.config_overrides and not (args.plan_8b and args.config):
+    ap.error("--config.k=v overrides need --plan-8b --config=FILE")
   if args.plan_layers and len(args.plan_layers) != 2:
     ap.error(f"--plan-layers {args.plan_layers} needs two layer counts, e.g. 4,8")
   for obj in args.objectives:
@@ -750,7 +769,8 @@ def main(argv=None) -> list[dict]:
   t0 = time.time()
   meta: dict = {"device": common.device_description(), "args": vars(args), "loadavg_start": os.getloadavg()}
   if args.plan_8b and args.config:
-    records = plan_configs([p for p in args.config.split(",") if p], args.devices, args.plan_n_layers)
+    records = plan_configs([p for p in args.config.split(",") if p], args.devices, args.plan_n_layers,
+                           args.config_overrides)
     print_config_plan(records)
   elif args.plan_8b:
     records = plan_8b(args)
