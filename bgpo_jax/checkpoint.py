@@ -8,6 +8,7 @@ Kept: the last `keep` checkpoints plus the best one by `best_metric` (when evalu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -110,3 +111,49 @@ def is_orbax_checkpoint(path: str) -> bool:
     return True
   except FileNotFoundError:
     return False
+
+
+# ------------------------------------------------------------------------------ run record
+# WORKDIR/run.json and WORKDIR/tokenizer/: what evaluating or continuing from the workdir needs
+# besides the weights (the checkpoints hold params only): the model architecture as a Hugging
+# Face config dict and a copy of the tokenizer files (or "char").
+RUN_RECORD = "run.json"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def write_run_record(workdir: str, *, model_hf: dict, tokenizer_kind: str, tokenizer_path: str = "") -> dict:
+  """Writes run.json (and copies the tokenizer files into WORKDIR/tokenizer/); returns the record.
+
+  Process 0 only (the caller decides). Works on any etils path (local or gs://)."""
+  from etils import epath
+
+  root = epath.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  tok = {"kind": tokenizer_kind, "source": tokenizer_path}
+  if tokenizer_kind == "hf":
+    dst = root / TOKENIZER_DIR
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+      src = epath.Path(tokenizer_path) / name
+      if src.exists():
+        (dst / name).write_bytes(src.read_bytes())
+    tok["path"] = TOKENIZER_DIR  # relative: the workdir stays valid when moved or copied
+  record = {"model": model_hf, "tokenizer": tok}
+  (root / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+  return record
+
+
+def find_run_record(path: str) -> tuple[dict, str] | None:
+  """(run.json's record, its workdir) for a workdir, its checkpoints/ folder or one step of it;
+  None when `path` is not inside a run of this trainer (e.g. a Hugging Face directory)."""
+  if not path or "://" in path:
+    return None
+  d = os.path.abspath(path)
+  for _ in range(4):  # workdir / checkpoints / <step> / state
+    f = os.path.join(d, RUN_RECORD)
+    if os.path.isfile(f):
+      with open(f) as fh:
+        return json.load(fh), d
+    d = os.path.dirname(d)
+  return None

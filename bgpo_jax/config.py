@@ -163,6 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.block_length = 32
   c.eval.temperature = 0.0
   c.eval.num_examples = 0  # 0 = the whole test split
+  # Global prompts per eval generate call: a multiple of the data-parallel size (mesh data x fsdp).
+  # Any split size works: the last batch is padded to eval.batch_size and the padding not scored.
   c.eval.batch_size = 16
   # Evaluation sampler cache / threshold (as rollout.cache / rollout.threshold). Default none and
   # fixed steps: the paper reports exact LLaDA sampling at temperature 0.
@@ -214,6 +216,12 @@ def paper_config(task: str, *, gen_length: int, train_steps: int, eval_steps: in
   c.rl.group_size = 8
   c.rl.prompts_per_step = 16
   c.rl.micro_batch_per_device = 1  # memory-lean for 8B; raise it when memory allows
+  # Pure FSDP over every device: LLaDA-8B's float32 weights, AdamW moments and gradient
+  # accumulator (~128 GB) do not fit one 80 GB device, sharded 8 ways they take ~22 GB per device
+  # (`python -m bgpo_jax.benchmarks.memory --plan-8b --config=configs/math.py`, BENCHMARKS.md).
+  # Any device count dividing the 128-row batch works; add data parallelism (e.g. (2, 8, 1) on 16
+  # devices) only where the FSDP all-gathers get too slow.
+  c.mesh.shape = (1, -1, 1)
   c.optim.learning_rate = 5e-7
   # Rollouts with Fast-dLLM's prefix cache (DARE's BGPO recipes do; ~2x faster sampling), exact
   # sampling for the reported greedy evaluation.
@@ -235,6 +243,8 @@ PRESETS = ("tiny", "small", "llada_8b")
 DTYPES = ("float32", "bfloat16")
 CACHES = ("none", "prefix", "dual")  # = diffusion.sampler.CACHES
 GATHER_WEIGHTS = ("auto", "on", "off")
+# Test splits task.eval_tasks can name (math500 = the math task's test_math500 files).
+EVAL_SETS = ("gsm8k", "math", "math500", "countdown", "sudoku", "humaneval", "mbpp")
 
 
 def _check_sampler(c, section: str) -> None:
@@ -318,13 +328,35 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   if c.rollout.batch_size and rows % c.rollout.batch_size:
     raise ConfigError(f"config.rollout.batch_size {c.rollout.batch_size} must divide the rollout batch "
                       f"{rows} (rl.prompts_per_step {rl.prompts_per_step} x rl.group_size {rl.group_size})")
+  if c.rollout.batch_size and c.rollout.batch_size % rl.group_size:
+    # A chunk holds whole prompt groups (its G responses come from one generate call).
+    raise ConfigError(f"config.rollout.batch_size {c.rollout.batch_size} is not a multiple of "
+                      f"config.rl.group_size {rl.group_size}; use a multiple such as "
+                      f"{max(1, c.rollout.batch_size // rl.group_size) * rl.group_size}")
+  if c.eval.batch_size < 1:
+    raise ConfigError(f"config.eval.batch_size {c.eval.batch_size} must be >= 1")
+  if c.eval.num_examples < 0:
+    raise ConfigError(f"config.eval.num_examples {c.eval.num_examples} must be >= 0 (0 = the whole split)")
   if data_parallel_size:
+    sft_runs = c.mode == "sft" or c.sft.steps > 0
     for key, n in (("rl.prompts_per_step x rl.group_size", rows), ("sft.batch_size", c.sft.batch_size)):
+      if key.startswith("sft") and not sft_runs:
+        continue  # no SFT phase: its batch is never built
       if n % data_parallel_size:
         raise ConfigError(f"config.{key} = {n} is not divisible by the data-parallel size "
                           f"{data_parallel_size} (mesh data x fsdp); change the batch or config.mesh.shape")
+    # Every generate call's rows split over the batch shards: the rollout chunks and the eval
+    # batches (eval pads the split's last batch to eval.batch_size, so any split size works).
+    dp = data_parallel_size
+    for key, n in (("rollout.batch_size", c.rollout.batch_size), ("eval.batch_size", c.eval.batch_size)):
+      if n and n % dp:
+        raise ConfigError(f"config.{key} {n} is not divisible by the data-parallel size {dp} (mesh data x "
+                          f"fsdp): each generate call splits its rows over the devices; use a multiple of "
+                          f"{dp} such as {-(-n // dp) * dp}")
     for key, per_dev, n in (("rl.micro_batch_per_device", rl.micro_batch_per_device, rows),
                             ("sft.micro_batch_per_device", c.sft.micro_batch_per_device, c.sft.batch_size)):
+      if key.startswith("sft") and not sft_runs:
+        continue
       if per_dev < 0:
         raise ConfigError(f"config.{key} {per_dev} must be >= 0 (0 = whole batch)")
       micro = micro_batch_rows(per_dev, n, data_parallel_size)
@@ -362,5 +394,9 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
       raise ConfigError(f"config.rewards.{key} {c.rewards[key]} must be positive")
   if c.rl.format_reward < 0:
     raise ConfigError(f"config.rl.format_reward {c.rl.format_reward} must be >= 0 (0 = off)")
+  bad_evals = [n.strip() for n in c.task.eval_tasks.split(",") if n.strip() and n.strip() not in EVAL_SETS]
+  if bad_evals and c.task.name != "demo":
+    raise ConfigError(f"config.task.eval_tasks {c.task.eval_tasks!r} names unknown test sets {bad_evals}; "
+                      f"use a comma-separated list of {EVAL_SETS}")
   if c.task.truncation not in ("left", "drop"):
     raise ConfigError(f"config.task.truncation {c.task.truncation!r} is unknown; use left or drop")

@@ -114,6 +114,11 @@ class Trainer:
     self.task = tasks_lib.build_task(config, workdir)
     self.tokenizer = self.task.tokenizer
     self.model_cfg, init_params = tasks_lib.build_model(config, self.tokenizer, self.mesh)
+    if self.is_main:
+      # What `bgpo_jax.evaluate --checkpoint=WORKDIR` needs besides the weights.
+      kind, tok_path = tasks_lib.tokenizer_source(config)
+      ckpt_lib.write_run_record(workdir, model_hf=self.model_cfg.to_hf_dict(), tokenizer_kind=kind,
+                                tokenizer_path=tok_path)
     self.rng = jax.random.key(config.seed)
 
     # One optimizer for the whole run; SFT warm-up and RL phases share the step counter.

@@ -18,7 +18,8 @@ import numpy as np
 
 from bgpo_jax import rewards as rewards_lib
 from bgpo_jax import rollout as rollout_lib
-from bgpo_jax.data import ConcatSource, TaskDataset, demo_examples, solve_countdown
+from bgpo_jax.data import ConcatSource, TaskDataset, demo_examples, eval_batches, solve_countdown
+from bgpo_jax.data import records as records_lib
 from bgpo_jax.models import llada
 from bgpo_jax.tokenizer import CharTokenizer, load_tokenizer
 
@@ -30,15 +31,47 @@ TRAIN_TASKS = {
     "sudoku": (["sudoku"], ["sudoku"]),
     "code": (["code"], ["humaneval", "mbpp"]),
 }
+# Eval set names that read another data task's test split (MATH500 is the "math" task's test
+# split: test_math500*.parquet, see data.records._STEMS).
+EVAL_DATA_TASK = {"math500": "math"}
 
 
 # ------------------------------------------------------------------------------------ tokenizer
 
 
-def build_tokenizer(config):
+def _run_record(config):
+  """(run.json record, workdir) when config.init.checkpoint is a run of this trainer, else None."""
+  from bgpo_jax import checkpoint as ckpt_lib
+  path = config.init.checkpoint
+  if not path or os.path.exists(os.path.join(path, "config.json")):
+    return None  # a Hugging Face directory holds its own tokenizer and config
+  return ckpt_lib.find_run_record(path)
+
+
+def tokenizer_source(config) -> tuple[str, str]:
+  """(kind, directory) of the run's tokenizer: config.tokenizer.path, else the tokenizer a
+  trainer workdir recorded (WORKDIR/tokenizer, when init.checkpoint is a run), else
+  init.checkpoint itself (a Hugging Face directory)."""
   if config.tokenizer.kind == "char":
+    return "char", ""
+  if config.tokenizer.path:
+    return "hf", config.tokenizer.path
+  found = _run_record(config)
+  if found is not None:
+    record, workdir = found
+    tok = record.get("tokenizer", {})
+    if tok.get("kind") == "char":
+      return "char", ""
+    if tok.get("path"):
+      return "hf", os.path.join(workdir, tok["path"])
+  return "hf", config.init.checkpoint
+
+
+def build_tokenizer(config):
+  kind, path = tokenizer_source(config)
+  if kind == "char":
     return CharTokenizer()
-  return load_tokenizer(config.tokenizer.path or config.init.checkpoint)
+  return load_tokenizer(path)
 
 
 # ------------------------------------------------------------------------------------ model
@@ -67,7 +100,12 @@ def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
             if m[k] is not None}
     if "n_heads" in arch and "n_kv_heads" not in arch:
       arch["n_kv_heads"] = arch["n_heads"]
-    model_cfg = llada.LLaDAConfig.preset(m.preset, **arch, **knobs)
+    found = _run_record(config) if path else None
+    if found is not None and found[0].get("model"):
+      # A run of this trainer: its architecture as recorded (e.g. trained from an HF checkpoint).
+      model_cfg = dataclasses.replace(llada.LLaDAConfig.from_hf(found[0]["model"]), **knobs)
+    else:
+      model_cfg = llada.LLaDAConfig.preset(m.preset, **arch, **knobs)
     params = None
     if path:
       abstract = state_lib.param_shardings(model_cfg, mesh)
@@ -176,9 +214,13 @@ def build_task(config, workdir: str | None = None) -> Task:
                         stats.get("examples", [])[:3])
       return src
 
+    unknown = [n for n in eval_names if EVAL_DATA_TASK.get(n, n) not in records_lib.TASKS or n == "code"]
+    if unknown:
+      raise ValueError(f"config.task.eval_tasks names unknown eval sets {unknown}; use some of "
+                       f"{sorted(set(records_lib.TASKS) - {'code'} | set(EVAL_DATA_TASK))}")
     srcs = [source(n, "train") for n in train_names]
     train_src = srcs[0] if len(srcs) == 1 else ConcatSource(srcs)
-    eval_srcs = {n: source(n, "test") for n in eval_names}
+    eval_srcs = {n: source(EVAL_DATA_TASK.get(n, n), "test") for n in eval_names}
   train = TaskDataset(train_src, tokenizer, batch_size=config.rl.prompts_per_step, seed=config.seed,
                       shuffle=True, **common)
   sft = None
@@ -276,29 +318,37 @@ def evaluate(sampler, task: Task, params, *, rng, num_examples: int = 0, batch_s
   accuracy: the share of fully correct answers (the grade's flag; never the training reward, so a
   format bonus or sudoku's partial credit cannot count as solved). score_mean: the mean of the
   published per-example score (sudoku: fraction of empty cells, d1's metric). reward_mean: the
-  mean training reward."""
+  mean training reward.
+
+  Any split size on any mesh: every generate call gets `batch_size` rows (data.eval_batches pads
+  the last batch by repeating a row) and padding rows are dropped before scoring, so batch_size
+  only has to divide over the mesh's batch shards (config.validate checks it).
+  """
   out = {}
   all_grades = []
   params = sampler.inference_params(params)  # once per evaluation pass
   for name, ds in task.evals.items():
     n = len(ds) if not num_examples else min(num_examples, len(ds))
     grades = []
-    for start in range(0, n, batch_size):
-      exs = [ds.example(i) for i in range(start, min(start + batch_size, n))]
+    for rows, valid in eval_batches(n, batch_size):
+      start = int(rows[0])
+      exs = ds.examples_at(rows)
       ids = [ds.prompt_ids(ex) for ex in exs]
       r = sampler.sample_ids(params, ids, jax.random.fold_in(rng, start))
+      keep = np.flatnonzero(valid)
+      exs, completions = [exs[k] for k in keep], [r.completions[k] for k in keep]
       tasks, gts, extras = _reward_inputs(exs)
-      g = rewards_lib.grade_batch(tasks, r.completions, gts, extras, **task.reward_kwargs)
+      g = rewards_lib.grade_batch(tasks, completions, gts, extras, **task.reward_kwargs)
       grades += g
       if records is not None:
         # grader + extra let `python -m bgpo_jax.evaluate --score FILE` re-grade without a model.
-        for ex, t, extra, comp, gr in zip(exs, tasks, extras, r.completions, g):
+        for ex, t, extra, comp, gr in zip(exs, tasks, extras, completions, g):
           records.append({"task": name, "grader": t, "index": ex.get("index"), "prompt": ex["messages"],
                           "completion": comp, "reward": gr.reward, "correct": gr.correct,
                           "score": gr.score, "ground_truth": ex["ground_truth"],
                           "extra": json.loads(json.dumps(extra, default=str))})
       if progress:
-        print(f"  eval {name}: {min(start + batch_size, n)}/{n} accuracy so far "
+        print(f"  eval {name}: {len(grades)}/{n} accuracy so far "
               f"{np.mean([x.correct for x in grades]):.3f}", flush=True)
     out.update(_summary(f"eval/{name}/", grades))
     all_grades += grades
@@ -307,11 +357,12 @@ def evaluate(sampler, task: Task, params, *, rng, num_examples: int = 0, batch_s
 
 
 def _summary(prefix: str, grades: Sequence) -> dict:
+  n = {f"{prefix}num_examples": float(len(grades))}  # scored rows (padding excluded)
   if not grades:
-    return {f"{prefix}accuracy": 0.0, f"{prefix}score_mean": 0.0, f"{prefix}reward_mean": 0.0}
+    return {f"{prefix}accuracy": 0.0, f"{prefix}score_mean": 0.0, f"{prefix}reward_mean": 0.0, **n}
   return {f"{prefix}accuracy": float(np.mean([g.correct for g in grades])),
           f"{prefix}score_mean": float(np.mean([g.score for g in grades])),
-          f"{prefix}reward_mean": float(np.mean([g.reward for g in grades]))}
+          f"{prefix}reward_mean": float(np.mean([g.reward for g in grades])), **n}
 
 
 def _reward_inputs(examples: Sequence[dict]):

@@ -55,7 +55,7 @@ def get_config():
   c.eval.steps = 16
   c.eval.temperature = 0.0
   c.eval.num_examples = 500
-  c.eval.batch_size = 250
+  c.eval.batch_size = 256  # 2 calls; divides over 1-256 devices (the last batch is padded, 12 rows unscored)
   c.eval.at_start = False  # the random init scores 0; the SFT warm-up's evaluations show the rise
 
   c.eval_every = 10

@@ -430,3 +430,68 @@ def test_reward_inputs_grade_with_rewards_module():
   t, g, x = cb.reward_inputs()
   sols = [f"<answer>{e['solution']}</answer>" for e in x]
   assert [rewards.score(*a) for a in zip(t, sols, g, x)] == [1.0] * 4
+
+
+# ----------------------------------------------------------------------------- evaluation rows
+
+
+@pytest.mark.parametrize("rows", [1319, 500, 164, 12, 16, 1])
+def test_eval_batches_pad_the_last_batch_and_cover_every_row_once(rows):
+  plan = order.eval_batches(rows, 16)
+  assert all(len(r) == 16 and len(v) == 16 for r, v in plan)  # one shape: one program, any mesh
+  assert len(plan) == -(-rows // 16)
+  real = np.concatenate([r[v] for r, v in plan])
+  np.testing.assert_array_equal(real, np.arange(rows))  # every row once, in order
+  pad_rows, pad_valid = plan[-1]
+  assert (~pad_valid).sum() == (-rows) % 16
+  assert np.all(pad_rows[~pad_valid] == rows - 1)  # padding repeats a real row (valid ids, any task)
+  # Split over processes: contiguous slices of the same global batches.
+  halves = [order.eval_batches(rows, 16, process_index=p, process_count=2) for p in (0, 1)]
+  for k, (r, v) in enumerate(plan):
+    np.testing.assert_array_equal(np.concatenate([halves[0][k][0], halves[1][k][0]]), r)
+    np.testing.assert_array_equal(np.concatenate([halves[0][k][1], halves[1][k][1]]), v)
+  with pytest.raises(ValueError, match="multiple of process_count"):
+    order.eval_batches(rows, 15, process_count=2)
+
+
+class _AnswerSampler:
+  """Stands in for a RolloutSampler: answers each prompt with its example's ground truth and
+  records the batch sizes it was called with."""
+
+  def __init__(self, tok, answers: dict):
+    self.tok, self.answers, self.calls = tok, answers, []
+
+  def sample_ids(self, params, ids, rng):
+    import types
+    self.calls.append(len(ids))
+    return types.SimpleNamespace(completions=[f"<answer>{self.answers[tuple(i)]}</answer>" for i in ids])
+
+
+def test_evaluate_pads_batches_scores_only_real_rows_and_walks_the_kept_examples():
+  """tasks.evaluate on 7 examples (2 dropped as too long) with eval batch 4: every sampler call
+  gets 4 rows, the 5 kept examples are each scored once, in order, the dropped ones never."""
+  import jax
+  from bgpo_jax import tasks as tasks_lib
+  tok = CharTokenizer()
+  lengths = (5, 90, 10, 12, 90, 7, 9)
+  rows = [_row("x" * n, str(k)) for k, n in enumerate(lengths)]
+  exs, _ = records.normalize_rows(rows, "gsm8k", "test")
+  instr = {"gsm8k": "{prompt}"}
+  limit = len(tok.apply_chat_template([{"role": "user", "content": "x" * 20}]))
+  ds = dataset.TaskDataset(exs, tok, batch_size=1, shuffle=False, instructions=instr,
+                           max_prompt_tokens=limit, truncation="drop")
+  kept = [k for k, n in enumerate(lengths) if n < 20]
+  assert len(ds) == 5 and ds.dropped == [1, 4]
+  answers = {tuple(ds.prompt_ids(ds.example(k))): str(k) for k in kept}
+  sampler = _AnswerSampler(tok, answers)
+  task = tasks_lib.Task("gsm8k", tok, None, {"gsm8k": ds}, {})
+  out: list = []
+  res = tasks_lib.evaluate(sampler, task, None, rng=jax.random.key(0), batch_size=4, records=out)
+  assert sampler.calls == [4, 4]
+  assert [r["index"] for r in out] == [exs[k]["index"] for k in kept]
+  assert [r["ground_truth"] for r in out] == [str(k) for k in kept]
+  assert res["eval/gsm8k/num_examples"] == 5 and res["eval/accuracy"] == 1.0
+  # num_examples cuts the split; the cut is padded too.
+  sampler.calls.clear()
+  res = tasks_lib.evaluate(sampler, task, None, rng=jax.random.key(0), num_examples=3, batch_size=4)
+  assert sampler.calls == [4] and res["eval/gsm8k/num_examples"] == 3

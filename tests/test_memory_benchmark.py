@@ -92,3 +92,37 @@ def test_extrapolate_layers_is_affine():
   np.testing.assert_allclose([out["temp_bytes"], out["total_bytes"]], [38.0, 62.0])
   assert out["temp_bytes_per_layer"] == 1.0 and out["n_layers"] == 32
   assert out["extrapolated_from"] == [4, 8]
+
+
+def test_plan_a_task_config_cli(tmp_path):
+  """`--plan-8b --config=FILE --devices N --out FILE` plans the config's own mesh and batch, train
+  step and sampler (a 2-layer LLaDA-8B on 4 fake devices here, to stay quick)."""
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  root = Path(__file__).resolve().parents[1]
+  out = tmp_path / "plan.json"
+  p = subprocess.run([sys.executable, "-m", "bgpo_jax.benchmarks.memory", "--plan-8b",
+                      "--config=configs/sudoku.py", "--devices", "4", "--plan-n-layers", "2",
+                      "--config.rl.num_mc_samples=8", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  recs = json.loads(out.read_text())
+  assert [r["what"] for r in recs] == ["train_step", "sampler"]
+  for r in recs:
+    assert r["config"] == "configs/sudoku.py --config.rl.num_mc_samples=8"
+    assert r["devices"] == 4 and r["mesh"] == [1, 4, 1]
+    assert r["n_layers"] == 2 and r["total_bytes"] > 0 and "H100" not in r
+  step, sampler = recs
+  # The config's settings (n overridden as on the trainer's command line): 16 prompts x G 8,
+  # 256-token responses after a 512 bucket.
+  assert step["rows"] == 128 and step["n"] == 8 and step["prompt_len"] + step["gen_length"] == 768
+  assert step["micro_batch_rows"] == 4  # rl.micro_batch_per_device 1 x 4 devices
+  # FSDP: float32 params + both AdamW moments, a quarter of them per device (plus the batch).
+  state = 3 * 4 * step["params"] / 4
+  assert state <= step["argument_bytes"] <= 1.05 * state + 2**20
+  # The sampler reads the same float32 params; its peak counts the resident moments too.
+  assert sampler["argument_bytes"] >= 4 * step["params"] / 4
+  assert sampler["peak_bytes"] == sampler["total_bytes"] + sampler["resident_opt_state_bytes"]
+  assert "LLaDA-8B as each config runs it" in p.stdout

@@ -32,6 +32,14 @@ objective's steps are timed (tiny: 12 MB each; small: 1.6 GB each).
 (1, 8, 1) mesh (8-way FSDP); per-device argument / output / temp / total vs an H100 (80 GB) and a
 TPU v5p chip (95 GB).
 
+--plan-8b --config=configs/math.py [--devices N] [--config.k=v ...]: plans what that task config
+(with the trainer's command-line overrides) would run on N
+devices (default 8): LLaDA-8B with the config's mesh, precision, remat, rollout batch, n,
+micro-batch, prompt bucket and lengths; compiles its train step (built by the trainer's own
+Trainer._step_config) and its rollout sampler (tasks.build_rollout_sampler) ahead of time on N
+fake CPU devices. Records: `config`, `what` (train_step / sampler), `devices`, per-device bytes;
+a sampler record's `peak_bytes` adds the optimizer state that stays resident while it runs.
+
 --gpu-fit: on an accelerator, the largest n whose step fits in the device memory
 (memory_stats()["bytes_limit"] times --fit-headroom) for a ~1B LLaDA (d_model 2048, 16 layers,
 16 heads, MLP 5632, LLaDA vocab 126464: 1.34B params, 0.82B without embeddings) at 512 response
@@ -443,10 +451,17 @@ def extrapolate_layers(a: dict, b: dict, layers: int) -> dict:
 
 def _plan_worker(spec: dict) -> None:
   """Runs inside the 8-device subprocess; prints one `RECORD {json}` line per compiled variant."""
-  if jax.device_count() < PLAN_DEVICES:
+  if "config_path" not in spec and jax.device_count() < PLAN_DEVICES:
     raise SystemExit(f"--plan-8b worker sees {jax.device_count()} devices, needs {PLAN_DEVICES}: "
                      "set XLA_FLAGS=--xla_force_host_platform_device_count=8 before importing jax")
   emit = lambda r: print("RECORD " + json.dumps(r, default=float), flush=True)
+  if "config_path" in spec:
+    if jax.device_count() != spec["devices"]:
+      raise SystemExit(f"plan worker sees {jax.device_count()} devices, expected {spec['devices']}")
+    name = " ".join([spec["config_path"], *spec.get("overrides", [])])
+    plan_config_records(load_config_file(spec["config_path"], spec.get("overrides", [])), name, emit=emit,
+                        n_layers=spec.get("n_layers"))
+    return
   plan_records([tuple(v) for v in spec.pop("variants")], emit=emit, **spec)
 
 
@@ -518,6 +533,175 @@ def print_plan(records: list[dict], args) -> None:
                             f"compute bf16, remat {args.remat} (XLA:CPU analysis)"))
 
 
+# ------------------------------------------------------------------------------ plan a config
+
+
+def load_config_file(path: str, overrides: Sequence[str] = ()):
+  """A config file (configs/*.py) with `--config.k=v` overrides, parsed by ml_collections'
+  config_flags exactly as `python -m bgpo_jax.main --config=FILE --config.k=v` parses them."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    raise ValueError(f"overrides {bad} must look like --config.rl.num_mc_samples=8")
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True)
+  argv = ["plan", f"--config={path}", *overrides]
+  saved, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv
+  try:
+    fv(argv)
+  finally:
+    sys.argv = saved
+  return fv.config
+
+
+def plan_prompt_len(config) -> int:
+  """The longest prompt bucket a run of `config` can use: the smallest bucket holding
+  task.max_prompt_tokens (longer prompts are truncated or dropped), else the largest bucket."""
+  buckets = sorted(int(b) for b in config.rollout.prompt_buckets)
+  return next((b for b in buckets if b >= config.task.max_prompt_tokens), buckets[-1])
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes of one device's shards of a tree of ShapeDtypeStructs with shardings."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def config_batch(config, mesh, scfg, *, rows: int, prompt_len: int) -> dict:
+  """The abstract RL batch the trainer feeds this config's step (layout of train/step.py)."""
+  L, n = config.rollout.gen_length, config.rl.num_mc_samples
+  S = prompt_len + L
+  shapes = {"tokens": ((rows, S), jnp.int32), "attention_mask": ((rows, S), jnp.int32),
+            "advantages": ((rows,), jnp.float32)}
+  if scfg.objective == "diffu_grpo":
+    shapes.update(response_mask=((rows, L), jnp.float32), row_seeds=((rows,), jnp.uint32))
+    if scfg.off_policy:
+      shapes["old_logps"] = ((rows, L), jnp.float32)
+    if scfg.kl_beta > 0:
+      shapes["ref_logps"] = ((rows, L), jnp.float32)
+  else:
+    shapes.update(mc_masks=((n, rows, L), jnp.bool_), mc_weights=((n, rows), jnp.float32))
+    if scfg.off_policy:
+      shapes["old_elbo"] = ((n, rows), jnp.float32)
+  out = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+  sh = step_lib.batch_shardings(mesh, out)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in out.items()}
+
+
+def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | None = None,
+                        n_layers: int | None = None) -> list[dict]:
+  """Per-device memory of what `config` runs on this process's devices, with LLaDA-8B: its train
+  step and its rollout sampler, compiled ahead of time on abstract arrays. n_layers: a shallower
+  LLaDA-8B (quick checks; the shipped numbers use all 32 layers)."""
+  import types
+
+  from bgpo_jax import config as config_lib
+  from bgpo_jax import tasks as tasks_lib
+  from bgpo_jax.main import Trainer
+
+  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  dp = mesh_lib.data_parallel_size(mesh)
+  m = config.model
+  model_cfg = llada.LLaDAConfig.preset("llada_8b", param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+                                       remat_policy=m.remat_policy, scan_unroll=m.scan_unroll,
+                                       **({"n_layers": n_layers} if n_layers else {}))
+  rl = config.rl
+  rows = rl.prompts_per_step * rl.group_size  # every group kept: the largest batch a step trains on
+  prompt_len = plan_prompt_len(config)
+  # The trainer's own step settings (objective, n, micro-batch rows, off-policy, KL ...).
+  shim = types.SimpleNamespace(config=config, dp=dp)
+  shim._micro_rows = lambda phase: Trainer._micro_rows(shim, phase)
+  scfg = Trainer._step_config(shim, "rl")
+  optimizer = optim_lib.make_optimizer(config.optim, config.total_steps)
+  schedule = optim_lib.make_schedule(config.optim, config.total_steps)
+  abstract, shardings = state_lib.abstract_train_state(model_cfg, optimizer, mesh)
+  common_fields = dict(config=name, devices=int(jax.device_count()), mesh=[int(v) for v in mesh.devices.shape],
+                       model="llada_8b", n_layers=model_cfg.n_layers, params=model_cfg.num_params(), param_dtype=m.param_dtype,
+                       compute_dtype=m.compute_dtype, remat=m.remat_policy, objective=rl.objective,
+                       n=rl.num_mc_samples, prompt_len=prompt_len, gen_length=config.rollout.gen_length)
+  out = []
+
+  def add(r):
+    r["fits_h100"] = r["peak_bytes"] <= H100_BYTES
+    r["fits_tpu_v5p"] = r["peak_bytes"] <= TPU_V5P_BYTES
+    out.append(r)
+    if emit:
+      emit(r)
+
+  batch = config_batch(config, mesh, scfg, rows=rows, prompt_len=prompt_len)
+  t0 = time.perf_counter()
+  fn = step_lib.jit_train_step(model_cfg, scfg, optimizer, schedule, mesh, shardings, batch)
+  mem = step_lib.memory_report(fn.lower(abstract, batch).compile())
+  add({**common_fields, "what": "train_step", "rows": rows,
+       "micro_batch_rows": config_lib.micro_batch_rows(rl.micro_batch_per_device, rows, dp) or rows,
+       **mem, "peak_bytes": mem["total_bytes"], "compile_s": time.perf_counter() - t0})
+
+  # The rollout sampler runs from the train state's params; the optimizer state stays resident.
+  stub_tok = types.SimpleNamespace(mask_id=model_cfg.mask_token_id, eos_id=model_cfg.eos_token_id, eot_id=126348)
+  sampler = tasks_lib.build_rollout_sampler(config, model_cfg, stub_tok, mesh, "rollout")
+  call_rows = config.rollout.batch_size or rows
+  tok = jax.ShapeDtypeStruct((call_rows, prompt_len), jnp.int32, sharding=sampler._batch_sharding)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = sampler._generate.lower(abstract.params, tok, tok, jax.random.key(0)).compile()
+  mem = step_lib.memory_report(compiled)
+  resident = _shard_bytes(abstract.opt_state)
+  add({**common_fields, "what": "sampler", "rows": call_rows, "steps": config.rollout.steps,
+       **mem, "resident_opt_state_bytes": resident, "peak_bytes": mem["total_bytes"] + resident,
+       "compile_s": time.perf_counter() - t0})
+  return out
+
+
+def run_config_plan_subprocess(config_path: str, devices: int, timeout_s: float = 3600,
+                               n_layers: int | None = None, overrides: Sequence[str] = ()
+                               ) -> tuple[list[dict], int, str]:
+  """plan_config_records for one config file in a subprocess with `devices` fake CPU devices."""
+  env = dict(os.environ)
+  flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                   if not f.startswith("--xla_force_host_platform_device_count"))
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  spec = {"config_path": config_path, "devices": devices, "n_layers": n_layers, "overrides": list(overrides)}
+  proc = subprocess.run([sys.executable, "-m", "bgpo_jax.benchmarks.memory", "--plan-worker", json.dumps(spec)],
+                        env=env, capture_output=True, text=True, timeout=timeout_s)
+  records = [json.loads(line[len("RECORD "):]) for line in proc.stdout.splitlines()
+             if line.startswith("RECORD ")]
+  return records, proc.returncode, proc.stderr[-2000:]
+
+
+def plan_configs(paths: Sequence[str], devices: int, n_layers: int | None = None,
+                 overrides: Sequence[str] = ()) -> list[dict]:
+  """--plan-8b --config=FILE[,FILE...] [--config.k=v ...]: the records of every config, one
+  subprocess each (the overrides apply to every config)."""
+  records = []
+  for path in paths:
+    recs, rc, err = run_config_plan_subprocess(path, devices, n_layers=n_layers, overrides=overrides)
+    if rc != 0:
+      raise RuntimeError(f"planning {path} on {devices} devices failed ({rc}):\n{err}")
+    records += recs
+  return records
+
+
+def print_config_plan(records: list[dict]) -> None:
+  rows = [{"config": r["config"], "what": r["what"], "devices": r["devices"], "mesh": tuple(r["mesh"]),
+           "rows": r["rows"], "n": r["n"], "tokens": r["prompt_len"] + r["gen_length"],
+           "arg_GB": r["argument_bytes"] / 1e9, "temp_GB": r["temp_bytes"] / 1e9,
+           "total_GB": r["total_bytes"] / 1e9, "peak_GB": r["peak_bytes"] / 1e9,
+           "H100_80GB": f"{100 * r['peak_bytes'] / H100_BYTES:.1f}%",
+           "v5p_95GB": f"{100 * r['peak_bytes'] / TPU_V5P_BYTES:.1f}%",
+           "fits": "yes" if r["fits_h100"] else ("v5p only" if r["fits_tpu_v5p"] else "NO"),
+           "compile_s": r["compile_s"]} for r in records]
+  common.print_table(rows, ["config", "what", "devices", "mesh", "rows", "n", "tokens", "arg_GB", "temp_GB",
+                            "total_GB", "peak_GB", "H100_80GB", "v5p_95GB", "fits", "compile_s"],
+                     title="LLaDA-8B as each config runs it, per device (XLA:CPU analysis of AOT compiles; "
+                           "sampler peak = its total + the resident optimizer state)")
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -544,6 +728,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--repeats", type=int, default=2, help="timed runs per step after a warm-up; 0 = no timing")
   ap.add_argument("--out", default=None, help="write the records as JSON (summary in FILE.meta.json)")
   ap.add_argument("--plan-8b", action="store_true", help="LLaDA-8B per-device memory plan on 8 fake devices")
+  ap.add_argument("--config", default=None,
+                  help="with --plan-8b: plan what these task config files run (comma-separated)")
+  ap.add_argument("--devices", type=int, default=PLAN_DEVICES, help="with --plan-8b --config: fake devices")
+  ap.add_argument("--plan-n-layers", type=int, default=None,
+                  help="with --plan-8b --config: a shallower LLaDA-8B (quick checks; default all 32 layers)")
   ap.add_argument("--plan-layers", default=None, type=_ints,
                   help="compile with these two layer counts and extrapolate to 32 (e.g. 4,8)")
   ap.add_argument("--plan-prompt-len", type=int, default=512)
@@ -558,7 +747,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--fit-bytes-limit", type=float, default=None,
                   help="override the device's bytes_limit (to test the search on a CPU)")
   ap.add_argument("--plan-worker", default=None, help=argparse.SUPPRESS)
-  args = ap.parse_args(argv)
+  args, rest = ap.parse_known_args(argv)
+  args.config_overrides = [a for a in rest if a.startswith("--config.")]
+  if len(args.config_overrides) != len(rest):
+    ap.error(f"unrecognized arguments: {' '.join(a for a in rest if not a.startswith('--config.'))}")
+  if args.config_overrides and not (args.plan_8b and args.config):
+    ap.error("--config.k=v overrides need --plan-8b --config=FILE")
   if args.plan_layers and len(args.plan_layers) != 2:
     ap.error(f"--plan-layers {args.plan_layers} needs two layer counts, e.g. 4,8")
   for obj in args.objectives:
@@ -574,7 +768,11 @@ def main(argv=None) -> list[dict]:
     return []
   t0 = time.time()
   meta: dict = {"device": common.device_description(), "args": vars(args), "loadavg_start": os.getloadavg()}
-  if args.plan_8b:
+  if args.plan_8b and args.config:
+    records = plan_configs([p for p in args.config.split(",") if p], args.devices, args.plan_n_layers,
+                           args.config_overrides)
+    print_config_plan(records)
+  elif args.plan_8b:
     records = plan_8b(args)
     print_plan(records, args)
   elif args.gpu_fit:

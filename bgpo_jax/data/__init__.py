@@ -2,7 +2,8 @@
 
 records     local parquet / JSONL rows -> uniform examples, bad-row stats
 procedural  generated countdown and 4x4 sudoku (seeded, unique, train/test disjoint)
-order       batch_indices(num_examples, batch_size, seed, step, ...): pure input order
+order       batch_indices(num_examples, batch_size, seed, step, ...): pure input order;
+            eval_batches: same-size padded evaluation batches for any split size
 dataset     sources (list, TFDS, concat), instructions, chat template, truncation, TaskDataset
 tfds_builder  TFDS array_record builder (imported on demand: `from bgpo_jax.data import
             tfds_builder`; the in-memory path never imports tensorflow_datasets)
@@ -11,7 +12,7 @@ tfds_builder  TFDS array_record builder (imported on demand: `from bgpo_jax.data
 from bgpo_jax.data.dataset import (DEFAULT_INSTRUCTIONS, ConcatSource, ListSource,
                                    PromptBatch, TaskDataset, TfdsSource, apply_instruction,
                                    as_source, encode_prompt)
-from bgpo_jax.data.order import batch_indices, epoch_permutation
+from bgpo_jax.data.order import batch_indices, epoch_permutation, eval_batches
 from bgpo_jax.data.procedural import (D1_PRESETS, DEMO_PRESETS, demo_examples, generate,
                                       generate_countdown, generate_sudoku, solve_countdown,
                                       solve_sudoku, sudoku_solutions)
@@ -21,7 +22,7 @@ from bgpo_jax.data.records import (REWARD_KIND, TASKS, DataFileError, RowStats, 
 __all__ = [
     "DEFAULT_INSTRUCTIONS", "ConcatSource", "ListSource", "PromptBatch", "TaskDataset",
     "TfdsSource", "apply_instruction", "as_source", "encode_prompt", "batch_indices",
-    "epoch_permutation", "D1_PRESETS", "DEMO_PRESETS", "demo_examples", "generate",
+    "epoch_permutation", "eval_batches", "D1_PRESETS", "DEMO_PRESETS", "demo_examples", "generate",
     "generate_countdown", "generate_sudoku", "solve_countdown", "solve_sudoku",
     "sudoku_solutions", "REWARD_KIND", "TASKS", "DataFileError", "RowStats", "decode_example",
     "load_examples",

@@ -304,6 +304,20 @@ class TaskDataset:
     ex["messages"] = apply_instruction(ex["messages"], template)
     return ex
 
+  def source_index(self, position: int) -> int:
+    """Source index of the position-th example of the index space (after "drop" filtering)."""
+    if not 0 <= int(position) < len(self):
+      raise IndexError(f"position {position} out of range for {len(self)} examples")
+    return int(self._kept[position]) if self._kept is not None else int(position)
+
+  def examples_at(self, positions: Sequence[int]) -> list[dict]:
+    """Decoded examples at positions of the index space (0 .. len(self) - 1), in order.
+
+    Positions, not source indices: with truncation "drop" the two differ (evaluation walks
+    positions, `example(i)` takes a source index)."""
+    idx = [self.source_index(p) for p in positions]
+    return [self.example(i, raw) for i, raw in zip(idx, _get_many(self.source, idx))]
+
   def prompt_ids(self, ex: dict) -> list[int]:
     if self.tokenizer is None:
       raise ValueError("prompt_ids needs a tokenizer; pass one to TaskDataset")

@@ -55,3 +55,32 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int, *,
     sel = epochs == e
     out[sel] = epoch_permutation(num_examples, seed, int(e))[offsets[sel]]
   return out
+
+
+def eval_batches(num_rows: int, batch_size: int, *, process_index: int = 0,
+                 process_count: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The evaluation's row plan for any split size: every batch has the same global size.
+
+  Global batch k covers rows [k * batch_size, (k + 1) * batch_size); the last one is padded
+  past num_rows by repeating the split's last row. Host p of P takes the contiguous slice
+  [p * b, (p + 1) * b) of each batch, b = batch_size // P (as batch_indices does), so splitting
+  the rows across processes needs no other change.
+
+  Returns [(rows int64 [b], valid bool [b])] per batch: `rows` index the split (post-drop
+  positions), `valid` is False on padding rows, whose scores must be dropped. Same-size batches
+  mean one compiled program and a batch that always divides the mesh's batch shards.
+  """
+  if num_rows <= 0:
+    raise ValueError(f"num_rows {num_rows} must be positive (empty eval split?)")
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"eval batch_size {batch_size} must be a positive multiple of process_count "
+                     f"{process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  per_host = batch_size // process_count
+  out = []
+  for start in range(0, num_rows, batch_size):
+    pos = np.arange(start + process_index * per_host, start + (process_index + 1) * per_host,
+                    dtype=np.int64)
+    out.append((np.minimum(pos, num_rows - 1), pos < num_rows))
+  return out

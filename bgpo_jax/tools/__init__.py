@@ -1,0 +1,1 @@
+"""Command-line tools: `python -m bgpo_jax.tools.<name>` (tiny_checkpoint)."""
