@@ -4,15 +4,22 @@ Layout: WORKDIR/checkpoints/<step>/{state, host}. Orbax writes each save into a 
 directory and renames it only once complete, so a save killed half way leaves the earlier
 checkpoints intact (and the half-written one is ignored on restore).
 Kept: the last `keep` checkpoints plus the best one by `best_metric` (when evaluated).
+
+Paths: local, or any `etils.epath` URI. Orbax writes local paths and gs:// itself (TensorStore
+has a GCS driver; its other array paths must be absolute local ones). For any other URI scheme
+(s3://, az://, hf://, ...), one process stages: Orbax writes a local temporary folder, each
+finished step is copied to WORKDIR/checkpoints/<step> through epath with a `_STAGED` marker
+written last, and resume copies the newest marked step back first.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import tempfile
 from typing import Any
 
 import jax
+from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -22,8 +29,20 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, best_metric: str = "eval/accuracy",
                async_save: bool = True):
-    self.directory = os.path.join(workdir, "checkpoints") if "://" not in workdir else workdir.rstrip("/") + "/checkpoints"
+    self.directory = epath.Path(workdir) / "checkpoints"
     self.best_metric = best_metric
+    self.staged = needs_staging(workdir)
+    orbax_dir = self.directory
+    if self.staged:
+      if jax.process_count() > 1:
+        raise ValueError(f"workdir {workdir!r}: Orbax cannot write this scheme itself, and staging it through a "
+                         "local folder works on one process only; use gs:// or a shared filesystem on several hosts")
+      self._local = epath.Path(tempfile.mkdtemp(prefix="bgpo_ckpt_"))
+      orbax_dir = self._local
+      latest = _latest_staged(self.directory)
+      if latest is not None:  # resume: bring the newest finished step back first
+        _copy_tree(self.directory / str(latest), orbax_dir / str(latest), skip=(STAGED_MARKER,))
+      async_save = False  # each save is copied out as soon as it is written
     policy = ocm.AnyPreservationPolicy([
         ocm.LatestN(n=keep),
         ocm.BestN(get_metric_fn=lambda m: m[best_metric], n=1, keep_checkpoints_without_metrics=False),
@@ -34,7 +53,8 @@ class Checkpointer:
         create=True,
         cleanup_tmp_directories=True,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "host"))
+    self.manager = ocp.CheckpointManager(orbax_dir, options=options, item_names=("state", "host"))
+    self._uploaded = set(self.manager.all_steps()) if self.staged else set()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -55,7 +75,20 @@ class Checkpointer:
     )
     if saved:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
+      if self.staged:
+        self._upload(step)
     return saved
+
+  def _upload(self, step: int) -> None:
+    """Staging: copies the finished step out (marker last) and mirrors the manager's deletions."""
+    self.manager.wait_until_finished()
+    _copy_tree(self._local / str(step), self.directory / str(step))
+    (self.directory / str(step) / STAGED_MARKER).write_text("complete\n")
+    kept = set(self.manager.all_steps())
+    for old in sorted(self._uploaded - kept):
+      if (self.directory / str(old)).exists():
+        (self.directory / str(old)).rmtree()
+    self._uploaded = (self._uploaded & kept) | {step}
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores step `step` onto the shardings/dtypes of `abstract_state` (ShapeDtypeStructs or arrays)."""
@@ -80,6 +113,10 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   `abstract_params` gives shapes, dtypes and (optionally) target shardings.
   """
   state_dir = _find_state_dir(path)
+  if needs_staging(state_dir):  # Orbax reads this scheme only from a local copy
+    local = epath.Path(tempfile.mkdtemp(prefix="bgpo_init_")) / "state"
+    _copy_tree(state_dir, local)
+    state_dir = local
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract_params)
   restore_args = jax.tree.map(
@@ -91,14 +128,14 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   return out["params"]
 
 
-def _find_state_dir(path: str) -> str:
-  for directory in (path, os.path.join(path, "checkpoints")):
-    if os.path.isdir(os.path.join(directory, "state")):
-      return os.path.join(directory, "state")
-    if os.path.isdir(directory):
-      steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+def _find_state_dir(path: str) -> epath.Path:
+  for directory in (epath.Path(path), epath.Path(path) / "checkpoints"):
+    if (directory / "state").is_dir():
+      return directory / "state"
+    if directory.is_dir():
+      steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()]
       if steps:
-        return os.path.join(directory, str(max(steps)), "state")
+        return directory / str(max(steps)) / "state"
   raise FileNotFoundError(
       f"no Orbax checkpoint found at {path!r}: expected a workdir with checkpoints/<step>/state "
       "(or give a Hugging Face directory with config.json)")
@@ -110,3 +147,32 @@ def is_orbax_checkpoint(path: str) -> bool:
     return True
   except FileNotFoundError:
     return False
+
+
+STAGED_MARKER = "_STAGED"
+
+
+def needs_staging(path) -> bool:
+  """True for a URI that Orbax/TensorStore cannot write directly (anything but local and gs://)."""
+  path = str(path)
+  return "://" in path and not path.startswith("gs://")
+
+
+def _latest_staged(directory: epath.Path) -> int | None:
+  if not directory.exists():
+    return None
+  steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / STAGED_MARKER).exists()]
+  return max(steps) if steps else None
+
+
+def _copy_tree(src: epath.Path, dst: epath.Path, skip: tuple[str, ...] = ()) -> None:
+  """Copies a folder file by file through epath (works between any two epath filesystems)."""
+  src, dst = epath.Path(src), epath.Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  for child in src.iterdir():
+    if child.name in skip:
+      continue
+    if child.is_dir():
+      _copy_tree(child, dst / child.name, skip)
+    else:
+      (dst / child.name).write_bytes(child.read_bytes())

@@ -14,7 +14,9 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
+from bgpo_jax import distributed as dist
 from bgpo_jax import rewards as rewards_lib
 from bgpo_jax import rollout as rollout_lib
 from bgpo_jax.data import ConcatSource, TaskDataset, demo_examples, solve_countdown
@@ -57,7 +59,7 @@ def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
   knobs = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat_policy,
                scan_unroll=m.scan_unroll)
   path = config.init.checkpoint
-  if path and os.path.exists(os.path.join(path, "config.json")):
+  if path and (epath.Path(path) / "config.json").exists():  # [i16 multihost] epath: gs:// too
     model_cfg, params = hf.load(path, dtype=None, mesh=mesh)
     model_cfg = dataclasses.replace(model_cfg, **knobs)
     params = jax.tree.map(lambda p: p.astype(model_cfg.param_jnp_dtype), params)
@@ -160,7 +162,7 @@ def build_task(config, workdir: str | None = None) -> Task:
     if t.name not in TRAIN_TASKS:
       raise ValueError(f"config.task.name {t.name!r} is unknown; use one of {sorted(TRAIN_TASKS)} or demo")
     from bgpo_jax.data import tfds_builder
-    tfds_dir = t.tfds_dir or os.path.join(workdir or ".", "tfds")
+    tfds_dir = t.tfds_dir or str(epath.Path(workdir or ".") / "tfds")  # [i16 multihost] epath
     train_names, eval_names = TRAIN_TASKS[t.name]
     if t.eval_tasks:
       eval_names = [s.strip() for s in t.eval_tasks.split(",") if s.strip()]
@@ -240,14 +242,23 @@ def evaluate(sampler, task: Task, params, *, rng, num_examples: int = 0, batch_s
     n = len(ds) if not num_examples else min(num_examples, len(ds))
     scores = []
     for start in range(0, n, batch_size):
-      exs = [ds.example(i) for i in range(start, min(start + batch_size, n))]
-      ids = [ds.prompt_ids(ex) for ex in exs]
-      r = sampler.sample_ids(params, ids, jax.random.fold_in(rng, start))
-      tasks, gts, extras = _reward_inputs(exs)
-      s = rewards_lib.score_batch(tasks, r.completions, gts, extras, **task.reward_kwargs)
+      # [i16 multihost] this process generates and scores its share of the batch's rows (padded
+      # so every process and every batch shard gets the same count); scores and completions are
+      # gathered, so every process returns the same numbers. One process: the whole batch.
+      stop = min(start + batch_size, n)
+      local, valid = dist.split_rows(stop - start, _batch_shards(sampler))
+      mine = [ds.example(start + int(i)) for i in local]
+      r = sampler.sample_ids(params, [ds.prompt_ids(ex) for ex in mine], jax.random.fold_in(rng, start))
+      tasks, gts, extras = _reward_inputs([ex for ex, v in zip(mine, valid) if v])
+      s_mine = iter(rewards_lib.score_batch(tasks, [c for c, v in zip(r.completions, valid) if v], gts, extras,
+                                            **task.reward_kwargs))
+      s = [float(x) for x in dist.gather_valid(np.asarray([next(s_mine) if v else 0.0 for v in valid],
+                                                          np.float32), valid)]
       scores += s
       if records is not None:
-        for ex, comp, sc in zip(exs, r.completions, s):
+        exs = [ds.example(i) for i in range(start, stop)]
+        comps = [c for c, v in zip(dist.allgather_strings(r.completions), dist.allgather_rows(valid)) if v]
+        for ex, comp, sc in zip(exs, comps, s):
           records.append({"task": name, "index": ex.get("index"), "prompt": ex["messages"],
                           "completion": comp, "reward": sc, "ground_truth": ex["ground_truth"]})
       if progress:
@@ -261,6 +272,12 @@ def evaluate(sampler, task: Task, params, *, rng, num_examples: int = 0, batch_s
   out["eval/accuracy"] = float((scores >= 1.0).mean()) if scores.size else 0.0
   out["eval/reward_mean"] = float(scores.mean()) if scores.size else 0.0
   return out
+
+
+def _batch_shards(sampler) -> int:
+  """[i16 multihost] rows of one generate call must divide by the mesh's batch shards."""
+  mesh = getattr(sampler, "mesh", None)
+  return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape])) if mesh is not None else 1
 
 
 def _reward_inputs(examples: Sequence[dict]):
