@@ -19,13 +19,20 @@ import jax
 import numpy as np
 
 
-def host_slice(global_rows: int) -> slice:
-  """This process's contiguous share of `global_rows` rows (it must divide by the process count).
+def _topology(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  pc = jax.process_count() if process_count is None else int(process_count)
+  pi = jax.process_index() if process_index is None else int(process_index)
+  return pi, pc
 
-  >>> host_slice(16)  # one process
-  slice(0, 16, None)
+
+def host_slice(global_rows: int, *, process_index: int | None = None, process_count: int | None = None) -> slice:
+  """This process's contiguous share of `global_rows` rows (it must divide by the process count).
+  process_index / process_count default to this process's (given: another host's share).
+
+  >>> host_slice(16, process_index=1, process_count=2)
+  slice(8, 16, None)
   """
-  pc, pi = jax.process_count(), jax.process_index()
+  pi, pc = _topology(process_index, process_count)
   if global_rows % pc:
     raise ValueError(f"{global_rows} global rows do not split over {pc} processes; use a multiple of {pc}")
   per = global_rows // pc
@@ -39,7 +46,8 @@ def global_row_ids(local_rows: int) -> np.ndarray:
   return np.arange(start, start + int(local_rows), dtype=np.int64)
 
 
-def split_rows(n: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(n: int, multiple: int = 1, *, process_index: int | None = None,
+               process_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """This process's share of n rows (e.g. one evaluation batch), padded so that every process
   holds the same count and the padded global count divides by `multiple` (the mesh's batch
   shards).
@@ -50,10 +58,10 @@ def split_rows(n: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """
   if n <= 0:
     raise ValueError(f"split_rows needs n > 0 rows, got {n}")
-  pc = jax.process_count()
+  pi, pc = _topology(process_index, process_count)
   unit = math.lcm(pc, max(1, int(multiple)))
   padded = -(-n // unit) * unit
-  pos = np.arange(padded, dtype=np.int64)[host_slice(padded)]
+  pos = np.arange(padded, dtype=np.int64)[host_slice(padded, process_index=pi, process_count=pc)]
   return np.minimum(pos, n - 1), pos < n
 
 
