@@ -15,6 +15,7 @@ written last, and resume copies the newest marked step back first.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from typing import Any
 
@@ -165,14 +166,19 @@ def _latest_staged(directory: epath.Path) -> int | None:
   return max(steps) if steps else None
 
 
-def _copy_tree(src: epath.Path, dst: epath.Path, skip: tuple[str, ...] = ()) -> None:
-  """Copies a folder file by file through epath (works between any two epath filesystems)."""
+def copy_tree(src, dst, skip: tuple[str, ...] = ()) -> None:
+  """Copies a folder file by file through epath, streaming (between any two epath filesystems,
+  e.g. a bucket and a local folder)."""
   src, dst = epath.Path(src), epath.Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
   for child in src.iterdir():
     if child.name in skip:
       continue
     if child.is_dir():
-      _copy_tree(child, dst / child.name, skip)
+      copy_tree(child, dst / child.name, skip)
     else:
-      (dst / child.name).write_bytes(child.read_bytes())
+      with child.open("rb") as r, (dst / child.name).open("wb") as w:
+        shutil.copyfileobj(r, w, 64 * 2**20)
+
+
+_copy_tree = copy_tree

@@ -186,6 +186,26 @@ def test_remote_workdir_metrics_checkpoint_resume_plot_eval(memory_bucket):
   assert fs.exists(f"{root}/metrics.jsonl")
 
 
+def test_hf_checkpoint_save_and_load_through_a_remote_path(memory_bucket):
+  import dataclasses
+
+  import chex
+  import jax
+  from etils import epath
+
+  from bgpo_jax.models import hf, llada
+
+  root, _, cwd = memory_bucket
+  cfg = dataclasses.replace(llada.LLaDAConfig.preset("tiny"), n_layers=1, param_dtype="float32")
+  params = llada.init_params(cfg, jax.random.key(0))
+  files = hf.save(cfg, params, f"{root}/hf")
+  assert (epath.Path(root) / "hf" / files[0]).exists() and (epath.Path(root) / "hf" / "config.json").exists()
+  cfg2, loaded = hf.load(f"{root}/hf", dtype=None)
+  assert cfg2.n_layers == 1
+  chex.assert_trees_all_close(loaded, params)
+  assert list(cwd.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------- row helpers
 
 
