@@ -105,6 +105,8 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+    if self.staged:  # every finished step is in the workdir already
+      shutil.rmtree(str(self._local), ignore_errors=True)
 
 
 def restore_params(path: str, abstract_params: Any) -> Any:
