@@ -187,7 +187,7 @@ def build_task(config, workdir: str | None = None) -> Task:
     # Its own order (seed + 1): warm-up examples are drawn independently of the RL prompts.
     sft = TaskDataset(train_src, tokenizer, batch_size=config.sft.batch_size, seed=config.seed + 1,
                       shuffle=True, **common)
-  # Every host walks the whole eval set in order (the generate call needs the same rows everywhere).
+  # Every host holds the whole eval set in order; tasks.evaluate gives each host its share of a batch.
   eval_common = dict(common, process_index=0, process_count=1)
   evals = {name: TaskDataset(src, tokenizer, batch_size=1, seed=0, shuffle=False, **eval_common)
            for name, src in eval_srcs.items()}
@@ -261,7 +261,7 @@ def evaluate(sampler, task: Task, params, *, rng, num_examples: int = 0, batch_s
         for ex, comp, sc in zip(exs, comps, s):
           records.append({"task": name, "index": ex.get("index"), "prompt": ex["messages"],
                           "completion": comp, "reward": sc, "ground_truth": ex["ground_truth"]})
-      if progress:
+      if progress and jax.process_index() == 0:
         print(f"  eval {name}: {min(start + batch_size, n)}/{n} accuracy so far "
               f"{np.mean(np.asarray(scores) >= 1.0):.3f}", flush=True)
     scores = np.asarray(scores, np.float32)
