@@ -4,16 +4,24 @@ Layout: WORKDIR/checkpoints/<step>/{state, host}. Orbax writes each save into a 
 directory and renames it only once complete, so a save killed half way leaves the earlier
 checkpoints intact (and the half-written one is ignored on restore).
 Kept: the last `keep` checkpoints plus the best one by `best_metric` (when evaluated).
+
+Paths: local, or any `etils.epath` URI. Orbax writes local paths and gs:// itself (TensorStore
+has a GCS driver; its other array paths must be absolute local ones). For any other URI scheme
+(s3://, az://, hf://, ...), one process stages: Orbax writes a local temporary folder, each
+finished step is copied to WORKDIR/checkpoints/<step> through epath with a `_STAGED` marker
+written last, and resume copies the newest marked step back first.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
+from etils import epath
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -23,8 +31,20 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, best_metric: str = "eval/accuracy",
                async_save: bool = True):
-    self.directory = os.path.join(workdir, "checkpoints") if "://" not in workdir else workdir.rstrip("/") + "/checkpoints"
+    self.directory = epath.Path(workdir) / "checkpoints"
     self.best_metric = best_metric
+    self.staged = needs_staging(workdir)
+    orbax_dir = self.directory
+    if self.staged:
+      if jax.process_count() > 1:
+        raise ValueError(f"workdir {workdir!r}: Orbax cannot write this scheme itself, and staging it through a "
+                         "local folder works on one process only; use gs:// or a shared filesystem on several hosts")
+      self._local = epath.Path(tempfile.mkdtemp(prefix="bgpo_ckpt_"))
+      orbax_dir = self._local
+      latest = _latest_staged(self.directory)
+      if latest is not None:  # resume: bring the newest finished step back first
+        _copy_tree(self.directory / str(latest), orbax_dir / str(latest), skip=(STAGED_MARKER,))
+      async_save = False  # each save is copied out as soon as it is written
     policy = ocm.AnyPreservationPolicy([
         ocm.LatestN(n=keep),
         ocm.BestN(get_metric_fn=lambda m: m[best_metric], n=1, keep_checkpoints_without_metrics=False),
@@ -35,7 +55,8 @@ class Checkpointer:
         create=True,
         cleanup_tmp_directories=True,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "host"))
+    self.manager = ocp.CheckpointManager(orbax_dir, options=options, item_names=("state", "host"))
+    self._uploaded = set(self.manager.all_steps()) if self.staged else set()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -56,7 +77,20 @@ class Checkpointer:
     )
     if saved:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
+      if self.staged:
+        self._upload(step)
     return saved
+
+  def _upload(self, step: int) -> None:
+    """Staging: copies the finished step out (marker last) and mirrors the manager's deletions."""
+    self.manager.wait_until_finished()
+    _copy_tree(self._local / str(step), self.directory / str(step))
+    (self.directory / str(step) / STAGED_MARKER).write_text("complete\n")
+    kept = set(self.manager.all_steps())
+    for old in sorted(self._uploaded - kept):
+      if (self.directory / str(old)).exists():
+        (self.directory / str(old)).rmtree()
+    self._uploaded = (self._uploaded & kept) | {step}
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores step `step` onto the shardings/dtypes of `abstract_state` (ShapeDtypeStructs or arrays)."""
@@ -72,6 +106,8 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+    if self.staged:  # every finished step is in the workdir already
+      shutil.rmtree(str(self._local), ignore_errors=True)
 
 
 def restore_params(path: str, abstract_params: Any) -> Any:
@@ -81,6 +117,10 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   `abstract_params` gives shapes, dtypes and (optionally) target shardings.
   """
   state_dir = _find_state_dir(path)
+  if needs_staging(state_dir):  # Orbax reads this scheme only from a local copy
+    local = epath.Path(tempfile.mkdtemp(prefix="bgpo_init_")) / "state"
+    _copy_tree(state_dir, local)
+    state_dir = local
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract_params)
   restore_args = jax.tree.map(
@@ -92,14 +132,14 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   return out["params"]
 
 
-def _find_state_dir(path: str) -> str:
-  for directory in (path, os.path.join(path, "checkpoints")):
-    if os.path.isdir(os.path.join(directory, "state")):
-      return os.path.join(directory, "state")
-    if os.path.isdir(directory):
-      steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+def _find_state_dir(path: str) -> epath.Path:
+  for directory in (epath.Path(path), epath.Path(path) / "checkpoints"):
+    if (directory / "state").is_dir():
+      return directory / "state"
+    if directory.is_dir():
+      steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()]
       if steps:
-        return os.path.join(directory, str(max(steps)), "state")
+        return directory / str(max(steps)) / "state"
   raise FileNotFoundError(
       f"no Orbax checkpoint found at {path!r}: expected a workdir with checkpoints/<step>/state "
       "(or give a Hugging Face directory with config.json)")
@@ -126,8 +166,6 @@ def write_run_record(workdir: str, *, model_hf: dict, tokenizer_kind: str, token
   """Writes run.json (and copies the tokenizer files into WORKDIR/tokenizer/); returns the record.
 
   Process 0 only (the caller decides). Works on any etils path (local or gs://)."""
-  from etils import epath
-
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   tok = {"kind": tokenizer_kind, "source": tokenizer_path}
@@ -147,13 +185,50 @@ def write_run_record(workdir: str, *, model_hf: dict, tokenizer_kind: str, token
 def find_run_record(path: str) -> tuple[dict, str] | None:
   """(run.json's record, its workdir) for a workdir, its checkpoints/ folder or one step of it;
   None when `path` is not inside a run of this trainer (e.g. a Hugging Face directory)."""
-  if not path or "://" in path:
+  if not path:
     return None
-  d = os.path.abspath(path)
+  d = epath.Path(path)
+  if "://" not in str(path):
+    d = d.absolute()
   for _ in range(4):  # workdir / checkpoints / <step> / state
-    f = os.path.join(d, RUN_RECORD)
-    if os.path.isfile(f):
-      with open(f) as fh:
-        return json.load(fh), d
-    d = os.path.dirname(d)
+    f = d / RUN_RECORD
+    if f.is_file():
+      return json.loads(f.read_text()), str(d)
+    if d.parent == d:
+      break
+    d = d.parent
   return None
+
+
+STAGED_MARKER = "_STAGED"
+
+
+def needs_staging(path) -> bool:
+  """True for a URI that Orbax/TensorStore cannot write directly (anything but local and gs://)."""
+  path = str(path)
+  return "://" in path and not path.startswith("gs://")
+
+
+def _latest_staged(directory: epath.Path) -> int | None:
+  if not directory.exists():
+    return None
+  steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / STAGED_MARKER).exists()]
+  return max(steps) if steps else None
+
+
+def copy_tree(src, dst, skip: tuple[str, ...] = ()) -> None:
+  """Copies a folder file by file through epath, streaming (between any two epath filesystems,
+  e.g. a bucket and a local folder)."""
+  src, dst = epath.Path(src), epath.Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  for child in src.iterdir():
+    if child.name in skip:
+      continue
+    if child.is_dir():
+      copy_tree(child, dst / child.name, skip)
+    else:
+      with child.open("rb") as r, (dst / child.name).open("wb") as w:
+        shutil.copyfileobj(r, w, 64 * 2**20)
+
+
+_copy_tree = copy_tree

@@ -363,7 +363,8 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
       if micro and n % micro:
         raise ConfigError(f"config.{key} {per_dev} x {data_parallel_size} devices does not divide the batch "
                           f"of {n} rows; pick a divisor of {n // data_parallel_size}")
-  if c.init.checkpoint and not c.init.checkpoint.startswith("gs://") and not os.path.isdir(c.init.checkpoint):
+  # URIs (gs://, s3://, ...) are read through epath later; only local paths are checked here.
+  if c.init.checkpoint and "://" not in c.init.checkpoint and not os.path.isdir(c.init.checkpoint):
     raise ConfigError(f"config.init.checkpoint {c.init.checkpoint!r} is not a directory; give a Hugging Face "
                       "LLaDA directory (config.json + safetensors) or an Orbax checkpoint of this trainer")
   if c.tokenizer.kind == "hf" and not (c.tokenizer.path or c.init.checkpoint):

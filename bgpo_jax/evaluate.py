@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
 import jax
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from bgpo_jax import config as config_lib
@@ -40,10 +40,12 @@ def define_flags() -> None:
 def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = True) -> dict:
   if checkpoint:
     config.init.checkpoint = checkpoint
+  mesh_lib.maybe_initialize_distributed(config.distributed)  # each host evaluates its share
   tasks_lib.enable_compilation_cache(config)
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   config_lib.validate(config, data_parallel_size=mesh_lib.data_parallel_size(mesh))
-  task = tasks_lib.build_task(config, workdir=os.path.dirname(os.path.abspath(out or ".")))
+  # epath: --out may be a gs:// (or other epath) path.
+  task = tasks_lib.build_task(config, workdir=str(epath.Path(out).parent if out else epath.Path(".")))
   model_cfg, params = tasks_lib.build_model(config, task.tokenizer, mesh)
   if params is None:
     logging.warning("no checkpoint given: evaluating a randomly initialized %s model", config.model.preset)
@@ -56,9 +58,8 @@ def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = T
                               records=records, progress=progress)
   result["time/eval_s"] = time.time() - t0
   out = out or f"eval_{config.task.name}.jsonl"
-  with open(out, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
+  if jax.process_index() == 0:  # every process holds all records; one writes them
+    epath.Path(out).write_text("".join(json.dumps(r) + "\n" for r in records))
   result["out"] = out
   return result
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -23,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from bgpo_jax import checkpoint as ckpt_lib
 from bgpo_jax import config as config_lib
+from bgpo_jax import distributed as dist
 from bgpo_jax import metrics as metrics_lib
 from bgpo_jax import objectives
 from bgpo_jax import tasks as tasks_lib
@@ -108,7 +109,7 @@ class Trainer:
     self.dp = mesh_lib.data_parallel_size(self.mesh)
     config_lib.validate(config, data_parallel_size=self.dp)
     self.is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # gs://, s3://, ... too
     self.compilation_cache = tasks_lib.enable_compilation_cache(config, workdir)
 
     self.task = tasks_lib.build_task(config, workdir)
@@ -207,9 +208,13 @@ class Trainer:
   def _masks(self, step: int, rows: int, n: int, estimator: str):
     # Same key -> same masks for the current and the old policy (drawn once per rollout batch).
     key = jax.random.fold_in(jax.random.fold_in(self.rng, 2), step)
-    key = jax.random.fold_in(key, jax.process_index())
-    m, w = masking.sample_masks(key, rows, self.config.rollout.gen_length, n, estimator=estimator)
-    return np.asarray(m), np.asarray(w)
+    key = jax.random.fold_in(key, 0)  # (was the process index; 0 keeps one-process runs as they were)
+    # drawn for the GLOBAL rows, this host keeps its slice: the same masks on any
+    # topology (`rows` is this host's share).
+    total = rows * jax.process_count()
+    m, w = masking.sample_masks(key, total, self.config.rollout.gen_length, n, estimator=estimator)
+    mine = dist.host_slice(total)
+    return np.asarray(m)[:, mine], np.asarray(w)[:, mine]
 
   # ------------------------------------------------------------------ steps
 
@@ -245,27 +250,37 @@ class Trainer:
     # 2. advantages per prompt group.
     r = np.asarray(rewards, np.float32).reshape(len(prompts.examples), rl.group_size)
     adv = np.asarray(objectives.group_advantages(jnp.asarray(r), normalize_std=rl.advantage_std)).reshape(-1)
-    m["train/reward_mean"] = float(r.mean())
-    m["train/reward_std"] = float(r.std())
-    m["train/accuracy"] = float((r >= 1.0).mean())
-    m["train/response_len"] = float(np.mean(rollout.response_lengths))
-    m["train/zero_adv_groups"] = float(np.mean(np.all(np.abs(adv.reshape(r.shape)) < 1e-8, axis=1)))
+    # metrics over the global batch (all hosts' rows): the same value on every host.
+    r_all, adv_all, len_all = dist.allgather_rows((r, adv, np.asarray(rollout.response_lengths)))
+    m["train/reward_mean"] = float(r_all.mean())
+    m["train/reward_std"] = float(r_all.std())
+    m["train/accuracy"] = float((r_all >= 1.0).mean())
+    m["train/response_len"] = float(np.mean(len_all))
+    m["train/zero_adv_groups"] = float(np.mean(np.all(np.abs(adv_all.reshape(r_all.shape)) < 1e-8, axis=1)))
     # 3. the batch, with MC masks shared by every policy evaluated on it.
     t1 = time.time()
     tokens = np.asarray(rollout.tokens, np.int32)
     attn = np.asarray(rollout.attention_mask, np.int32)
     lengths = np.asarray(rollout.response_lengths)
     if self._can_skip_groups():
-      rows_idx, scale = self._nonzero_groups(adv, r.shape)
-      tokens, attn, lengths = tokens[rows_idx], attn[rows_idx], lengths[rows_idx]
-      adv = adv[rows_idx] * scale
+      # the kept groups are chosen on the global advantages (the same on every
+      # host), and each host trains an equal contiguous share of the kept rows (rows move between
+      # hosts when the live groups are uneven): the batch equals the one-process batch.
+      rows_idx, scale = self._nonzero_groups(adv_all, r_all.shape)
+      if len(rows_idx) < len(adv_all):
+        if jax.process_count() > 1:
+          tokens, attn, lengths = dist.allgather_rows((tokens, attn, lengths))
+        mine = rows_idx[dist.host_slice(len(rows_idx))]
+        tokens, attn, lengths = tokens[mine], attn[mine], lengths[mine]
+        adv = adv_all[mine] * scale
       m["train/rows_trained"] = float(len(rows_idx))
     rows = tokens.shape[0]
     batch = {"tokens": tokens, "attention_mask": attn, "advantages": adv.astype(np.float32)}
     if rl.objective == "diffu_grpo":
       L = c.rollout.gen_length
       batch["response_mask"] = (np.arange(L)[None] < lengths[:, None]).astype(np.float32)
-      batch["row_seeds"] = np.full((rows,), step * 7919 + jax.process_index(), np.uint32)
+      # no process index: per-row seeds must come from dist.global_row_ids(rows).
+      batch["row_seeds"] = np.full((rows,), step * 7919, np.uint32)
     else:
       batch["mc_masks"], batch["mc_weights"] = self._masks(step, rows, rl.num_mc_samples, rl.mc_estimator)
     if rl.objective == "diffu_grpo" and rl.kl_beta > 0:
@@ -299,13 +314,15 @@ class Trainer:
   def _can_skip_groups(self) -> bool:
     rl = self.config.rl
     # Exact only where the objective is linear in a positive scaling of A and zero at A = 0
-    # (no KL term), and where every host drops the same number of rows (one host).
-    return rl.skip_zero_advantage and rl.kl_beta == 0 and jax.process_count() == 1
+    # (no KL term). Several hosts agree on the kept groups (rl_step gathers the advantages).
+    return rl.skip_zero_advantage and rl.kl_beta == 0
 
   def _nonzero_groups(self, adv: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, float]:
     g = shape[1]
     # Kept rows must split over the devices (and into micro-batches): a multiple of `unit` groups.
-    unit = max(1, self.dp // int(np.gcd(self.dp, g)))
+    # ... and over the processes (each host takes an equal share).
+    split = int(np.lcm(self.dp, jax.process_count()))
+    unit = max(1, split // int(np.gcd(split, g)))
     step_rows = self._micro_rows("rl")
     if step_rows:
       unit = max(unit, step_rows // int(np.gcd(step_rows, g)))

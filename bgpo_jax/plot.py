@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import io
 import sys
+
+from etils import epath
 
 from bgpo_jax.metrics import read_metrics
 
@@ -15,7 +17,7 @@ def plot_run(workdir: str, out: str | None = None) -> str:
   import matplotlib.pyplot as plt
 
   rows = read_metrics(workdir)
-  out = out or os.path.join(workdir, "curves.png")
+  out = str(out or epath.Path(workdir) / "curves.png")  # epath: a gs:// workdir gets it too
   panels = [("train/reward_mean", "train reward (mean)"), ("eval/accuracy", "held-out accuracy"),
             ("train/loss", "loss")]
   def informative(key):
@@ -34,10 +36,12 @@ def plot_run(workdir: str, out: str | None = None) -> str:
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  fig.suptitle(os.path.basename(os.path.normpath(workdir)))
+  fig.suptitle(epath.Path(workdir).name)
   fig.tight_layout()
-  fig.savefig(out, dpi=110)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
   plt.close(fig)
+  epath.Path(out).write_bytes(buf.getvalue())
   return out
 
 

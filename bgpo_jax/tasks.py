@@ -15,7 +15,9 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
+from bgpo_jax import distributed as dist
 from bgpo_jax import rewards as rewards_lib
 from bgpo_jax import rollout as rollout_lib
 from bgpo_jax.data import ConcatSource, TaskDataset, demo_examples, eval_batches, solve_countdown
@@ -43,7 +45,7 @@ def _run_record(config):
   """(run.json record, workdir) when config.init.checkpoint is a run of this trainer, else None."""
   from bgpo_jax import checkpoint as ckpt_lib
   path = config.init.checkpoint
-  if not path or os.path.exists(os.path.join(path, "config.json")):
+  if not path or (epath.Path(path) / "config.json").exists():
     return None  # a Hugging Face directory holds its own tokenizer and config
   return ckpt_lib.find_run_record(path)
 
@@ -63,7 +65,7 @@ def tokenizer_source(config) -> tuple[str, str]:
     if tok.get("kind") == "char":
       return "char", ""
     if tok.get("path"):
-      return "hf", os.path.join(workdir, tok["path"])
+      return "hf", str(epath.Path(workdir) / tok["path"])
   return "hf", config.init.checkpoint
 
 
@@ -91,7 +93,7 @@ def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
   knobs = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat_policy,
                scan_unroll=m.scan_unroll)
   path = config.init.checkpoint
-  if path and os.path.exists(os.path.join(path, "config.json")):
+  if path and (epath.Path(path) / "config.json").exists():  # epath: gs:// too
     model_cfg, params = hf.load(path, dtype=None, mesh=mesh)
     model_cfg = dataclasses.replace(model_cfg, **knobs)
     params = jax.tree.map(lambda p: p.astype(model_cfg.param_jnp_dtype), params)
@@ -199,7 +201,7 @@ def build_task(config, workdir: str | None = None) -> Task:
     if t.name not in TRAIN_TASKS:
       raise ValueError(f"config.task.name {t.name!r} is unknown; use one of {sorted(TRAIN_TASKS)} or demo")
     from bgpo_jax.data import tfds_builder
-    tfds_dir = t.tfds_dir or os.path.join(workdir or ".", "tfds")
+    tfds_dir = t.tfds_dir or str(epath.Path(workdir or ".") / "tfds")  # epath
     train_names, eval_names = TRAIN_TASKS[t.name]
     if t.eval_tasks:
       eval_names = [s.strip() for s in t.eval_tasks.split(",") if s.strip()]
@@ -228,7 +230,7 @@ def build_task(config, workdir: str | None = None) -> Task:
     # Its own order (seed + 1): warm-up examples are drawn independently of the RL prompts.
     sft = TaskDataset(train_src, tokenizer, batch_size=config.sft.batch_size, seed=config.seed + 1,
                       shuffle=True, **common)
-  # Every host walks the whole eval set in order (the generate call needs the same rows everywhere).
+  # Every host holds the whole eval set in order; tasks.evaluate gives each host its share of a batch.
   eval_common = dict(common, process_index=0, process_count=1)
   evals = {name: TaskDataset(src, tokenizer, batch_size=1, seed=0, shuffle=False, **eval_common)
            for name, src in eval_srcs.items()}
@@ -271,9 +273,11 @@ def enable_compilation_cache(config, workdir: str | None = None) -> str | None:
   if d == "off":
     return None
   if not d:
-    d = os.path.join(workdir, "jax_cache") if workdir else os.path.join(
+    # Under the workdir when JAX can write there (local or gs://, through epath); else the user cache.
+    remote = workdir and "://" in str(workdir) and not str(workdir).startswith("gs://")
+    d = str(epath.Path(workdir) / "jax_cache") if workdir and not remote else os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bgpo_jax", "jax_cache")
-  os.makedirs(d, exist_ok=True)
+  epath.Path(d).mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", d)
   # Every program of a run is worth keeping (the sampler's and train step's take seconds; the
   # many small ones are cheap to store).
@@ -327,33 +331,53 @@ def evaluate(sampler, task: Task, params, *, rng, num_examples: int = 0, batch_s
   out = {}
   all_grades = []
   params = sampler.inference_params(params)  # once per evaluation pass
+  pi, pc = jax.process_index(), jax.process_count()
   for name, ds in task.evals.items():
     n = len(ds) if not num_examples else min(num_examples, len(ds))
     grades = []
-    for rows, valid in eval_batches(n, batch_size):
-      start = int(rows[0])
+    for b, (rows, valid) in enumerate(eval_batches(n, batch_size, process_index=pi, process_count=pc)):
+      # Each process generates and grades its slice of the (padded) global batch; the grades and
+      # completions are gathered, so every process returns the same numbers and records.
       exs = ds.examples_at(rows)
-      ids = [ds.prompt_ids(ex) for ex in exs]
-      r = sampler.sample_ids(params, ids, jax.random.fold_in(rng, start))
+      r = sampler.sample_ids(params, [ds.prompt_ids(ex) for ex in exs], jax.random.fold_in(rng, b * batch_size))
       keep = np.flatnonzero(valid)
       exs, completions = [exs[k] for k in keep], [r.completions[k] for k in keep]
       tasks, gts, extras = _reward_inputs(exs)
-      g = rewards_lib.grade_batch(tasks, completions, gts, extras, **task.reward_kwargs)
+      g = _gather_grades(rewards_lib.grade_batch(tasks, completions, gts, extras, **task.reward_kwargs), valid)
       grades += g
       if records is not None:
+        if pc > 1:
+          exs = ds.examples_at(dist.gather_valid(rows, valid))
+          everyone_valid = dist.allgather_rows(np.asarray(valid, bool))
+          completions = [c for c, v in zip(dist.allgather_strings(r.completions), everyone_valid) if v]
+          tasks, gts, extras = _reward_inputs(exs)
         # grader + extra let `python -m bgpo_jax.evaluate --score FILE` re-grade without a model.
         for ex, t, extra, comp, gr in zip(exs, tasks, extras, completions, g):
           records.append({"task": name, "grader": t, "index": ex.get("index"), "prompt": ex["messages"],
                           "completion": comp, "reward": gr.reward, "correct": gr.correct,
                           "score": gr.score, "ground_truth": ex["ground_truth"],
                           "extra": json.loads(json.dumps(extra, default=str))})
-      if progress:
+      if progress and pi == 0:
         print(f"  eval {name}: {len(grades)}/{n} accuracy so far "
               f"{np.mean([x.correct for x in grades]):.3f}", flush=True)
     out.update(_summary(f"eval/{name}/", grades))
     all_grades += grades
   out.update(_summary("eval/", all_grades))
   return out
+
+
+def _gather_grades(mine: Sequence, valid: np.ndarray) -> list:
+  """Every process's grades of one eval batch in global row order (padding rows dropped); `mine`
+  holds this process's grades of its valid rows. One process: `mine` itself."""
+  if jax.process_count() == 1:
+    return list(mine)
+  it = iter(mine)
+  local = np.zeros((len(valid), 3), np.float32)  # reward, correct, score; zeros on padding rows
+  for i in np.flatnonzero(valid):
+    x = next(it)
+    local[i] = (x.reward, x.correct, x.score)
+  return [rewards_lib.Grade(reward=float(r), correct=bool(c), score=float(sc))
+          for r, c, sc in dist.gather_valid(local, valid)]
 
 
 def _summary(prefix: str, grades: Sequence) -> dict:

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from bgpo_jax.data import procedural, records
 from bgpo_jax.data.dataset import TfdsSource
@@ -194,7 +195,7 @@ def build_tfds(task: str, *, data_dir: str | Path, source_dir: str | Path | None
   config = make_config(task, source_dir=source_dir, files=files, generate=generate)
   builder = BgpoPrompts(config=config, data_dir=data_dir)
   builder.download_and_prepare(
-      download_dir=str(Path(data_dir) / "downloads"),
+      download_dir=str(epath.Path(data_dir) / "downloads"),  # epath: gs:// stays gs://
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
@@ -218,7 +219,7 @@ def tfds_source(task: str, split: str, *, data_dir: str | Path, **build_kwargs
 def load_prepared(builder_dir: str | Path, split: str) -> TfdsSource:
   """Source over an already built dataset folder (…/bgpo_prompts/<config>/1.0.0), no builder
   code or source files needed (tfds.builder_from_directory)."""
-  path = Path(builder_dir)
+  path = epath.Path(builder_dir)  # epath: a gs:// dataset folder too
   if not (path / "dataset_info.json").is_file():
     raise records.DataFileError(f"{path} is not a prepared TFDS dataset folder (no "
                                 "dataset_info.json); build it with build_tfds first")

@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import struct
+import tempfile
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -169,6 +170,11 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh: Mesh | Non
   tensors are an error. config_overrides: LLaDAConfig fields (e.g. compute_dtype, remat_policy).
   """
   path = os.fspath(path)
+  if "://" in path:  # safetensors maps local files: copy a gs:// (epath) dir down first
+    from bgpo_jax.checkpoint import copy_tree
+    local = tempfile.mkdtemp(prefix="bgpo_hf_")
+    copy_tree(path, local)
+    path = local
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
   if dtype is not None:
@@ -293,9 +299,17 @@ def save(config: llada.LLaDAConfig, params: dict[str, Any], path: str | os.PathL
   Writes model-0000i-of-0000N.safetensors (at most max_shard_bytes each, unless one tensor is
   larger), model.safetensors.index.json (metadata.total_size, weight_map) and config.json
   (config.to_hf_dict(), original extra keys kept). dtype: tensor dtype in the files (None = the
-  params' dtype). Multi-process: every process must call it; process 0 writes.
+  params' dtype). Multi-process: every process must call it; process 0 writes. A URI path
+  (gs://, s3://, ... through etils.epath) is written locally first, then copied up.
   """
   path = os.fspath(path)
+  if "://" in path:  # write locally, then copy the folder up through epath
+    local = tempfile.mkdtemp(prefix="bgpo_hf_")
+    files = save(config, params, local, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    if jax.process_index() == 0:
+      from bgpo_jax.checkpoint import copy_tree
+      copy_tree(local, path)
+    return files
   tmap = hf_tensor_map(config)
   names = list(tmap)
   entries = []
