@@ -35,7 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-REMASKING = ("low_confidence", "random")
+from bgpo_jax.diffusion import confidence as confidence_lib
+
+REMASKING = confidence_lib.RULES  # low_confidence, random + Dream's maskgit_plus, topk_margin, entropy
 
 # logits_fn(tokens [B, S] int32, attention_mask [B, S] int32) -> logits [B, S, V] or, to skip
 # the vocab head on the prompt, only the response positions [B, gen_length, V].
@@ -129,7 +131,8 @@ def generate(logits_fn: LogitsFn, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     gen_length, steps, block_length: static ints; gen_length % block_length == 0 and
       steps % (gen_length // block_length) == 0.
     temperature: 0 = greedy candidates; > 0 Gumbel-max sampling of logits / T.
-    remasking: "low_confidence" or "random".
+    remasking: "low_confidence", "random" or Dream's "maskgit_plus" / "topk_margin" / "entropy"
+      (diffusion/confidence.py).
     cfg_scale: classifier-free guidance; > 0 adds a copy with the real prompt tokens masked and
       uses un + (cfg + 1) * (cond - un).
     mask_id, eos_id, eot_id: special token ids.
@@ -206,12 +209,15 @@ def generate(logits_fn: LogitsFn, prompt_tokens: jax.Array, prompt_mask: jax.Arr
       vocab = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
       cand_logit = jnp.max(jnp.where(vocab == cand[..., None], logits, -jnp.inf), axis=-1)
       conf = jnp.exp(cand_logit - jax.nn.logsumexp(logits, axis=-1))
+    elif remasking in confidence_lib.DREAM_RULES:
+      conf = confidence_lib.confidence(logits, cand, remasking, temperature=temperature)
     else:
       conf = jax.random.uniform(k_conf, blk.shape, jnp.float32)
 
     masked = blk == mask_id
     if conf_ids:
-      conf = jnp.where(jnp.isin(cand, jnp.asarray(conf_ids, jnp.int32)), conf - 2.0, conf)
+      conf = jnp.where(jnp.isin(cand, jnp.asarray(conf_ids, jnp.int32)),
+                       conf - confidence_lib.rank_last_offset(remasking, logits.shape[-1]), conf)
     conf = jnp.where(masked, conf, -jnp.inf)
     # Rank of each position in descending confidence (stable: lower index first on ties);
     # a dynamic per-row k then is a comparison, no top_k with a static k needed.
