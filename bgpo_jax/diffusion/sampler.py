@@ -4,8 +4,9 @@ Canvas [prompt | MASK x gen_length], decoded block by block (left to right). Wit
 M masked positions and s = steps / num_blocks steps, step i commits
 M // s + (1 if i < M % s else 0) positions: at every step the model scores the whole canvas,
 each masked position of the current block proposes a candidate (argmax at T = 0, Gumbel-max on
-logits / T otherwise) with a confidence (softmax probability of the candidate, or uniform noise
-for "random" remasking), and the k most confident candidates of each row are committed.
+logits / T otherwise) with a confidence (softmax probability of the candidate, uniform noise
+for "random" remasking, or one of Dream's rules: diffusion/confidence.py), and the k most
+confident candidates of each row are committed.
 
 Everything runs inside two nested `lax.fori_loop`s over a fixed-shape canvas, so `generate`
 traces once per (shapes, settings) and runs under `jax.jit` with batch-sharded inputs. Only the
