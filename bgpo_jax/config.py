@@ -32,7 +32,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- model
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "llada_8b"  # tiny / small / llada_8b (overridden by a Hugging Face config.json)
+  c.model.preset = "llada_8b"  # tiny / small / llada_8b (dream: tiny / small / dream_7b); an HF config.json overrides it
+  # Model family (models/family.py): llada (default: the BGPO paper's model) or dream (Dream-v0-7B:
+  # Qwen2 blocks with QKV biases, shifted logits). An HF checkpoint must match it (its model_type).
+  c.model.family = "llada"
   c.model.param_dtype = "float32"  # master weights (float32 keeps small updates exact)
   c.model.compute_dtype = "bfloat16"  # matmul dtype; norms, RoPE, softmax and logits stay float32
   c.model.remat_policy = "full"  # per-block rematerialization: none / full / dots_saveable
@@ -76,7 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.steps = 128  # diffusion steps over the whole gen_length
   c.rollout.block_length = 32
   c.rollout.temperature = 0.6
-  c.rollout.remasking = "low_confidence"  # low_confidence / random
+  # low_confidence / random (LLaDA) or Dream's maskgit_plus / topk_margin / entropy (RL on Dream
+  # uses entropy); also used by the eval sampler.
+  c.rollout.remasking = "low_confidence"
   c.rollout.cfg_scale = 0.0
   c.rollout.prompt_buckets = (64, 128, 256, 512)  # prompts are left-padded to one of these lengths
   # KV cache of the sampler (SPEC section 4b, Fast-dLLM): none (exact LLaDA sampling) / prefix
@@ -237,9 +242,11 @@ class ConfigError(ValueError):
 MODES = ("rl", "sft")
 RL_OBJECTIVES = ("bgpo", "vrpo_ol", "diffu_grpo")
 ESTIMATORS = ("stratified", "continuous")
-REMASKING = ("low_confidence", "random")
+REMASKING = ("low_confidence", "random", "maskgit_plus", "topk_margin", "entropy")
+FAMILIES = ("llada", "dream")
 TOKENIZERS = ("hf", "char")
 PRESETS = ("tiny", "small", "llada_8b")
+FAMILY_PRESETS = {"llada": PRESETS, "dream": ("tiny", "small", "dream_7b")}
 DTYPES = ("float32", "bfloat16")
 CACHES = ("none", "prefix", "dual")  # = diffusion.sampler.CACHES
 GATHER_WEIGHTS = ("auto", "on", "off")
@@ -271,6 +278,9 @@ def _check_sampler(c, section: str) -> None:
   if s.threshold is not None and not 0.0 < s.threshold <= 1.0:
     raise ConfigError(f"{key}.threshold {s.threshold} must be in (0, 1] (Fast-dLLM uses 0.9), or "
                       f"unset for the fixed schedule of {key}.steps")
+  if s.cache != "none" and c.model.family != "llada":
+    raise ConfigError(f"{key}.cache {s.cache!r}: the KV-cached forward is LLaDA's only (model.family is "
+                      f"{c.model.family!r}); set {key}.cache=none ({key}.threshold still works)")
   if section == "rollout":
     if s.remasking not in REMASKING:
       raise ConfigError(f"{key}.remasking {s.remasking!r} is unknown; use one of {REMASKING}")
@@ -293,8 +303,9 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   one_of("tokenizer.kind", c.tokenizer.kind, TOKENIZERS)
   one_of("model.param_dtype", c.model.param_dtype, DTYPES)
   one_of("model.compute_dtype", c.model.compute_dtype, DTYPES)
+  one_of("model.family", c.model.family, FAMILIES)
   if not c.init.checkpoint:
-    one_of("model.preset", c.model.preset, PRESETS)
+    one_of("model.preset", c.model.preset, FAMILY_PRESETS[c.model.family])
   for key in ("total_steps", "checkpoint_every", "log_every", "keep_checkpoints"):
     if c[key] < 1:
       raise ConfigError(f"config.{key} {c[key]} must be >= 1")

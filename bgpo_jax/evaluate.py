@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from bgpo_jax import config as config_lib
 from bgpo_jax import tasks as tasks_lib
-from bgpo_jax.models import llada
+from bgpo_jax.models import family
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train import state as state_lib
 
@@ -49,7 +49,7 @@ def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = T
   model_cfg, params = tasks_lib.build_model(config, task.tokenizer, mesh)
   if params is None:
     logging.warning("no checkpoint given: evaluating a randomly initialized %s model", config.model.preset)
-    params = jax.jit(lambda r: llada.init_params(model_cfg, r), out_shardings=state_lib.param_shardings(model_cfg, mesh))(jax.random.key(config.seed))
+    params = jax.jit(lambda r: family.module_for(model_cfg).init_params(model_cfg, r), out_shardings=state_lib.param_shardings(model_cfg, mesh))(jax.random.key(config.seed))
   sampler = tasks_lib.build_rollout_sampler(config, model_cfg, task.tokenizer, mesh, "eval")
   records: list = []
   t0 = time.time()

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bgpo_jax.diffusion import sampler
-from bgpo_jax.models import llada
+from bgpo_jax.models import family, llada
 
 BATCH_MESH_AXES = ("data", "fsdp")
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
@@ -183,13 +183,13 @@ class RolloutSampler:
     # Hidden states from the model, the vocab head on the current block only (generate slices):
     # ~4% of an LLaDA-8B step at gen_length 256 that response-wide logits would spend.
     return sampler.generate(
-        lambda tokens, attn: llada.hidden_states(cfg, params, tokens, attn),
+        lambda tokens, attn: family.module_for(cfg).hidden_states(cfg, params, tokens, attn),
         prompt_tokens, prompt_mask, rng=rng, gen_length=s.gen_length, steps=s.steps,
         block_length=s.block_length, temperature=s.temperature, remasking=s.remasking,
         cfg_scale=s.cfg_scale, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
         suppress_eos=s.suppress_eos, eot_id=self.tokenizer.eot_id,
         suppress_eos_confidence=s.suppress_eos_confidence,
-        head_fn=lambda hidden: llada.lm_head(cfg, params, hidden))
+        head_fn=lambda hidden: family.module_for(cfg).lm_head(cfg, params, hidden))
 
   # -- inference weights -------------------------------------------------------------------------
   def weight_layout(self) -> str:
@@ -224,7 +224,7 @@ class RolloutSampler:
       if layout == "gathered":
         from bgpo_jax.models import sharding as sharding_lib
         axes = jax.tree.map(lambda a: tuple(None if n == "embed" else n for n in a),
-                            llada.param_logical_axes(self.config),
+                            family.module_for(self.config).param_logical_axes(self.config),
                             is_leaf=lambda a: isinstance(a, tuple))
         shardings = sharding_lib.logical_to_sharding(axes, self.mesh, shapes=params)
       self._cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cdt), p),

@@ -22,7 +22,7 @@ from bgpo_jax import rewards as rewards_lib
 from bgpo_jax import rollout as rollout_lib
 from bgpo_jax.data import ConcatSource, TaskDataset, demo_examples, eval_batches, solve_countdown
 from bgpo_jax.data import records as records_lib
-from bgpo_jax.models import llada
+from bgpo_jax.models import family, llada
 from bgpo_jax.tokenizer import CharTokenizer, load_tokenizer
 
 # A training task and the test splits it is evaluated on by default.
@@ -95,6 +95,9 @@ def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
   path = config.init.checkpoint
   if path and (epath.Path(path) / "config.json").exists():  # epath: gs:// too
     model_cfg, params = hf.load(path, dtype=None, mesh=mesh)
+    if family.family_of(model_cfg) != m.family:
+      raise ValueError(f"{path} holds a {family.family_of(model_cfg)} checkpoint (config.json model_type) but "
+                       f"config.model.family is {m.family!r}; set --config.model.family={family.family_of(model_cfg)}")
     model_cfg = dataclasses.replace(model_cfg, **knobs)
     params = jax.tree.map(lambda p: p.astype(model_cfg.param_jnp_dtype), params)
   else:
@@ -105,13 +108,13 @@ def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
     found = _run_record(config) if path else None
     if found is not None and found[0].get("model"):
       # A run of this trainer: its architecture as recorded (e.g. trained from an HF checkpoint).
-      model_cfg = dataclasses.replace(llada.LLaDAConfig.from_hf(found[0]["model"]), **knobs)
+      model_cfg = dataclasses.replace(family.config_from_hf(found[0]["model"]), **knobs)
     else:
-      model_cfg = llada.LLaDAConfig.preset(m.preset, **arch, **knobs)
+      model_cfg = family.preset(m.family, m.preset, **arch, **knobs)
     params = None
     if path:
       abstract = state_lib.param_shardings(model_cfg, mesh)
-      shapes = jax.eval_shape(lambda: llada.init_params(model_cfg, jax.random.key(0)))
+      shapes = jax.eval_shape(lambda: family.module_for(model_cfg).init_params(model_cfg, jax.random.key(0)))
       abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, abstract)
       params = ckpt_lib.restore_params(path, abstract)
   if tokenizer.mask_id != model_cfg.mask_token_id or tokenizer.eos_id != model_cfg.eos_token_id:

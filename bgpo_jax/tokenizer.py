@@ -1,6 +1,7 @@
-"""Tokenizers with one interface: the LLaDA HF tokenizer (tokenizer.json) and a char tokenizer.
+"""Tokenizers with one interface: the LLaDA HF tokenizer (tokenizer.json), a char tokenizer, and
+Dream's Qwen2 tokenizer (DreamTokenizer, its own `<|im_start|>` chat template).
 
-Both render the LLaDA chat template (SPEC section 1):
+The first two render the LLaDA chat template (SPEC section 1):
   BOS + for each message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>`
   + (add_generation_prompt) `<|start_header_id|>assistant<|end_header_id|>\\n\\n`
 and encode the rendered string, special-token text becoming the special ids (as HF does).
@@ -234,8 +235,137 @@ def read_special_ids(path: str | os.PathLike) -> dict[str, int]:
   return {k: added[v] for k, v in wanted.items()}
 
 
-def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | HFTokenizer:
-  """"char" -> CharTokenizer(); otherwise an HF tokenizer dir -> HFTokenizer(path)."""
+# --- Dream (Qwen2 byte-level BPE, `<|im_start|>` chat turns)
+
+IM_START_TOKEN = "<|im_start|>"
+IM_END_TOKEN = "<|im_end|>"
+DREAM_MASK_TOKEN = "<|mask|>"
+DREAM_DEFAULT_SYSTEM = "You are a helpful assistant."
+# Qwen2's pre-tokenizer split (contractions, letter runs with one leading non-letter, single
+# digits, punctuation runs, newlines, whitespace); its merges assume exactly this split.
+QWEN2_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                       r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def _qwen2_tokenizer(vocab_file: str, merges_file: str, added: Sequence[tuple[int, str, bool]]):
+  """An HF `tokenizers` Tokenizer equal to Qwen2's: NFC, the split above, byte-level BPE, then the
+  added tokens (id, content, special) appended in id order (raises if an id does not land)."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+  tok = Tokenizer(models.BPE.from_file(vocab_file, merges_file, unk_token=None, fuse_unk=False,
+                                       byte_fallback=False))
+  tok.normalizer = normalizers.NFC()
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  for i, content, special in sorted(added):
+    t = AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                   special=special)
+    (tok.add_special_tokens if special else tok.add_tokens)([t])
+    got = tok.token_to_id(content)
+    if got != i:
+      raise ValueError(f"added token {content!r} got id {got}, but tokenizer_config.json says {i}; "
+                       f"vocab.json and added_tokens_decoder do not fit together")
+  return tok
+
+
+class DreamTokenizer(_ChatTokenizer):
+  """Dream-v0's tokenizer dir (vocab.json + merges.txt + tokenizer_config.json; or tokenizer.json).
+
+  Chat template (tokenizer_config.json, without tools): a system turn first (the given one, else
+  "You are a helpful assistant."), then `<|im_start|>{role}\\n{content}<|im_end|>\\n` per
+  message (content not stripped), then `<|im_start|>assistant\\n` with add_generation_prompt.
+  No BOS (add_bos_token is false). Special ids by content: eos = pad = `<|endoftext|>`,
+  mask `<|mask|>`, eot `<|im_end|>` (a turn's end stops decoding like LLaDA's `<|eot_id|>`),
+  header_start `<|im_start|>`; bos `<|beginoftext|>`.
+  """
+
+  bos_token = ""
+  header_start_token = IM_START_TOKEN
+  header_end_token = ""
+  eot_token = IM_END_TOKEN
+
+  def __init__(self, path: str | os.PathLike):
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    with open(cfg_file) as f:
+      cfg = json.load(f)
+    self.config = cfg
+    added = [(int(k), v["content"], bool(v.get("special", False)))
+             for k, v in cfg.get("added_tokens_decoder", {}).items()]
+    vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+    if os.path.exists(vocab) and os.path.exists(merges):
+      self.tokenizer = _qwen2_tokenizer(vocab, merges, added)
+    elif os.path.exists(os.path.join(path, "tokenizer.json")):
+      from tokenizers import Tokenizer
+      self.tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    else:
+      raise FileNotFoundError(f"{path} has neither vocab.json + merges.txt nor tokenizer.json")
+    by_content = {c: i for i, c, _ in added}
+
+    def lookup(content: str | None, what: str) -> int:
+      i = by_content.get(content) if content else None
+      if i is None and content:
+        i = self.tokenizer.token_to_id(content)
+      if i is None:
+        raise ValueError(f"{what} token {content!r} is not in {cfg_file} added_tokens_decoder nor "
+                         f"in the vocabulary of {path}")
+      return int(i)
+
+    eos_token = _token_content(cfg.get("eos_token")) or EOS_TOKEN
+    self.eos_id = lookup(eos_token, "eos")
+    self.pad_id = lookup(_token_content(cfg.get("pad_token")) or eos_token, "pad")
+    self.bos_id = lookup(_token_content(cfg.get("bos_token")) or "<|beginoftext|>", "bos")
+    self.mask_id = lookup(_token_content(cfg.get("mask_token")) or DREAM_MASK_TOKEN, "mask")
+    self.eot_id = lookup(IM_END_TOKEN, "eot")
+    self.header_start_id = lookup(IM_START_TOKEN, "im_start")
+    self.header_end_id = None
+    self.vocab_size = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+  def render_chat(self, messages: Sequence[Mapping[str, str]],
+                  add_generation_prompt: bool = True) -> str:
+    """The chat template as text (special tokens written out); tool calls are not supported."""
+    for i, m in enumerate(messages):
+      if "role" not in m or "content" not in m:
+        raise ValueError(f"message {i} needs 'role' and 'content' keys, got {sorted(m)}")
+      if m["role"] not in ("system", "user", "assistant"):
+        raise ValueError(f"message {i} has role {m['role']!r}; DreamTokenizer renders system / user / "
+                         "assistant turns (no tools)")
+    turn = lambda role, content: f"{IM_START_TOKEN}{role}\n{content}{IM_END_TOKEN}\n"
+    first_system = bool(messages) and messages[0]["role"] == "system"
+    parts = [turn("system", messages[0]["content"] if first_system else DREAM_DEFAULT_SYSTEM)]
+    parts += [turn(m["role"], m["content"]) for m in messages[int(first_system):]]
+    if add_generation_prompt:
+      parts.append(f"{IM_START_TOKEN}assistant\n")
+    return "".join(parts)
+
+  def encode(self, text: str) -> list[int]:
+    return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+  def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
+    return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def is_dream_tokenizer_dir(path: str | os.PathLike) -> bool:
+  """A Dream / Qwen2-style tokenizer dir: tokenizer_class DreamTokenizer, or `<|im_start|>` and
+  `<|mask|>` among the added tokens."""
+  cfg_file = os.path.join(os.fspath(path), "tokenizer_config.json")
+  if not os.path.exists(cfg_file):
+    return False
+  with open(cfg_file) as f:
+    cfg = json.load(f)
+  if cfg.get("tokenizer_class") == "DreamTokenizer":
+    return True
+  contents = {v.get("content") for v in cfg.get("added_tokens_decoder", {}).values()}
+  return IM_START_TOKEN in contents and DREAM_MASK_TOKEN in contents
+
+
+def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | HFTokenizer | DreamTokenizer:
+  """"char" -> CharTokenizer(); a Dream tokenizer dir -> DreamTokenizer(path); otherwise an HF
+  tokenizer dir -> HFTokenizer(path)."""
   if os.fspath(path) == "char":
     return CharTokenizer()
+  if is_dream_tokenizer_dir(path):
+    return DreamTokenizer(path)
   return HFTokenizer(path)

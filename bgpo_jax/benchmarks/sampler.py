@@ -33,21 +33,21 @@ from jax import lax
 
 from bgpo_jax.benchmarks import common
 from bgpo_jax.diffusion import sampler
-from bgpo_jax.models import llada
+from bgpo_jax.models import family, llada
 
 
 def _hidden_fn(config, params):
-  return lambda tokens, attn: llada.hidden_states(config, params, tokens, attn)
+  return lambda tokens, attn: family.module_for(config).hidden_states(config, params, tokens, attn)
 
 
 def _head_fn(config, params):
-  return lambda hidden: llada.lm_head(config, params, hidden)
+  return lambda hidden: family.module_for(config).lm_head(config, params, hidden)
 
 
 def step_flops(config: llada.LLaDAConfig, batch: int, plen: int, gen_length: int,
                block_length: int) -> float:
   """One sampler step's model FLOPs: the forward with the vocab head on one block only."""
-  full = llada.forward_flops(config, batch, plen + gen_length)
+  full = family.module_for(config).forward_flops(config, batch, plen + gen_length)
   head = 2.0 * config.d_model * config.embedding_size * batch
   return full - head * (plen + gen_length - block_length)
 
@@ -74,7 +74,7 @@ def _interleaved(calls: list, repeats: int) -> list[dict]:
 def bench_model(name: str, *, batch: int, plen: int, gen_length: int, block_length: int,
                 steps: int, temperature: float, repeats: int, peak: float) -> dict:
   config = llada.LLaDAConfig.preset(name)
-  params = llada.init_params(config, jax.random.key(0))
+  params = family.module_for(config).init_params(config, jax.random.key(0))
   r = jax.random.randint(jax.random.key(1), (batch, plen), 6, min(config.vocab_size, 120))
   toks = r.astype(jnp.int32)
   mask = jnp.ones((batch, plen), jnp.int32)

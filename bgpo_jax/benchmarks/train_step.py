@@ -20,7 +20,7 @@ import numpy as np
 from bgpo_jax.benchmarks.common import device_description, matmul_peak_flops, print_table, write_json
 from bgpo_jax.config import base_config
 from bgpo_jax.diffusion import masking
-from bgpo_jax.models import llada
+from bgpo_jax.models import family
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train import optimizer as optim_lib
 from bgpo_jax.train import state as state_lib
@@ -28,9 +28,9 @@ from bgpo_jax.train import step as step_lib
 
 
 def measure(model: str, batch: int, n: int, prompt_len: int, gen_len: int, micro: int, unroll: int,
-            compute_dtype: str, repeats: int) -> dict:
-  cfg = llada.LLaDAConfig.preset(model, param_dtype="float32", compute_dtype=compute_dtype,
-                                 remat_policy="none", scan_unroll=unroll)
+            compute_dtype: str, repeats: int, family_name: str = "llada") -> dict:
+  cfg = family.preset(family_name, model, param_dtype="float32", compute_dtype=compute_dtype,
+                      remat_policy="none", scan_unroll=unroll)
   c = base_config()
   c.optim.learning_rate = 1e-4
   mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -59,8 +59,8 @@ def measure(model: str, batch: int, n: int, prompt_len: int, gen_len: int, micro
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
-  flops = 3.0 * llada.forward_flops(cfg, batch, seq) * n
-  return {"model": model, "batch": batch, "n": n, "seq": seq, "micro": micro or batch, "unroll": unroll,
+  flops = 3.0 * family.module_for(cfg).forward_flops(cfg, batch, seq) * n
+  return {"family": family_name, "model": model, "batch": batch, "n": n, "seq": seq, "micro": micro or batch, "unroll": unroll,
           "compile_s": compile_s, "step_s": step_s, "GFLOP_s": flops / step_s / 1e9,
           "temp_MiB": step_lib.memory_report(compiled).get("temp_bytes", 0) / 2**20}
 
@@ -72,6 +72,7 @@ def _ints(s: str) -> list[int]:
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default="tiny", choices=["tiny", "small"])
+  ap.add_argument("--family", default="llada", help="model families, comma separated (llada,dream: side by side)")
   ap.add_argument("--batch", type=int, default=128, help="sequences per step")
   ap.add_argument("--n", type=int, default=8, help="MC samples per sequence")
   ap.add_argument("--prompt-len", type=int, default=48)
@@ -84,13 +85,13 @@ def main(argv=None) -> None:
   a = ap.parse_args(argv)
   peak = matmul_peak_flops()
   rows = []
-  for unroll in a.unroll:
-    for micro in a.micro:
-      r = measure(a.model, a.batch, a.n, a.prompt_len, a.gen_len, micro, unroll, a.compute_dtype, a.repeats)
-      r["MFU"] = r["GFLOP_s"] * 1e9 / peak
-      rows.append(r)
-      print(r, flush=True)
-  print_table(rows, ["model", "batch", "n", "seq", "micro", "unroll", "compile_s", "step_s", "GFLOP_s", "MFU",
+  runs = [(u, m, f) for u in a.unroll for m in a.micro for f in a.family.split(",")]
+  for unroll, micro, fam in runs:
+    r = measure(a.model, a.batch, a.n, a.prompt_len, a.gen_len, micro, unroll, a.compute_dtype, a.repeats, fam)
+    r["MFU"] = r["GFLOP_s"] * 1e9 / peak
+    rows.append(r)
+    print(r, flush=True)
+  print_table(rows, ["family", "model", "batch", "n", "seq", "micro", "unroll", "compile_s", "step_s", "GFLOP_s", "MFU",
                      "temp_MiB"],
               title=f"BGPO train step; matmul peak {peak / 1e9:.0f} GFLOP/s; {device_description()}")
   write_json(a.out, rows, meta={"peak_flops": peak, "device": device_description()})

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bgpo_jax.models import llada
+from bgpo_jax.models import family, llada
 
 Params = Any
 
@@ -36,7 +36,7 @@ def masked_sequence(tokens: jax.Array, mask: jax.Array, mask_id: int) -> jax.Arr
 def _target_logps(config: llada.LLaDAConfig, params: Params, hidden: jax.Array,
                   targets: jax.Array) -> jax.Array:
   """hidden [B, C, D], targets [B, C] -> log p(target) float32 [B, C]."""
-  logits = llada.lm_head(config, params, hidden).astype(jnp.float32)
+  logits = family.module_for(config).lm_head(config, params, hidden).astype(jnp.float32)
   # Select the target logit by comparison, not gather: stays elementwise (fusable, and no
   # all-gather when the vocab axis is sharded).
   vocab = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
@@ -62,7 +62,7 @@ def response_token_logps(config: llada.LLaDAConfig, params: Params, tokens: jax.
   L = targets.shape[-1]
   if logits_chunk and L % logits_chunk:
     raise ValueError(f"response length {L} is not a multiple of logits_chunk {logits_chunk}")
-  hidden = llada.hidden_states(config, params, tokens, attention_mask)[:, -L:]
+  hidden = family.module_for(config).hidden_states(config, params, tokens, attention_mask)[:, -L:]
   if not logits_chunk or logits_chunk >= L:
     return _target_logps(config, params, hidden, targets)
   nc = L // logits_chunk

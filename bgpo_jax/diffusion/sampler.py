@@ -4,8 +4,9 @@ Canvas [prompt | MASK x gen_length], decoded block by block (left to right). Wit
 M masked positions and s = steps / num_blocks steps, step i commits
 M // s + (1 if i < M % s else 0) positions: at every step the model scores the whole canvas,
 each masked position of the current block proposes a candidate (argmax at T = 0, Gumbel-max on
-logits / T otherwise) with a confidence (softmax probability of the candidate, or uniform noise
-for "random" remasking), and the k most confident candidates of each row are committed.
+logits / T otherwise) with a confidence (softmax probability of the candidate, uniform noise
+for "random" remasking, or one of Dream's rules: diffusion/confidence.py), and the k most
+confident candidates of each row are committed.
 
 Everything runs inside two nested `lax.fori_loop`s over a fixed-shape canvas, so `generate`
 traces once per (shapes, settings) and runs under `jax.jit` with batch-sharded inputs. Only the
@@ -35,7 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-REMASKING = ("low_confidence", "random")
+from bgpo_jax.diffusion import confidence as confidence_lib
+
+REMASKING = confidence_lib.RULES  # low_confidence, random + Dream's maskgit_plus, topk_margin, entropy
 
 # logits_fn(tokens [B, S] int32, attention_mask [B, S] int32) -> logits [B, S, V] or, to skip
 # the vocab head on the prompt, only the response positions [B, gen_length, V].
@@ -133,11 +136,14 @@ def _candidates(logits: jax.Array, blk: jax.Array, key: jax.Array, *, temperatur
     vocab = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     cand_logit = jnp.max(jnp.where(vocab == cand[..., None], logits, -jnp.inf), axis=-1)
     conf = jnp.exp(cand_logit - jax.nn.logsumexp(logits, axis=-1))
+  elif remasking in confidence_lib.DREAM_RULES:
+    conf = confidence_lib.confidence(logits, cand, remasking, temperature=temperature)
   else:
     conf = jax.random.uniform(k_conf, blk.shape, jnp.float32)
 
   if conf_ids:
-    conf = jnp.where(jnp.isin(cand, jnp.asarray(conf_ids, jnp.int32)), conf - 2.0, conf)
+    conf = jnp.where(jnp.isin(cand, jnp.asarray(conf_ids, jnp.int32)),
+                     conf - confidence_lib.rank_last_offset(remasking, logits.shape[-1]), conf)
   return cand, jnp.where(blk == mask_id, conf, -jnp.inf)
 
 
@@ -201,7 +207,8 @@ def generate(logits_fn: LogitsFn, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     gen_length, steps, block_length: static ints; gen_length % block_length == 0 and
       steps % (gen_length // block_length) == 0.
     temperature: 0 = greedy candidates; > 0 Gumbel-max sampling of logits / T.
-    remasking: "low_confidence" or "random".
+    remasking: "low_confidence", "random" or Dream's "maskgit_plus" / "topk_margin" / "entropy"
+      (diffusion/confidence.py).
     cfg_scale: classifier-free guidance; > 0 adds a copy with the real prompt tokens masked and
       uses un + (cfg + 1) * (cond - un).
     mask_id, eos_id, eot_id: special token ids.
@@ -343,7 +350,11 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
     int32 [B, P + gen_length]: the prompt followed by the response (no mask left); with
     return_nfe, (tokens, nfe).
   """
-  from bgpo_jax.models import llada, llada_cache  # the sampler core stays model-agnostic
+  from bgpo_jax.models import family, llada_cache  # the sampler core stays model-agnostic
+  model = family.module_for(model_cfg)
+  if cache != "none" and family.family_of(model_cfg) != "llada":
+    raise ValueError(f"cache={cache!r} (the KV-cached forward) supports LLaDA only, not "
+                     f"{family.family_of(model_cfg)}; use cache='none' (threshold decoding works)")
 
   check_settings(gen_length=gen_length, steps=steps, block_length=block_length,
                  temperature=temperature, remasking=remasking, cfg_scale=cfg_scale,
@@ -384,7 +395,7 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
     return canvas
 
   def block_logits(hidden_block: jax.Array) -> jax.Array:  # [B', bl, D] -> [B, bl, V] float32
-    out = llada.lm_head(model_cfg, params, hidden_block).astype(jnp.float32)
+    out = model.lm_head(model_cfg, params, hidden_block).astype(jnp.float32)
     if cfg_scale > 0:
       cond, unc = out[:batch], out[batch:]
       return unc + (cfg_scale + 1.0) * (cond - unc)
@@ -396,7 +407,7 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
     if with_cache:
       hidden, kv = llada_cache.prefill(model_cfg, params, tokens, attn)
     else:  # llada's own forward: bit-identical to `generate` for cache="none"
-      hidden, kv = llada.hidden_states(model_cfg, params, tokens, attn), None
+      hidden, kv = model.hidden_states(model_cfg, params, tokens, attn), None
     return block_logits(lax.dynamic_slice_in_dim(hidden, start, block_length, axis=1)), kv
 
   def windowed(canvas, start, kv, width: int):

@@ -1,4 +1,7 @@
-"""Models: LLaDA (llada.py), checkpoint import/export (hf.py), logical sharding (sharding.py)."""
+"""Models: LLaDA (llada.py), Dream (dream.py), one interface over both (family.py), checkpoint
+import/export (hf.py), logical sharding (sharding.py)."""
+
+from bgpo_jax.models.dream import DreamConfig
 
 from bgpo_jax.models.llada import (
   LLaDAConfig,
@@ -11,6 +14,7 @@ from bgpo_jax.models.llada import (
 from bgpo_jax.models.sharding import DEFAULT_LOGICAL_RULES, logical_to_sharding, make_mesh
 
 __all__ = [
+  "DreamConfig",
   "LLaDAConfig",
   "forward",
   "hidden_states",

@@ -1,4 +1,7 @@
-"""Hugging Face LLaDA checkpoints (config.json + sharded safetensors) <-> our parameter tree.
+"""Hugging Face LLaDA / Dream checkpoints (config.json + sharded safetensors) <-> our parameter tree.
+
+The family comes from config.json's `model_type` (models/family.py); each family module names its
+HF tensors (llada: `hf_tensor_map` here, Dream: `dream.hf_tensor_map`).
 
 Import streams tensor by tensor: each HF tensor is read from its shard (safetensors, numpy),
 put on device (straight onto its NamedSharding when a mesh is given), transposed / cast there,
@@ -27,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors import safe_open
 
-from bgpo_jax.models import llada
+from bgpo_jax.models import family, llada
 from bgpo_jax.models.sharding import DEFAULT_LOGICAL_RULES, logical_to_sharding
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -52,8 +55,11 @@ class CheckpointError(ValueError):
 def hf_tensor_map(config: llada.LLaDAConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
   """HF tensor name -> (path in our param tree, layer index or None, transposed?).
 
-  Transposed tensors are HF Linear weights ([out, in]); ours are [in, out].
+  Transposed tensors are HF Linear weights ([out, in]); ours are [in, out]. Dream configs use
+  dream.hf_tensor_map (Qwen2 names).
   """
+  if family.family_of(config) != "llada":
+    return family.module_for(config).hf_tensor_map(config)
   out: dict[str, tuple[tuple[str, ...], int | None, bool]] = {
     _PREFIX + "wte.weight": (("wte",), None, False),
     _PREFIX + "ln_f.weight": (("ln_f",), None, False),
@@ -68,7 +74,7 @@ def hf_tensor_map(config: llada.LLaDAConfig) -> dict[str, tuple[tuple[str, ...],
 def hf_shape(config: llada.LLaDAConfig, name: str) -> tuple[int, ...]:
   """The shape an HF tensor must have for `config`."""
   path, layer, transposed = hf_tensor_map(config)[name]
-  shape = _get(llada.param_shapes(config), path)
+  shape = _get(family.module_for(config).param_shapes(config), path)
   if layer is not None:
     shape = shape[1:]
   return tuple(reversed(shape)) if transposed else tuple(shape)
@@ -162,7 +168,7 @@ def _placer(out_sharding: NamedSharding | None, transposed: bool, stacked: bool)
 def load(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh: Mesh | None = None,
          logical_rules: Sequence[tuple[str, Any]] | None = None, strict: bool = True,
          **config_overrides) -> tuple[llada.LLaDAConfig, dict[str, Any]]:
-  """Imports an HF LLaDA checkpoint dir -> (config, params).
+  """Imports an HF LLaDA or Dream checkpoint dir -> (config, params) (LLaDAConfig / DreamConfig).
 
   dtype: parameter dtype (config.param_dtype follows it; None keeps the checkpoint's
   torch_dtype). mesh: place each tensor straight onto its NamedSharding (param_logical_axes +
@@ -179,14 +185,14 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh: Mesh | Non
     raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
   if dtype is not None:
     config_overrides.setdefault("param_dtype", jnp.dtype(dtype).name)
-  config = llada.LLaDAConfig.from_hf(path, **config_overrides)
+  config = family.config_from_hf(path, **config_overrides)  # model_type: LLaDA or Dream
   weight_map = _weight_map(path)
   _check_checkpoint(config, path, weight_map, strict)
 
-  shapes = llada.param_shapes(config)
+  shapes = family.module_for(config).param_shapes(config)
   pdtype = config.param_jnp_dtype
   if mesh is not None:
-    shardings = logical_to_sharding(llada.param_logical_axes(config), mesh,
+    shardings = logical_to_sharding(family.module_for(config).param_logical_axes(config), mesh,
                                     logical_rules or DEFAULT_LOGICAL_RULES, shapes=shapes)
   else:
     shardings = jax.tree.map(lambda _: None, shapes, is_leaf=lambda x: isinstance(x, tuple))
@@ -318,7 +324,7 @@ def save(config: llada.LLaDAConfig, params: dict[str, Any], path: str | os.PathL
     dt = np.dtype(dtype) if dtype is not None else np.dtype(_get(params, keys).dtype)
     if dt not in _NP_TO_ST:
       raise ValueError(f"cannot save {name} as {dt}; use one of {sorted(map(str, _NP_TO_ST))}")
-    expected = _get(llada.param_shapes(config), keys)
+    expected = _get(family.module_for(config).param_shapes(config), keys)
     got = tuple(_get(params, keys).shape)
     if got != tuple(expected):
       raise CheckpointError(f"param {'/'.join(keys)}: shape {got} does not match the config's "

@@ -449,6 +449,13 @@ def _attention(config: LLaDAConfig, q: jax.Array, k: jax.Array, v: jax.Array,
   return ctx.reshape(B, S, H, hd).astype(cdt)
 
 
+def attention(config, q: jax.Array, k: jax.Array, v: jax.Array,
+              key_mask: jax.Array | None) -> jax.Array:
+  """Bidirectional GQA attention (config.attention_impl), the public entry for other families
+  (dream.py): q [B,S,H,hd], k/v [B,S,KV,hd], key_mask bool [B,S] or None -> [B,S,H,hd]."""
+  return _attention(config, q, k, v, key_mask)
+
+
 def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, sin,
            key_mask) -> jax.Array:
   """One pre-norm block. x [B,S,D] compute dtype; p holds this layer's (unstacked) weights."""

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bgpo_jax.models import llada
+from bgpo_jax.models import family, llada
 from bgpo_jax.models import sharding as sharding_lib
 
 
@@ -25,8 +25,8 @@ class TrainState:
 def param_shardings(model_cfg: llada.LLaDAConfig, mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] = sharding_lib.DEFAULT_LOGICAL_RULES) -> Any:
   """NamedSharding per parameter from its logical axes (FSDP over embed, tensor over heads/MLP)."""
-  shapes = jax.eval_shape(lambda: llada.init_params(model_cfg, jax.random.key(0)))
-  return sharding_lib.logical_to_sharding(llada.param_logical_axes(model_cfg), mesh, rules, shapes)
+  shapes = jax.eval_shape(lambda: family.module_for(model_cfg).init_params(model_cfg, jax.random.key(0)))
+  return sharding_lib.logical_to_sharding(family.module_for(model_cfg).param_logical_axes(model_cfg), mesh, rules, shapes)
 
 
 def state_shardings(optimizer: optax.GradientTransformation, abstract_opt_state: Any,
@@ -45,7 +45,7 @@ def abstract_train_state(model_cfg: llada.LLaDAConfig, optimizer: optax.Gradient
   Used to compile ahead of time and to restore checkpoints straight onto their shardings.
   """
   p_shard = param_shardings(model_cfg, mesh, rules)
-  params = jax.eval_shape(lambda: llada.init_params(model_cfg, jax.random.key(0)))
+  params = jax.eval_shape(lambda: family.module_for(model_cfg).init_params(model_cfg, jax.random.key(0)))
   opt_state = jax.eval_shape(optimizer.init, params)
   shardings = state_shardings(optimizer, opt_state, p_shard, mesh)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
@@ -62,7 +62,7 @@ def create_train_state(model_cfg: llada.LLaDAConfig, optimizer: optax.GradientTr
     if rng is None:
       raise ValueError("create_train_state needs rng (random init) or params")
     # Each device initializes only its own shard.
-    params = jax.jit(lambda r: llada.init_params(model_cfg, r), out_shardings=shardings.params)(rng)
+    params = jax.jit(lambda r: family.module_for(model_cfg).init_params(model_cfg, r), out_shardings=shardings.params)(rng)
   else:
     params = jax.device_put(params, shardings.params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)

@@ -1,0 +1,98 @@
+"""One model interface over the model families (LLaDA, Dream): everything outside `models/`
+(the ELBO, the train step, the samplers, evaluation, the trainer) reaches a model through
+`module_for(config)`, so a new family is a module implementing `ModelFamily`, registered here.
+
+A family module exposes, for its config class C:
+
+  init_params(C, rng) -> params             param_shapes(C) / param_logical_axes(C) -> trees
+  hidden_states(C, params, tokens, mask)    [B,S,D]: feature i predicts token i (shift inside)
+  lm_head(C, params, hidden) -> logits      forward(C, params, tokens, mask) -> [B,S,V]
+  forward_flops(C, batch, seq_len)          C.preset(name), C.from_hf(path_or_dict)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import ModuleType
+from typing import Any, Mapping, Protocol
+
+from bgpo_jax.models import dream, llada
+
+FAMILIES = ("llada", "dream")
+DEFAULT_FAMILY = "llada"
+# Preset names per family (config.model.preset is validated against these).
+PRESETS = {"llada": ("tiny", "small", "llada_8b"), "dream": ("tiny", "small", "dream_7b")}
+_MODULES = {"llada": llada, "dream": dream}
+_CONFIGS = {"llada": llada.LLaDAConfig, "dream": dream.DreamConfig}
+# HF config.json model_type (lower-cased) -> family.
+_HF_MODEL_TYPES = {"llada": "llada", "dream": "dream"}
+
+
+class ModelFamily(Protocol):
+  """What a family module provides (see the module docstring for shapes)."""
+
+  def init_params(self, config: Any, rng: Any) -> Any: ...
+  def param_shapes(self, config: Any) -> Any: ...
+  def param_logical_axes(self, config: Any) -> Any: ...
+  def hidden_states(self, config: Any, params: Any, tokens: Any, attention_mask: Any = None) -> Any: ...
+  def lm_head(self, config: Any, params: Any, hidden: Any) -> Any: ...
+  def forward(self, config: Any, params: Any, tokens: Any, attention_mask: Any = None) -> Any: ...
+  def forward_flops(self, config: Any, batch: int, seq_len: int) -> float: ...
+
+
+def family_of(config: Any) -> str:
+  """"llada" / "dream" for a model config instance (or a family name)."""
+  if isinstance(config, str):
+    if config not in _MODULES:
+      raise ValueError(f"unknown model family {config!r}; use one of {FAMILIES}")
+    return config
+  for name, cls in _CONFIGS.items():
+    if isinstance(config, cls):
+      return name
+  raise TypeError(f"{type(config).__name__} is not a model config of a known family {FAMILIES}")
+
+
+def module_for(config: Any) -> ModelFamily:
+  """The family module (bgpo_jax.models.llada or .dream) for a config instance or family name."""
+  return _MODULES[family_of(config)]
+
+
+def config_class(family: str) -> type:
+  return _CONFIGS[family_of(family)]
+
+
+def preset(family: str, name: str, **overrides) -> Any:
+  """`config_class(family).preset(name, **overrides)`, with the family's preset names checked."""
+  if name not in PRESETS[family_of(family)]:
+    raise ValueError(f"unknown {family} preset {name!r}; choose one of {PRESETS[family]}")
+  return config_class(family).preset(name, **overrides)
+
+
+def _read_hf(path_or_dict) -> dict[str, Any]:
+  if isinstance(path_or_dict, Mapping):
+    return dict(path_or_dict)
+  p = os.fspath(path_or_dict)
+  if os.path.isdir(p):
+    p = os.path.join(p, "config.json")
+  with open(p) as f:
+    return json.load(f)
+
+
+def hf_family(path_or_dict) -> str:
+  """The family of an HF config (dict, config.json or checkpoint dir) from its `model_type`
+  (none = LLaDA)."""
+  hf = _read_hf(path_or_dict)
+  mt = str(hf.get("model_type") or "").lower()
+  if not mt:  # LLaDA configs written before families existed may lack it
+    return DEFAULT_FAMILY
+  if mt in _HF_MODEL_TYPES:
+    return _HF_MODEL_TYPES[mt]
+  raise ValueError(f"HF config model_type {hf.get('model_type')!r} is not a known family "
+                   f"(known model_type values: {sorted(_HF_MODEL_TYPES)})")
+
+
+def config_from_hf(path_or_dict, **overrides) -> Any:
+  """The family's config from an HF config (model_type decides the family)."""
+  hf = _read_hf(path_or_dict)
+  return config_class(hf_family(hf)).from_hf(hf, **overrides)
