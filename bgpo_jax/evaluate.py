@@ -3,7 +3,9 @@ r"""Evaluation: `python -m bgpo_jax.evaluate --config=configs/<task>.py --checkp
 Generates with the config's eval sampler settings (greedy by default), scores with the task's
 verifiable reward, prints accuracy per eval task and writes a JSONL of prompt, completion,
 reward and ground truth. PATH is a Hugging Face LLaDA directory, a run's workdir, or one of its
-Orbax checkpoints; without --checkpoint the config's init.checkpoint is evaluated.
+Orbax checkpoints (a workdir's run.json and tokenizer/ give the architecture and the tokenizer);
+without --checkpoint the config's init.checkpoint is evaluated. Any split size runs on any mesh:
+the last batch is padded to eval.batch_size and the padding is not scored.
 
 `python -m bgpo_jax.evaluate --score FILE` re-grades saved generations (this command's JSONL,
 d1's generation JSON/JSONL) without a model and prints the per-task table (bgpo_jax.rescore).

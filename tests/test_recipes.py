@@ -45,6 +45,8 @@ RECIPES = [
 ]
 EVAL_SETS = {"math": ["gsm8k", "math500"], "code": ["humaneval", "mbpp"], "countdown": ["countdown"],
              "sudoku": ["sudoku"], "countdown_vrpo_ol": ["countdown"]}
+# Rows of the real test splits (../shared/datasets/README.md); each eval scores EVAL_ROWS of them.
+SPLIT_ROWS = {"gsm8k": 1319, "math500": 500, "humaneval": 164, "mbpp": 500, "countdown": 256, "sudoku": 500}
 
 CODE_TRAIN = [
     {"prompt": "Write a function add(a, b) that returns a + b.", "tests": ["assert add(1, 2) == 3"]},
@@ -92,7 +94,7 @@ def test_recipe_runs_two_steps_and_evaluates(matrix, name):
     assert all(isinstance(m[k], float) for k in ("train/loss", "train/grad_norm", "train/reward_mean"))
   for ev in EVAL_SETS[name]:
     # Exactly the requested rows were scored: the padding of the last batch is not.
-    assert r["eval_sizes"][ev] >= EVAL_ROWS
+    assert r["eval_sizes"][ev] == SPLIT_ROWS[ev]  # the whole real split was loaded
     assert rows[-1][f"eval/{ev}/num_examples"] == EVAL_ROWS, (ev, rows[-1])
     assert 0.0 <= rows[-1][f"eval/{ev}/accuracy"] <= 1.0
 

@@ -79,3 +79,29 @@ def test_the_trainer_builds_it(ckpt):
   assert model_cfg.n_layers == 1 and model_cfg.param_dtype == "float32" and params is not None
   logits = llada.forward(model_cfg, params, np.asarray([tok.apply_chat_template(CHAT)], np.int32))
   assert logits.shape[-1] == 512 and np.isfinite(np.asarray(logits)).all()
+
+
+def test_a_run_records_its_tokenizer_and_architecture(ckpt, tmp_path):
+  """The trainer's run.json + tokenizer/ copy: a config whose init.checkpoint is the workdir (or a
+  step inside it) finds the tokenizer and the architecture there, not in the preset."""
+  from bgpo_jax import checkpoint as ckpt_lib
+  from bgpo_jax import config as config_lib
+  from bgpo_jax import tasks as tasks_lib
+  model_cfg = llada.LLaDAConfig.from_hf(ckpt)
+  workdir = tmp_path / "run"
+  c = config_lib.base_config()
+  c.init.checkpoint = str(ckpt)
+  kind, path = tasks_lib.tokenizer_source(c)
+  assert (kind, path) == ("hf", str(ckpt))  # a Hugging Face directory: its own tokenizer
+  ckpt_lib.write_run_record(str(workdir), model_hf=model_cfg.to_hf_dict(), tokenizer_kind=kind, tokenizer_path=path)
+  assert {p.name for p in (workdir / "tokenizer").iterdir()} == {"tokenizer.json", "tokenizer_config.json"}
+  for where in (workdir, workdir / "checkpoints", workdir / "checkpoints" / "7"):
+    c.init.checkpoint = str(where)
+    assert tasks_lib.tokenizer_source(c) == ("hf", str(workdir / "tokenizer"))
+    record, root = ckpt_lib.find_run_record(str(where))
+    assert root == str(workdir) and llada.LLaDAConfig.from_hf(record["model"]) == model_cfg
+  tok = tasks_lib.build_tokenizer(c)
+  assert tok.encode("What is 2+2?") == HFTokenizer(ckpt).encode("What is 2+2?")
+  c.tokenizer.path = str(ckpt)  # an explicit tokenizer.path still wins
+  assert tasks_lib.tokenizer_source(c) == ("hf", str(ckpt))
+  assert ckpt_lib.find_run_record(str(ckpt)) is None
