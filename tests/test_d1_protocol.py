@@ -118,9 +118,10 @@ def test_evaluate_accuracy_counts_fully_correct_only():
                  f"<reasoning>r</reasoning><answer>{sol}</answer>"]
   exs = [{"task": "sudoku", "index": i, "messages": [{"role": "user", "content": puzzle}],
           "ground_truth": sol, "extra": {"puzzle": puzzle}} for i in range(2)]
-  ds = type("DS", (), {"example": lambda self, i: exs[i], "prompt_ids": lambda self, ex: [1, 2],
-                       "__len__": lambda self: 2})()
+  ds = type("DS", (), {"examples_at": lambda self, rows: [exs[int(i)] for i in rows],
+                       "prompt_ids": lambda self, ex: [1, 2], "__len__": lambda self: 2})()
   sampler = types.SimpleNamespace(
+      inference_params=lambda params: params,
       sample_ids=lambda params, ids, rng: types.SimpleNamespace(completions=completions[:len(ids)]))
   task = tasks_lib.Task("sudoku", None, None, {"sudoku": ds},
                         {"format_reward": 0.5, "recipes": {"sudoku": "fraction"}})

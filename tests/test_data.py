@@ -461,6 +461,9 @@ class _AnswerSampler:
   def __init__(self, tok, answers: dict):
     self.tok, self.answers, self.calls = tok, answers, []
 
+  def inference_params(self, params):
+    return params
+
   def sample_ids(self, params, ids, rng):
     import types
     self.calls.append(len(ids))
