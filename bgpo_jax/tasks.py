@@ -39,7 +39,15 @@ TRAIN_TASKS = {
 def build_tokenizer(config):
   if config.tokenizer.kind == "char":
     return CharTokenizer()
-  return load_tokenizer(config.tokenizer.path or config.init.checkpoint)
+  path = config.tokenizer.path or config.init.checkpoint
+  if "://" in path:  # [i16 multihost] HF tokenizers reads local files: copy the small files down
+    import tempfile
+    local = epath.Path(tempfile.mkdtemp(prefix="bgpo_tok_"))
+    for f in epath.Path(path).iterdir():
+      if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt")):
+        (local / f.name).write_bytes(f.read_bytes())
+    path = str(local)
+  return load_tokenizer(path)
 
 
 # ------------------------------------------------------------------------------------ model
