@@ -137,7 +137,8 @@ def _find_state_dir(path: str) -> epath.Path:
     if (directory / "state").is_dir():
       return directory / "state"
     if directory.is_dir():
-      steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()]
+      steps = [int(d.name) for d in directory.iterdir() if d.name.isdigit()
+               and (not needs_staging(directory) or (d / STAGED_MARKER).exists())]  # staged: finished only
       if steps:
         return directory / str(max(steps)) / "state"
   raise FileNotFoundError(

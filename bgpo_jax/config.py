@@ -381,11 +381,11 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   if c.tokenizer.kind == "hf" and not (c.tokenizer.path or c.init.checkpoint):
     raise ConfigError("config.tokenizer.kind 'hf' needs config.tokenizer.path or config.init.checkpoint "
                       "(a directory with tokenizer.json); or use --config.tokenizer.kind=char")
-  if c.tokenizer.path and not os.path.isdir(c.tokenizer.path):
+  if c.tokenizer.path and "://" not in c.tokenizer.path and not os.path.isdir(c.tokenizer.path):
     raise ConfigError(f"config.tokenizer.path {c.tokenizer.path!r} is not a directory")
-  if c.task.data_dir and not os.path.isdir(c.task.data_dir):
+  if c.task.data_dir and "://" not in c.task.data_dir and not os.path.isdir(c.task.data_dir):
     raise ConfigError(f"config.task.data_dir {c.task.data_dir!r} is not a directory")
-  if c.task.train_file and not os.path.isfile(c.task.train_file):
+  if c.task.train_file and "://" not in c.task.train_file and not os.path.isfile(c.task.train_file):
     raise ConfigError(f"config.task.train_file {c.task.train_file!r} does not exist")
   if c.mode == "rl" and c.task.name == "code" and not c.task.train_file:
     raise ConfigError("config.task.name 'code' trains on a JSONL of {prompt, tests}: set "

@@ -73,6 +73,13 @@ def build_tokenizer(config):
   kind, path = tokenizer_source(config)
   if kind == "char":
     return CharTokenizer()
+  if "://" in path:  # HF tokenizers reads local files: copy the small files down
+    import tempfile
+    local = epath.Path(tempfile.mkdtemp(prefix="bgpo_tok_"))
+    for f in epath.Path(path).iterdir():
+      if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt")):
+        (local / f.name).write_bytes(f.read_bytes())
+    path = str(local)
   return load_tokenizer(path)
 
 

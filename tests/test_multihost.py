@@ -206,6 +206,49 @@ def test_hf_checkpoint_save_and_load_through_a_remote_path(memory_bucket):
   assert list(cwd.iterdir()) == []
 
 
+def test_task_data_and_tfds_build_from_a_remote_folder(memory_bucket, tmp_path):
+  import io
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from etils import epath
+
+  from bgpo_jax.data import records, tfds_builder
+
+  root, _, cwd = memory_bucket
+  row = lambda q, a: {"data_source": "gsm8k", "prompt": [{"role": "user", "content": q}],
+                      "reward_model": {"ground_truth": a, "style": "rule"}, "extra_info": {"split": "train"}}
+  src = epath.Path(root) / "datasets"
+  src.mkdir(parents=True)
+  (src / "train_gsm8k.jsonl").write_text("".join(json.dumps(row(f"{i} + 1?", str(i + 1))) + "\n" for i in range(5)))
+  buf = io.BytesIO()
+  pq.write_table(pa.Table.from_pylist([row(f"{i} * 2?", str(2 * i)) for i in range(3)]), buf)
+  (src / "test_gsm8k.parquet").write_bytes(buf.getvalue())
+  train, _ = records.load_examples("gsm8k", "train", source_dir=str(src))
+  test, _ = records.load_examples("gsm8k", "test", source_dir=str(src))
+  assert [e["ground_truth"] for e in train] == ["1", "2", "3", "4", "5"] and len(test) == 3
+  source, _ = tfds_builder.tfds_source("gsm8k", "train", data_dir=str(tmp_path / "tfds"), source_dir=str(src))
+  assert [source[i] for i in range(5)] == train
+  assert list(cwd.iterdir()) == []
+
+
+def test_tokenizer_from_a_remote_folder(memory_bucket, tmp_path):
+  from bgpo_jax import tasks as tasks_lib
+  from bgpo_jax.checkpoint import copy_tree
+  from bgpo_jax.config import base_config
+  from bgpo_jax.tokenizer import load_tokenizer
+  from tests.test_tokenizer import _write_tokenizer
+
+  root, _, cwd = memory_bucket
+  _write_tokenizer(tmp_path / "tok")
+  copy_tree(tmp_path / "tok", f"{root}/tok")
+  c = base_config()
+  c.tokenizer.path = f"{root}/tok"
+  remote, local = tasks_lib.build_tokenizer(c), load_tokenizer(tmp_path / "tok")
+  assert remote.encode("What is 2 + 2?") == local.encode("What is 2 + 2?") and remote.eos_id == local.eos_id
+  assert list(cwd.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------- row helpers
 
 

@@ -26,10 +26,13 @@ import collections
 import dataclasses
 import json
 import logging
+import io
 import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from etils import epath
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def find_task_files(source_dir: str | Path, task: str, split: str) -> list[Path]
   Returns [] when none match (the caller decides whether a missing split is an error).
   """
   _check_task(task)
-  source_dir = Path(source_dir)
+  source_dir = epath.Path(source_dir)  # epath: a gs:// data folder too
   if not source_dir.is_dir():
     raise DataFileError(f"source_dir {source_dir} is not a directory; point it at a folder "
                         f"holding files like train_{task}.parquet")
@@ -114,20 +117,21 @@ def find_task_files(source_dir: str | Path, task: str, split: str) -> list[Path]
 
 def read_rows(path: str | Path) -> list[dict]:
   """All rows of one parquet or JSONL file as python dicts; DataFileError names the path."""
-  path = Path(path)
+  path = epath.Path(path)  # epath: a gs:// file too
   if not path.is_file():
     raise DataFileError(f"data file {path} does not exist")
   if path.suffix == ".parquet":
     try:
       import pyarrow.parquet as pq
-      return pq.read_table(path).to_pylist()
+      with path.open("rb") as f:
+        return pq.read_table(f).to_pylist()
     except Exception as e:  # pyarrow raises several types for corrupt files
       raise DataFileError(f"cannot read parquet file {path}: {type(e).__name__}: {e}") from e
   if path.suffix in (".jsonl", ".json"):
     rows = []
     try:
-      with open(path, encoding="utf-8") as f:
-        for line in f:
+      with path.open("rb") as f:
+        for line in io.TextIOWrapper(f, encoding="utf-8"):
           line = line.strip()
           # A non-JSON line is a bad row, not a bad file: keep it as a marker for RowStats.
           if not line:
@@ -361,7 +365,7 @@ def load_examples(task: str, split: str, *, source_dir: str | Path | None = None
   examples: list[dict] = []
   for path in files:
     rows = read_rows(path)
-    got, _ = normalize_rows(rows, task, split, where=Path(path).name, stats=stats)
+    got, _ = normalize_rows(rows, task, split, where=epath.Path(path).name, stats=stats)
     examples.extend(got)
   stats.report()
   return examples, stats

@@ -53,10 +53,15 @@ class TaskPromptsConfig(tfds.core.BuilderConfig):
 
 def _sha256_file(path: Path) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:  # epath
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
+
+
+def _resolve(p) -> Path | epath.Path:
+  """Local paths made absolute; URIs (gs://...) kept as they are."""
+  return epath.Path(p) if "://" in str(p) else Path(p).resolve()
 
 
 def _resolve_files(task: str, source_dir: str | Path | None,
@@ -69,14 +74,14 @@ def _resolve_files(task: str, source_dir: str | Path | None,
         raise ValueError(f"files has split {split!r}; use {records.SPLITS}")
       paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
       for p in paths:
-        if not Path(p).is_file():
+        if not epath.Path(p).is_file():
           raise records.DataFileError(f"data file {p} does not exist")
-      out[split] = [Path(p).resolve() for p in paths]
+      out[split] = [_resolve(p) for p in paths]
     return out
   if source_dir is None:
     raise ValueError(f"task {task!r} needs source_dir, files or generate")
   out = {s: records.find_task_files(source_dir, task, s) for s in records.SPLITS}
-  out = {s: [p.resolve() for p in ps] for s, ps in out.items() if ps}
+  out = {s: [_resolve(p) for p in ps] for s, ps in out.items() if ps}
   if not out:
     raise records.DataFileError(
         f"no files for task {task!r} in {source_dir}: expected train_{task}*.parquet / "
@@ -107,7 +112,7 @@ def make_config(task: str, *, source_dir: str | Path | None = None,
   else:
     resolved = _resolve_files(task, source_dir, files)
     file_items = tuple((s, tuple(str(p) for p in ps)) for s, ps in sorted(resolved.items()))
-    fp["files"] = [(s, [_sha256_file(Path(p)) for p in ps]) for s, ps in file_items]
+    fp["files"] = [(s, [_sha256_file(p) for p in ps]) for s, ps in file_items]
     gen = ()
   digest = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()
   return TaskPromptsConfig(name=f"{task}_{digest[:12]}", description=f"bgpo_jax {task} prompts",
