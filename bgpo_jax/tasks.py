@@ -220,7 +220,8 @@ def enable_compilation_cache(config, workdir: str | None = None) -> str | None:
   if not d:
     d = os.path.join(workdir, "jax_cache") if workdir else os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bgpo_jax", "jax_cache")
-  os.makedirs(d, exist_ok=True)
+  if "://" not in d:  # gs:// etc. are opened by JAX itself
+    os.makedirs(d, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", d)
   # Every program of a run is worth keeping (the sampler's and train step's take seconds; the
   # many small ones are cheap to store).
