@@ -70,7 +70,7 @@ def main(argv=None) -> list[dict]:
   common.print_table(rows, ["family", "preset", "compute", "params_dtype", "attn", "batch", "seq",
                             "compile_s", "step_ms", "tokens_per_s", "TFLOP/s", "peak_TFLOP/s",
                             "MFU"],
-                     title=f"LLaDA forward on {common.device_description()}")
+                     title=f"{args.family} forward on {common.device_description()}")
   common.write_json(args.out, rows, meta={"device": common.device_description(), "args": vars(args)})
   return rows
 

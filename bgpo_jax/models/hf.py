@@ -300,7 +300,8 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 def save(config: llada.LLaDAConfig, params: dict[str, Any], path: str | os.PathLike, *,
          max_shard_bytes: int = 5 * 2**30, dtype: Any = None) -> list[str]:
-  """Exports params as an HF LLaDA checkpoint dir; returns the shard file names.
+  """Exports params as an HF LLaDA or Dream checkpoint dir (the config's family); returns the
+  shard file names.
 
   Writes model-0000i-of-0000N.safetensors (at most max_shard_bytes each, unless one tensor is
   larger), model.safetensors.index.json (metadata.total_size, weight_map) and config.json
