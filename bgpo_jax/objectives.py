@@ -80,7 +80,9 @@ def k3(x: jax.Array) -> jax.Array:
   finite (and >= 0: the cap's tangent continuation stays above 1 + x) for any finite x.
   """
   x = _float(x)
-  return _capped_exp(x) - x - 1.0
+  # expm1: near x = 0 (a policy close to its reference) exp(x) - 1 - x would lose every digit.
+  small = jnp.expm1(jnp.minimum(x, LOG_RATIO_CAP)) - x
+  return jnp.where(x <= LOG_RATIO_CAP, small, _capped_exp(x) - x - 1.0)
 
 
 def elbo_kl_sample_terms(elbo_new: jax.Array, elbo_ref: jax.Array, *, num_samples: int,
