@@ -234,7 +234,7 @@ def d1_diffu_grpo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.rl.advantage_std = False
   c.rl.group_size = 6
   c.rl.prompts_per_step = 16
-  c.rl.skip_zero_advantage = False  # exactness needs no KL; made explicit (the trainer skips nothing with KL)
+  c.rl.skip_zero_advantage = False  # zero-advantage rows still carry the KL gradient: train on all
   c.optim.learning_rate = 3e-6
   c.optim.schedule = "constant"
   c.optim.weight_decay = 0.1
