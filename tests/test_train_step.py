@@ -284,8 +284,8 @@ def test_kl_is_zero_at_the_reference_and_positive_after_an_update(setup, objecti
   assert kl1 > 100 * max(kl0, 1e-12) and np.isfinite(kl1), (kl0, kl1)
   # The KL term is in the objective: with kl_beta the objective falls below the one without.
   no_kl = dataclasses.replace(scfg, kl_beta=0.0)
-  o_kl, _, aux = step_lib.accumulate_gradients(cfg, scfg, state.params, b)
-  o_no = step_lib.accumulate_gradients(cfg, no_kl, state.params, b)[0]
+  o_kl, _, aux = jax.jit(lambda p, bb: step_lib.accumulate_gradients(cfg, scfg, p, bb))(state.params, b)
+  o_no = jax.jit(lambda p, bb: step_lib.accumulate_gradients(cfg, no_kl, p, bb)[0])(state.params, b)
   np.testing.assert_allclose(float(o_no - o_kl), 0.5 * float(aux["kl"]), rtol=1e-3)
   assert float(o_kl) < float(o_no)
 
@@ -295,7 +295,7 @@ def test_bgpo_kl_is_the_mean_of_per_sample_k3(setup):
   cfg, params, batch = setup
   ref_params = jax.tree.map(lambda p: p * 1.05, params)
   scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=N, gen_length=L, kl_beta=1.0)
-  ref = step_lib.compute_old_terms(cfg, scfg, ref_params, batch)
+  ref = jax.jit(lambda p, b: step_lib.compute_old_terms(cfg, scfg, p, b))(ref_params, batch)
   b = dict(batch, ref_elbo=ref)
   obj, _, aux = jax.jit(lambda p, bb: step_lib.accumulate_gradients(cfg, scfg, p, bb))(params, b)
   l = _elbo_stack(cfg, params, batch)
@@ -308,7 +308,7 @@ def test_bgpo_kl_is_the_mean_of_per_sample_k3(setup):
 def test_normalize_length_divides_by_the_canvas_length(setup):
   cfg, params, batch = setup
   scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=N, gen_length=L, off_policy=True)
-  old = step_lib.compute_old_terms(cfg, scfg, params, batch)
+  old = jax.jit(lambda p, b: step_lib.compute_old_terms(cfg, scfg, p, b))(params, batch)
   shift = 3.0
   b = dict(batch, old_elbo=old - shift)  # l_theta - l_old = shift for every sample
   for normalize, expect in ((True, shift / L), (False, shift)):
@@ -328,7 +328,7 @@ def test_dual_clip_is_honoured_by_every_objective(setup, objective):
     b = dict(b, response_mask=jnp.ones((B, L), jnp.float32), row_seeds=jnp.arange(B, dtype=jnp.uint32))
   scfg = step_lib.StepConfig(objective=objective, num_mc_samples=N, gen_length=L, off_policy=True,
                              normalize_length=False)
-  old = step_lib.compute_old_terms(cfg, scfg, params, b)
+  old = jax.jit(lambda p, bb: step_lib.compute_old_terms(cfg, scfg, p, bb))(params, b)
   b = dict(b, **{("old_logps" if objective == "diffu_grpo" else "old_elbo"): old - 5.0})
   f = lambda c: jax.jit(lambda p, bb: step_lib.accumulate_gradients(cfg, c, p, bb)[:2])(params, b)
   o_free, _ = f(scfg)
@@ -358,5 +358,5 @@ def test_diffu_grpo_prompt_masks_are_per_row_and_per_seed(setup):
   for mb in (0, 2):
     scfg = step_lib.StepConfig(objective="diffu_grpo", num_mc_samples=1, gen_length=L, micro_batch_size=mb,
                                prompt_mask_prob=0.5)
-    out[mb] = np.asarray(step_lib.compute_old_terms(cfg, scfg, params, b))
+    out[mb] = np.asarray(jax.jit(lambda p, bb: step_lib.compute_old_terms(cfg, scfg, p, bb))(params, b))
   np.testing.assert_allclose(out[2], out[0], rtol=1e-5, atol=1e-5)
