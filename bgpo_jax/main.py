@@ -482,7 +482,11 @@ def main(argv) -> None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/bgpo_demo")
-  trainer = Trainer(config, FLAGS.workdir)
+  try:
+    trainer = Trainer(config, FLAGS.workdir)
+  except config_lib.ConfigError as e:  # names the key, the value and the fix: no traceback needed
+    print(f"bgpo_jax.main: config error: {e}", file=sys.stderr)
+    sys.exit(2)
   summary = trainer.run()
   if trainer.is_main:
     first = getattr(trainer, "first_eval", {})
