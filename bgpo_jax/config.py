@@ -4,6 +4,8 @@ Config files in configs/ start from `base_config()` and change what their task n
 command line overrides any key: --config.rl.num_mc_samples=32.
 """
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -22,7 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mode = "rl"  # rl: BGPO-style RL; sft: masked-diffusion SFT (prompt never masked, 1/t weights)
   c.seed = 0  # one seed drives init, data order, rollouts and MC masks
-  c.total_steps = 100  # optimizer updates of the run (rl: rollout batches; sft: SFT batches)
+  # Steps of the run (rl: rollout batches, each giving rl.updates_per_batch optimizer updates;
+  # sft: SFT batches). The task configs set the BGPO recipe's lengths (paper_config).
+  c.total_steps = 100
   c.checkpoint_every = 50  # save every this many steps (and at the end / on SIGTERM)
   c.keep_checkpoints = 3  # keep the last K checkpoints (plus the best by eval metric)
   c.eval_every = 50  # evaluate on the test split every this many steps (also at step 0); 0 = never
@@ -122,12 +126,29 @@ def base_config() -> ml_collections.ConfigDict:
   # exactly zero gradient); the update is unchanged, the step is cheaper.
   c.rl.skip_zero_advantage = True
   c.rl.reset_optimizer = True  # fresh AdamW moments when RL starts after the SFT warm-up
-  c.rl.updates_per_batch = 1  # mu: 1 = on-policy (paper); >1 stores old terms and clips
-  c.rl.normalize_length = True  # divide ELBO differences by the response length
-  c.rl.clip_eps = config_dict.placeholder(float)  # PPO clip of the per-sample ratio (off-policy)
-  c.rl.dual_clip = config_dict.placeholder(float)  # dual clip c for A < 0
-  c.rl.kl_beta = 0.0  # diffu_grpo: k3 KL to the initial policy
-  c.rl.prompt_mask_prob = 0.15  # diffu_grpo: prompt masking probability
+  # mu: optimizer updates per rollout batch. 1 = on-policy (the paper); > 1 stores the old policy's
+  # terms once per rollout batch (ELBO terms [n, B], or diffu_grpo's token log-probs per update)
+  # and makes mu PPO-clipped updates on them.
+  c.rl.updates_per_batch = 1
+  # d_j = (l_theta(j) - l_old(j)) / L with L = rollout.gen_length, the whole canvas (SPEC section 2:
+  # the BGPO reference code divides by the canvas length, not by the tokens before EOS). Also
+  # scales the ELBO log-ratio inside the k3 KL (rl.kl_beta). False: raw ELBO differences.
+  c.rl.normalize_length = True
+  # PPO clip eps of the per-sample ratio (diffu_grpo: per token). Unset = SPEC's 0.2 when
+  # updates_per_batch > 1 and no clipping on-policy (inactive there anyway); 0 = off.
+  c.rl.clip_eps = config_dict.placeholder(float)
+  # Dual clip c > 1 for A < 0 (every objective). Unset = SPEC's 3.0 when updates_per_batch > 1 and
+  # off on-policy; 0 = off (d1's diffu-GRPO has none).
+  c.rl.dual_clip = config_dict.placeholder(float)
+  # beta of a k3 KL penalty to a frozen reference policy (the policy at RL start), every
+  # objective; 0 = no reference (the BGPO paper). docs/objectives.md has the estimators.
+  c.rl.kl_beta = 0.0
+  # Storage dtype of the frozen reference copy (sharded like the params): bfloat16 halves its
+  # memory (16 GB for LLaDA-8B); float32 makes the KL exactly 0 at RL start.
+  c.rl.reference_dtype = "bfloat16"
+  # diffu_grpo: each real prompt token masked with this probability, freshly drawn per row and per
+  # inner update (d1: p_mask_prompt 0.15).
+  c.rl.prompt_mask_prob = 0.15
   c.rl.advantage_std = True  # divide group advantages by the group std (False: d1 style)
   # Bonus weight w: reward += w * format_score (1 for <reasoning>..</reasoning><answer>..</answer>,
   # 0.5 for an answer tag or box alone). 0 = off (the paper's rewards have none). Never counted in
@@ -137,8 +158,8 @@ def base_config() -> ml_collections.ConfigDict:
   # --- optimizer
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 5e-7
-  c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"  # constant / cosine / linear (after warmup)
+  c.optim.warmup_steps = 0  # in optimizer updates (an RL step makes rl.updates_per_batch of them)
+  c.optim.schedule = "constant"  # constant / cosine / linear (after warmup), over all RL updates
   c.optim.final_lr_fraction = 0.0  # cosine / linear end value as a fraction of learning_rate
   c.optim.weight_decay = 0.0
   c.optim.b1 = 0.9
@@ -203,10 +224,17 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def paper_config(task: str, *, gen_length: int, train_steps: int, eval_steps: int, num_mc_samples: int,
-                 eval_tasks: str = "") -> ml_collections.ConfigDict:
+                 eval_tasks: str = "", total_steps: int = 100, eval_every: int = 50,
+                 checkpoint_every: int = 50) -> ml_collections.ConfigDict:
   """LLaDA-8B-Instruct with the BGPO paper's settings for one task (SPEC section 3): block 32,
-  G = 8, 16 prompts per step, lr 5e-7, rollout temperature 0.6, greedy evaluation."""
+  G = 8, 16 prompts per step, lr 5e-7, rollout temperature 0.6, greedy evaluation.
+
+  total_steps / eval_every / checkpoint_every: the run's length in rollout batches (the task
+  configs pass the BGPO recipe's: math 700, code 5 epochs of 112, sudoku 400, countdown 560)."""
   c = base_config()
+  c.total_steps = total_steps
+  c.eval_every = eval_every
+  c.checkpoint_every = checkpoint_every
   c.task.name = task
   c.task.eval_tasks = eval_tasks
   c.rollout.gen_length = gen_length
@@ -233,6 +261,69 @@ def paper_config(task: str, *, gen_length: int, train_steps: int, eval_steps: in
   c.rollout.cache = "prefix"
   c.eval.cache = "none"
   return c
+
+
+# d1's diffu-GRPO recipe, read from the d1 code (github.com/dllm-reasoning/d1, diffu-grpo/:
+# slurm_scripts/train.yaml, run.sh and diffu_grpo_trainer.py, as mirrored by its public forks):
+# beta 0.04, epsilon 0.5, p_mask_prompt 0.15, learning_rate 3e-6 (constant), weight_decay 0.1,
+# max_grad_norm 0.2, adam (0.9, 0.99), num_generations 6, 8 GPUs x per-device batch 6 x gradient
+# accumulation 2 = 96 completions = 16 prompts per update, max_completion_length 256, block 32,
+# diffusion_steps 128, temperature 0.9 (DiffuGRPOConfig's default), advantages r - mean(r) (no std
+# division), a fresh prompt-mask seed per inner update (random_masking), and num_iterations
+# (mu, the inner updates per rollout batch) 12 for gsm8k / math and 8 for countdown / sudoku
+# (run.sh: "NUM_ITERS = (8 12 12 8)" for countdown, gsm8k, math, sudoku). d1's KL reference is the
+# base model (LoRA adapters disabled), i.e. the policy at RL start, as here.
+# Not reproduced: d1 trains LoRA adapters (r 128, alpha 64) on a 4-bit base; this trainer
+# updates all weights, so its lr 3e-6 may need lowering for full fine-tuning.
+D1_INNER_UPDATES = {"gsm8k": 12, "math": 12, "countdown": 8, "sudoku": 8}
+
+
+def d1_diffu_grpo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Applies d1's published diffu-GRPO settings (above) to a task config, in place; returns it.
+
+  `--config=configs/countdown.py:diffu_grpo` runs countdown with them (every task config takes
+  the `diffu_grpo` variant). Evaluation settings and the run length stay the task's.
+  """
+  c.rl.objective = "diffu_grpo"
+  c.rl.kl_beta = 0.04
+  c.rl.updates_per_batch = D1_INNER_UPDATES.get(c.task.name, 12)
+  c.rl.clip_eps = 0.5
+  c.rl.dual_clip = 0.0  # d1 has no dual clip
+  c.rl.prompt_mask_prob = 0.15
+  c.rl.advantage_std = False
+  c.rl.group_size = 6
+  c.rl.prompts_per_step = 16
+  c.rl.skip_zero_advantage = False  # zero-advantage rows still carry the KL gradient: train on all
+  c.optim.learning_rate = 3e-6
+  c.optim.schedule = "constant"
+  c.optim.weight_decay = 0.1
+  c.optim.grad_clip_norm = 0.2
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.99
+  c.rollout.gen_length = 256
+  c.rollout.steps = 128
+  c.rollout.block_length = 32
+  c.rollout.temperature = 0.9
+  return c
+
+
+def task_config(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """A task config's `--config=configs/<task>.py:<variant>`: "" = BGPO (the paper), "diffu_grpo" = d1."""
+  if variant in ("", "bgpo"):
+    return c
+  if variant == "diffu_grpo":
+    return d1_diffu_grpo(c)
+  raise ValueError(f"config variant {variant!r} is unknown; use configs/<task>.py (BGPO) or "
+                   "configs/<task>.py:diffu_grpo (d1's diffu-GRPO recipe)")
+
+
+def resolved_clip(rl) -> tuple[float | None, float | None]:
+  """(clip_eps, dual_clip) the RL step uses: unset means SPEC's 0.2 / 3.0 when off-policy
+  (rl.updates_per_batch > 1) and no clipping on-policy; 0 means off."""
+  off_policy = rl.updates_per_batch > 1
+  eps = rl.clip_eps if rl.clip_eps is not None else (0.2 if off_policy else None)
+  dual = rl.dual_clip if rl.dual_clip is not None else (3.0 if off_policy else None)
+  return (eps or None), (dual or None)
 
 
 class ConfigError(ValueError):
@@ -328,11 +419,16 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
     raise ConfigError(f"config.rl.prompts_per_step {rl.prompts_per_step} must be >= 1")
   if rl.updates_per_batch < 1:
     raise ConfigError(f"config.rl.updates_per_batch {rl.updates_per_batch} must be >= 1 (1 = on-policy)")
-  for key, value in (("rl.clip_eps", rl.clip_eps), ("rl.dual_clip", rl.dual_clip)):
-    if value is not None and value <= 0:
-      raise ConfigError(f"config.{key} {value} must be positive (or unset)")
-  if rl.dual_clip is not None and rl.dual_clip <= 1:
-    raise ConfigError(f"config.rl.dual_clip {rl.dual_clip} must be > 1 (the paper's reference uses 3)")
+  if rl.clip_eps is not None and not (rl.clip_eps == 0 or 0 < rl.clip_eps < 1):
+    raise ConfigError(f"config.rl.clip_eps {rl.clip_eps} must lie in (0, 1) (SPEC: 0.2), or be 0 (off) or unset")
+  if rl.dual_clip is not None and not (rl.dual_clip == 0 or rl.dual_clip > 1):
+    raise ConfigError(f"config.rl.dual_clip {rl.dual_clip} must be > 1 (the paper's reference uses 3), "
+                      "or be 0 (off) or unset")
+  if rl.kl_beta < 0:
+    raise ConfigError(f"config.rl.kl_beta {rl.kl_beta} must be >= 0 (0 = no reference policy)")
+  one_of("rl.reference_dtype", rl.reference_dtype, DTYPES)
+  if not 0 <= rl.prompt_mask_prob < 1:
+    raise ConfigError(f"config.rl.prompt_mask_prob {rl.prompt_mask_prob} must lie in [0, 1) (d1: 0.15)")
   if c.rollout.batch_size < 0:
     raise ConfigError(f"config.rollout.batch_size {c.rollout.batch_size} must be >= 0 (0 = whole batch)")
   rows = rl.prompts_per_step * rl.group_size
@@ -412,3 +508,84 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
                       f"use a comma-separated list of {EVAL_SETS}")
   if c.task.truncation not in ("left", "drop"):
     raise ConfigError(f"config.task.truncation {c.task.truncation!r} is unknown; use left or drop")
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def flat_keys(c, prefix: str = "") -> list[str]:
+  """Every dotted key of a config ("rl.kl_beta", ...), sections excluded."""
+  out = []
+  for k in c.keys():
+    v = c[k]
+    if isinstance(v, ml_collections.ConfigDict):
+      out += flat_keys(v, f"{prefix}{k}.")
+    else:
+      out.append(prefix + k)
+  return out
+
+
+def _load_config_file(spec: str):
+  """Like config_flags: 'path.py' or 'path.py:variant' -> get_config() / get_config(variant)."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_bgpo_config_file", path)
+  if module_spec is None or module_spec.loader is None:
+    return None
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def closest_keys(key: str, keys: list[str], n: int = 3) -> list[str]:
+  """The n keys most like `key`: same section first, then by string similarity (difflib)."""
+  import difflib
+  section, leaf = key.rpartition(".")[0], key.rpartition(".")[2]
+
+  def score(k):
+    ks, kl = k.rpartition(".")[0], k.rpartition(".")[2]
+    return (ks == section) + difflib.SequenceMatcher(None, leaf, kl).ratio() + \
+        0.5 * difflib.SequenceMatcher(None, key, k).ratio()
+
+  return sorted(keys, key=score, reverse=True)[:n]
+
+
+def check_override_keys(argv, flag: str = "config") -> None:
+  """Raises ConfigError (one line: the key and the closest valid keys) for a `--config.<key>=...`
+  that names no key of the config file; ml_collections itself only raises AttributeError("'key'")."""
+  spec = None
+  overrides = []
+  for i, a in enumerate(argv[1:], start=1):
+    if a.startswith(f"--{flag}="):
+      spec = a.split("=", 1)[1]
+    elif a == f"--{flag}" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif a.startswith((f"--{flag}.", f"--no{flag}.")):
+      overrides.append(a.split("=", 1)[0].split(".", 1)[1])
+  if not overrides or not spec or not os.path.isfile(spec.partition(":")[0]):
+    return  # nothing to check here; absl reports a missing or unreadable --config itself
+  c = _load_config_file(spec)
+  if c is None:
+    return
+  keys = flat_keys(c)
+  for key in overrides:
+    node = c
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict):
+        break  # an index into a tuple value (mesh.shape[0]): ml_collections checks it
+      if part not in node:
+        raise ConfigError(f"unknown config key --{flag}.{key} (config file {spec}); closest valid keys: "
+                          + ", ".join(f"--{flag}.{k}" for k in closest_keys(key, keys)))
+      node = node[part]
+
+
+def parse_flags(argv):
+  """absl flags parser for the CLIs: a mistyped --config.<key> is one line on stderr and exit 2."""
+  import sys
+  from absl import app
+  try:
+    check_override_keys(argv)
+  except ConfigError as e:
+    print(f"{os.path.basename(argv[0])}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  return app.parse_flags_with_usage(argv)

@@ -46,6 +46,20 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, curves.png.")
 
 
+def fill_after_stop(tokens: np.ndarray, prompt_len: int, response_lengths: np.ndarray,
+                    eos_id: int) -> np.ndarray:
+  """A copy of tokens [N, P+L] with every response position after the first stop token set to EOS.
+
+  response_lengths [N]: the tokens up to and including the first stop token (L when there is
+  none), as `rollout.response_lengths` counts them; the stop token itself (EOS or EOT) is kept.
+  """
+  tokens = np.array(tokens, copy=True)
+  L = tokens.shape[1] - prompt_len
+  after = np.arange(L)[None, :] >= np.asarray(response_lengths)[:, None]
+  tokens[:, prompt_len:][after] = eos_id
+  return tokens
+
+
 class _Preemption:
   """SIGTERM / SIGINT set a flag; the loop finishes its step, saves and exits 0."""
 
@@ -126,9 +140,18 @@ class Trainer:
     self.sft_steps = config.total_steps if config.mode == "sft" else config.sft.steps
     self.rl_steps = 0 if config.mode == "sft" else config.total_steps
     self.total = self.sft_steps + self.rl_steps
+    # Optimizer updates of the RL phase (mu per rollout batch): what its lr schedule spans.
+    self.rl_updates = self.rl_steps * config.rl.updates_per_batch
     self.optimizer, self.schedule = self._optimizer()
     self.state, self.shardings = state_lib.create_train_state(
         self.model_cfg, self.optimizer, self.mesh, rng=jax.random.fold_in(self.rng, 0), params=init_params)
+    # The frozen reference of the KL (rl.kl_beta) is the policy at RL start: without a warm-up the
+    # initial weights, copied here before any checkpoint is restored over them; after an SFT
+    # warm-up the weights at the hand-over, copied then and saved to WORKDIR/reference.
+    self.reference = None
+    self.needs_reference = config.mode == "rl" and config.rl.kl_beta > 0
+    if self.needs_reference and not self.sft_steps:
+      self.reference = self._reference_copy(self.state.params)
     self.ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     self.start_step = 0
     latest = self.ckpt.latest_step()
@@ -136,6 +159,12 @@ class Trainer:
       self.state, host = self.ckpt.restore(latest, self.state)
       self.start_step = int(host["step"])
       logging.info("resumed from %s at step %d", self.ckpt.directory, self.start_step)
+    if self.needs_reference and self.reference is None and self.start_step > self.sft_steps:
+      self.reference = self._restore_reference()
+    if config.mode == "rl" and config.rl.objective == "diffu_grpo" and not config.rl.kl_beta \
+        and config.rl.updates_per_batch == 1:
+      logging.warning("diffu_grpo with rl.kl_beta=0 and rl.updates_per_batch=1 is not d1's recipe; "
+                      "d1's settings: --config=configs/<task>.py:diffu_grpo (bgpo_jax.config.d1_diffu_grpo)")
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main,
                                             resume_step=self.start_step if latest is not None else None)
     self.sampler = tasks_lib.build_rollout_sampler(config, self.model_cfg, self.tokenizer, self.mesh, "rollout")
@@ -160,13 +189,13 @@ class Trainer:
       schedule = optim_lib.make_schedule(sft_optim, self.total)
       return optim_lib.make_optimizer(sft_optim, self.total, schedule), schedule
     if self.sft_steps and self.rl_steps:
-      # Warm-up SFT, then RL at optim.learning_rate (after its warmup).
+      # Warm-up SFT, then RL at optim.learning_rate (after its warmup), over the RL updates.
       sft_lr = optim_lib.make_schedule(sft_optim, self.sft_steps)
-      rl = optim_lib.make_schedule(optim, self.rl_steps)
+      rl = optim_lib.make_schedule(optim, self.rl_updates)
       schedule = optax.join_schedules([sft_lr, rl], [self.sft_steps])
-      return optim_lib.make_optimizer(optim, self.total, schedule), schedule
-    schedule = optim_lib.make_schedule(optim, self.total)
-    return optim_lib.make_optimizer(optim, self.total), schedule
+      return optim_lib.make_optimizer(optim, self.sft_steps + self.rl_updates, schedule), schedule
+    schedule = optim_lib.make_schedule(optim, self.rl_updates)
+    return optim_lib.make_optimizer(optim, self.rl_updates, schedule), schedule
 
   def _step_config(self, phase: str) -> step_lib.StepConfig:
     c = self.config
@@ -174,11 +203,12 @@ class Trainer:
       return step_lib.StepConfig(objective="sft", num_mc_samples=c.sft.num_mc_samples,
                                  micro_batch_size=self._micro_rows("sft"), gen_length=c.rollout.gen_length)
     rl = c.rl
+    clip_eps, dual_clip = config_lib.resolved_clip(rl)
     return step_lib.StepConfig(
         objective=rl.objective, num_mc_samples=rl.num_mc_samples,
         micro_batch_size=self._micro_rows("rl"), gen_length=c.rollout.gen_length,
         normalize_length=rl.normalize_length, off_policy=rl.updates_per_batch > 1,
-        clip_eps=rl.clip_eps, dual_clip=rl.dual_clip, kl_beta=rl.kl_beta,
+        clip_eps=clip_eps, dual_clip=dual_clip, kl_beta=float(rl.kl_beta),
         prompt_mask_prob=rl.prompt_mask_prob)
 
   def _micro_rows(self, phase: str) -> int:
@@ -188,7 +218,8 @@ class Trainer:
     return config_lib.micro_batch_rows(c.rl.micro_batch_per_device, c.rl.prompts_per_step * c.rl.group_size, self.dp)
 
   def _compiled(self, phase: str, batch: dict):
-    """The jitted step for this phase and batch shapes, compiled ahead of time once (memory logged)."""
+    """The jitted step for this phase and batch (shapes and keys, old/reference terms included),
+    compiled ahead of time once (memory logged)."""
     key = (phase, tuple((k, v.shape) for k, v in sorted(batch.items())))
     if key not in self._steps:
       scfg = self._step_config(phase)
@@ -199,11 +230,53 @@ class Trainer:
       mem = step_lib.memory_report(compiled)
       logging.info("compiled %s step in %.1fs; per-device memory: %s", phase, time.time() - t0,
                    {k: f"{v / 2**20:.1f} MiB" for k, v in mem.items()})
-      old = None
-      if scfg.off_policy:
-        old = step_lib.jit_old_terms(self.model_cfg, scfg, self.mesh, self.shardings.params, batch)
-      self._steps[key] = (compiled, old, mem)
+      self._steps[key] = (compiled, mem)
     return self._steps[key]
+
+  def _terms(self, params, batch: dict):
+    """Old-policy or reference terms of `params` on this batch's masks (no gradient)."""
+    key = ("terms", tuple((k, v.shape) for k, v in sorted(batch.items())),
+           tuple(x.dtype for x in jax.tree.leaves(params)[:1]))
+    if key not in self._steps:
+      self._steps[key] = step_lib.jit_old_terms(self.model_cfg, self._step_config("rl"), self.mesh,
+                                                self.shardings.params, batch)
+    return self._steps[key](params, batch)
+
+  def _reference_copy(self, params):
+    """A frozen copy of `params` in rl.reference_dtype, on the params' shardings (a new buffer:
+    the train step donates the state's)."""
+    dtype = jnp.dtype(self.config.rl.reference_dtype)
+    fn = jax.jit(lambda p: jax.tree.map(lambda x: jnp.copy(x.astype(dtype)), p),
+                 out_shardings=self.shardings.params)
+    return fn(params)
+
+  def _reference_dir(self) -> str:
+    return self.workdir.rstrip("/") + "/reference"
+
+  def _save_reference(self) -> None:
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(self._reference_dir(), self.reference, force=True)
+      ckptr.wait_until_finished()
+
+  def _restore_reference(self):
+    import orbax.checkpoint as ocp
+    path = self._reference_dir()
+    dtype = jnp.dtype(self.config.rl.reference_dtype)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sh),
+                            self.state.params, self.shardings.params)
+    if not epath.Path(path).exists():
+      raise FileNotFoundError(f"resuming an RL run with rl.kl_beta > 0 after an SFT warm-up needs the frozen "
+                              f"reference saved at RL start, {path}; it is missing (was kl_beta 0 then?)")
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(path, abstract)
+
+  def _ensure_reference(self, step: int) -> None:
+    """At the SFT -> RL hand-over: the reference is the policy now (saved for resumes)."""
+    if self.needs_reference and self.reference is None:
+      self.reference = self._reference_copy(self.state.params)
+      if step == self.sft_steps and self.sft_steps:
+        self._save_reference()
 
   def _masks(self, step: int, rows: int, n: int, estimator: str):
     # Same key -> same masks for the current and the old policy (drawn once per rollout batch).
@@ -227,7 +300,7 @@ class Trainer:
     batch = {"tokens": tokens, "attention_mask": attn, "advantages": np.zeros(tokens.shape[0], np.float32),
              "mc_masks": masks, "mc_weights": weights}
     batch = mesh_lib.host_batch_to_global(batch, self.mesh, step_lib.BATCH_AXIS)
-    compiled, _, mem = self._compiled("sft", batch)
+    compiled, mem = self._compiled("sft", batch)
     self.state, m = compiled(self.state, batch)
     m = jax.device_get(m)
     m["time/train_s"] = time.time() - t0
@@ -242,26 +315,32 @@ class Trainer:
     prompts = self.task.train_examples(step, rl.prompts_per_step // jax.process_count())
     t0 = time.time()
     rng = jax.random.fold_in(jax.random.fold_in(self.rng, 1), step)
-    rollout, rewards, reward_s = tasks_lib.rollout_and_score(
+    rollout, rewards, reward_s, correct = tasks_lib.rollout_and_score(
         self.sampler, self.task, self.state.params, prompts, rng, group_size=rl.group_size,
-        chunk=c.rollout.batch_size // jax.process_count() if c.rollout.batch_size else 0)
+        chunk=c.rollout.batch_size // jax.process_count() if c.rollout.batch_size else 0,
+        return_correct=True)
     m["time/rollout_s"] = time.time() - t0 - reward_s
     m["time/reward_s"] = reward_s
     # 2. advantages per prompt group.
     r = np.asarray(rewards, np.float32).reshape(len(prompts.examples), rl.group_size)
     adv = np.asarray(objectives.group_advantages(jnp.asarray(r), normalize_std=rl.advantage_std)).reshape(-1)
     # metrics over the global batch (all hosts' rows): the same value on every host.
-    r_all, adv_all, len_all = dist.allgather_rows((r, adv, np.asarray(rollout.response_lengths)))
+    # accuracy = fully correct answers (never a reward >= 1: a format bonus or partial credit is not one).
+    r_all, adv_all, len_all, ok_all = dist.allgather_rows(
+        (r, adv, np.asarray(rollout.response_lengths), np.asarray(correct, np.float32)))
     m["train/reward_mean"] = float(r_all.mean())
     m["train/reward_std"] = float(r_all.std())
-    m["train/accuracy"] = float((r_all >= 1.0).mean())
+    m["train/accuracy"] = float(ok_all.mean())
     m["train/response_len"] = float(np.mean(len_all))
     m["train/zero_adv_groups"] = float(np.mean(np.all(np.abs(adv_all.reshape(r_all.shape)) < 1e-8, axis=1)))
-    # 3. the batch, with MC masks shared by every policy evaluated on it.
+    # 3. the batch, with MC masks shared by every policy evaluated on it. After its first stop
+    # token (EOS / EOT) a response becomes EOS, as LLaDA's SFT data is: decoding and the reward
+    # ignore those tokens, so they must not be trained on as sampled.
     t1 = time.time()
-    tokens = np.asarray(rollout.tokens, np.int32)
-    attn = np.asarray(rollout.attention_mask, np.int32)
     lengths = np.asarray(rollout.response_lengths)
+    tokens = fill_after_stop(np.asarray(rollout.tokens, np.int32), rollout.prompt_len, lengths,
+                             self.tokenizer.eos_id)
+    attn = np.asarray(rollout.attention_mask, np.int32)
     if self._can_skip_groups():
       # the kept groups are chosen on the global advantages (the same on every
       # host), and each host trains an equal contiguous share of the kept rows (rows move between
@@ -276,24 +355,40 @@ class Trainer:
       m["train/rows_trained"] = float(len(rows_idx))
     rows = tokens.shape[0]
     batch = {"tokens": tokens, "attention_mask": attn, "advantages": adv.astype(np.float32)}
+    mu = rl.updates_per_batch
     if rl.objective == "diffu_grpo":
       L = c.rollout.gen_length
       batch["response_mask"] = (np.arange(L)[None] < lengths[:, None]).astype(np.float32)
-      # no process index: per-row seeds must come from dist.global_row_ids(rows).
-      batch["row_seeds"] = np.full((rows,), step * 7919, np.uint32)
+      # d1: fresh prompt masks for every inner update (and here for every row).
+      seeds = [self._row_seeds(step, u, rows) for u in range(mu)]
+      batch["row_seeds"] = seeds[0]
+      self.last_rl_seeds = seeds
     else:
       batch["mc_masks"], batch["mc_weights"] = self._masks(step, rows, rl.num_mc_samples, rl.mc_estimator)
-    if rl.objective == "diffu_grpo" and rl.kl_beta > 0:
-      raise NotImplementedError("diffu_grpo with kl_beta > 0 needs a reference model; set rl.kl_beta=0")
+    self.last_rl_batch = batch  # host arrays of the trained batch (tests, debugging)
     batch = mesh_lib.host_batch_to_global(batch, self.mesh, step_lib.BATCH_AXIS)
-    compiled, old_fn, mem = self._compiled("rl", batch)
-    # 4. off-policy: store the old terms once, then mu clipped updates.
-    if old_fn is not None:
-      key = "old_logps" if rl.objective == "diffu_grpo" else "old_elbo"
-      batch = dict(batch, **{key: old_fn(self.state.params, batch)})
-      compiled, _, mem = self._compiled("rl_off", batch)
-    for _ in range(rl.updates_per_batch):
-      self.state, sm = compiled(self.state, batch)
+    # 4. old terms (mu > 1) and reference terms (kl_beta > 0), stored once per rollout batch on the
+    # same masks, all before the first update; then mu (clipped) updates.
+    if rl.objective == "diffu_grpo":
+      updates = []
+      for u in range(mu):
+        b = dict(batch, row_seeds=mesh_lib.host_batch_to_global({"s": seeds[u]}, self.mesh)["s"]) if u else batch
+        extra = {}
+        if mu > 1:
+          extra["old_logps"] = self._terms(self.state.params, b)
+        if rl.kl_beta > 0:
+          extra["ref_logps"] = self._terms(self.reference, b)
+        updates.append(dict(b, **extra))
+    else:
+      extra = {}
+      if mu > 1:
+        extra["old_elbo"] = self._terms(self.state.params, batch)
+      if rl.kl_beta > 0:
+        extra["ref_elbo"] = self._terms(self.reference, batch)
+      updates = [dict(batch, **extra)] * mu
+    compiled, mem = self._compiled("rl", updates[0])
+    for b in updates:
+      self.state, sm = compiled(self.state, b)
     sm = jax.device_get(sm)
     m.update(sm)
     m["time/train_s"] = time.time() - t1
@@ -301,6 +396,14 @@ class Trainer:
     m["mem/step_temp_bytes"] = mem.get("temp_bytes", 0)
     m["mem/step_total_bytes"] = mem.get("total_bytes", 0)
     return m
+
+  def _row_seeds(self, step: int, update: int, rows: int) -> np.ndarray:
+    """[rows] uint32 prompt-mask seeds of diffu_grpo: distinct per row, inner update and step.
+    Drawn for the global rows (every host trains the same count) and sliced: the same seeds on
+    any topology."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(self.rng, 4), step), update)
+    seeds = np.asarray(jax.random.bits(key, (rows * jax.process_count(),), jnp.uint32))
+    return seeds[dist.host_slice(len(seeds))]
 
   @staticmethod
   def _agreed(flag: bool) -> bool:
@@ -363,6 +466,8 @@ class Trainer:
       if step == self.sft_steps and self.sft_steps and c.rl.reset_optimizer:
         # A function of the step, so a run resumed at the boundary does the same.
         self.state = self.state.replace(opt_state=optim_lib.reset_moments(self.state.opt_state))
+      if phase == "rl":
+        self._ensure_reference(step)
       m = self.sft_step(step) if phase == "sft" else self.rl_step(step)
       step += 1
       every = c.sft.eval_every if phase == "sft" and c.sft.eval_every else c.eval_every
@@ -404,7 +509,11 @@ def main(argv) -> None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=/tmp/bgpo_demo")
-  trainer = Trainer(config, FLAGS.workdir)
+  try:
+    trainer = Trainer(config, FLAGS.workdir)
+  except config_lib.ConfigError as e:  # names the key, the value and the fix: no traceback needed
+    print(f"bgpo_jax.main: config error: {e}", file=sys.stderr)
+    sys.exit(2)
   summary = trainer.run()
   if trainer.is_main:
     first = getattr(trainer, "first_eval", {})
@@ -423,4 +532,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

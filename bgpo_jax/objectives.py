@@ -66,6 +66,49 @@ def _ppo_clip(ratio: jax.Array, adv: jax.Array, clip_eps: float | None) -> jax.A
   return jnp.minimum(surrogate, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
 
 
+def _dual_clip(g: jax.Array, adv: jax.Array, dual_clip: float | None) -> jax.Array:
+  """For A < 0 only: max(g, c * A) (PPO dual clip); g unchanged when dual_clip is None."""
+  if dual_clip is None:
+    return g
+  return jnp.where(adv >= 0, g, jnp.maximum(g, dual_clip * adv))
+
+
+def k3(x: jax.Array) -> jax.Array:
+  """Schulman's k3 KL estimate exp(x) - x - 1 for the log-ratio x = log p_ref - log p_theta.
+
+  >= 0, and 0 with zero gradient at x = 0 (policy = reference); exp is the capped one, so it stays
+  finite (and >= 0: the cap's tangent continuation stays above 1 + x) for any finite x.
+  """
+  x = _float(x)
+  # expm1: near x = 0 (a policy close to its reference) exp(x) - 1 - x would lose every digit.
+  small = jnp.expm1(jnp.minimum(x, LOG_RATIO_CAP)) - x
+  return jnp.where(x <= LOG_RATIO_CAP, small, _capped_exp(x) - x - 1.0)
+
+
+def elbo_kl_sample_terms(elbo_new: jax.Array, elbo_ref: jax.Array, *, num_samples: int,
+                         lengths: jax.Array | None = None) -> jax.Array:
+  """BGPO's per-MC-sample KL terms k3(x_j) / n, x_j = (l_ref(j) - l_theta(j)) [/ L].
+
+  Each term depends on one sample, like g_j, so `R_lb - beta * sum_j` of them is still a sum of
+  per-sample terms (memory flat in n). By Jensen, mean_j k3(x_j) >= k3(mean_j x_j) (k3 is
+  convex), so the penalized bound stays below VRPO-OL's penalized objective
+  exp(mean d) A - beta k3(mean x) (docs/objectives.md).
+
+  Args:
+    elbo_new: [..., B] per-sample ELBO terms under the current policy (differentiable).
+    elbo_ref: [..., B] the same samples (same masks) under the frozen reference (stop-gradiented).
+    num_samples: n, the total number of samples the terms are summed over.
+    lengths: [B] or scalar L to divide the log-ratio by (rl.normalize_length), or None.
+
+  Returns:
+    [..., B] terms; summing over the sample axis gives the KL estimate.
+  """
+  x = jax.lax.stop_gradient(_float(elbo_ref)) - _float(elbo_new)
+  if lengths is not None:
+    x = x / jnp.asarray(lengths, x.dtype)
+  return k3(x) / num_samples
+
+
 def group_advantages(
     rewards: jax.Array,
     normalize_std: bool = True,
@@ -145,9 +188,7 @@ def bgpo_sample_terms(
   positive = adv >= 0
   # Both branches are finite for any finite d (capped exp), so the where's gradient is clean.
   rho = jnp.where(positive, 1.0 + d, _capped_exp(d))
-  g = _ppo_clip(rho, adv, clip_eps)
-  if dual_clip is not None:
-    g = jnp.where(positive, g, jnp.maximum(g, dual_clip * adv))
+  g = _dual_clip(_ppo_clip(rho, adv, clip_eps), adv, dual_clip)
   return g / num_samples
 
 
@@ -177,8 +218,11 @@ def bgpo_objective(
     lengths: jax.Array | None = None,
     clip_eps: float | None = None,
     dual_clip: float | None = None,
+    elbo_ref: jax.Array | None = None,
+    kl_beta: float = 0.0,
 ) -> jax.Array:
-  """BGPO objective R_lb = sum_j g_j (see `bgpo_sample_terms`), averaged over responses.
+  """BGPO objective R_lb = sum_j g_j (see `bgpo_sample_terms`), averaged over responses;
+  with elbo_ref and kl_beta, minus kl_beta * sum_j `elbo_kl_sample_terms`.
 
   Args:
     elbo_new: [n, B] per-sample ELBO terms under the current policy (differentiable).
@@ -187,6 +231,8 @@ def bgpo_objective(
     lengths: [B] (or scalar) response lengths L; when given d_j = (l_new - l_old) / L.
     clip_eps: PPO clip eps for the per-sample ratio, or None.
     dual_clip: dual clip c for A < 0, or None.
+    elbo_ref: [n, B] the same samples under a frozen reference policy, or None (no KL).
+    kl_beta: weight of the k3 KL to the reference.
 
   Returns:
     scalar objective to maximize.
@@ -194,6 +240,8 @@ def bgpo_objective(
   d = _log_ratios(elbo_new, elbo_old, advantages, lengths)
   g = bgpo_sample_terms(d, advantages, num_samples=d.shape[0], clip_eps=clip_eps,
                         dual_clip=dual_clip)
+  if elbo_ref is not None and kl_beta:
+    g = g - kl_beta * elbo_kl_sample_terms(elbo_new, elbo_ref, num_samples=d.shape[0], lengths=lengths)
   return jnp.mean(jnp.sum(g, axis=0))
 
 
@@ -204,8 +252,13 @@ def vrpo_objective(
     *,
     lengths: jax.Array | None = None,
     clip_eps: float | None = None,
+    dual_clip: float | None = None,
+    elbo_ref: jax.Array | None = None,
+    kl_beta: float = 0.0,
 ) -> jax.Array:
-  """VRPO-OL objective R = exp(mean_j d_j) * A (optionally PPO-clipped), averaged over responses.
+  """VRPO-OL objective R = exp(mean_j d_j) * A (optionally PPO-clipped and dual-clipped), minus
+  kl_beta * k3(mean_j x_j) with x_j = (l_ref(j) - l_new(j)) [/ L] when elbo_ref is given,
+  averaged over responses.
 
   Non-linear in the samples: its gradient needs all n sample graphs at once.
 
@@ -215,14 +268,24 @@ def vrpo_objective(
     advantages: [B].
     lengths: [B] (or scalar) response lengths; when given d_j = (l_new - l_old) / L.
     clip_eps: PPO clip eps for the ratio exp(mean d), or None.
+    dual_clip: dual clip c > 1 for A < 0, or None.
+    elbo_ref: [n, B] the same samples under a frozen reference policy, or None (no KL).
+    kl_beta: weight of the k3 KL to the reference.
 
   Returns:
     scalar objective to maximize.
   """
-  _check_clip(clip_eps)
+  _check_clip(clip_eps, dual_clip)
   d = _log_ratios(elbo_new, elbo_old, advantages, lengths)
   ratio = _capped_exp(jnp.mean(d, axis=0))
-  return jnp.mean(_ppo_clip(ratio, jnp.asarray(advantages, d.dtype), clip_eps))
+  adv = jnp.asarray(advantages, d.dtype)
+  r = _dual_clip(_ppo_clip(ratio, adv, clip_eps), adv, dual_clip)
+  if elbo_ref is not None and kl_beta:
+    x = jax.lax.stop_gradient(_float(elbo_ref)) - _float(elbo_new)
+    if lengths is not None:
+      x = x / jnp.asarray(lengths, x.dtype)
+    r = r - kl_beta * k3(jnp.mean(x, axis=0))
+  return jnp.mean(r)
 
 
 def diffu_grpo_objective(
@@ -232,9 +295,10 @@ def diffu_grpo_objective(
     advantages: jax.Array,
     response_mask: jax.Array,
     *,
-    clip_eps: float = 0.2,
+    clip_eps: float | None = 0.2,
     beta: float = 0.04,
     token_average: Literal["sequence", "batch"] = "sequence",
+    dual_clip: float | None = None,
 ) -> jax.Array:
   """diffu-GRPO (d1) objective: token-level PPO surrogate minus beta * k3 KL to a reference.
 
@@ -258,11 +322,12 @@ def diffu_grpo_objective(
     clip_eps: PPO clip eps, or None for no clipping.
     beta: KL coefficient.
     token_average: "sequence" or "batch", see above.
+    dual_clip: per-token dual clip c > 1 for A < 0 (max(s, c * A) before the KL), or None.
 
   Returns:
     scalar objective to maximize.
   """
-  _check_clip(clip_eps)
+  _check_clip(clip_eps, dual_clip)
   new = _float(logp_new)
   if new.ndim != 2 or jnp.shape(logp_old) != new.shape or jnp.shape(response_mask) != new.shape:
     raise ValueError(f"logp_new {new.shape}, logp_old {jnp.shape(logp_old)} and response_mask "
@@ -277,12 +342,11 @@ def diffu_grpo_objective(
 
   old = jax.lax.stop_gradient(jnp.asarray(logp_old, new.dtype))
   ratio = _capped_exp(new - old)
-  per_token = _ppo_clip(ratio, adv[:, None], clip_eps)
+  per_token = _dual_clip(_ppo_clip(ratio, adv[:, None], clip_eps), adv[:, None], dual_clip)
   # Skip the KL only for a concrete beta == 0 (a traced beta is fine and always included).
   if logp_ref is not None and not (isinstance(beta, (int, float)) and beta == 0.0):
     x = jax.lax.stop_gradient(jnp.asarray(logp_ref, new.dtype)) - new
-    # k3 estimator; with the capped exp it stays >= 0 (the cap is above its tangent 1 + x).
-    per_token = per_token - beta * (_capped_exp(x) - x - 1.0)
+    per_token = per_token - beta * k3(x)
 
   mask = jnp.asarray(response_mask).astype(bool)
   count = mask.astype(new.dtype)

@@ -153,18 +153,22 @@ class Task:
     return self.train.batch(step)
 
   def sft_batch(self, step: int, rows: int, gen_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [rows, P+L], attention_mask) of prompt + reference answer + EOS fill, rows distinct examples."""
+    """(tokens [rows, P+L], attention_mask) of prompt + reference answer + <|eot_id|> + EOS fill,
+    rows distinct examples (the LLaDA-Instruct format; see `sft_target`)."""
     b = self.sft.batch(step)
     ids, answers = b.prompt_ids, [sft_target(ex) for ex in b.examples]
     if len(ids) != rows:
       raise ValueError(f"SFT batch has {len(ids)} examples for {rows} rows; sft.batch_size must be the global rows")
     tok, attn = self.tokenizer.pad_left(ids, length=self.sft.pad_length)
     eos = self.tokenizer.eos_id
+    eot = getattr(self.tokenizer, "eot_id", None)
     resp = np.full((rows, gen_length), eos, np.int32)  # EOS fills the canvas after the answer
     cut = 0
     for i, a in enumerate(answers):
       a_ids = self.tokenizer.encode(a)
       cut += len(a_ids) > gen_length
+      if eot is not None:
+        a_ids = a_ids + [eot]  # the turn's end, then EOS; cut (with nothing else) when the answer fills L
       a_ids = a_ids[:gen_length]
       resp[i, : len(a_ids)] = a_ids
     if cut:
@@ -176,7 +180,12 @@ class Task:
 
 
 def sft_target(ex: dict) -> str:
-  """The reference answer text SFT trains on (tasks with a checkable solution)."""
+  """The reference answer text SFT trains on (tasks with a checkable solution).
+
+  `Task.sft_batch` lays it out as LLaDA-Instruct's SFT data: the answer, `<|eot_id|>` (where
+  the tokenizer has one and the canvas has room after the answer), then EOS to the end of the
+  canvas.
+  """
   task = ex["task"]
   if task == "sudoku":
     return str(ex["ground_truth"])

@@ -2,12 +2,16 @@
 
 python -m bgpo_jax.main --config=configs/countdown.py --workdir=DIR \
     --config.init.checkpoint=/path/LLaDA-8B-Instruct --config.task.data_dir=/path/datasets
+`--config=configs/countdown.py:diffu_grpo`: d1's diffu-GRPO recipe instead (bgpo_jax.config.d1_diffu_grpo).
 """
 
-from bgpo_jax.config import paper_config
+from bgpo_jax.config import paper_config, task_config
 
 
-def get_config():
+def get_config(variant: str = ""):
   # Rollouts with Fast-dLLM's prefix KV cache, exact greedy evaluation (set in paper_config:
   # rollout.cache="prefix", eval.cache="none"; README "Fast rollouts").
-  return paper_config("countdown", gen_length=256, train_steps=128, eval_steps=256, num_mc_samples=16)
+  # BGPO's released recipe: 560 steps; evaluation and checkpoint every 56 (10 of each).
+  c = paper_config("countdown", gen_length=256, train_steps=128, eval_steps=256, num_mc_samples=16,
+                   total_steps=560, eval_every=56, checkpoint_every=56)
+  return task_config(c, variant)

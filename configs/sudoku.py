@@ -2,12 +2,16 @@
 
 python -m bgpo_jax.main --config=configs/sudoku.py --workdir=DIR \
     --config.init.checkpoint=/path/LLaDA-8B-Instruct --config.task.data_dir=/path/datasets
+`--config=configs/sudoku.py:diffu_grpo`: d1's diffu-GRPO recipe instead (bgpo_jax.config.d1_diffu_grpo).
 """
 
-from bgpo_jax.config import paper_config
+from bgpo_jax.config import paper_config, task_config
 
 
-def get_config():
+def get_config(variant: str = ""):
   # Rollouts with Fast-dLLM's prefix KV cache, exact greedy evaluation (set in paper_config:
   # rollout.cache="prefix", eval.cache="none"; README "Fast rollouts").
-  return paper_config("sudoku", gen_length=256, train_steps=128, eval_steps=256, num_mc_samples=32)
+  # BGPO's released recipe: 400 steps; evaluation and checkpoint every 50.
+  c = paper_config("sudoku", gen_length=256, train_steps=128, eval_steps=256, num_mc_samples=32,
+                   total_steps=400, eval_every=50, checkpoint_every=50)
+  return task_config(c, variant)

@@ -500,3 +500,54 @@ def test_model_per_sample_accumulation_equals_full_gradient(tiny, old_key):
     g_acc = jax.tree_util.tree_map(jnp.add, g_acc, g)
   chex.assert_trees_all_close(v_acc, v_full, rtol=1e-5, atol=1e-7)
   chex.assert_trees_all_close(g_acc, g_full, **_tree_tols(g_full))
+
+
+# ----------------------------------------------------------------------------- KL and dual clip
+
+
+def test_k3_is_nonnegative_exact_near_zero_and_finite_far_away():
+  x = jnp.array([-50.0, -1.0, -1e-4, 0.0, 1e-4, 1.0, 50.0])
+  k = obj.k3(x)
+  assert bool(jnp.all(k >= 0)) and float(k[3]) == 0.0
+  np.testing.assert_allclose(float(k[4]), 0.5e-8, rtol=1e-2)  # x^2/2: exp(x) - 1 - x would give 0 or noise
+  np.testing.assert_allclose(float(k[5]), math.e - 2.0, rtol=1e-6)
+  assert bool(jnp.all(jnp.isfinite(jax.grad(lambda v: jnp.sum(obj.k3(v)))(x))))
+  assert float(jax.grad(lambda v: obj.k3(v))(0.0)) == 0.0
+
+
+def test_bgpo_kl_is_per_sample_and_keeps_the_bound_below_vrpo_with_kl():
+  new, ref = _elbos(0), _elbos(1)
+  old = new - 0.3 * _elbos(2, scale=1.0)
+  beta = 0.3
+  plain = obj.bgpo_objective(new, old, ADV, lengths=LENGTHS)
+  with_kl = obj.bgpo_objective(new, old, ADV, lengths=LENGTHS, elbo_ref=ref, kl_beta=beta)
+  per_sample = obj.k3((ref - new) / LENGTHS)  # [n, B]
+  np.testing.assert_allclose(float(plain - with_kl), beta * float(jnp.mean(jnp.mean(per_sample, 0))), rtol=1e-5)
+  terms = obj.elbo_kl_sample_terms(new, ref, num_samples=N, lengths=LENGTHS)
+  chex.assert_trees_all_close(jnp.sum(terms, 0), jnp.mean(per_sample, 0), rtol=1e-6)
+  # Jensen: mean_j k3(x_j) >= k3(mean_j x_j), so BGPO + KL <= VRPO-OL + KL response by response.
+  for b in range(B):
+    sl = slice(b, b + 1)
+    lb = obj.bgpo_objective(new[:, sl], old[:, sl], ADV[sl], lengths=LENGTHS[sl], elbo_ref=ref[:, sl], kl_beta=beta)
+    ub = obj.vrpo_objective(new[:, sl], old[:, sl], ADV[sl], lengths=LENGTHS[sl], elbo_ref=ref[:, sl], kl_beta=beta)
+    assert float(lb) <= float(ub) + 1e-6, b
+  # The KL's gradient pulls l_theta toward l_ref: zero where they agree.
+  g = jax.grad(lambda l: obj.bgpo_objective(l, l, ADV, elbo_ref=l, kl_beta=beta))(new)
+  g0 = jax.grad(lambda l: obj.bgpo_objective(l, l, ADV))(new)
+  chex.assert_trees_all_close(g, g0)
+
+
+def test_dual_clip_for_vrpo_and_diffu_grpo():
+  adv = jnp.array([-1.0, 1.0])
+  new = jnp.zeros((N, 2))
+  old = new - 3.0  # exp(mean d) = e^3 >> c = 2
+  free = obj.vrpo_objective(new, old, adv)
+  dual = obj.vrpo_objective(new, old, adv, dual_clip=2.0)
+  np.testing.assert_allclose(float(dual), (-2.0 + math.exp(3.0)) / 2, rtol=1e-6)  # A > 0 untouched
+  assert float(free) < float(dual)
+  logp = jnp.zeros((2, 5))
+  mask = jnp.ones((2, 5))
+  d = obj.diffu_grpo_objective(logp, logp - 3.0, None, adv, mask, clip_eps=None, beta=0.0, dual_clip=2.0)
+  np.testing.assert_allclose(float(d), (-2.0 + math.exp(3.0)) / 2, rtol=1e-6)
+  with pytest.raises(ValueError, match="dual_clip 0.5 must be > 1"):
+    obj.vrpo_objective(new, old, adv, dual_clip=0.5)

@@ -248,3 +248,115 @@ def test_reset_moments_keeps_the_schedule_and_restarts_adam():
   # after the reset moves each weight by lr(6) = 1e-2 (warmup over), whatever the old moments.
   updates, _ = optimizer.update({"w": jnp.array([0.1, -2.0, 30.0])}, reset, params)
   chex.assert_trees_all_close(updates, {"w": jnp.array([-1e-2, 1e-2, -1e-2])}, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- KL, clipping, masks
+
+
+def _jitted_state(cfg, params, lr=3e-3):
+  c = base_config()
+  c.optim.learning_rate = lr
+  c.optim.grad_clip_norm = 0.0
+  mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+  optimizer = optim_lib.make_optimizer(c.optim, total_steps=10)
+  schedule = optim_lib.make_schedule(c.optim, total_steps=10)
+  state, shardings = state_lib.create_train_state(cfg, optimizer, mesh, params=jax.tree.map(jnp.copy, params))
+  return state, shardings, optimizer, schedule, mesh
+
+
+@pytest.mark.parametrize("objective", ["bgpo", "vrpo_ol", "diffu_grpo"])
+def test_kl_is_zero_at_the_reference_and_positive_after_an_update(setup, objective):
+  cfg, params, batch = setup
+  if objective == "diffu_grpo":
+    batch = dict(batch, response_mask=jnp.ones((B, L), jnp.float32),
+                 row_seeds=jnp.arange(B, dtype=jnp.uint32) * 7 + 1)
+  scfg = step_lib.StepConfig(objective=objective, num_mc_samples=N, gen_length=L, kl_beta=0.5)
+  state, shardings, optimizer, schedule, mesh = _jitted_state(cfg, params)
+  reference = jax.tree.map(jnp.copy, params)  # float32: the step-0 KL is exactly the policy's own
+  terms = jax.jit(lambda p, b: step_lib.compute_old_terms(cfg, scfg, p, b))
+  key = "ref_logps" if objective == "diffu_grpo" else "ref_elbo"
+  b = dict(batch, **{key: terms(reference, batch)})
+  step = step_lib.jit_train_step(cfg, scfg, optimizer, schedule, mesh, shardings, b)
+  state, m0 = step(state, b)
+  state, m1 = step(state, b)
+  kl0, kl1 = float(m0["train/kl"]), float(m1["train/kl"])
+  assert kl0 < 1e-9, kl0  # policy = reference
+  assert kl1 > 100 * max(kl0, 1e-12) and np.isfinite(kl1), (kl0, kl1)
+  # The KL term is in the objective: with kl_beta the objective falls below the one without.
+  no_kl = dataclasses.replace(scfg, kl_beta=0.0)
+  o_kl, _, aux = jax.jit(lambda p, bb: step_lib.accumulate_gradients(cfg, scfg, p, bb))(state.params, b)
+  o_no = jax.jit(lambda p, bb: step_lib.accumulate_gradients(cfg, no_kl, p, bb)[0])(state.params, b)
+  np.testing.assert_allclose(float(o_no - o_kl), 0.5 * float(aux["kl"]), rtol=1e-3)
+  assert float(o_kl) < float(o_no)
+
+
+def test_bgpo_kl_is_the_mean_of_per_sample_k3(setup):
+  """BGPO's KL is sum_j k3(x_j)/n per response, x_j = (l_ref - l)/L: per sample, scan-friendly."""
+  cfg, params, batch = setup
+  ref_params = jax.tree.map(lambda p: p * 1.05, params)
+  scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=N, gen_length=L, kl_beta=1.0)
+  ref = jax.jit(lambda p, b: step_lib.compute_old_terms(cfg, scfg, p, b))(ref_params, batch)
+  b = dict(batch, ref_elbo=ref)
+  obj, _, aux = jax.jit(lambda p, bb: step_lib.accumulate_gradients(cfg, scfg, p, bb))(params, b)
+  l = _elbo_stack(cfg, params, batch)
+  expect_kl = np.mean(np.asarray(objectives.k3((ref - l) / L)))
+  np.testing.assert_allclose(float(aux["kl"]), expect_kl, rtol=1e-4)
+  np.testing.assert_allclose(float(obj), float(batch["advantages"].mean()) - expect_kl, rtol=1e-4, atol=1e-6)
+  assert expect_kl > 0
+
+
+def test_normalize_length_divides_by_the_canvas_length(setup):
+  cfg, params, batch = setup
+  scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=N, gen_length=L, off_policy=True)
+  old = jax.jit(lambda p, b: step_lib.compute_old_terms(cfg, scfg, p, b))(params, batch)
+  shift = 3.0
+  b = dict(batch, old_elbo=old - shift)  # l_theta - l_old = shift for every sample
+  for normalize, expect in ((True, shift / L), (False, shift)):
+    c = dataclasses.replace(scfg, normalize_length=normalize)
+    _, _, aux = jax.jit(lambda p, bb: step_lib.accumulate_gradients(cfg, c, p, bb))(params, b)
+    np.testing.assert_allclose(float(aux["abs_d"]), expect, rtol=1e-3)
+
+
+@pytest.mark.parametrize("objective", ["bgpo", "vrpo_ol", "diffu_grpo"])
+def test_dual_clip_is_honoured_by_every_objective(setup, objective):
+  """Old terms far below the current ones (ratio >> 1): for A < 0 the dual clip bounds the term at
+  c * A and removes its gradient, for every objective."""
+  cfg, params, batch = setup
+  adv = jnp.full((B,), -1.0)
+  b = dict(batch, advantages=adv)
+  if objective == "diffu_grpo":
+    b = dict(b, response_mask=jnp.ones((B, L), jnp.float32), row_seeds=jnp.arange(B, dtype=jnp.uint32))
+  scfg = step_lib.StepConfig(objective=objective, num_mc_samples=N, gen_length=L, off_policy=True,
+                             normalize_length=False)
+  old = jax.jit(lambda p, bb: step_lib.compute_old_terms(cfg, scfg, p, bb))(params, b)
+  b = dict(b, **{("old_logps" if objective == "diffu_grpo" else "old_elbo"): old - 5.0})
+  f = lambda c: jax.jit(lambda p, bb: step_lib.accumulate_gradients(cfg, c, p, bb)[:2])(params, b)
+  o_free, _ = f(scfg)
+  o_dual, g_dual = f(dataclasses.replace(scfg, dual_clip=3.0))
+  assert float(o_free) < -3.0 - 1e-3  # unclipped: exp(5) * A
+  np.testing.assert_allclose(float(o_dual), -3.0, rtol=1e-5)
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_dual)) == 0.0
+
+
+def test_diffu_grpo_prompt_masks_are_per_row_and_per_seed(setup):
+  """Each row's prompt mask comes from its own seed: identical prompts get different masks, a new
+  seed (the next inner update) gives new masks, and micro-batching changes nothing."""
+  cfg, params, batch = setup
+  tokens = jnp.tile(batch["tokens"][:1], (B, 1))  # one prompt repeated: only the seeds differ
+  attn = jnp.ones_like(tokens)
+  seeds0 = jnp.arange(B, dtype=jnp.uint32) + 10
+  seeds1 = seeds0 + 1000
+  masked = lambda s: np.asarray(elbo.one_step_masked_tokens(
+      tokens, attn, gen_length=L, rng=step_lib._row_keys(s), prompt_mask_prob=0.5,
+      mask_id=cfg.mask_token_id)[:, :P] == cfg.mask_token_id)
+  m0, m1 = masked(seeds0), masked(seeds1)
+  assert len({r.tobytes() for r in m0}) > 1  # rows differ
+  assert (m0 != m1).any()  # inner updates differ
+  b = dict(batch, tokens=tokens, attention_mask=attn, response_mask=jnp.ones((B, L), jnp.float32),
+           row_seeds=seeds0)
+  out = {}
+  for mb in (0, 2):
+    scfg = step_lib.StepConfig(objective="diffu_grpo", num_mc_samples=1, gen_length=L, micro_batch_size=mb,
+                               prompt_mask_prob=0.5)
+    out[mb] = np.asarray(jax.jit(lambda p, bb: step_lib.compute_old_terms(cfg, scfg, p, bb))(params, b))
+  np.testing.assert_allclose(out[2], out[0], rtol=1e-5, atol=1e-5)

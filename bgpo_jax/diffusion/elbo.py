@@ -117,6 +117,8 @@ def one_step_masked_tokens(tokens: jax.Array, attention_mask: jax.Array | None, 
 
   Args:
     tokens: int [B, P+L]; attention_mask [B, P+L] (padding, 0, is never masked) or None.
+    rng: one PRNG key, or a [B] array of typed keys (jax.random.key), one per row: a row's
+      mask then depends on its own key only, whatever micro-batch it lands in.
   Returns:
     int32 [B, P+L].
   """
@@ -124,7 +126,11 @@ def one_step_masked_tokens(tokens: jax.Array, attention_mask: jax.Array | None, 
   P = S - gen_length
   real = (jnp.ones((B, P), bool) if attention_mask is None
           else attention_mask[:, :P] != 0)
-  hit = real & (jax.random.uniform(rng, (B, P)) < prompt_mask_prob)
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1:
+    u = jax.vmap(lambda k: jax.random.uniform(k, (P,)))(rng)
+  else:
+    u = jax.random.uniform(rng, (B, P))
+  hit = real & (u < prompt_mask_prob)
   prompt = jnp.where(hit, mask_id, tokens[:, :P])
   return jnp.concatenate(
       [prompt, jnp.full_like(tokens[:, P:], mask_id)], axis=1).astype(jnp.int32)

@@ -16,8 +16,13 @@ Batch layout (global arrays; B = rollout batch = prompts * G, L = gen_length, n 
   tokens [B, P+L] int32, attention_mask [B, P+L] int32, advantages [B] float32,
   mc_masks [n, B, L] bool, mc_weights [n, B] float32              (bgpo, vrpo_ol, sft)
   old_elbo [n, B] float32                                         (bgpo/vrpo_ol off-policy)
+  ref_elbo [n, B] float32                                         (bgpo/vrpo_ol with kl_beta > 0)
   response_mask [B, L] float32, row_seeds [B] uint32              (diffu_grpo)
   old_logps [B, L], ref_logps [B, L] float32                      (diffu_grpo off-policy / KL)
+Old and reference terms come from `compute_old_terms` (no gradient) on the same masks: with the
+params before the first update (old) or the frozen reference params (ref). diffu_grpo's prompt
+masks are drawn from `row_seeds` (one key per row): the trainer passes new seeds, and the old
+and reference log-probs computed with them, for every inner update.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from bgpo_jax.train.state import TrainState
 
 OBJECTIVES = ("bgpo", "vrpo_ol", "diffu_grpo", "sft")
 # Arrays whose batch axis is not the first one.
-BATCH_AXIS = {"mc_masks": 1, "mc_weights": 1, "old_elbo": 1}
+BATCH_AXIS = {"mc_masks": 1, "mc_weights": 1, "old_elbo": 1, "ref_elbo": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +56,11 @@ class StepConfig:
   num_mc_samples: int = 16
   micro_batch_size: int = 0  # global rows per micro-batch; 0 = the whole batch at once
   gen_length: int = 256
-  normalize_length: bool = True  # d_j = (l_new - l_old) / L  (SPEC section 2)
+  normalize_length: bool = True  # d_j = (l_new - l_old) / L, L = gen_length (SPEC section 2)
   off_policy: bool = False  # old terms come from the batch instead of stop_gradient
-  clip_eps: float | None = None
-  dual_clip: float | None = None
-  kl_beta: float = 0.0  # diffu_grpo KL weight (needs ref_logps)
+  clip_eps: float | None = None  # PPO clip (resolved by config.resolved_clip; None = off)
+  dual_clip: float | None = None  # dual clip for A < 0 (None = off)
+  kl_beta: float = 0.0  # k3 KL weight (needs ref_elbo / ref_logps in the batch)
   prompt_mask_prob: float = 0.15  # diffu_grpo
 
   def __post_init__(self):
@@ -93,45 +98,69 @@ def _units(cfg: StepConfig) -> int:
   return cfg.num_mc_samples if cfg.objective in ("bgpo", "sft") else 1
 
 
+def _row_keys(seeds: jax.Array) -> jax.Array:
+  """[B] uint32 seeds -> [B] typed PRNG keys (diffu_grpo's per-row prompt masks)."""
+  return jax.vmap(jax.random.key)(seeds)
+
+
 def _unit_objective(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, mb: dict, u: jax.Array):
   """Summed objective (to maximize) of one scan unit over the micro-batch rows, and aux stats."""
   L = cfg.gen_length
   n = cfg.num_mc_samples
   tokens, attn = mb["tokens"], mb["attention_mask"]
+  norm = L if cfg.normalize_length else None
+  zero = jnp.zeros(())
   if cfg.objective in ("bgpo", "sft"):
     l = elbo.elbo_term(model_cfg, params, tokens, attn, mb["mc_masks"][u], mb["mc_weights"][u])  # [mb]
     if cfg.objective == "sft":
       # Mean per-token ELBO over samples; the prompt never enters (masks cover the response).
-      return jnp.sum(l) / (L * n), {"elbo": jnp.sum(jax.lax.stop_gradient(l)), "abs_d": jnp.zeros(())}
+      return jnp.sum(l) / (L * n), {"elbo": jnp.sum(jax.lax.stop_gradient(l)), "abs_d": zero, "kl": zero}
     old = mb["old_elbo"][u] if cfg.off_policy else jax.lax.stop_gradient(l)
     d = l - old
     if cfg.normalize_length:
       d = d / L
     g = objectives.bgpo_sample_terms(d, mb["advantages"], num_samples=n,
                                      clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip)
+    kl = zero
+    if cfg.kl_beta > 0:
+      # Per sample, like g_j: the scan over j keeps memory flat in n.
+      k = objectives.elbo_kl_sample_terms(l, mb["ref_elbo"][u], num_samples=n, lengths=norm)
+      g = g - cfg.kl_beta * k
+      kl = jnp.sum(jax.lax.stop_gradient(k)) * n  # summed over rows; / (B n) below: mean per sample
     return jnp.sum(g), {"elbo": jnp.sum(jax.lax.stop_gradient(l)),
-                        "abs_d": jnp.sum(jnp.abs(jax.lax.stop_gradient(d)))}
+                        "abs_d": jnp.sum(jnp.abs(jax.lax.stop_gradient(d))), "kl": kl}
   if cfg.objective == "vrpo_ol":
     # All n samples in one graph (vmapped): the baseline's memory grows with n.
     term = lambda m, w: elbo.elbo_term(model_cfg, params, tokens, attn, m, w)
     l = jax.vmap(term)(mb["mc_masks"], mb["mc_weights"])  # [n, mb]
     old = mb["old_elbo"] if cfg.off_policy else jax.lax.stop_gradient(l)
     lengths = jnp.full(l.shape[1:], L, jnp.float32) if cfg.normalize_length else None
-    obj = objectives.vrpo_objective(l, old, mb["advantages"], lengths=lengths, clip_eps=cfg.clip_eps)
+    ref = mb["ref_elbo"] if cfg.kl_beta > 0 else None
+    obj = objectives.vrpo_objective(l, old, mb["advantages"], lengths=lengths, clip_eps=cfg.clip_eps,
+                                    dual_clip=cfg.dual_clip, elbo_ref=ref, kl_beta=cfg.kl_beta)
     d = (jax.lax.stop_gradient(l) - old) / (L if cfg.normalize_length else 1)
+    kl = zero
+    if ref is not None:
+      x = (ref - jax.lax.stop_gradient(l)) / (L if cfg.normalize_length else 1)
+      kl = jnp.sum(objectives.k3(jnp.mean(x, axis=0)))
     return obj * l.shape[1], {"elbo": jnp.sum(jax.lax.stop_gradient(l)) / n,
-                              "abs_d": jnp.sum(jnp.abs(d)) / n}
-  # diffu_grpo
-  rng = jax.random.key(mb["row_seeds"][0])
-  logp = elbo.one_step_token_logps(model_cfg, params, tokens, attn, gen_length=L, rng=rng,
+                              "abs_d": jnp.sum(jnp.abs(d)) / n, "kl": kl}
+  # diffu_grpo: one key per row, so a row's prompt mask is its own (not its micro-batch's).
+  logp = elbo.one_step_token_logps(model_cfg, params, tokens, attn, gen_length=L,
+                                   rng=_row_keys(mb["row_seeds"]),
                                    prompt_mask_prob=cfg.prompt_mask_prob)  # [mb, L]
   old = mb["old_logps"] if cfg.off_policy else jax.lax.stop_gradient(logp)
   ref = mb["ref_logps"] if cfg.kl_beta > 0 else None
-  obj = objectives.diffu_grpo_objective(logp, old, ref, mb["advantages"], mb["response_mask"],
-                                        clip_eps=cfg.clip_eps if cfg.clip_eps else 0.2,
-                                        beta=cfg.kl_beta)
-  return obj * logp.shape[0], {"elbo": jnp.sum(jax.lax.stop_gradient(logp) * mb["response_mask"]),
-                               "abs_d": jnp.zeros(())}
+  rmask = mb["response_mask"]
+  obj = objectives.diffu_grpo_objective(logp, old, ref, mb["advantages"], rmask,
+                                        clip_eps=cfg.clip_eps, beta=cfg.kl_beta, dual_clip=cfg.dual_clip)
+  kl = zero
+  if ref is not None:
+    per_tok = objectives.k3(ref - jax.lax.stop_gradient(logp))
+    kl = jnp.sum(jnp.sum(jnp.where(rmask > 0, per_tok, 0.0), axis=1) / jnp.maximum(jnp.sum(rmask, axis=1), 1.0))
+  return obj * logp.shape[0], {"elbo": jnp.sum(jax.lax.stop_gradient(logp) * rmask),
+                               "abs_d": jnp.sum(jnp.abs(jax.lax.stop_gradient(logp) - old) * rmask)
+                               / jnp.maximum(jnp.sum(rmask), 1.0) * logp.shape[0], "kl": kl}
 
 
 def accumulate_gradients(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, batch: dict,
@@ -147,7 +176,7 @@ def accumulate_gradients(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, 
   units = _units(cfg)
   unit_fn = jax.value_and_grad(functools.partial(_unit_objective, model_cfg, cfg), has_aux=True)
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  init = (zeros, jnp.zeros((), jnp.float32), {"elbo": jnp.zeros(()), "abs_d": jnp.zeros(())})
+  init = (zeros, jnp.zeros((), jnp.float32), {"elbo": jnp.zeros(()), "abs_d": jnp.zeros(()), "kl": jnp.zeros(())})
 
   def micro_body(carry, mb):
     mb = constrain(mb)
@@ -171,10 +200,11 @@ def accumulate_gradients(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, 
 
 def compute_old_terms(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, batch: dict,
                       constrain: Callable[[dict], dict] = lambda mb: mb) -> jax.Array:
-  """No-grad pass storing the old policy's terms before off-policy updates.
+  """No-grad pass: the terms of `params` on the batch's masks, for the old policy (before
+  off-policy updates) or the frozen reference (any dtype: params are cast at use).
 
-  bgpo / vrpo_ol: old ELBO terms [n, B] (n scalars per sequence, scanned one sample at a time);
-  diffu_grpo: old token log-probs [B, L].
+  bgpo / vrpo_ol: ELBO terms [n, B] (n scalars per sequence, scanned one sample at a time);
+  diffu_grpo: token log-probs [B, L] under the prompt masks of `row_seeds`.
   """
   B = batch["tokens"].shape[0]
   num_micro = _num_micro(cfg, B)
@@ -184,9 +214,8 @@ def compute_old_terms(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, bat
   def micro_body(_, mb):
     mb = constrain(mb)
     if cfg.objective == "diffu_grpo":
-      rng = jax.random.key(mb["row_seeds"][0])
       return None, elbo.one_step_token_logps(model_cfg, params, mb["tokens"], mb["attention_mask"],
-                                             gen_length=cfg.gen_length, rng=rng,
+                                             gen_length=cfg.gen_length, rng=_row_keys(mb["row_seeds"]),
                                              prompt_mask_prob=cfg.prompt_mask_prob)
 
     def unit(_, j):
@@ -225,6 +254,7 @@ def train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer: optax.G
       "train/param_norm": optax.global_norm(params),
       "train/elbo_per_sample": aux["elbo"],
       "train/abs_d": aux["abs_d"],
+      "train/kl": aux["kl"],
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
