@@ -42,9 +42,19 @@ RECIPES = [
     ("countdown", "configs/countdown.py", []),
     ("sudoku", "configs/sudoku.py", []),
     ("countdown_vrpo_ol", "configs/countdown.py", ["--config.rl.objective=vrpo_ol"]),
+    # Off-policy (mu = 2, stored old terms, SPEC's clip defaults) with the frozen reference's KL.
+    ("math_bgpo_mu2_kl", "configs/math.py", ["--config.rl.updates_per_batch=2", "--config.rl.kl_beta=0.05"]),
+    ("sudoku_vrpo_ol_mu2_kl", "configs/sudoku.py",
+     ["--config.rl.objective=vrpo_ol", "--config.rl.updates_per_batch=2", "--config.rl.kl_beta=0.05"]),
+    # d1's diffu-GRPO recipe (KL 0.04, G = 6, fresh prompt masks per inner update); mu shrunk 8 -> 2
+    # and 4 prompts so the 24 rows split over 8 devices.
+    ("countdown_d1_diffu_grpo", "configs/countdown.py:diffu_grpo",
+     ["--config.rl.updates_per_batch=2", "--config.rl.prompts_per_step=4"]),
 ]
 EVAL_SETS = {"math": ["gsm8k", "math500"], "code": ["humaneval", "mbpp"], "countdown": ["countdown"],
-             "sudoku": ["sudoku"], "countdown_vrpo_ol": ["countdown"]}
+             "sudoku": ["sudoku"], "countdown_vrpo_ol": ["countdown"], "math_bgpo_mu2_kl": ["gsm8k", "math500"],
+             "sudoku_vrpo_ol_mu2_kl": ["sudoku"], "countdown_d1_diffu_grpo": ["countdown"]}
+KL_RECIPES = ("math_bgpo_mu2_kl", "sudoku_vrpo_ol_mu2_kl", "countdown_d1_diffu_grpo")
 # Rows of the real test splits (../shared/datasets/README.md); each eval scores EVAL_ROWS of them.
 SPLIT_ROWS = {"gsm8k": 1319, "math500": 500, "humaneval": 164, "mbpp": 500, "countdown": 256, "sudoku": 500}
 
@@ -97,6 +107,14 @@ def test_recipe_runs_two_steps_and_evaluates(matrix, name):
     assert r["eval_sizes"][ev] == SPLIT_ROWS[ev]  # the whole real split was loaded
     assert rows[-1][f"eval/{ev}/num_examples"] == EVAL_ROWS, (ev, rows[-1])
     assert 0.0 <= rows[-1][f"eval/{ev}/accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("name", KL_RECIPES)
+def test_kl_recipes_report_a_finite_nonnegative_kl(matrix, name):
+  r = matrix[name]
+  assert r["ok"], r.get("traceback")
+  kl = [m["train/kl"] for m in r["metrics"] if "train/kl" in m]
+  assert len(kl) == 2 and all(k >= 0.0 and k == k for k in kl), kl
 
 
 def test_evaluate_a_run_workdir(matrix):
