@@ -18,6 +18,10 @@ Tie-break: among equal confidences the lower position wins (stable sort), the sa
 The mask token's logit is always -inf (it is not a valid output; the torch reference keeps it,
 which only matters for an untrained model, where it would leave masks in the output).
 
+`generate_cached` (end of this module) is the KV-cached variant for LLaDA (SPEC section 4b,
+Fast-dLLM's prefix and dual caches) with confidence-threshold / factor parallel decoding; with
+cache="none" and the fixed schedule it gives `generate`'s tokens.
+
 EOS options (both off by default):
 - `suppress_eos`: the EOS logit is set to -inf after CFG, so EOS is never proposed.
 - `suppress_eos_confidence`: candidates equal to `eos_id` or `eot_id` rank after every other
