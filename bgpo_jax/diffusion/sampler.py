@@ -429,7 +429,7 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
     start = plen + b * block_length
     blk = lax.dynamic_slice_in_dim(canvas, start, block_length, axis=1)
     counts = transfer_schedule(jnp.sum(blk == mask_id, axis=1), steps_per_block)
-    # Same keys as `generate` on the fixed schedule; a threshold block takes < block_length steps.
+    # Same keys as `generate` on the fixed schedule; a threshold block takes <= block_length steps.
     key_of = lambda i: jax.random.fold_in(
         rng, b * (block_length if parallel else steps_per_block) + i)
     keep_cache = refresh_every != 1
