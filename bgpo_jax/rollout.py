@@ -1,8 +1,10 @@
 """Host-side rollout sampler: chat prompts -> G sampled responses per prompt.
 
 Tokenization, padding and decoding stay on the host; the whole reverse process is one jitted
-call (`diffusion.sampler.generate`) that takes the params as an argument, so a run compiles one
-program per prompt-length bucket and never per step.
+call (`diffusion.sampler.generate`, or `generate_cached` with a KV cache / threshold decoding)
+that takes the params as an argument, so a run compiles one program per prompt-length bucket and
+never per step. The params it runs from are a compute-dtype copy made once per call of
+`inference_params` (once per RL step / eval pass), gathered over FSDP when they fit.
 
 Prompt lengths are bucketed: a batch is left-padded to the smallest bucket >= its longest
 prompt. A prompt longer than the largest bucket is an error, or, with

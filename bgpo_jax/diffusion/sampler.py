@@ -19,6 +19,10 @@ Tie-break: among equal confidences the lower position wins (stable sort), the sa
 The mask token's logit is always -inf (it is not a valid output; the torch reference keeps it,
 which only matters for an untrained model, where it would leave masks in the output).
 
+`generate_cached` (end of this module) is the KV-cached variant for LLaDA (SPEC section 4b,
+Fast-dLLM's prefix and dual caches) with confidence-threshold / factor parallel decoding; with
+cache="none" and the fixed schedule it gives `generate`'s tokens.
+
 EOS options (both off by default):
 - `suppress_eos`: the EOS logit is set to -inf after CFG, so EOS is never proposed.
 - `suppress_eos_confidence`: candidates equal to `eos_id` or `eot_id` rank after every other
@@ -436,7 +440,7 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
     start = plen + b * block_length
     blk = lax.dynamic_slice_in_dim(canvas, start, block_length, axis=1)
     counts = transfer_schedule(jnp.sum(blk == mask_id, axis=1), steps_per_block)
-    # Same keys as `generate` on the fixed schedule; a threshold block takes < block_length steps.
+    # Same keys as `generate` on the fixed schedule; a threshold block takes <= block_length steps.
     key_of = lambda i: jax.random.fold_in(
         rng, b * (block_length if parallel else steps_per_block) + i)
     keep_cache = refresh_every != 1
