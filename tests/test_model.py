@@ -269,6 +269,65 @@ def test_attention_impl_matches_einsum(impl, n_kv_heads):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5 * scale, err_msg=str(path[0]))
 
 
+def _previous_forward(config, params, tokens, mask):
+  """The model as implemented before issue 15, in float32 JAX, differentiated by JAX's autodiff:
+  grouped-einsum attention with a where-masked softmax, concatenate RoPE, SwiGLU as written."""
+  B, S = tokens.shape
+  H, KV, hd, eps = config.n_heads, config.n_kv_heads, config.head_dim, config.rms_norm_eps
+
+  def rms(x, w):
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + eps) * w
+
+  inv = 1.0 / (config.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  ang = jnp.arange(S, dtype=jnp.float32)[:, None] * inv[None]
+  cos, sin = jnp.cos(jnp.concatenate([ang, ang], -1)), jnp.sin(jnp.concatenate([ang, ang], -1))
+
+  def rope(x):
+    rot = jnp.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+    return x * cos[None, :, None] + rot * sin[None, :, None]
+
+  def block(x, w):
+    n = rms(x, w["attn_norm"])
+    q = rope((n @ w["q_proj"]).reshape(B, S, H, hd)).reshape(B, S, KV, H // KV, hd)
+    k = rope((n @ w["k_proj"]).reshape(B, S, KV, hd))
+    v = (n @ w["v_proj"]).reshape(B, S, KV, hd)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q, k) / np.sqrt(hd)
+    s = jnp.where(mask.astype(bool)[:, None, None, None, :], s, jnp.finfo(jnp.float32).min)
+    ctx = jnp.einsum("bkgqs,bskd->bqkgd", jax.nn.softmax(s, -1), v).reshape(B, S, H * hd)
+    x = x + ctx @ w["attn_out"]
+    m = rms(x, w["ff_norm"])
+    return x + (jax.nn.silu(m @ w["ff_proj"]) * (m @ w["up_proj"])) @ w["ff_out"], None
+
+  x, _ = jax.lax.scan(block, params["wte"][tokens], params["blocks"])
+  return rms(x, params["ln_f"]) @ params["ff_out"]
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])  # MHA and GQA
+def test_logits_and_grads_equal_previous_implementation(n_kv_heads):
+  # Logits and every parameter gradient of today's model (auto attention = bmm on CPU, custom
+  # MLP / attention backward, per-half RoPE) against the previous implementation's math.
+  config = dataclasses.replace(BASE, n_kv_heads=n_kv_heads)
+  params = _params(config, seed=5)
+  tokens = _tokens(3, 9, BASE.vocab_size, seed=5)
+  mask = jnp.ones((3, 9), jnp.int32).at[1, :4].set(0).at[2, :1].set(0)
+
+  def loss(fwd, p):
+    logits = fwd(p)
+    return jnp.mean(jax.nn.log_softmax(logits) * jnp.cos(jnp.arange(logits.shape[-1]))) + jnp.mean(logits ** 2)
+
+  new = lambda p: llada.forward(config, p, tokens, mask)  # noqa: E731
+  old = lambda p: _previous_forward(config, p, tokens, mask)  # noqa: E731
+  (l1, g1), (l0, g0), y1, y0 = jax.jit(lambda p: (jax.value_and_grad(functools.partial(loss, new))(p),
+                                                  jax.value_and_grad(functools.partial(loss, old))(p),
+                                                  new(p), old(p)))(params)
+  chex.assert_trees_all_close(y1, y0, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(l1, l0, rtol=1e-6, atol=1e-6)
+  for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    scale = float(jnp.abs(a).max())
+    assert scale > 0, path
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5 * scale, err_msg=str(path[0]))
+
+
 def test_bmm_attention_bfloat16_close_to_einsum():
   ref_cfg = dataclasses.replace(BASE, compute_dtype="bfloat16", attention_impl="xla")
   cfg = dataclasses.replace(ref_cfg, attention_impl="bmm")
