@@ -26,6 +26,9 @@ shapes right after the JAX rows: forward under no_grad, forward + backward of th
 (its head runs over all positions, as the official model's forward does), with
 OMP_WAIT_POLICY=PASSIVE unless set (spinning OpenMP threads cost torch 10x+ on a shared CPU).
 torch is never a dependency; install it in a separate venv.
+--baseline FILE: a llada.py of an earlier commit (`git show adb71ea:bgpo_jax/models/llada.py >
+FILE`) timed round-robin next to today's model, forward and forward + backward of the same inline
+ELBO loss (before / after in one process).
 --sampler: also times the uncached sampler as the rollouts call it (diffusion.sampler.generate,
 head on the current block) against the torch script's reference generate() loop, batch 1,
 64-token prompt, 64 tokens in 64 steps, one block.
@@ -132,6 +135,68 @@ def bench_impls(preset: str, compute_dtype: str, param_dtype: str | None, batch:
   return rows
 
 
+def load_baseline(path: str):
+  """A llada.py of an earlier commit as a separate module (`git show REV:bgpo_jax/models/llada.py
+  > FILE`), so one process times the previous model next to today's."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("llada_baseline", path)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules["llada_baseline"] = mod  # dataclasses resolve the module by name
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def inline_elbo_loss(mod, config, tokens, attn, masked, weight):
+  """elbo.elbo_term's math (one block head) written against `mod`'s public functions."""
+  L = masked.shape[-1]
+  noisy = elbo.masked_sequence(tokens, masked, config.mask_token_id)
+
+  def loss(p):
+    h = mod.hidden_states(config, p, noisy, attn)[:, -L:]
+    logits = mod.lm_head(config, p, h)
+    tgt = jnp.take_along_axis(logits, tokens[:, -L:, None], axis=-1)[..., 0]
+    logp = tgt - jax.nn.logsumexp(logits, axis=-1)
+    return -jnp.sum(weight * jnp.sum(jnp.where(masked, logp, 0.0), axis=-1))
+  return loss
+
+
+def bench_baseline(path: str, preset: str, compute_dtype: str, batch: int, seq: int, resp: int,
+                   repeats: int, pad: int, peak: float) -> list[dict]:
+  """Baseline (from `path`) and today's default model, forward and forward + backward of the same
+  inline ELBO loss, round-robin in one process."""
+  old = load_baseline(path)
+  mods = [("baseline", old), ("today", llada)]
+  calls, names = [], []
+  for name, mod in mods:
+    kw = dict(M30) if preset == "m30" else {}
+    cfg = mod.LLaDAConfig.preset("tiny" if preset == "m30" else preset, **kw, compute_dtype=compute_dtype,
+                                 param_dtype=compute_dtype)
+    params = llada.init_params(make_config(preset, compute_dtype=compute_dtype, param_dtype=compute_dtype),
+                               jax.random.key(0))
+    tokens, attn, masked, weight = elbo_inputs(cfg, batch, seq, pad, resp)
+    calls.append((jax.jit(functools.partial(mod.forward, cfg)), (params, tokens, attn)))
+    calls.append((jax.jit(jax.value_and_grad(inline_elbo_loss(mod, cfg, tokens, attn, masked, weight))),
+                  (params,)))
+    names += [(name, "fwd"), (name, "fwd+bwd")]
+  times = interleaved(calls, repeats)
+  flops = llada.forward_flops(make_config(preset), batch, seq)
+  rows = []
+  for (name, kind), t in zip(names, times):
+    f = flops * (3 if kind == "fwd+bwd" else 1)
+    rows.append({"impl": f"jax {name}", "pass": kind, "preset": preset, "compute": compute_dtype,
+                 "batch": batch, "seq": seq, "compile_s": t["compile_s"], "step_s": t["step_s"],
+                 "tokens_per_s": batch * seq / t["step_s"], "TFLOP/s": f / t["step_s"] / 1e12,
+                 "MFU": f / t["step_s"] / peak})
+  for name, _ in mods:
+    fw, fb = (r for r in rows if r["impl"] == f"jax {name}")
+    fb["x_fwd"] = fb["step_s"] / fw["step_s"]
+  base_fb = rows[1]["step_s"]
+  for r in rows:
+    r["vs_baseline"] = (rows[0] if r["pass"] == "fwd" else rows[1])["step_s"] / r["step_s"]
+  del base_fb
+  return rows
+
+
 def bench_sampler(config: llada.LLaDAConfig, impls: list[str], prompt: int, gen: int, steps: int,
                   repeats: int) -> list[dict]:
   params = llada.init_params(config, jax.random.key(0))
@@ -181,6 +246,8 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--torch-python", default=None,
                   help="an interpreter with torch: time benchmarks/torch_llada.py on the same shapes")
   ap.add_argument("--sampler", action="store_true", help="also time generate (64 tokens, 64 steps)")
+  ap.add_argument("--baseline", default=None,
+                  help="a llada.py of an earlier commit: time it next to today's model (same inline ELBO)")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=None, help="write the records as JSON")
   args = ap.parse_args(argv)
@@ -192,6 +259,9 @@ def main(argv=None) -> list[dict]:
     peak = peak_flops(jnp.dtype(dt))
     rows += bench_impls(args.preset, dt, args.param_dtype, args.batch, args.seq, args.resp,
                         args.repeats, impls, args.pad, not args.no_backward, peak)
+  if args.baseline:
+    rows += bench_baseline(args.baseline, args.preset, args.dtypes.split(",")[0], args.batch, args.seq,
+                           args.resp, args.repeats, args.pad, peak_flops(jnp.dtype(args.dtypes.split(",")[0])))
   gen_rows = []
   if args.sampler:
     gen_rows = bench_sampler(make_config(args.preset, compute_dtype="float32", param_dtype="float32"),
@@ -224,7 +294,7 @@ def main(argv=None) -> list[dict]:
         r["vs_torch"] = t["gen_s"] / r["step_s"]
   load1 = os.getloadavg()[0]
   common.print_table(rows, ["impl", "pass", "preset", "compute", "batch", "seq", "compile_s", "step_s",
-                            "x_fwd", "tokens_per_s", "TFLOP/s", "MFU", "vs_torch"],
+                            "x_fwd", "tokens_per_s", "TFLOP/s", "MFU", "vs_torch", "vs_baseline"],
                      title=f"LLaDA forward / forward+backward on {common.device_description()}; "
                            f"load average {load0:.1f} -> {load1:.1f}")
   if gen_rows:
