@@ -506,8 +506,9 @@ def _bmm_probs(qh: jax.Array, kh: jax.Array, mask4: jax.Array | None) -> jax.Arr
 
 def _bmm_core_fwd(qh, kh, vh, mask4):
   p = _bmm_probs(qh, kh, mask4)
-  o = jnp.einsum("bkqs,bksd->bkqd", p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-  return o.astype(qh.dtype), (qh, kh, vh, mask4, p, o)
+  o = jnp.einsum("bkqs,bksd->bkqd", p.astype(vh.dtype), vh,
+                 preferred_element_type=jnp.float32).astype(qh.dtype)
+  return o, (qh, kh, vh, mask4, p, o)  # o is the output itself: no extra residual memory
 
 
 @jax.custom_vjp
@@ -522,7 +523,7 @@ def _bmm_core_bwd(res, do):
   pc = p.astype(cdt)
   dv = jnp.einsum("bkqs,bkqd->bksd", pc, do, preferred_element_type=f32)
   dp = jnp.einsum("bkqd,bksd->bkqs", do, vh, preferred_element_type=f32)
-  delta = jnp.sum(do.astype(f32) * o, axis=-1, keepdims=True)
+  delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
   ds = p * (dp - delta)
   if mask4 is not None:  # the where's gradient: masked scores get none (matters for all-pad rows)
     ds = jnp.where(mask4, ds, 0.0)
