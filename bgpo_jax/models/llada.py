@@ -600,51 +600,8 @@ def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, s
   x = act(x + (ctx @ w["attn_out"]).astype(cdt), "act_embed")
 
   m = rms_norm(x, p["ff_norm"], config.rms_norm_eps).astype(cdt)
-  return act(x + _swiglu_mlp(m, w["ff_proj"], w["up_proj"], w["ff_out"]).astype(cdt), "act_embed")
-
-
-# --- SwiGLU MLP with a hand-written backward. XLA:CPU differentiates x @ w into weight-gradient
-# dots whose [rows, mlp] operand it transposes in a loop fusion (with the silu derivative
-# recomputed inside it): the slowest ops of the whole backward. Here the weight gradients are
-# computed as plain (x^T) @ dy products whose transposed operand is the narrow [rows, d_model]
-# one, kept materialized by an optimization barrier (otherwise XLA folds the transpose back into
-# the dot). Same math: da = dh * b * silu'(a), db = dh * silu(a).
-
-
-def _mlp_fwd(m, wg, wu, wo):
-  a = m @ wg
-  b = m @ wu
-  h = sharding.constrain(jax.nn.silu(a) * b, ("batch", "seq", "act_mlp"))
-  return h @ wo, (m, a, b, wg, wu, wo)
-
-
-@jax.custom_vjp
-def _swiglu_mlp(m, wg, wu, wo):
-  """m [B,S,D], gate/up [D,M], out [M,D] (compute dtype) -> [B,S,D]."""
-  return _mlp_fwd(m, wg, wu, wo)[0]
-
-
-def _mlp_bwd(res, dy):
-  m, a, b, wg, wu, wo = res
-  cdt, f32 = m.dtype, jnp.float32
-  D, M = wg.shape
-  m2, dy2 = m.reshape(-1, D), dy.reshape(-1, D)
-  a, b = a.reshape(-1, M).astype(f32), b.reshape(-1, M).astype(f32)
-  sig = jax.nn.sigmoid(a)
-  h = (a * sig * b).astype(cdt)
-  dh = jnp.matmul(dy2, wo.T, preferred_element_type=f32)
-  dwo = jnp.matmul(jax.lax.optimization_barrier(dy2.T), h, preferred_element_type=f32).T
-  da = (dh * b * sig * (1 + a * (1 - sig))).astype(cdt)
-  db = (dh * a * sig).astype(cdt)
-  mT = jax.lax.optimization_barrier(m2.T)
-  dwg = jnp.matmul(mT, da, preferred_element_type=f32)
-  dwu = jnp.matmul(mT, db, preferred_element_type=f32)
-  dm = (jnp.matmul(da, wg.T, preferred_element_type=f32) + jnp.matmul(db, wu.T, preferred_element_type=f32))
-  return (dm.reshape(m.shape).astype(cdt), dwg.astype(wg.dtype), dwu.astype(wu.dtype),
-          dwo.astype(wo.dtype))
-
-
-_swiglu_mlp.defvjp(_mlp_fwd, _mlp_bwd)
+  h = act(jax.nn.silu(m @ w["ff_proj"]) * (m @ w["up_proj"]), "act_mlp")
+  return act(x + (h @ w["ff_out"]).astype(cdt), "act_embed")
 
 
 def hidden_states(config: LLaDAConfig, params: Params, tokens: jax.Array,
