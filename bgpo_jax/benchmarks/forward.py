@@ -154,7 +154,9 @@ def inline_elbo_loss(mod, config, tokens, attn, masked, weight):
   def loss(p):
     h = mod.hidden_states(config, p, noisy, attn)[:, -L:]
     logits = mod.lm_head(config, p, h)
-    tgt = jnp.take_along_axis(logits, tokens[:, -L:, None], axis=-1)[..., 0]
+    # Target logit by comparison, as elbo._target_logps (a gather's backward is a slow scatter).
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    tgt = jnp.sum(jnp.where(vocab == tokens[:, -L:, None], logits, 0.0), axis=-1)
     logp = tgt - jax.nn.logsumexp(logits, axis=-1)
     return -jnp.sum(weight * jnp.sum(jnp.where(masked, logp, 0.0), axis=-1))
   return loss
