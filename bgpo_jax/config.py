@@ -44,6 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.compute_dtype = "bfloat16"  # matmul dtype; norms, RoPE, softmax and logits stay float32
   c.model.remat_policy = "full"  # per-block rematerialization: none / full / dots_saveable
   c.model.scan_unroll = 1  # layers per layer-scan iteration (n_layers = fully unrolled; small models)
+  # Attention kernel (llada.ATTENTION_IMPLS): auto = Pallas splash on TPU, cuDNN flash on GPU
+  # (bf16/fp16 compute), batched matmuls elsewhere; "xla" = the original grouped einsum.
+  c.model.attention_impl = "auto"
+  # Response positions per chunk of the vocab head + log_softmax (0 = all at once). Bounds the
+  # float32 logits to [rows, chunk, vocab]: LLaDA's 126k vocabulary makes [rows, 256, vocab] 129 MB
+  # a row; 64 keeps a quarter of that for one extra head matmul of recompute in the backward.
+  c.model.logits_chunk = 64
   # Architecture overrides of the preset (None = keep the preset's value).
   c.model.d_model = config_dict.placeholder(int)
   c.model.n_layers = config_dict.placeholder(int)
@@ -398,6 +405,10 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   one_of("model.param_dtype", c.model.param_dtype, DTYPES)
   one_of("model.compute_dtype", c.model.compute_dtype, DTYPES)
   one_of("model.family", c.model.family, FAMILIES)
+  from bgpo_jax.models.llada import ATTENTION_IMPLS
+  one_of("model.attention_impl", c.model.attention_impl, ATTENTION_IMPLS)
+  if c.model.logits_chunk < 0:
+    raise ConfigError(f"config.model.logits_chunk {c.model.logits_chunk} must be >= 0 (0 = no chunking)")
   if not c.init.checkpoint:
     one_of("model.preset", c.model.preset, FAMILY_PRESETS[c.model.family])
   for key in ("total_steps", "checkpoint_every", "log_every", "keep_checkpoints"):

@@ -98,7 +98,7 @@ def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
 
   m = config.model
   knobs = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat_policy,
-               scan_unroll=m.scan_unroll)
+               scan_unroll=m.scan_unroll, attention_impl=m.attention_impl, logits_chunk=m.logits_chunk)
   path = config.init.checkpoint
   if path and (epath.Path(path) / "config.json").exists():  # epath: gs:// too
     model_cfg, params = hf.load(path, dtype=None, mesh=mesh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -102,18 +103,29 @@ def test_gradient_and_logits_chunking():
   toks, attn = batch()
   masks, weights = masking.sample_masks(jax.random.key(4), B, L, NUM_MC)
 
-  def loss(p, chunk):
-    return jnp.sum(elbo.elbo_term(CFG, p, toks, attn, masks[0], weights[0], logits_chunk=chunk))
+  def loss(p, chunk, cfg=CFG):
+    return jnp.sum(elbo.elbo_term(cfg, p, toks, attn, masks[0], weights[0], logits_chunk=chunk))
 
-  # Both gradients in one program (one compile).
-  both = jax.jit(lambda p: (jax.value_and_grad(loss)(p, None), jax.value_and_grad(loss)(p, 4)))
-  (v, g), (vc, gc) = both(params())
+  # L = 8: chunks of 4 (two equal chunks), of 3 (3 + 3 + a remainder of 2), and the config's
+  # logits_chunk (None = config.logits_chunk = 3): the same ELBO terms and gradients as one block.
+  chunked_cfg = dataclasses.replace(CFG, logits_chunk=3)
+  both = jax.jit(lambda p: (jax.value_and_grad(loss)(p, 0), jax.value_and_grad(loss)(p, 4),
+                            jax.value_and_grad(loss)(p, 3),
+                            jax.value_and_grad(functools.partial(loss, cfg=chunked_cfg))(p, None)))
+  (v, g), *chunked = both(params())
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(g))
   assert float(optax_global_norm(g)) > 0
-  chex.assert_trees_all_close(v, vc, rtol=1e-5)
-  chex.assert_trees_all_close(g, gc, rtol=1e-4, atol=1e-6)
-  with pytest.raises(ValueError, match="not a multiple of logits_chunk"):
-    jax.eval_shape(functools.partial(loss, chunk=3), params())
+  for vc, gc in chunked:
+    chex.assert_trees_all_close(vc, v, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(gc, g, rtol=1e-5, atol=1e-7)
+  # Per-position log-probs too (the terms sum them): a chunk boundary bug cannot cancel out.
+  lp = lambda chunk: elbo.response_token_logps(CFG, params(), toks, attn, toks[:, -L:],  # noqa: E731
+                                               logits_chunk=chunk)
+  chex.assert_trees_all_close(lp(3), lp(0), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="logits_chunk -1 must be >= 0"):
+    jax.eval_shape(functools.partial(loss, chunk=-1), params())
+  with pytest.raises(ValueError, match="logits_chunk -2 must be >= 0"):
+    dataclasses.replace(CFG, logits_chunk=-2)
 
 
 def optax_global_norm(tree):

@@ -1,78 +1,315 @@
-"""Forward throughput and MFU of a model family (LLaDA by default; --family llada,dream side by side).
+"""LLaDA forward and forward + backward throughput, MFU, and a side-by-side with PyTorch.
 
-  python -m bgpo_jax.benchmarks.forward                      # "small" on CPU, float32 + bfloat16
+  python -m bgpo_jax.benchmarks.forward                      # the issue-15 model, see below
+  python -m bgpo_jax.benchmarks.forward --torch-python /path/to/venv/bin/python --sampler
+  python -m bgpo_jax.benchmarks.forward --preset small --batch 4 --seq 256 --dtypes float32,bfloat16
   python -m bgpo_jax.benchmarks.forward --preset llada_8b --batch 8 --seq 1024 --dtypes bfloat16
 
-Model FLOPs of one forward (llada.forward_flops): 2 * params * tokens, counting every matmul
-weight (blocks + output head; the input embedding is a lookup, not a matmul), plus attention
-4 * S^2 * d_model per layer per sequence (scores and context). MFU divides the achieved FLOP/s
-by the measured matmul peak of the same dtype (benchmarks.common.matmul_peak_flops).
+Default model ("m30": d_model 512, 8 layers, 8 heads, MLP 1408, vocab 4096, 30M params), float32,
+4 x 512 tokens (16 left-padded keys per row). Rows per attention implementation in --impls
+(default "xla,auto": the original grouped einsum and today's default, timed round-robin in one
+process, each keeping its fastest run, so a shared machine's load hits both alike):
+  fwd     llada.forward (all positions, full-vocabulary head);
+  fwd+bwd jax.value_and_grad of one masked-diffusion ELBO term (diffusion.elbo.elbo_term: the
+          last 256 positions are the response, half of them masked, weight 1/t = 2), as a
+          train step computes it (the head on the response positions only).
+
+Model FLOPs of one forward (llada.forward_flops): 2 * params * tokens (blocks + head; the input
+embedding is a lookup) + attention 4 * S^2 * d_model per layer per sequence; forward + backward
+counts 3x that (the head over the whole sequence, although the ELBO needs it on 256 positions
+only). MFU = achieved FLOP/s / the matmul peak measured in the same run (the faster of
+common.matmul_peak_flops and a best-of-7 1024^3 matmul).
+
+--torch-python PY: runs benchmarks/torch_llada.py (an independent PyTorch re-implementation of
+LLaDA's modeling math: the official file is not available here) in that interpreter on the same
+shapes right after the JAX rows: forward under no_grad, forward + backward of the same ELBO loss
+(its head runs over all positions, as the official model's forward does), with
+OMP_WAIT_POLICY=PASSIVE unless set (spinning OpenMP threads cost torch 10x+ on a shared CPU).
+torch is never a dependency; install it in a separate venv.
+--baseline FILE: a llada.py of an earlier commit (`git show adb71ea:bgpo_jax/models/llada.py >
+FILE`) timed round-robin next to today's model, forward and forward + backward of the same inline
+ELBO loss (before / after in one process).
+--sampler: also times the uncached sampler as the rollouts call it (diffusion.sampler.generate,
+head on the current block) against the torch script's reference generate() loop, batch 1,
+64-token prompt, 64 tokens in 64 steps, one block.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bgpo_jax.benchmarks import common
+from bgpo_jax.diffusion import elbo
+from bgpo_jax.diffusion import sampler as sampler_lib
 from bgpo_jax.models import family, llada
 
+# The model of issue 15 (tiny's special ids, so the char tokenizer's mask id 2).
+M30 = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1408,
+           vocab_size=4096, embedding_size=4096, max_sequence_length=1024)
 
-def bench_one(preset: str, compute_dtype: str, param_dtype: str | None, batch: int, seq: int,
-              repeats: int, attention_impl: str, pad: int, family_name: str = "llada") -> dict:
-  config = family.preset(family_name, preset, compute_dtype=compute_dtype,
-                         param_dtype=param_dtype or compute_dtype,
-                         attention_impl=attention_impl)
-  params = family.module_for(config).init_params(config, jax.random.key(0))
+
+def make_config(preset: str, family_name: str = "llada", **knobs):
+  if preset == "m30":  # the issue-15 shapes on either family's tiny preset
+    return family.preset(family_name, "tiny", **M30, **knobs)
+  return family.preset(family_name, preset, **knobs)
+
+
+def peak_flops(dtype) -> float:
+  """The matmul peak: the faster of the median-based measurement and a best-of-7 run (a median
+  taken while other jobs compute understates the peak, and so overstates MFU)."""
+  a = jnp.ones((1024, 1024), dtype)
+  t = common.time_jitted(jax.jit(lambda x, y: x @ y), a, a, repeats=7)
+  return max(common.matmul_peak_flops(dtype), 2.0 * 1024**3 / min(t["all_s"]))
+
+
+def interleaved(calls: list, repeats: int) -> list[dict]:
+  """Times jitted calls [(fn, args), ...] round-robin; each keeps its fastest run."""
+  out = []
+  for f, a in calls:
+    t0 = time.perf_counter()
+    common.block(f(*a))
+    out.append({"first_s": time.perf_counter() - t0, "all_s": []})
+  for _ in range(repeats):
+    for (f, a), rec in zip(calls, out):
+      t0 = time.perf_counter()
+      common.block(f(*a))
+      rec["all_s"].append(time.perf_counter() - t0)
+  for rec in out:
+    rec["step_s"] = min(rec["all_s"])
+    rec["compile_s"] = max(rec["first_s"] - rec["step_s"], 0.0)
+  return out
+
+
+def elbo_inputs(config: llada.LLaDAConfig, batch: int, seq: int, pad: int, resp: int):
   rng = np.random.default_rng(0)
-  tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq)), jnp.int32)
+  tokens = jnp.asarray(rng.integers(6, config.vocab_size, (batch, seq)), jnp.int32)
   mask = np.ones((batch, seq), np.int32)
   mask[:, :pad] = 0  # left padding, as for prompts
-  fwd = jax.jit(functools.partial(family.module_for(config).forward, config))
-  t = common.time_jitted(fwd, params, tokens, jnp.asarray(mask), repeats=repeats)
-  flops = family.module_for(config).forward_flops(config, batch, seq)
-  peak = common.matmul_peak_flops(config.compute_jnp_dtype)
-  achieved = flops / t["step_s"]
-  del params
-  return {
-    "family": family_name, "preset": preset, "compute": compute_dtype, "params_dtype": config.param_dtype,
-    "attn": attention_impl, "batch": batch, "seq": seq,
-    "params_M": config.num_params() / 1e6,
-    "compile_s": t["compile_s"], "step_ms": 1e3 * t["step_s"],
-    "tokens_per_s": batch * seq / t["step_s"],
-    "GFLOP": flops / 1e9, "TFLOP/s": achieved / 1e12, "peak_TFLOP/s": peak / 1e12,
-    "MFU": achieved / peak,
-  }
+  masked = jnp.asarray(rng.random((batch, resp)) < 0.5)
+  return tokens, jnp.asarray(mask), masked, jnp.full((batch,), 2.0, jnp.float32)
+
+
+def bench_impls(preset: str, compute_dtype: str, param_dtype: str | None, batch: int, seq: int,
+                resp: int, repeats: int, impls: list[str], pad: int, fwd_bwd: bool,
+                peak: float, family_name: str = "llada") -> list[dict]:
+  base = make_config(preset, family_name, compute_dtype=compute_dtype, param_dtype=param_dtype or compute_dtype)
+  model = family.module_for(base)
+  params = model.init_params(base, jax.random.key(0))
+  tokens, attn, masked, weight = elbo_inputs(base, batch, seq, pad, resp)
+  calls, names = [], []
+  for impl in impls:
+    config = dataclasses.replace(base, attention_impl=impl)
+    calls.append((jax.jit(functools.partial(model.forward, config)), (params, tokens, attn)))
+    names.append((impl, "fwd"))
+    if fwd_bwd:
+      loss = lambda p, c=config: -jnp.sum(elbo.elbo_term(c, p, tokens, attn, masked, weight))  # noqa: E731
+      calls.append((jax.jit(jax.value_and_grad(loss)), (params,)))
+      names.append((impl, "fwd+bwd"))
+  times = interleaved(calls, repeats)
+  flops = model.forward_flops(base, batch, seq)
+  rows = []
+  for (impl, kind), t in zip(names, times):
+    f = flops * (3 if kind == "fwd+bwd" else 1)
+    rows.append({
+      "impl": "jax " + (f"{impl}={llada.attention_impl_for(dataclasses.replace(base, attention_impl=impl))}"
+                        if impl == "auto" else impl),
+      "pass": kind, "family": family_name, "preset": preset, "compute": compute_dtype, "batch": batch, "seq": seq,
+      "params_M": base.num_params() / 1e6, "compile_s": t["compile_s"], "step_s": t["step_s"],
+      "tokens_per_s": batch * seq / t["step_s"], "GFLOP": f / 1e9, "TFLOP/s": f / t["step_s"] / 1e12,
+      "MFU": f / t["step_s"] / peak,
+    })
+  for r in rows:  # forward + backward over forward, per implementation
+    if r["pass"] == "fwd+bwd":
+      fwd = next(x for x in rows if x["impl"] == r["impl"] and x["pass"] == "fwd")  # same family
+      r["x_fwd"] = r["step_s"] / fwd["step_s"]
+  return rows
+
+
+def load_baseline(path: str):
+  """A llada.py of an earlier commit as a separate module (`git show REV:bgpo_jax/models/llada.py
+  > FILE`), so one process times the previous model next to today's."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("llada_baseline", path)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules["llada_baseline"] = mod  # dataclasses resolve the module by name
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def inline_elbo_loss(mod, config, tokens, attn, masked, weight):
+  """elbo.elbo_term's math (one block head) written against `mod`'s public functions."""
+  L = masked.shape[-1]
+  noisy = elbo.masked_sequence(tokens, masked, config.mask_token_id)
+
+  def loss(p):
+    h = mod.hidden_states(config, p, noisy, attn)[:, -L:]
+    logits = mod.lm_head(config, p, h)
+    # Target logit by comparison, as elbo._target_logps (a gather's backward is a slow scatter).
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    tgt = jnp.sum(jnp.where(vocab == tokens[:, -L:, None], logits, 0.0), axis=-1)
+    logp = tgt - jax.nn.logsumexp(logits, axis=-1)
+    return -jnp.sum(weight * jnp.sum(jnp.where(masked, logp, 0.0), axis=-1))
+  return loss
+
+
+def bench_baseline(path: str, preset: str, compute_dtype: str, batch: int, seq: int, resp: int,
+                   repeats: int, pad: int, peak: float) -> list[dict]:
+  """Baseline (from `path`) and today's default model, forward and forward + backward of the same
+  inline ELBO loss, round-robin in one process."""
+  old = load_baseline(path)
+  mods = [("baseline", old), ("today", llada)]
+  calls, names = [], []
+  for name, mod in mods:
+    kw = dict(M30) if preset == "m30" else {}
+    cfg = mod.LLaDAConfig.preset("tiny" if preset == "m30" else preset, **kw, compute_dtype=compute_dtype,
+                                 param_dtype=compute_dtype)
+    params = llada.init_params(make_config(preset, compute_dtype=compute_dtype, param_dtype=compute_dtype),
+                               jax.random.key(0))
+    tokens, attn, masked, weight = elbo_inputs(cfg, batch, seq, pad, resp)
+    calls.append((jax.jit(functools.partial(mod.forward, cfg)), (params, tokens, attn)))
+    calls.append((jax.jit(jax.value_and_grad(inline_elbo_loss(mod, cfg, tokens, attn, masked, weight))),
+                  (params,)))
+    names += [(name, "fwd"), (name, "fwd+bwd")]
+  times = interleaved(calls, repeats)
+  flops = llada.forward_flops(make_config(preset), batch, seq)
+  rows = []
+  for (name, kind), t in zip(names, times):
+    f = flops * (3 if kind == "fwd+bwd" else 1)
+    rows.append({"impl": f"jax {name}", "pass": kind, "preset": preset, "compute": compute_dtype,
+                 "batch": batch, "seq": seq, "compile_s": t["compile_s"], "step_s": t["step_s"],
+                 "tokens_per_s": batch * seq / t["step_s"], "TFLOP/s": f / t["step_s"] / 1e12,
+                 "MFU": f / t["step_s"] / peak})
+  for name, _ in mods:
+    fw, fb = (r for r in rows if r["impl"] == f"jax {name}")
+    fb["x_fwd"] = fb["step_s"] / fw["step_s"]
+  base_fb = rows[1]["step_s"]
+  for r in rows:
+    r["vs_baseline"] = (rows[0] if r["pass"] == "fwd" else rows[1])["step_s"] / r["step_s"]
+  del base_fb
+  return rows
+
+
+def bench_sampler(config: llada.LLaDAConfig, impls: list[str], prompt: int, gen: int, steps: int,
+                  repeats: int) -> list[dict]:
+  params = llada.init_params(config, jax.random.key(0))
+  toks = jax.random.randint(jax.random.key(1), (1, prompt), 6, config.vocab_size).astype(jnp.int32)
+  mask = jnp.ones((1, prompt), jnp.int32)
+  calls = []
+  for impl in impls:
+    c = dataclasses.replace(config, attention_impl=impl)
+
+    @jax.jit
+    def gen_fn(params, toks, mask, c=c):
+      return sampler_lib.generate(
+          lambda t, a: llada.hidden_states(c, params, t, a), toks, mask, rng=jax.random.key(2),
+          gen_length=gen, steps=steps, block_length=gen, temperature=0.0,
+          mask_id=c.mask_token_id, head_fn=lambda h: llada.lm_head(c, params, h))
+    calls.append((gen_fn, (params, toks, mask)))
+  times = interleaved(calls, repeats)
+  return [{"impl": f"jax {impl}", "pass": f"generate {gen} tok / {steps} steps", "batch": 1,
+           "seq": prompt + gen, "step_s": t["step_s"], "compile_s": t["compile_s"],
+           "tokens_per_s": gen / t["step_s"]} for impl, t in zip(impls, times)]
+
+
+def run_torch(python: str, spec: dict) -> dict:
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_llada.py")
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+  # Spin-waiting OpenMP threads make torch 10-15x slower on a shared, oversubscribed CPU.
+  env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  out = subprocess.run([python, script, json.dumps(spec)], capture_output=True, text=True, env=env,
+                       check=False)
+  if out.returncode:
+    raise RuntimeError(f"{python} {script} failed (is torch installed there?):\n{out.stderr[-2000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--preset", default="small", choices=["tiny", "small", "llada_8b", "dream_7b"])
-  ap.add_argument("--family", default="llada", help="model families, comma separated (llada,dream: side by side)")
+  ap.add_argument("--preset", default="m30", choices=["m30", "tiny", "small", "llada_8b"])
   ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--seq", type=int, default=256)
-  ap.add_argument("--pad", type=int, default=0, help="left-padded positions per row")
-  ap.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes, comma separated")
+  ap.add_argument("--seq", type=int, default=512)
+  ap.add_argument("--resp", type=int, default=256, help="response positions of the ELBO loss")
+  ap.add_argument("--pad", type=int, default=16, help="left-padded positions per row")
+  ap.add_argument("--dtypes", default="float32", help="compute dtypes, comma separated")
   ap.add_argument("--param-dtype", default=None, help="default: the compute dtype")
-  ap.add_argument("--attention-impl", default="xla", choices=list(llada.ATTENTION_IMPLS))
+  ap.add_argument("--impls", default="xla,auto",
+                  help=f"attention implementations, comma separated ({', '.join(llada.ATTENTION_IMPLS)})")
+  ap.add_argument("--no-backward", action="store_true", help="forward rows only")
+  ap.add_argument("--torch-python", default=None,
+                  help="an interpreter with torch: time benchmarks/torch_llada.py on the same shapes")
+  ap.add_argument("--sampler", action="store_true", help="also time generate (64 tokens, 64 steps)")
+  ap.add_argument("--baseline", default=None,
+                  help="a llada.py of an earlier commit: time it next to today's model (same inline ELBO)")
+  ap.add_argument("--family", default="llada", help="model families for the JAX rows, comma separated "
+                  "(llada,dream: side by side; the torch, baseline and sampler rows are LLaDA's)")
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--rounds", type=int, default=1, help="repeat the whole comparison (interleaved) this often")
   ap.add_argument("--out", default=None, help="write the records as JSON")
   args = ap.parse_args(argv)
 
-  rows = [bench_one(args.preset, dt, args.param_dtype, args.batch, args.seq, args.repeats,
-                    args.attention_impl, args.pad, fam)
-          for _ in range(args.rounds) for fam in args.family.split(",") for dt in args.dtypes.split(",")]
-  common.print_table(rows, ["family", "preset", "compute", "params_dtype", "attn", "batch", "seq",
-                            "compile_s", "step_ms", "tokens_per_s", "TFLOP/s", "peak_TFLOP/s",
-                            "MFU"],
-                     title=f"{args.family} forward on {common.device_description()}")
-  common.write_json(args.out, rows, meta={"device": common.device_description(), "args": vars(args)})
-  return rows
+  impls = args.impls.split(",")
+  load0 = os.getloadavg()[0]
+  rows = []
+  for dt in args.dtypes.split(","):
+    peak = peak_flops(jnp.dtype(dt))
+    for fam in args.family.split(","):
+      rows += bench_impls(args.preset, dt, args.param_dtype, args.batch, args.seq, args.resp,
+                          args.repeats, impls, args.pad, not args.no_backward, peak, fam)
+  if args.baseline:
+    rows += bench_baseline(args.baseline, args.preset, args.dtypes.split(",")[0], args.batch, args.seq,
+                           args.resp, args.repeats, args.pad, peak_flops(jnp.dtype(args.dtypes.split(",")[0])))
+  gen_rows = []
+  if args.sampler:
+    gen_rows = bench_sampler(make_config(args.preset, compute_dtype="float32", param_dtype="float32"),
+                             impls, 64, 64, 64, max(2, args.repeats - 1))
+  if args.torch_python:
+    c = make_config(args.preset)
+    spec = dict(d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads, mlp=c.mlp_hidden_size,
+                vocab=c.vocab_size, rope_theta=c.rope_theta, batch=args.batch, seq=args.seq,
+                pad=args.pad, resp=args.resp, mask_id=c.mask_token_id, repeats=args.repeats)
+    if args.sampler:
+      spec.update(gen_length=64, gen_steps=64, gen_batch=1, gen_prompt=64,
+                  gen_repeats=max(2, args.repeats - 1))
+    t = run_torch(args.torch_python, spec)
+    flops = llada.forward_flops(c, args.batch, args.seq)
+    fp32 = peak_flops(jnp.float32)
+    for kind, key, f in (("fwd", "fwd_s", flops), ("fwd+bwd", "fwd_bwd_s", 3 * flops)):
+      rows.append({"impl": f"torch {t['torch']}", "pass": kind, "preset": args.preset,
+                   "compute": "float32", "batch": args.batch, "seq": args.seq, "step_s": t[key],
+                   "tokens_per_s": args.batch * args.seq / t[key], "TFLOP/s": f / t[key] / 1e12,
+                   "MFU": f / t[key] / fp32})
+    fb = next(r for r in rows if r["impl"].startswith("torch") and r["pass"] == "fwd+bwd")
+    fb["x_fwd"] = t["fwd_bwd_s"] / t["fwd_s"]
+    for r in rows:  # speed relative to torch (> 1 = faster than torch)
+      if r["compute"] == "float32" and not r["impl"].startswith("torch"):
+        r["vs_torch"] = t[{"fwd": "fwd_s", "fwd+bwd": "fwd_bwd_s"}[r["pass"]]] / r["step_s"]
+    if "gen_s" in t:
+      gen_rows.append({"impl": f"torch {t['torch']}", "pass": "generate 64 tok / 64 steps", "batch": 1,
+                       "seq": 128, "step_s": t["gen_s"], "tokens_per_s": 64 / t["gen_s"]})
+      for r in gen_rows[:-1]:
+        r["vs_torch"] = t["gen_s"] / r["step_s"]
+  load1 = os.getloadavg()[0]
+  common.print_table(rows, ["impl", "pass", "family", "preset", "compute", "batch", "seq", "compile_s", "step_s",
+                            "x_fwd", "tokens_per_s", "TFLOP/s", "MFU", "vs_torch", "vs_baseline"],
+                     title=f"LLaDA forward / forward+backward on {common.device_description()}; "
+                           f"load average {load0:.1f} -> {load1:.1f}")
+  if gen_rows:
+    common.print_table(gen_rows, ["impl", "pass", "batch", "seq", "compile_s", "step_s", "tokens_per_s",
+                                  "vs_torch"], title="uncached sampler")
+  common.write_json(args.out, rows + gen_rows,
+                    meta={"device": common.device_description(), "args": vars(args),
+                          "load_average": [load0, load1], "argv": sys.argv})
+  return rows + gen_rows
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """BGPO train-step speed against layer-scan unrolling and micro-batch size (the CPU demo's knobs).
 
 python -m bgpo_jax.benchmarks.train_step [--model tiny --batch 128 --n 8 --prompt-len 48
-    --gen-len 16 --micro 0,32,16 --unroll 1,4 --repeats 3] [--out FILE]
+    --gen-len 16 --micro 0,32,16 --unroll 1,4 --impls auto --repeats 3] [--out FILE]
 
 Defaults are the demo's RL step: 16 prompts x 8 responses, 48 prompt + 16 generated tokens,
 n = 8 MC samples, float32 on CPU. Compile time is reported apart from the steady-state step.
 FLOPs count 3 x forward (forward + backward) of every MC sample over the whole sequence; MFU
-divides by the measured matmul peak of this machine.
+divides by the measured matmul peak of this machine. --impls xla,auto times the original
+grouped-einsum attention next to today's default (model.attention_impl) in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -28,9 +30,9 @@ from bgpo_jax.train import step as step_lib
 
 
 def measure(model: str, batch: int, n: int, prompt_len: int, gen_len: int, micro: int, unroll: int,
-            compute_dtype: str, repeats: int, family_name: str = "llada") -> dict:
+            compute_dtype: str, repeats: int, attention_impl: str = "auto", family_name: str = "llada") -> dict:
   cfg = family.preset(family_name, model, param_dtype="float32", compute_dtype=compute_dtype,
-                      remat_policy="none", scan_unroll=unroll)
+                      remat_policy="none", scan_unroll=unroll, attention_impl=attention_impl)
   c = base_config()
   c.optim.learning_rate = 1e-4
   mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -60,7 +62,8 @@ def measure(model: str, batch: int, n: int, prompt_len: int, gen_len: int, micro
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
   flops = 3.0 * family.module_for(cfg).forward_flops(cfg, batch, seq) * n
-  return {"family": family_name, "model": model, "batch": batch, "n": n, "seq": seq, "micro": micro or batch, "unroll": unroll,
+  return {"family": family_name, "model": model, "attn": attention_impl, "batch": batch, "n": n, "seq": seq,
+          "micro": micro or batch, "unroll": unroll,
           "compile_s": compile_s, "step_s": step_s, "GFLOP_s": flops / step_s / 1e9,
           "temp_MiB": step_lib.memory_report(compiled).get("temp_bytes", 0) / 2**20}
 
@@ -79,19 +82,23 @@ def main(argv=None) -> None:
   ap.add_argument("--gen-len", type=int, default=16)
   ap.add_argument("--micro", type=_ints, default=[0, 32, 16], help="rows per micro-batch (0 = whole batch)")
   ap.add_argument("--unroll", type=_ints, default=[1, 4], help="layers per layer-scan iteration")
+  ap.add_argument("--impls", default="auto", help="attention implementations (llada.ATTENTION_IMPLS)")
   ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=None)
   a = ap.parse_args(argv)
   peak = matmul_peak_flops()
   rows = []
-  runs = [(u, m, f) for u in a.unroll for m in a.micro for f in a.family.split(",")]
-  for unroll, micro, fam in runs:
-    r = measure(a.model, a.batch, a.n, a.prompt_len, a.gen_len, micro, unroll, a.compute_dtype, a.repeats, fam)
+  load0 = os.getloadavg()[0]
+  runs = [(u, m, i, f) for u in a.unroll for m in a.micro for i in a.impls.split(",") for f in a.family.split(",")]
+  for unroll, micro, impl, fam in runs:
+    r = measure(a.model, a.batch, a.n, a.prompt_len, a.gen_len, micro, unroll, a.compute_dtype,
+                a.repeats, impl, fam)
     r["MFU"] = r["GFLOP_s"] * 1e9 / peak
     rows.append(r)
     print(r, flush=True)
-  print_table(rows, ["family", "model", "batch", "n", "seq", "micro", "unroll", "compile_s", "step_s", "GFLOP_s", "MFU",
+  print(f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
+  print_table(rows, ["family", "model", "attn", "batch", "n", "seq", "micro", "unroll", "compile_s", "step_s", "GFLOP_s", "MFU",
                      "temp_MiB"],
               title=f"BGPO train step; matmul peak {peak / 1e9:.0f} GFLOP/s; {device_description()}")
   write_json(a.out, rows, meta={"peak_flops": peak, "device": device_description()})

@@ -53,25 +53,31 @@ def response_token_logps(config: llada.LLaDAConfig, params: Params, tokens: jax.
     tokens: int [B, P+L] model input (already masked).
     attention_mask: [B, P+L] (1 = real key) or None.
     targets: int [B, L] the true response tokens.
-    logits_chunk: if set (must divide L), the head + log_softmax run over chunks of that many
-      positions under jax.checkpoint, so only one chunk's [B, chunk, vocab] logits is alive
-      (forward and backward); for large vocabularies.
+    logits_chunk: if > 0, the head + log_softmax run over chunks of that many positions (the
+      last chunk takes the remainder of L) under jax.checkpoint, so only one chunk's
+      [B, chunk, vocab] float32 logits is alive (forward and backward), at the cost of one more
+      head matmul in the backward; for large vocabularies. None = config.logits_chunk.
   Returns:
     float32 [B, L].
   """
   L = targets.shape[-1]
-  if logits_chunk and L % logits_chunk:
-    raise ValueError(f"response length {L} is not a multiple of logits_chunk {logits_chunk}")
+  if logits_chunk is None:
+    logits_chunk = config.logits_chunk
+  if logits_chunk < 0:
+    raise ValueError(f"logits_chunk {logits_chunk} must be >= 0 (0 = no chunking)")
   hidden = family.module_for(config).hidden_states(config, params, tokens, attention_mask)[:, -L:]
   if not logits_chunk or logits_chunk >= L:
     return _target_logps(config, params, hidden, targets)
-  nc = L // logits_chunk
+  nc, rest = divmod(L, logits_chunk)
+  main = nc * logits_chunk
   B, _, D = hidden.shape
-  hs = jnp.moveaxis(hidden.reshape(B, nc, logits_chunk, D), 1, 0)
-  ts = jnp.moveaxis(targets.reshape(B, nc, logits_chunk), 1, 0)
+  hs = jnp.moveaxis(hidden[:, :main].reshape(B, nc, logits_chunk, D), 1, 0)
+  ts = jnp.moveaxis(targets[:, :main].reshape(B, nc, logits_chunk), 1, 0)
   fn = jax.checkpoint(lambda ht: _target_logps(config, params, *ht))
-  out = lax.map(fn, (hs, ts))  # [nc, B, chunk]
-  return jnp.moveaxis(out, 0, 1).reshape(B, L)
+  out = jnp.moveaxis(lax.map(fn, (hs, ts)), 0, 1).reshape(B, main)  # [B, main]
+  if rest:
+    out = jnp.concatenate([out, fn((hidden[:, main:], targets[:, main:]))], axis=1)
+  return out
 
 
 def elbo_term(config: llada.LLaDAConfig, params: Params, tokens: jax.Array,

@@ -110,7 +110,8 @@ class DreamConfig:
   compute_dtype: str = "float32"
   remat_policy: str = "none"
   scan_unroll: int = 1
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"  # llada.ATTENTION_IMPLS; Dream runs LLaDA's attention (llada.attention)
+  logits_chunk: int = 0  # the ELBO's vocabulary head in chunks of this many positions (0 = one block)
   init_std: float = 0.02
   hf_extra: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
@@ -132,6 +133,8 @@ class DreamConfig:
       raise ValueError(f"scan_unroll {self.scan_unroll} must be >= 1 (n_layers or more = fully unrolled)")
     if self.attention_impl not in llada.ATTENTION_IMPLS:
       raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {llada.ATTENTION_IMPLS}")
+    if self.logits_chunk < 0:
+      raise ValueError(f"logits_chunk {self.logits_chunk} must be >= 0 (0 = no chunking)")
     for name in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
       v = getattr(self, name)
       if not 0 <= v < self.vocab_size:

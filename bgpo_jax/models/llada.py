@@ -122,7 +122,11 @@ _REMAT_POLICIES = {
   "save_attn": jax.checkpoint_policies.save_only_these_names(*_SAVE_ATTN_NAMES),
 }
 REMAT_POLICIES = ("none",) + tuple(_REMAT_POLICIES)
-ATTENTION_IMPLS = ("xla", "jax", "cudnn")
+# "auto": the fastest implementation for the platform (attention_impl_for); "xla": the original
+# grouped einsum (kept as the exact reference); "bmm": head-major batched matmuls with a
+# hand-written backward (the CPU default); "jax": jax.nn.dot_product_attention's XLA path;
+# "cudnn": its cuDNN flash kernel (GPU, bf16/fp16); "splash": Pallas splash attention (TPU).
+ATTENTION_IMPLS = ("auto", "xla", "bmm", "jax", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +157,11 @@ class LLaDAConfig:
   # Layers per iteration of the layer scan: >1 lets XLA fuse across layers (CPU/small models
   # run 15% faster fully unrolled); 1 keeps one layer's code and compile time for big models.
   scan_unroll: int = 1
-  attention_impl: str = "xla"  # "xla": own einsum (exact); "jax"/"cudnn": jax.nn.dot_product_attention
+  attention_impl: str = "auto"  # see ATTENTION_IMPLS; auto = attention_impl_for(platform)
+  # Response positions per chunk of the vocabulary head + log_softmax in the ELBO / d1 log-probs
+  # (diffusion.elbo.response_token_logps); 0 = one block. Chunks run under jax.checkpoint, so
+  # only one [rows, chunk, vocab] float32 block is alive in the forward and the backward.
+  logits_chunk: int = 0
   init_std: float = 0.02
   hf_extra: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
@@ -173,6 +181,8 @@ class LLaDAConfig:
       raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {REMAT_POLICIES}")
     if self.scan_unroll < 1:  # values >= n_layers all mean "fully unrolled"
       raise ValueError(f"scan_unroll {self.scan_unroll} must be >= 1 (n_layers or more = fully unrolled)")
+    if self.logits_chunk < 0:
+      raise ValueError(f"logits_chunk {self.logits_chunk} must be >= 0 (0 = no chunking)")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
@@ -207,7 +217,8 @@ class LLaDAConfig:
   def preset(cls, name: str, **overrides) -> "LLaDAConfig":
     """Named configs: "tiny" (~1M params, vocab 128 = CharTokenizer ids), "small" (d 768,
     12 layers, 12 heads, MLP 2048, vocab 32000: 134M params, 85M without embeddings; special ids
-    = CharTokenizer's, so it also runs on char data), "llada_8b" (LLaDA-8B exactly, bfloat16)."""
+    = CharTokenizer's, so it also runs on char data), "llada_8b" (LLaDA-8B exactly, bfloat16,
+    logits_chunk 64)."""
     # CharTokenizer special ids (bgpo_jax/tokenizer.py): eos = pad = 0, mask = 2.
     char_ids = dict(mask_token_id=2, eos_token_id=0, pad_token_id=0)
     presets = {
@@ -217,7 +228,8 @@ class LLaDAConfig:
       "small": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, mlp_hidden_size=2048,
                     vocab_size=32000, embedding_size=32000, rope_theta=10000.0,
                     max_sequence_length=2048, **char_ids),
-      "llada_8b": dict(param_dtype="bfloat16", compute_dtype="bfloat16"),
+      # logits_chunk: the 126k-vocabulary head in chunks of 64 positions (see LLaDAConfig).
+      "llada_8b": dict(param_dtype="bfloat16", compute_dtype="bfloat16", logits_chunk=64),
     }
     if name not in presets:
       raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
@@ -422,8 +434,26 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """x [B,S,H,hd] -> rotated float32 [B,S,H,hd] (non-interleaved "rotate half")."""
   x = x.astype(jnp.float32)
   half = x.shape[-1] // 2
-  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+  # Per half (the tables repeat over the halves): the same products and sums as
+  # x * cos + concat(-x2, x1) * sin, in a form whose autodiff is one elementwise pass per half.
+  x1, x2 = x[..., :half], x[..., half:]
+  c, s = cos[None, :, None, :half], sin[None, :, None, :half]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def attention_impl_for(config: LLaDAConfig, platform: str | None = None) -> str:
+  """The attention implementation `config.attention_impl` resolves to on `platform` (default:
+  the default backend's). auto: TPU -> "splash" (Pallas kernel), GPU with bf16/fp16 compute ->
+  "cudnn" (flash), anything else -> "bmm" (batched matmuls; float32 cuDNN flash does not exist)."""
+  impl = config.attention_impl
+  if impl != "auto":
+    return impl
+  platform = platform or jax.default_backend()
+  if platform == "tpu":
+    return "splash"
+  if platform in ("gpu", "cuda", "rocm") and config.compute_dtype != "float32":
+    return "cudnn"
+  return "bmm"
 
 
 def _attention(config: LLaDAConfig, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -433,10 +463,15 @@ def _attention(config: LLaDAConfig, q: jax.Array, k: jax.Array, v: jax.Array,
   B, S, H, hd = q.shape
   KV = k.shape[2]
   scale = 1.0 / math.sqrt(hd)
-  if config.attention_impl != "xla":
+  impl = attention_impl_for(config)
+  if impl == "bmm":
+    return _bmm_attention(q, k, v, key_mask, scale)
+  if impl == "splash":
+    return _splash_attention(q, k, v, key_mask, scale).astype(cdt)
+  if impl in ("jax", "cudnn"):
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    impl = "cudnn" if config.attention_impl == "cudnn" else None
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                        implementation="cudnn" if impl == "cudnn" else None)
   G = H // KV
   qg = q.reshape(B, S, KV, G, hd)
   scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
@@ -454,6 +489,96 @@ def attention(config, q: jax.Array, k: jax.Array, v: jax.Array,
   """Bidirectional GQA attention (config.attention_impl), the public entry for other families
   (dream.py): q [B,S,H,hd], k/v [B,S,KV,hd], key_mask bool [B,S] or None -> [B,S,H,hd]."""
   return _attention(config, q, k, v, key_mask)
+
+
+# --- "bmm": attention as plain batched matmuls in a head-major layout.
+# Query head h reads kv head h // G, so the G query heads of one kv head are stacked along the
+# query axis: q [B, KV, G*S, hd] x k [B, KV, S, hd] is one batched matmul per kv head (no 5-D
+# grouped einsum, no k/v repeat). The backward is written out (dV = P^T dO, dP = dO V^T,
+# dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q): XLA's autodiff of softmax + where
+# costs several extra [.., S, S] passes and transposes that dominate the CPU backward.
+
+
+def _bmm_probs(qh: jax.Array, kh: jax.Array, mask4: jax.Array | None) -> jax.Array:
+  """qh [B,KV,GS,hd] (pre-scaled), kh [B,KV,S,hd], mask4 bool [B,1,1,S] -> probs f32 [B,KV,GS,S]."""
+  s = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
+  s = sharding.constrain(s, ("batch", "act_kv_heads", None, None))
+  if mask4 is not None:
+    # A finite fill (not -inf) keeps rows whose keys are all padding finite (uniform softmax).
+    s = jnp.where(mask4, s, jnp.finfo(jnp.float32).min)
+  s = s - jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s)
+  return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+
+
+def _bmm_core_fwd(qh, kh, vh, mask4):
+  p = _bmm_probs(qh, kh, mask4)
+  o = jnp.einsum("bkqs,bksd->bkqd", p.astype(vh.dtype), vh,
+                 preferred_element_type=jnp.float32).astype(qh.dtype)
+  return o, (qh, kh, vh, mask4, p, o)  # o is the output itself: no extra residual memory
+
+
+@jax.custom_vjp
+def _bmm_core(qh, kh, vh, mask4):
+  return _bmm_core_fwd(qh, kh, vh, mask4)[0]
+
+
+def _bmm_core_bwd(res, do):
+  qh, kh, vh, mask4, p, o = res
+  cdt = qh.dtype
+  f32 = jnp.float32
+  pc = p.astype(cdt)
+  dv = jnp.einsum("bkqs,bkqd->bksd", pc, do, preferred_element_type=f32)
+  dp = jnp.einsum("bkqd,bksd->bkqs", do, vh, preferred_element_type=f32)
+  delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
+  ds = p * (dp - delta)
+  if mask4 is not None:  # the where's gradient: masked scores get none (matters for all-pad rows)
+    ds = jnp.where(mask4, ds, 0.0)
+  ds = ds.astype(cdt)
+  dq = jnp.einsum("bkqs,bksd->bkqd", ds, kh, preferred_element_type=f32)
+  dk = jnp.einsum("bkqs,bkqd->bksd", ds, qh, preferred_element_type=f32)
+  return dq.astype(cdt), dk.astype(kh.dtype), dv.astype(vh.dtype), None
+
+
+_bmm_core.defvjp(_bmm_core_fwd, _bmm_core_bwd)
+
+
+def _bmm_attention(q, k, v, key_mask, scale):
+  """Same contract as _attention (q already in the compute dtype), head-major batched matmuls."""
+  B, S, H, hd = q.shape
+  KV = k.shape[2]
+  G = H // KV
+  axes = ("batch", "act_kv_heads", None, None)
+  # The softmax scale goes on q ([.., hd] instead of [.., S, S]; exact when hd is a power of 4).
+  qh = sharding.constrain(jnp.transpose((q * scale).astype(q.dtype).reshape(B, S, KV, G, hd),
+                                        (0, 2, 3, 1, 4)).reshape(B, KV, G * S, hd), axes)
+  kh = sharding.constrain(jnp.transpose(k, (0, 2, 1, 3)), axes)
+  vh = sharding.constrain(jnp.transpose(v, (0, 2, 1, 3)), axes)
+  mask4 = None if key_mask is None else key_mask[:, None, None, :]
+  o = _bmm_core(qh, kh, vh, mask4)  # [B, KV, G*S, hd]
+  return jnp.transpose(o.reshape(B, KV, G, S, hd), (0, 3, 1, 2, 4)).reshape(B, S, H, hd)
+
+
+def _splash_attention(q, k, v, key_mask, scale):
+  """Pallas splash attention (TPU): key padding via segment ids (queries 1, keys = the mask),
+  so every query attends the real keys only. Needs S a multiple of the kernel's blocks (128).
+  A row whose keys are all padding gives an undefined (zero / NaN-free) context, not uniform."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  B, S, H, hd = q.shape
+  kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((S, S)) for _ in range(H)]),
+                              head_shards=1, q_seq_shards=1,
+                              interpret=jax.default_backend() != "tpu")
+  qh = jnp.transpose(q * jnp.asarray(scale, q.dtype), (0, 2, 1, 3))  # [B, H, S, hd]
+  kh = jnp.transpose(k, (0, 2, 1, 3))
+  vh = jnp.transpose(v, (0, 2, 1, 3))
+  if key_mask is None:
+    out = jax.vmap(kernel)(qh, kh, vh)
+  else:
+    seg = sk.SegmentIds(q=jnp.ones((B, S), jnp.int32), kv=key_mask.astype(jnp.int32))
+    out = jax.vmap(kernel)(qh, kh, vh, segment_ids=seg)
+  return jnp.transpose(out, (0, 2, 1, 3))
 
 
 def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, sin,
