@@ -280,16 +280,13 @@ stop_trainers() {
 }
 
 collect_outputs() {
-  # Before the slice (and its disks) goes: every host's log to WORKDIR/logs/, and the metrics
-  # that land on host 0's disk. The trainer writes metrics.jsonl / tensorboard / curves.png with
-  # plain file APIs, so a gs:// workdir puts them under ./gs:/... in the repo folder of host 0
-  # (see docs/multihost.md); the rsync is a no-op once the trainer writes them to gs:// itself.
+  # Before the slice (and its disks) goes: every host's log to WORKDIR/logs/. Metrics,
+  # TensorBoard events, plots and checkpoints are already in the gs:// workdir (the trainer
+  # writes every path through etils.epath).
   [[ -n "${WORKDIR}" ]] || return 0
-  local dest local_dir
+  local dest
   dest=$(shquote "${WORKDIR%/}")
-  local_dir=$(shquote "gs:/${WORKDIR#gs://}")
   tpu_ssh all "if [ -f ${RUN_DIR}/train.log ]; then gcloud storage cp ${RUN_DIR}/train.log ${dest}/logs/train-\$(hostname).log; fi" || true
-  tpu_ssh 0 "cd ${REMOTE_REPO} && if [ -d ${local_dir} ]; then gcloud storage rsync --recursive ${local_dir} ${dest}; fi" || true
 }
 
 teardown() {
