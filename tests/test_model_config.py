@@ -1,0 +1,37 @@
+"""model.attention_impl and model.logits_chunk: validated before anything compiles, and passed
+through to the model config by tasks.build_model."""
+
+from __future__ import annotations
+
+import pytest
+
+from bgpo_jax import config as config_lib
+from bgpo_jax import tasks
+from bgpo_jax.models import llada
+from bgpo_jax.tokenizer import CharTokenizer
+
+
+def test_validate_rejects_bad_attention_and_chunk_keys():
+  import importlib
+  assert config_lib.base_config().model.attention_impl == "auto"
+  assert config_lib.base_config().model.logits_chunk == 64
+  c = importlib.import_module("configs.demo").get_config()  # validates without data files
+  config_lib.validate(c, data_parallel_size=1)  # the defaults are valid
+  c.model.attention_impl = "flash"
+  with pytest.raises(config_lib.ConfigError, match="model.attention_impl 'flash' is unknown"):
+    config_lib.validate(c, data_parallel_size=1)
+  c.model.attention_impl = "xla"
+  c.model.logits_chunk = -1
+  with pytest.raises(config_lib.ConfigError, match="model.logits_chunk -1 must be >= 0"):
+    config_lib.validate(c, data_parallel_size=1)
+
+
+def test_build_model_passes_attention_and_chunk_through():
+  c = config_lib.base_config()
+  c.model.preset = "tiny"
+  c.model.attention_impl = "xla"
+  c.model.logits_chunk = 8
+  model_cfg, params = tasks.build_model(c, CharTokenizer(), None)
+  assert params is None  # random init, nothing compiled
+  assert isinstance(model_cfg, llada.LLaDAConfig)
+  assert (model_cfg.attention_impl, model_cfg.logits_chunk) == ("xla", 8)
