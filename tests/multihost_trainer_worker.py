@@ -56,11 +56,12 @@ def instrument(trainer, log: dict) -> None:
   from bgpo_jax import tasks as tasks_lib
   orig_score = getattr(tasks_lib.rollout_and_score, "original", tasks_lib.rollout_and_score)
 
-  def rollout_and_score(sampler, task, params, batch, rng, *, group_size, chunk=0):
-    rollout, rewards, waited = orig_score(sampler, task, params, batch, rng, group_size=group_size, chunk=chunk)
+  def rollout_and_score(sampler, task, params, batch, rng, *, group_size, chunk=0, **kw):
+    rollout, rewards, waited, *more = orig_score(sampler, task, params, batch, rng, group_size=group_size,
+                                                 chunk=chunk, **kw)
     first = jax.process_index() * len(batch.prompt_ids)  # this host's first global prompt
     r = [x for k in range(len(batch.prompt_ids)) for x in PATTERN[(first + k) % 4]]
-    return rollout, np.asarray(r, np.float32), waited
+    return (rollout, np.asarray(r, np.float32), waited, *more)
 
   rollout_and_score.original = orig_score
   tasks_lib.rollout_and_score = rollout_and_score

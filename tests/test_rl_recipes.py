@@ -71,7 +71,7 @@ def _inject_stops(monkeypatch, tokenizer_eot):
   original = tasks_lib.rollout_and_score
 
   def patched(sampler, task, params, batch, rng, **kw):
-    rollout, rewards, waited = original(sampler, task, params, batch, rng, **kw)
+    rollout, rewards, waited, *more = original(sampler, task, params, batch, rng, **kw)
     toks = np.array(rollout.tokens)
     P = rollout.prompt_len
     toks[:2, P + STOP_AT] = tokenizer_eot
@@ -80,7 +80,7 @@ def _inject_stops(monkeypatch, tokenizer_eot):
     from bgpo_jax.rollout import response_lengths
     rollout.response_lengths = response_lengths(toks[:, P:], sampler.stop_ids)
     rewards = (np.arange(len(rewards)) % 2).astype(np.float32)
-    return rollout, rewards, waited
+    return (rollout, rewards, waited, *more)
 
   monkeypatch.setattr(main_lib.tasks_lib, "rollout_and_score", patched)
 
