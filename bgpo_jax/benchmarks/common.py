@@ -100,3 +100,22 @@ def write_json(path: str | None, records: Any, meta: dict | None = None) -> None
   if meta is not None:
     with open(path + ".meta.json", "w") as f:
       json.dump(meta, f, indent=1, default=str)
+
+
+def interleaved(calls: list, repeats: int) -> list[dict]:
+  """Times jitted calls [(fn, args), ...] round-robin and keeps each one's fastest run: on a
+  shared machine, load swings hit all alike and the minimum is the least disturbed."""
+  out = []
+  for f, a in calls:
+    t0 = time.perf_counter()
+    block(f(*a))
+    out.append({"first_s": time.perf_counter() - t0, "all_s": []})
+  for _ in range(repeats):
+    for (f, a), rec in zip(calls, out):
+      t0 = time.perf_counter()
+      block(f(*a))
+      rec["all_s"].append(time.perf_counter() - t0)
+  for rec in out:
+    rec["step_s"] = min(rec["all_s"])
+    rec["compile_s"] = max(rec["first_s"] - rec["step_s"], 0.0)
+  return out

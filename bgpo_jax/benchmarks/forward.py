@@ -43,7 +43,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -73,24 +72,6 @@ def peak_flops(dtype) -> float:
   return max(common.matmul_peak_flops(dtype), 2.0 * 1024**3 / min(t["all_s"]))
 
 
-def interleaved(calls: list, repeats: int) -> list[dict]:
-  """Times jitted calls [(fn, args), ...] round-robin; each keeps its fastest run."""
-  out = []
-  for f, a in calls:
-    t0 = time.perf_counter()
-    common.block(f(*a))
-    out.append({"first_s": time.perf_counter() - t0, "all_s": []})
-  for _ in range(repeats):
-    for (f, a), rec in zip(calls, out):
-      t0 = time.perf_counter()
-      common.block(f(*a))
-      rec["all_s"].append(time.perf_counter() - t0)
-  for rec in out:
-    rec["step_s"] = min(rec["all_s"])
-    rec["compile_s"] = max(rec["first_s"] - rec["step_s"], 0.0)
-  return out
-
-
 def elbo_inputs(config: llada.LLaDAConfig, batch: int, seq: int, pad: int, resp: int):
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(6, config.vocab_size, (batch, seq)), jnp.int32)
@@ -116,7 +97,7 @@ def bench_impls(preset: str, compute_dtype: str, param_dtype: str | None, batch:
       loss = lambda p, c=config: -jnp.sum(elbo.elbo_term(c, p, tokens, attn, masked, weight))  # noqa: E731
       calls.append((jax.jit(jax.value_and_grad(loss)), (params,)))
       names.append((impl, "fwd+bwd"))
-  times = interleaved(calls, repeats)
+  times = common.interleaved(calls, repeats)
   flops = model.forward_flops(base, batch, seq)
   rows = []
   for (impl, kind), t in zip(names, times):
@@ -181,7 +162,7 @@ def bench_baseline(path: str, preset: str, compute_dtype: str, batch: int, seq: 
     calls.append((jax.jit(jax.value_and_grad(inline_elbo_loss(mod, cfg, tokens, attn, masked, weight))),
                   (params,)))
     names += [(name, "fwd"), (name, "fwd+bwd")]
-  times = interleaved(calls, repeats)
+  times = common.interleaved(calls, repeats)
   flops = llada.forward_flops(make_config(preset), batch, seq)
   rows = []
   for (name, kind), t in zip(names, times):
@@ -216,7 +197,7 @@ def bench_sampler(config: llada.LLaDAConfig, impls: list[str], prompt: int, gen:
           gen_length=gen, steps=steps, block_length=gen, temperature=0.0,
           mask_id=c.mask_token_id, head_fn=lambda h: llada.lm_head(c, params, h))
     calls.append((gen_fn, (params, toks, mask)))
-  times = interleaved(calls, repeats)
+  times = common.interleaved(calls, repeats)
   return [{"impl": f"jax {impl}", "pass": f"generate {gen} tok / {steps} steps", "batch": 1,
            "seq": prompt + gen, "step_s": t["step_s"], "compile_s": t["compile_s"],
            "tokens_per_s": gen / t["step_s"]} for impl, t in zip(impls, times)]

@@ -25,7 +25,6 @@ the calls actually made), speedup over the uncached fixed-schedule sampler of th
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -50,25 +49,6 @@ def step_flops(config: llada.LLaDAConfig, batch: int, plen: int, gen_length: int
   full = family.module_for(config).forward_flops(config, batch, plen + gen_length)
   head = 2.0 * config.d_model * config.embedding_size * batch
   return full - head * (plen + gen_length - block_length)
-
-
-def _interleaved(calls: list, repeats: int) -> list[dict]:
-  """Times jitted calls [(fn, args), ...] round-robin and keeps each one's fastest run: on a
-  shared machine, load swings hit all alike and the minimum is the least disturbed."""
-  out = []
-  for f, a in calls:
-    t0 = time.perf_counter()
-    common.block(f(*a))
-    out.append({"first_s": time.perf_counter() - t0, "all_s": []})
-  for _ in range(repeats):
-    for (f, a), rec in zip(calls, out):
-      t0 = time.perf_counter()
-      common.block(f(*a))
-      rec["all_s"].append(time.perf_counter() - t0)
-  for rec in out:
-    rec["step_s"] = min(rec["all_s"])
-    rec["compile_s"] = max(rec["first_s"] - rec["step_s"], 0.0)
-  return out
 
 
 def bench_model(name: str, *, batch: int, plen: int, gen_length: int, block_length: int,
@@ -111,7 +91,7 @@ def bench_model(name: str, *, batch: int, plen: int, gen_length: int, block_leng
     return lax.fori_loop(0, steps, body, canvas)
 
   args = (params, toks, mask, jax.random.key(2))
-  tg, tf, tfull = _interleaved([(make_gen(True), args), (floor, args[:3]),
+  tg, tf, tfull = common.interleaved([(make_gen(True), args), (floor, args[:3]),
                                 (make_gen(False), args)], repeats)
   flops = steps * step_flops(config, batch, plen, gen_length, block_length)
   return {
@@ -191,7 +171,7 @@ def bench_caches(name: str, *, batch: int, plen: int, gen_length: int, block_len
 
   args = (params, toks, mask, jax.random.key(2))
   fns = [make(c, t) for c, t in runs]
-  timed = _interleaved([(f, args) for f in fns], repeats)
+  timed = common.interleaved([(f, args) for f in fns], repeats)
   nfes = [int(f(*args)[1]) for f in fns]
   base = timed[0]["step_s"]
   rows = []

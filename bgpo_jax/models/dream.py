@@ -192,7 +192,7 @@ class DreamConfig:
     param_dtype and compute_dtype follow `torch_dtype` (bfloat16 or float32) unless overridden.
     Raises ValueError naming every architecture feature we do not implement.
     """
-    hf = _read_hf(path_or_dict)
+    hf = llada.read_hf_config(path_or_dict)
     bad = [f"{k}={hf[k]!r} (supported: {allowed[0]!r})" for k, allowed in _UNSUPPORTED_HF.items()
            if k in hf and hf[k] not in allowed]
     if bad:
@@ -249,14 +249,6 @@ class DreamConfig:
     return dict(sorted(out.items()))
 
 
-def _read_hf(path_or_dict) -> dict[str, Any]:
-  if isinstance(path_or_dict, Mapping):
-    return dict(path_or_dict)
-  p = os.fspath(path_or_dict)
-  if os.path.isdir(p):
-    p = os.path.join(p, "config.json")
-  with open(p) as f:
-    return json.load(f)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -12,10 +12,7 @@ A family module exposes, for its config class C:
 
 from __future__ import annotations
 
-import json
-import os
-from types import ModuleType
-from typing import Any, Mapping, Protocol
+from typing import Any, Protocol
 
 from bgpo_jax.models import dream, llada
 
@@ -69,20 +66,12 @@ def preset(family: str, name: str, **overrides) -> Any:
   return config_class(family).preset(name, **overrides)
 
 
-def _read_hf(path_or_dict) -> dict[str, Any]:
-  if isinstance(path_or_dict, Mapping):
-    return dict(path_or_dict)
-  p = os.fspath(path_or_dict)
-  if os.path.isdir(p):
-    p = os.path.join(p, "config.json")
-  with open(p) as f:
-    return json.load(f)
 
 
 def hf_family(path_or_dict) -> str:
   """The family of an HF config (dict, config.json or checkpoint dir) from its `model_type`
   (none = LLaDA)."""
-  hf = _read_hf(path_or_dict)
+  hf = llada.read_hf_config(path_or_dict)
   mt = str(hf.get("model_type") or "").lower()
   if not mt:  # LLaDA configs written before families existed may lack it
     return DEFAULT_FAMILY
@@ -94,5 +83,5 @@ def hf_family(path_or_dict) -> str:
 
 def config_from_hf(path_or_dict, **overrides) -> Any:
   """The family's config from an HF config (model_type decides the family)."""
-  hf = _read_hf(path_or_dict)
+  hf = llada.read_hf_config(path_or_dict)
   return config_class(hf_family(hf)).from_hf(hf, **overrides)

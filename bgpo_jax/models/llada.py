@@ -129,6 +129,18 @@ REMAT_POLICIES = ("none",) + tuple(_REMAT_POLICIES)
 ATTENTION_IMPLS = ("auto", "xla", "bmm", "jax", "cudnn", "splash")
 
 
+def read_hf_config(path_or_dict) -> dict[str, Any]:
+  """A Hugging Face config as a dict: given a dict, a config.json path or a checkpoint directory
+  (local or any etils.epath URI such as gs://)."""
+  if isinstance(path_or_dict, Mapping):
+    return dict(path_or_dict)
+  from etils import epath
+  p = epath.Path(os.fspath(path_or_dict))
+  if p.is_dir():
+    p = p / "config.json"
+  return json.loads(p.read_text())
+
+
 @dataclasses.dataclass(frozen=True)
 class LLaDAConfig:
   """Architecture (Hugging Face key names) plus our precision / memory knobs. Frozen and hashable.
@@ -242,14 +254,7 @@ class LLaDAConfig:
     param_dtype and compute_dtype follow `torch_dtype` (bfloat16 or float32) unless overridden.
     Raises ValueError naming every architecture feature we do not implement.
     """
-    if isinstance(path_or_dict, Mapping):
-      hf = dict(path_or_dict)
-    else:
-      p = os.fspath(path_or_dict)
-      if os.path.isdir(p):
-        p = os.path.join(p, "config.json")
-      with open(p) as f:
-        hf = json.load(f)
+    hf = read_hf_config(path_or_dict)
     bad = []
     for key, allowed in _UNSUPPORTED_HF.items():
       if key in hf and hf[key] not in allowed:
