@@ -9,8 +9,8 @@ from bgpo_jax.config import paper_config, task_config
 
 
 def get_config(variant: str = ""):
-  # Rollouts with Fast-dLLM's prefix KV cache, exact greedy evaluation (set in paper_config:
-  # rollout.cache="prefix", eval.cache="none"; README "Fast rollouts").
+  # Rollouts with Fast-dLLM's dual KV cache, exact greedy evaluation (set in paper_config:
+  # rollout.cache="dual", eval.cache="none"; README "Fast rollouts").
   # Required: --config.task.train_file=/path/code_train.jsonl ({prompt, tests} per line).
   # BGPO's released recipe: 5 epochs of 112 steps; evaluate and save at every epoch's end.
   c = paper_config("code", gen_length=512, train_steps=512, eval_steps=512, num_mc_samples=16,

@@ -9,8 +9,8 @@ from bgpo_jax.config import paper_config, task_config
 
 
 def get_config(variant: str = ""):
-  # Rollouts with Fast-dLLM's prefix KV cache, exact greedy evaluation (set in paper_config:
-  # rollout.cache="prefix", eval.cache="none"; README "Fast rollouts").
+  # Rollouts with Fast-dLLM's dual KV cache, exact greedy evaluation (set in paper_config:
+  # rollout.cache="dual", eval.cache="none"; README "Fast rollouts").
   # BGPO's released recipe: 560 steps; evaluation and checkpoint every 56 (10 of each).
   c = paper_config("countdown", gen_length=256, train_steps=128, eval_steps=256, num_mc_samples=16,
                    total_steps=560, eval_every=56, checkpoint_every=56)

@@ -9,8 +9,8 @@ from bgpo_jax.config import paper_config, task_config
 
 
 def get_config(variant: str = ""):
-  # Rollouts with Fast-dLLM's prefix KV cache, exact greedy evaluation (set in paper_config:
-  # rollout.cache="prefix", eval.cache="none"; README "Fast rollouts").
+  # Rollouts with Fast-dLLM's dual KV cache, exact greedy evaluation (set in paper_config:
+  # rollout.cache="dual", eval.cache="none"; README "Fast rollouts").
   # BGPO's released recipe: 700 steps. An evaluation (GSM8K 1319 + MATH500 500 prompts, 512
   # greedy diffusion steps each) costs about as much as 30 RL steps: every 100 steps.
   c = paper_config("math", gen_length=512, train_steps=256, eval_steps=512, num_mc_samples=16,
