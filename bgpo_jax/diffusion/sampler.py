@@ -95,7 +95,11 @@ def check_settings(*, gen_length: int, steps: int, block_length: int, temperatur
 
 
 def check_prompt(prompt_tokens, prompt_mask, mask_id: int) -> None:
-  """Host-side check that no real prompt position holds the mask token (skipped under jit)."""
+  """Prompts are [batch, prompt_len] with a mask of the same shape, and (host side; skipped under
+  jit) no real prompt position holds the mask token."""
+  if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
+    raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "
+                     f"must both be [batch, prompt_len]")
   try:
     toks = np.asarray(prompt_tokens)
     msk = np.asarray(prompt_mask)
@@ -228,9 +232,6 @@ def generate(logits_fn: LogitsFn, prompt_tokens: jax.Array, prompt_mask: jax.Arr
                  temperature=temperature, remasking=remasking, cfg_scale=cfg_scale,
                  mask_id=mask_id, eos_id=eos_id, suppress_eos=suppress_eos, eot_id=eot_id,
                  suppress_eos_confidence=suppress_eos_confidence)
-  if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
-    raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "
-                     f"must both be [batch, prompt_len]")
   check_prompt(prompt_tokens, prompt_mask, mask_id)
 
   batch, plen = prompt_tokens.shape
@@ -366,9 +367,6 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
                  suppress_eos_confidence=suppress_eos_confidence)
   check_cached_settings(cache=cache, threshold=threshold, factor=factor,
                         refresh_every=refresh_every)
-  if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
-    raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "
-                     f"must both be [batch, prompt_len]")
   check_prompt(prompt_tokens, prompt_mask, mask_id)
 
   batch, plen = prompt_tokens.shape
