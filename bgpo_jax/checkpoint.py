@@ -132,6 +132,60 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   return out["params"]
 
 
+def save_tree(path: str, tree: Any) -> None:
+  """Saves one pytree of arrays (e.g. the frozen KL reference) to `path`, blocking, replacing it.
+
+  Local and gs:// paths are written by Orbax; any other URI scheme is staged like `Checkpointer`'s
+  steps: Orbax writes a local temporary folder, which is copied to `path` with the `_STAGED`
+  marker last, so `restore_tree` never reads a half-copied tree.
+  """
+  if not needs_staging(path):
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(epath.Path(path), tree, force=True)
+      ckptr.wait_until_finished()
+    return
+  if jax.process_count() > 1:
+    raise ValueError(f"{path!r}: Orbax cannot write this scheme itself, and staging it through a local "
+                     "folder works on one process only; use gs:// or a shared filesystem on several hosts")
+  local = epath.Path(tempfile.mkdtemp(prefix="bgpo_tree_"))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(local / "tree", tree, force=True)
+      ckptr.wait_until_finished()
+    remote = epath.Path(path)
+    if remote.exists():
+      remote.rmtree()
+    _copy_tree(local / "tree", remote)
+    (remote / STAGED_MARKER).write_text("complete\n")
+  finally:
+    shutil.rmtree(str(local), ignore_errors=True)
+
+
+def tree_exists(path: str) -> bool:
+  """Whether `save_tree` finished writing `path` (for a staged scheme: its marker is there)."""
+  p = epath.Path(path)
+  return (p / STAGED_MARKER).exists() if needs_staging(path) else p.exists()
+
+
+def restore_tree(path: str, abstract: Any) -> Any:
+  """Restores a `save_tree` pytree onto the shapes, dtypes and shardings of `abstract`
+  (ShapeDtypeStructs or arrays); a staged scheme is copied to a local folder first."""
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), abstract)
+  if not needs_staging(path):
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(epath.Path(path), abstract)
+  if not tree_exists(path):
+    raise FileNotFoundError(f"{path}: no finished tree (its {STAGED_MARKER} marker is missing)")
+  local = epath.Path(tempfile.mkdtemp(prefix="bgpo_tree_"))
+  try:
+    _copy_tree(path, local / "tree", skip=(STAGED_MARKER,))
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(local / "tree", abstract)
+  finally:
+    shutil.rmtree(str(local), ignore_errors=True)
+
+
 def _find_state_dir(path: str) -> epath.Path:
   for directory in (epath.Path(path), epath.Path(path) / "checkpoints"):
     if (directory / "state").is_dir():

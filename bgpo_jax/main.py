@@ -254,22 +254,17 @@ class Trainer:
     return self.workdir.rstrip("/") + "/reference"
 
   def _save_reference(self) -> None:
-    import orbax.checkpoint as ocp
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(self._reference_dir(), self.reference, force=True)
-      ckptr.wait_until_finished()
+    ckpt_lib.save_tree(self._reference_dir(), self.reference)  # staged for s3://, az://, ...
 
   def _restore_reference(self):
-    import orbax.checkpoint as ocp
     path = self._reference_dir()
     dtype = jnp.dtype(self.config.rl.reference_dtype)
     abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sh),
                             self.state.params, self.shardings.params)
-    if not epath.Path(path).exists():
+    if not ckpt_lib.tree_exists(path):
       raise FileNotFoundError(f"resuming an RL run with rl.kl_beta > 0 after an SFT warm-up needs the frozen "
                               f"reference saved at RL start, {path}; it is missing (was kl_beta 0 then?)")
-    with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(path, abstract)
+    return ckpt_lib.restore_tree(path, abstract)
 
   def _ensure_reference(self, step: int) -> None:
     """At the SFT -> RL hand-over: the reference is the policy now (saved for resumes)."""

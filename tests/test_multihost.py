@@ -13,6 +13,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -184,6 +185,33 @@ def test_remote_workdir_metrics_checkpoint_resume_plot_eval(memory_bucket):
   assert len(lines) == 16 and result["eval/accuracy"] == pytest.approx(summary["eval/accuracy"])
   assert list(cwd.iterdir()) == []  # nothing landed in a local "s3:" folder
   assert fs.exists(f"{root}/metrics.jsonl")
+
+
+def test_kl_reference_is_staged_to_a_remote_workdir_and_restored_on_resume(memory_bucket):
+  """rl.kl_beta > 0 after an SFT warm-up: the frozen reference saved at the hand-over goes through
+  the staging folder (marker last) and a resume restores exactly it."""
+  import chex
+  from etils import epath
+
+  from bgpo_jax import checkpoint as ckpt_lib
+  from bgpo_jax.main import Trainer
+
+  root, fs, cwd = memory_bucket
+  c = worker.config()
+  c.rl.kl_beta = 0.04
+  c.rl.skip_zero_advantage = False
+  c.eval_every = 0
+  first = Trainer(c, root)
+  first.run(stop_at=3)  # SFT steps 1-2, RL step 3: the reference is the step-2 policy
+  ref_dir = epath.Path(root) / "reference"
+  assert (ref_dir / ckpt_lib.STAGED_MARKER).exists()
+  resumed = Trainer(c, root)
+  assert resumed.start_step == 3 and resumed.reference is not None
+  chex.assert_trees_all_equal(jax.device_get(resumed.reference), jax.device_get(first.reference))
+  (ref_dir / ckpt_lib.STAGED_MARKER).unlink()  # a half-copied reference is refused, not read
+  with pytest.raises(FileNotFoundError, match="reference"):
+    Trainer(c, root)
+  assert list(cwd.iterdir()) == []
 
 
 def test_hf_checkpoint_save_and_load_through_a_remote_path(memory_bucket):
