@@ -125,4 +125,4 @@ def test_plan_a_task_config_cli(tmp_path):
   # The sampler reads the same float32 params; its peak counts the resident moments too.
   assert sampler["argument_bytes"] >= 4 * step["params"] / 4
   assert sampler["peak_bytes"] == sampler["total_bytes"] + sampler["resident_opt_state_bytes"]
-  assert "LLaDA-8B as each config runs it" in p.stdout
+  assert "as each config runs it" in p.stdout and recs[0]["model"] == "llada_8b"
