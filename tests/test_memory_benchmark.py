@@ -151,3 +151,4 @@ def test_plan_dream_config_plans_dream_7b(tmp_path):
     assert r["prompt_len"] + r["gen_length"] == 1024 and r["mesh"] == [1, 4, 1]
   assert step["argument_bytes"] >= 3 * 4 * want / 4  # float32 params + AdamW moments, 1/4 each
   assert sampler["what"] == "sampler" and sampler["total_bytes"] > 0
+  assert sampler["cache"] == "dual"  # the Dream config's rollouts use the KV-cached sampler

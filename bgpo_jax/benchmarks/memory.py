@@ -662,6 +662,7 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
   mem = step_lib.memory_report(compiled)
   resident = _shard_bytes(abstract.opt_state)
   add({**common_fields, "what": "sampler", "rows": call_rows, "steps": config.rollout.steps,
+       "cache": config.rollout.cache,
        **mem, "resident_opt_state_bytes": resident, "peak_bytes": mem["total_bytes"] + resident,
        "compile_s": time.perf_counter() - t0})
   return out
