@@ -138,14 +138,32 @@ def np_commit(x, logits, s, e, rule, value):
 
 
 def ref_generate(prompt, pmask, *, cache, gen_length, steps, block_length, rule="count", value=None,
-                 fam="llada"):
+                 fam="llada", cfg_scale=0.0):
   """SPEC section 4b at temperature 0. Returns (tokens, model calls). For Dream (shift 1) the
   block [s, e) is scored from the outputs at [s - 1, e - 1), so its windows start at s - 1 (that
-  position recomputed over the cache like the rest of the window)."""
+  position recomputed over the cache like the rest of the window). cfg_scale > 0: the model runs
+  on [canvas; canvas with the real prompt masked] (each copy its own cache) and the logits are
+  un + (cfg + 1) * (cond - un)."""
   sh = SHIFT[fam]
   B, P = prompt.shape
   x = np.concatenate([prompt, np.full((B, gen_length), MASK)], 1)
   key_mask = np.concatenate([pmask, np.ones((B, gen_length), np.int32)], 1).astype(bool)
+  if cfg_scale > 0:
+    key_mask = np.concatenate([key_mask, key_mask], 0)
+
+  def model_rows(x):
+    if cfg_scale == 0:
+      return x
+    un = x.copy()
+    un[:, :P][pmask != 0] = MASK
+    return np.concatenate([x, un], 0)
+
+  def guided(logits):
+    if cfg_scale == 0:
+      return logits
+    cond, unc = logits[:B], logits[B:]
+    return unc + (cfg_scale + 1.0) * (cond - unc)
+
   k = steps // (gen_length // block_length)
   calls = 0
   for b in range(gen_length // block_length):
@@ -155,20 +173,21 @@ def ref_generate(prompt, pmask, *, cache, gen_length, steps, block_length, rule=
     while (i < k) if rule == "count" else (x[:, s:e] == MASK).any():
       counts = m // k + (i < m % k)
       lo = s - sh  # the window's first position
+      rows = model_rows(x)
       if i == 0 or cache == "none":
-        logits, kv = np_model(x, 0, key_mask, fam=fam)  # full forward; its K, V are the cache
+        logits, kv = np_model(rows, 0, key_mask, fam=fam)  # full forward; its K, V are the cache
         logits = logits[:, lo:e - sh]
       elif cache == "prefix":
-        logits, _ = np_model(x[:, lo:], lo, key_mask, lambda l, kf, vf: (
+        logits, _ = np_model(rows[:, lo:], lo, key_mask, lambda l, kf, vf: (
             np.concatenate([kv[l][0][:, :lo], kf], 1), np.concatenate([kv[l][1][:, :lo], vf], 1)),
             fam=fam)
         logits = logits[:, :block_length]
       else:  # dual
-        logits, _ = np_model(x[:, lo:e], lo, key_mask, lambda l, kf, vf: (
+        logits, _ = np_model(rows[:, lo:e], lo, key_mask, lambda l, kf, vf: (
             np.concatenate([kv[l][0][:, :lo], kf, kv[l][0][:, e:]], 1),
             np.concatenate([kv[l][1][:, :lo], vf, kv[l][1][:, e:]], 1)), fam=fam)
         logits = logits[:, :block_length]
-      x = np_commit(x, logits, s, e, rule, counts if rule == "count" else value)
+      x = np_commit(x, guided(logits), s, e, rule, counts if rule == "count" else value)
       calls += 1
       i += 1
   return x, calls
@@ -266,18 +285,22 @@ def test_refreshed_every_step_is_generate(temperature, runs, fam):
     assert (r2 != MASK).all() and (r2 != want).any() and (r2 != r0).any()
 
 
-def test_dream_refresh_every_step_with_cfg_is_generate():
-  # CFG with Dream: the window's first position (start - 1) is a prompt position, which the
+@pytest.mark.parametrize("fam", ["llada", "dream"])
+def test_refresh_every_step_with_cfg_is_generate(fam):
+  # CFG: for Dream the window's first position (start - 1) is a prompt position, which the
   # unconditional copy masks; the family gets whole rows, so both copies see their own.
   toks, mask = prompts()
   kw = dict(gen_length=8, steps=4, block_length=4, cfg_scale=1.5)
   rng = jax.random.key(2)
-  want = _generate(toks, mask, rng, fam="dream", **kw)
-  np.testing.assert_array_equal(run(toks, mask, rng, fam="dream", cache="prefix", refresh_every=1,
+  want = _generate(toks, mask, rng, fam=fam, **kw)
+  np.testing.assert_array_equal(run(toks, mask, rng, fam=fam, cache="prefix", refresh_every=1,
                                     **kw), want)
-  got = run(toks, mask, rng, fam="dream", cache="dual", **kw)  # the cached path runs with CFG
-  assert (got != MASK).all()
-  np.testing.assert_array_equal(got[:, :toks.shape[1]], toks)
+  # the cached paths with CFG against the NumPy reference (T = 0)
+  for cache in ("prefix", "dual"):
+    got = run(toks, mask, rng, fam=fam, cache=cache, **kw)
+    ref, _ = ref_generate(toks, mask, cache=cache, gen_length=8, steps=4, block_length=4, fam=fam,
+                          cfg_scale=1.5)
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_dream_window_features_with_fresh_cache_are_hidden_states():
