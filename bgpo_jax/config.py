@@ -382,9 +382,6 @@ def _check_sampler(c, section: str) -> None:
   if s.threshold is not None and not 0.0 < s.threshold <= 1.0:
     raise ConfigError(f"{key}.threshold {s.threshold} must be in (0, 1] (Fast-dLLM uses 0.9), or "
                       f"unset for the fixed schedule of {key}.steps")
-  if s.cache != "none" and c.model.family != "llada":
-    raise ConfigError(f"{key}.cache {s.cache!r}: the KV-cached forward is LLaDA's only (model.family is "
-                      f"{c.model.family!r}); set {key}.cache=none ({key}.threshold still works)")
   if section == "rollout":
     if s.remasking not in REMASKING:
       raise ConfigError(f"{key}.remasking {s.remasking!r} is unknown; use one of {REMASKING}")

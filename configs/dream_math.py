@@ -15,6 +15,8 @@ Settings and where they come from:
 - Dream's chat template: the tokenizer dir (vocab.json + merges.txt) is detected as Dream's and
   renders `<|im_start|>` turns with the default system message; eos = pad = <|endoftext|>,
   `<|im_end|>` ends a turn (stops decoding), mask = <|mask|> (151666).
+- Rollouts use the dual KV cache as the other paper configs (Fast-dLLM supports Dream too);
+  evaluation samples exactly (eval.cache none).
 Not taken over: Dream's README nucleus sampling (top_p 0.95): our sampler has no top-p.
 """
 
@@ -27,5 +29,6 @@ def get_config():
   c.model.family = "dream"
   c.model.preset = "dream_7b"  # overridden by the checkpoint's config.json
   c.rollout.remasking = "entropy"  # also the eval sampler's rule (greedy candidates at T = 0)
-  c.rollout.cache = "none"  # the KV-cached forward is LLaDA's only (models/llada_cache.py)
+  # rollout.cache stays paper_config's "dual" (Fast-dLLM's dual KV cache; Dream's cached window
+  # starts one position early for its shifted predictions, models/dream_cache.py); eval exact.
   return c

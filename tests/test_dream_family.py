@@ -205,6 +205,7 @@ def test_dream_math_config_validates(tmp_path):
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   c = importlib.import_module("configs.dream_math").get_config()
   assert (c.model.family, c.model.preset, c.rollout.remasking) == ("dream", "dream_7b", "entropy")
+  assert (c.rollout.cache, c.eval.cache) == ("dual", "none")  # the KV cache works for Dream
   c.task.data_dir = str(tmp_path)
   c.tokenizer.path = str(tmp_path)
   config_lib.validate(c, data_parallel_size=8)

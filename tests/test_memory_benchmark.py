@@ -125,4 +125,30 @@ def test_plan_a_task_config_cli(tmp_path):
   # The sampler reads the same float32 params; its peak counts the resident moments too.
   assert sampler["argument_bytes"] >= 4 * step["params"] / 4
   assert sampler["peak_bytes"] == sampler["total_bytes"] + sampler["resident_opt_state_bytes"]
-  assert "LLaDA-8B as each config runs it" in p.stdout
+  assert "as each config runs it" in p.stdout and recs[0]["model"] == "llada_8b"
+
+
+def test_plan_dream_config_plans_dream_7b(tmp_path):
+  """configs/dream_math.py plans Dream-7B (model.family=dream: its preset, QKV biases, GQA 28/4,
+  152k vocab), dual-cache sampler included; a 2-layer Dream-7B on 4 fake devices."""
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  from bgpo_jax.models import dream
+
+  root = Path(__file__).resolve().parents[1]
+  out = tmp_path / "plan.json"
+  p = subprocess.run([sys.executable, "-m", "bgpo_jax.benchmarks.memory", "--plan-8b",
+                      "--config=configs/dream_math.py", "--devices", "4", "--plan-n-layers", "2",
+                      "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  step, sampler = json.loads(out.read_text())
+  want = dream.DreamConfig.preset("dream_7b", n_layers=2).num_params()
+  for r in (step, sampler):
+    assert r["model"] == "dream_7b" and r["n_layers"] == 2 and r["params"] == want
+    assert r["prompt_len"] + r["gen_length"] == 1024 and r["mesh"] == [1, 4, 1]
+  assert step["argument_bytes"] >= 3 * 4 * want / 4  # float32 params + AdamW moments, 1/4 each
+  assert sampler["what"] == "sampler" and sampler["total_bytes"] > 0
+  assert sampler["cache"] == "dual"  # the Dream config's rollouts use the KV-cached sampler

@@ -34,7 +34,8 @@ TPU v5p chip (95 GB).
 
 --plan-8b --config=configs/math.py [--devices N] [--config.k=v ...]: plans what that task config
 (with the trainer's command-line overrides) would run on N
-devices (default 8): LLaDA-8B with the config's mesh, precision, remat, rollout batch, n,
+devices (default 8): LLaDA-8B (Dream-7B for model.family=dream, e.g. configs/dream_math.py) with
+the config's mesh, precision, remat, rollout batch, n,
 micro-batch, prompt bucket and lengths; compiles its train step (built by the trainer's own
 Trainer._step_config) and its rollout sampler (tasks.build_rollout_sampler) ahead of time on N
 fake CPU devices. Records: `config`, `what` (train_step / sampler), `devices`, per-device bytes;
@@ -80,6 +81,10 @@ PLAN_VARIANTS = (("bgpo", "float32", 1), ("bgpo", "float32", 16), ("bgpo", "bflo
                  ("bgpo", "bfloat16", 16), ("vrpo_ol", "float32", 4), ("vrpo_ol", "float32", 16))
 # ~1B LLaDA for --gpu-fit (LLaDA's vocabulary: the head's logits are a real part of the memory).
 GPU_1B = dict(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, mlp_hidden_size=5632)
+# --plan-8b --config: the full-size preset planned for config.model.family, and its end-of-turn
+# id (the sampler's second stop token: LLaDA's <|eot_id|>, Dream's <|im_end|>).
+BIG_PRESETS = {"llada": "llada_8b", "dream": "dream_7b"}
+EOT_IDS = {"llada": 126348, "dream": 151645}
 
 
 def model_config(name: str, *, remat: str = "full", param_dtype: str = "float32",
@@ -595,21 +600,25 @@ def config_batch(config, mesh, scfg, *, rows: int, prompt_len: int) -> dict:
 
 def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | None = None,
                         n_layers: int | None = None) -> list[dict]:
-  """Per-device memory of what `config` runs on this process's devices, with LLaDA-8B: its train
-  step and its rollout sampler, compiled ahead of time on abstract arrays. n_layers: a shallower
-  LLaDA-8B (quick checks; the shipped numbers use all 32 layers)."""
+  """Per-device memory of what `config` runs on this process's devices, with the family's full
+  size model (config.model.family: LLaDA-8B or Dream-7B): its train step and its rollout sampler,
+  compiled ahead of time on abstract arrays. n_layers: a shallower model (quick checks; the
+  shipped numbers use all layers)."""
   import types
 
   from bgpo_jax import config as config_lib
   from bgpo_jax import tasks as tasks_lib
   from bgpo_jax.main import Trainer
 
+  from bgpo_jax.models import family
+
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   dp = mesh_lib.data_parallel_size(mesh)
   m = config.model
-  model_cfg = llada.LLaDAConfig.preset("llada_8b", param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                                       remat_policy=m.remat_policy, scan_unroll=m.scan_unroll,
-                                       **({"n_layers": n_layers} if n_layers else {}))
+  big = BIG_PRESETS[family.family_of(m.family)]
+  model_cfg = family.preset(m.family, big, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+                            remat_policy=m.remat_policy, scan_unroll=m.scan_unroll,
+                            logits_chunk=m.logits_chunk, **({"n_layers": n_layers} if n_layers else {}))
   rl = config.rl
   rows = rl.prompts_per_step * rl.group_size  # every group kept: the largest batch a step trains on
   prompt_len = plan_prompt_len(config)
@@ -621,7 +630,7 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
   schedule = optim_lib.make_schedule(config.optim, config.total_steps)
   abstract, shardings = state_lib.abstract_train_state(model_cfg, optimizer, mesh)
   common_fields = dict(config=name, devices=int(jax.device_count()), mesh=[int(v) for v in mesh.devices.shape],
-                       model="llada_8b", n_layers=model_cfg.n_layers, params=model_cfg.num_params(), param_dtype=m.param_dtype,
+                       model=big, n_layers=model_cfg.n_layers, params=model_cfg.num_params(), param_dtype=m.param_dtype,
                        compute_dtype=m.compute_dtype, remat=m.remat_policy, objective=rl.objective,
                        n=rl.num_mc_samples, prompt_len=prompt_len, gen_length=config.rollout.gen_length)
   out = []
@@ -642,7 +651,8 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
        **mem, "peak_bytes": mem["total_bytes"], "compile_s": time.perf_counter() - t0})
 
   # The rollout sampler runs from the train state's params; the optimizer state stays resident.
-  stub_tok = types.SimpleNamespace(mask_id=model_cfg.mask_token_id, eos_id=model_cfg.eos_token_id, eot_id=126348)
+  stub_tok = types.SimpleNamespace(mask_id=model_cfg.mask_token_id, eos_id=model_cfg.eos_token_id,
+                                   eot_id=EOT_IDS[family.family_of(m.family)])
   sampler = tasks_lib.build_rollout_sampler(config, model_cfg, stub_tok, mesh, "rollout")
   call_rows = config.rollout.batch_size or rows
   tok = jax.ShapeDtypeStruct((call_rows, prompt_len), jnp.int32, sharding=sampler._batch_sharding)
@@ -652,6 +662,7 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
   mem = step_lib.memory_report(compiled)
   resident = _shard_bytes(abstract.opt_state)
   add({**common_fields, "what": "sampler", "rows": call_rows, "steps": config.rollout.steps,
+       "cache": config.rollout.cache,
        **mem, "resident_opt_state_bytes": resident, "peak_bytes": mem["total_bytes"] + resident,
        "compile_s": time.perf_counter() - t0})
   return out
@@ -698,8 +709,9 @@ def print_config_plan(records: list[dict]) -> None:
            "compile_s": r["compile_s"]} for r in records]
   common.print_table(rows, ["config", "what", "devices", "mesh", "rows", "n", "tokens", "arg_GB", "temp_GB",
                             "total_GB", "peak_GB", "H100_80GB", "v5p_95GB", "fits", "compile_s"],
-                     title="LLaDA-8B as each config runs it, per device (XLA:CPU analysis of AOT compiles; "
-                           "sampler peak = its total + the resident optimizer state)")
+                     title="The config's full-size model (LLaDA-8B / Dream-7B) as each config runs it, per "
+                           "device (XLA:CPU analysis of AOT compiles; sampler peak = its total + the resident "
+                           "optimizer state)")
 
 
 # ------------------------------------------------------------------------------ main

@@ -20,6 +20,10 @@ vocab 32000) or any preset. Columns: seconds, tokens/s, model calls (nfe), MFU (
 the calls actually made), speedup over the uncached fixed-schedule sampler of the same length.
 
   python -m bgpo_jax.benchmarks.sampler --caches [--models tiny,small8] [--gen-lengths 256,512]
+      [--families llada,dream]
+
+--families: the same presets of each family (Dream: QKV biases, its own GQA; its cached window
+runs one position more, models/dream_cache.py, which the FLOP count leaves out).
 """
 
 from __future__ import annotations
@@ -117,9 +121,10 @@ _EXTRA_MODELS = {"small8": ("small", dict(d_model=512, n_layers=8, n_heads=8, n_
                                           mlp_hidden_size=1536))}
 
 
-def _model_config(name: str) -> llada.LLaDAConfig:
+def _model_config(name: str, fam: str = "llada"):
+  """A preset (or small8) of the family `fam` (models/family.py)."""
   base, over = _EXTRA_MODELS.get(name, (name, {}))
-  return llada.LLaDAConfig.preset(base, **over)
+  return family.preset(fam, base, **over)
 
 
 def window_flops(config: llada.LLaDAConfig, batch: int, width: int, keys: int,
@@ -149,9 +154,9 @@ def cached_flops(config, cache: str, batch: int, plen: int, gen_length: int, blo
 
 def bench_caches(name: str, *, batch: int, plen: int, gen_length: int, block_length: int,
                  steps: int, temperature: float, threshold: float | None, repeats: int,
-                 peak: float) -> list[dict]:
-  config = _model_config(name)
-  params = llada.init_params(config, jax.random.key(0))
+                 peak: float, fam: str = "llada") -> list[dict]:
+  config = _model_config(name, fam)
+  params = family.module_for(config).init_params(config, jax.random.key(0))
   toks = jax.random.randint(jax.random.key(1), (batch, plen), 6, min(config.vocab_size, 120))
   toks = toks.astype(jnp.int32)
   mask = jnp.ones((batch, plen), jnp.int32).at[0, : plen // 4].set(0)  # one left-padded row
@@ -178,7 +183,7 @@ def bench_caches(name: str, *, batch: int, plen: int, gen_length: int, block_len
   for (cache, thr), rec, nfe in zip(runs, timed, nfes):
     flops = cached_flops(config, cache, batch, plen, gen_length, block_length, steps, nfe)
     rows.append({
-        "model": name, "params_M": config.num_params() / 1e6, "batch": batch, "prompt": plen,
+        "family": fam, "model": name, "params_M": config.num_params() / 1e6, "batch": batch, "prompt": plen,
         "gen": gen_length, "block": block_length, "steps": steps, "cache": cache,
         "threshold": "-" if thr is None else thr, "nfe": nfe, "gen_s": rec["step_s"],
         "tok/s": batch * gen_length / rec["step_s"], "MFU_%": 100.0 * flops / rec["step_s"] / peak,
@@ -191,12 +196,13 @@ def main_caches(args, peak: float) -> list[dict]:
   rows = []
   for name in args.models.split(","):
     for gen_length in (int(g) for g in args.gen_lengths.split(",")):
-      steps = max(gen_length // args.block_length, int(gen_length * args.steps_ratio))
-      rows += bench_caches(name, batch=args.batch, plen=args.prompt_len, gen_length=gen_length,
-                           block_length=args.block_length, steps=steps,
-                           temperature=args.temperature, threshold=args.threshold,
-                           repeats=args.repeats, peak=peak)
-  common.print_table(rows, ["model", "params_M", "batch", "prompt", "gen", "block", "steps",
+      for fam in args.families.split(","):
+        steps = max(gen_length // args.block_length, int(gen_length * args.steps_ratio))
+        rows += bench_caches(name, batch=args.batch, plen=args.prompt_len, gen_length=gen_length,
+                             block_length=args.block_length, steps=steps,
+                             temperature=args.temperature, threshold=args.threshold,
+                             repeats=args.repeats, peak=peak, fam=fam)
+  common.print_table(rows, ["family", "model", "params_M", "batch", "prompt", "gen", "block", "steps",
                             "cache", "threshold", "nfe", "gen_s", "tok/s", "MFU_%", "speedup",
                             "compile_s"],
                      title=f"cached sampler ({common.device_description()}; fp32 matmul peak "
@@ -222,6 +228,8 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--steps-ratio", type=float, default=0.5, help="--caches: steps / gen_length")
   ap.add_argument("--threshold", type=float, default=None,
                   help="--caches: also time threshold decoding at this threshold")
+  ap.add_argument("--families", default="llada",
+                  help="--caches: model families (models/family.py), e.g. llada,dream")
   args = ap.parse_args(argv)
 
   on_cpu = jax.devices()[0].platform == "cpu"

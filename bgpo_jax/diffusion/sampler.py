@@ -19,7 +19,7 @@ Tie-break: among equal confidences the lower position wins (stable sort), the sa
 The mask token's logit is always -inf (it is not a valid output; the torch reference keeps it,
 which only matters for an untrained model, where it would leave masks in the output).
 
-`generate_cached` (end of this module) is the KV-cached variant for LLaDA (SPEC section 4b,
+`generate_cached` (end of this module) is the KV-cached variant (SPEC section 4b,
 Fast-dLLM's prefix and dual caches) with confidence-threshold / factor parallel decoding; with
 cache="none" and the fixed schedule it gives `generate`'s tokens.
 
@@ -320,7 +320,8 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
                     cfg_scale: float = 0.0, eos_id: int | None = None, suppress_eos: bool = False,
                     eot_id: int | None = None, suppress_eos_confidence: bool = False,
                     refresh_every: int = 0, return_nfe: bool = False) -> jax.Array:
-  """Samples responses from a LLaDA model with Fast-dLLM's KV caches and parallel decoding.
+  """Samples responses with Fast-dLLM's KV caches and parallel decoding, for any model family
+  (the cached forward comes from models/family.py `cached_forward_for`).
 
   Pure and traceable like `generate` (call it inside `jax.jit` with `params` an argument; every
   keyword except `rng` must be static). Per block [s, e) of the canvas (SPEC section 4b):
@@ -330,7 +331,8 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
     cache="prefix": positions [s, P + gen_length), attending to the cached [0, s);
     cache="dual":   positions [s, e), attending to the whole cache (prefix and suffix as cached
                     at the block start, the window's fresh K / V in place of its own).
-  Left-padded prompts: padding keys are masked in every forward, cached or not.
+  Left-padded prompts: padding keys are masked in every forward, cached or not. Families with
+  shifted predictions (Dream) run their window from s - 1 (models/dream_cache.py).
 
   Commit rule per step: the fixed schedule of SPEC section 4 (`steps`), or with `threshold`
   every masked position of the block whose confidence is >= threshold plus the most confident
@@ -343,8 +345,8 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
   and run in a `lax.fori_loop` over blocks.
 
   Args:
-    model_cfg: llada.LLaDAConfig.
-    params: llada's parameter tree (best already in the compute dtype, see
+    model_cfg: a family's model config (llada.LLaDAConfig, dream.DreamConfig).
+    params: that family's parameter tree (best already in the compute dtype, see
       rollout.RolloutSampler.inference_params).
     prompt_tokens, prompt_mask: int [B, P], left padded; mask 1 = real token.
     refresh_every: 0 = refresh the cache at block starts only (Fast-dLLM); r > 0 also runs a
@@ -355,11 +357,9 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
     int32 [B, P + gen_length]: the prompt followed by the response (no mask left); with
     return_nfe, (tokens, nfe).
   """
-  from bgpo_jax.models import family, llada_cache  # the sampler core stays model-agnostic
+  from bgpo_jax.models import family  # the sampler core stays model-agnostic
   model = family.module_for(model_cfg)
-  if cache != "none" and family.family_of(model_cfg) != "llada":
-    raise ValueError(f"cache={cache!r} (the KV-cached forward) supports LLaDA only, not "
-                     f"{family.family_of(model_cfg)}; use cache='none' (threshold decoding works)")
+  cached_model = family.cached_forward_for(model_cfg)
 
   check_settings(gen_length=gen_length, steps=steps, block_length=block_length,
                  temperature=temperature, remasking=remasking, cfg_scale=cfg_scale,
@@ -370,6 +370,9 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
   check_prompt(prompt_tokens, prompt_mask, mask_id)
 
   batch, plen = prompt_tokens.shape
+  if plen < 1 and cache != "none":
+    raise ValueError(f"cache={cache!r} needs a prompt of at least one position, got prompt_tokens "
+                     f"{prompt_tokens.shape}")
   seq_len = plen + gen_length
   num_blocks = gen_length // block_length
   steps_per_block = steps // num_blocks
@@ -407,17 +410,17 @@ def generate_cached(model_cfg: Any, params: Any, prompt_tokens: jax.Array, promp
     """Full forward -> (block logits, cache or None)."""
     tokens = model_rows(canvas)
     if with_cache:
-      hidden, kv = llada_cache.prefill(model_cfg, params, tokens, attn)
-    else:  # llada's own forward: bit-identical to `generate` for cache="none"
+      hidden, kv = cached_model.prefill(model_cfg, params, tokens, attn)
+    else:  # the family's own forward: bit-identical to `generate` for cache="none"
       hidden, kv = model.hidden_states(model_cfg, params, tokens, attn), None
     return block_logits(lax.dynamic_slice_in_dim(hidden, start, block_length, axis=1)), kv
 
   def windowed(canvas, start, kv, width: int):
-    """The model on canvas [start, start + width) against the cache -> block logits."""
-    win = lax.dynamic_slice_in_dim(canvas, start, width, axis=1)
-    if cfg_scale > 0:
-      win = jnp.concatenate([win, win], 0)  # the response part is shared by both copies
-    hidden = llada_cache.window_forward(model_cfg, params, win, start, kv, attn)
+    """The model on canvas [start, start + width) against the cache -> block logits. The family
+    picks the positions it runs (Dream: one more, the output at start - 1 predicts start), so it
+    gets whole rows (with CFG the unconditional copy's too)."""
+    hidden = cached_model.window_features(model_cfg, params, model_rows(canvas), start, width,
+                                          kv, attn)
     return block_logits(hidden[:, :block_length])
 
   def commit(canvas, logits, start, key, count):

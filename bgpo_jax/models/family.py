@@ -8,13 +8,21 @@ A family module exposes, for its config class C:
   hidden_states(C, params, tokens, mask)    [B,S,D]: feature i predicts token i (shift inside)
   lm_head(C, params, hidden) -> logits      forward(C, params, tokens, mask) -> [B,S,V]
   forward_flops(C, batch, seq_len)          C.preset(name), C.from_hf(path_or_dict)
+
+and a KV-cached forward for the cached sampler (`cached_forward_for(config)`: llada_cache or
+dream_cache), both returning features in the `hidden_states` convention:
+
+  prefill(C, params, tokens, mask) -> (features [B,S,D], cache (k, v) each [L,B,S,KV,hd])
+  window_features(C, params, tokens [B,S], start, width, cache, mask) -> features [B,width,D]
+    that predict positions [start, start + width) (the family decides which positions it runs)
+  cache_bytes(C, batch, seq_len) -> int
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from bgpo_jax.models import dream, llada
+from bgpo_jax.models import dream, dream_cache, llada, llada_cache
 
 FAMILIES = ("llada", "dream")
 DEFAULT_FAMILY = "llada"
@@ -22,6 +30,7 @@ DEFAULT_FAMILY = "llada"
 PRESETS = {"llada": ("tiny", "small", "llada_8b"), "dream": ("tiny", "small", "dream_7b")}
 _MODULES = {"llada": llada, "dream": dream}
 _CONFIGS = {"llada": llada.LLaDAConfig, "dream": dream.DreamConfig}
+_CACHED = {"llada": llada_cache, "dream": dream_cache}
 # HF config.json model_type (lower-cased) -> family.
 _HF_MODEL_TYPES = {"llada": "llada", "dream": "dream"}
 
@@ -53,6 +62,20 @@ def family_of(config: Any) -> str:
 def module_for(config: Any) -> ModelFamily:
   """The family module (bgpo_jax.models.llada or .dream) for a config instance or family name."""
   return _MODULES[family_of(config)]
+
+
+class CachedForward(Protocol):
+  """A family's KV-cached forward (see the module docstring for shapes)."""
+
+  def prefill(self, config: Any, params: Any, tokens: Any, attention_mask: Any) -> Any: ...
+  def window_features(self, config: Any, params: Any, tokens: Any, start: Any, width: int,
+                      cache: Any, attention_mask: Any) -> Any: ...
+  def cache_bytes(self, config: Any, batch: int, seq_len: int) -> int: ...
+
+
+def cached_forward_for(config: Any) -> CachedForward:
+  """The family's KV-cached forward module (models/llada_cache.py or models/dream_cache.py)."""
+  return _CACHED[family_of(config)]
 
 
 def config_class(family: str) -> type:

@@ -16,11 +16,16 @@ while a block is decoded. Two functions, both pure and over llada's parameter tr
 The math is llada.hidden_states' (same RMSNorm / RoPE / attention / MLP, same float32 islands,
 same finite fill for padded keys), so a window covering the whole canvas gives its hidden states.
 The same logical-axis constraints pin the layout under a mesh; without one they are no-ops.
+
+The layer is written once for both families: Dream's block is LLaDA's plus q / k / v biases
+(added when the layer's parameters hold them), with its own axis names (`model` = the family
+module); models/dream_cache.py adds Dream's shifted predictions on top. `window_features` is the
+family-level entry the cached sampler calls (models/family.py `cached_forward_for`).
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any, Mapping
 
 import jax
@@ -42,36 +47,27 @@ def cache_bytes(config: llada.LLaDAConfig, batch: int, seq_len: int) -> int:
 
 def attention(config: llada.LLaDAConfig, q: jax.Array, k: jax.Array, v: jax.Array,
               key_mask: jax.Array | None) -> jax.Array:
-  """q [B,W,H,hd] over keys k / v [B,S,KV,hd], key_mask bool [B,S] -> context [B,W,H,hd]."""
-  cdt = config.compute_jnp_dtype
-  B, W, H, hd = q.shape
-  KV = k.shape[2]
-  scale = 1.0 / math.sqrt(hd)
-  if config.attention_impl != "xla":
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    impl = "cudnn" if config.attention_impl == "cudnn" else None
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
-  qg = q.reshape(B, W, KV, H // KV, hd)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
-  scores = sharding.constrain(scores, ("batch", "act_kv_heads", None, None, None))
-  if key_mask is not None:
-    # Finite fill as in llada: a row whose keys are all padding stays finite.
-    scores = jnp.where(key_mask[:, None, None, None, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(cdt)
-  ctx = jnp.einsum("bkgqs,bskd->bqkgd", probs, v, preferred_element_type=jnp.float32)
-  return ctx.reshape(B, W, H, hd).astype(cdt)
+  """q [B,W,H,hd] over keys k / v [B,S,KV,hd], key_mask bool [B,S] -> context [B,W,H,hd].
+
+  llada's attention (config.attention_impl, W <= S is fine for every implementation) except
+  Pallas splash, whose kernel is built for square [S, S] masks: a shorter window runs
+  jax.nn.dot_product_attention's XLA path instead."""
+  if q.shape[1] != k.shape[1] and llada.attention_impl_for(config) == "splash":
+    config = dataclasses.replace(config, attention_impl="jax")
+  return llada.attention(config, q, k, v, key_mask)
 
 
-def _layer(config: llada.LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, sin,
+def _layer(model, config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin,
            key_mask, cached: KVCache | None, start) -> tuple[jax.Array, KVCache]:
   """One block on a window. x [B,W,D]; cached: this layer's (k, v) [B,S,KV,hd] or None (the
-  window is the whole sequence). Returns (x, the window's fresh (k, v) [B,W,KV,hd])."""
+  window is the whole sequence). Returns (x, the window's fresh (k, v) [B,W,KV,hd]).
+  `model`: the family module (llada or dream), for its parameter axis names."""
   cdt = config.compute_jnp_dtype
   B, W, _ = x.shape
   H, KV, hd = config.n_heads, config.n_kv_heads, config.head_dim
   act = lambda y, *axes: sharding.constrain(y, ("batch", "seq") + axes)
-  param_axes = llada.param_logical_axes(config)["blocks"]
-  compute_axes = llada.compute_weight_axes(config)
+  param_axes = model.param_logical_axes(config)["blocks"]
+  compute_axes = model.compute_weight_axes(config)
   # Already in the compute dtype and gathered when the sampler runs from inference weights
   # (rollout.RolloutSampler.inference_params): then this is a no-op.
   w = {k: sharding.gather_weight(v, param_axes[k][1:], compute_axes[k], cdt)
@@ -79,9 +75,10 @@ def _layer(config: llada.LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], 
 
   x = act(x, "act_embed")
   n = llada.rms_norm(x, p["attn_norm"], config.rms_norm_eps).astype(cdt)
-  q = act((n @ w["q_proj"]).reshape(B, W, H, hd), "act_heads", None)
-  k = act((n @ w["k_proj"]).reshape(B, W, KV, hd), "act_kv_heads", None)
-  v = act((n @ w["v_proj"]).reshape(B, W, KV, hd), "act_kv_heads", None)
+  bias = lambda name: w[name] if name in w else 0  # Dream's QKV biases; LLaDA has none
+  q = act((n @ w["q_proj"] + bias("q_bias")).reshape(B, W, H, hd), "act_heads", None)
+  k = act((n @ w["k_proj"] + bias("k_bias")).reshape(B, W, KV, hd), "act_kv_heads", None)
+  v = act((n @ w["v_proj"] + bias("v_bias")).reshape(B, W, KV, hd), "act_kv_heads", None)
   q = llada.apply_rope(q, cos, sin).astype(cdt)
   k = llada.apply_rope(k, cos, sin).astype(cdt)
   if cached is None:
@@ -109,12 +106,20 @@ def prefill(config: llada.LLaDAConfig, params: Any, tokens: jax.Array,
             ) -> tuple[jax.Array, KVCache | None]:
   """Full forward: tokens int32 [B,S] -> (hidden after ln_f [B,S,D] in the compute dtype,
   cache (k, v) each [L,B,S,KV,hd], or None with return_cache=False)."""
+  return family_prefill(llada, config, params, tokens, attention_mask, return_cache=return_cache)
+
+
+def family_prefill(model, config, params: Any, tokens: jax.Array,
+                   attention_mask: jax.Array | None, *, return_cache: bool = True
+                   ) -> tuple[jax.Array, KVCache | None]:
+  """`prefill` for the family module `model` (llada or dream): the outputs after the final norm
+  at each position (no shift), and the cache."""
   S = tokens.shape[1]
   cos, sin = llada.rope_tables(S, config.head_dim, config.rope_theta)
   key_mask = None if attention_mask is None else attention_mask.astype(bool)
 
   def body(x, p):
-    x, kv = _layer(config, x, p, cos, sin, key_mask, None, 0)
+    x, kv = _layer(model, config, x, p, cos, sin, key_mask, None, 0)
     return x, (kv if return_cache else None)
 
   x, kv = lax.scan(body, _embed(config, params, tokens), params["blocks"], unroll=config.scan_unroll)
@@ -134,6 +139,13 @@ def window_forward(config: llada.LLaDAConfig, params: Any, window_tokens: jax.Ar
   Returns:
     hidden states after ln_f [B, W, D] in the compute dtype.
   """
+  return family_window_forward(llada, config, params, window_tokens, start, cache, attention_mask)
+
+
+def family_window_forward(model, config, params: Any, window_tokens: jax.Array, start,
+                          cache: KVCache, attention_mask: jax.Array | None) -> jax.Array:
+  """`window_forward` for the family module `model`: the outputs after the final norm at the
+  window's positions [start, start + W) (no shift)."""
   W = window_tokens.shape[1]
   S = cache[0].shape[2]
   cos, sin = llada.rope_tables(S, config.head_dim, config.rope_theta)
@@ -143,9 +155,22 @@ def window_forward(config: llada.LLaDAConfig, params: Any, window_tokens: jax.Ar
 
   def body(x, layer):
     p, k, v = layer
-    x, _ = _layer(config, x, p, cos, sin, key_mask, (k, v), start)
+    x, _ = _layer(model, config, x, p, cos, sin, key_mask, (k, v), start)
     return x, None
 
   x, _ = lax.scan(body, _embed(config, params, window_tokens), (params["blocks"],) + tuple(cache),
                   unroll=config.scan_unroll)
   return llada.rms_norm(x, params["ln_f"], config.rms_norm_eps).astype(config.compute_jnp_dtype)
+
+
+# --- the family-level cached forward (models/family.py `cached_forward_for`): features that
+# predict positions, as the family's `hidden_states` returns them.
+
+
+def window_features(config: llada.LLaDAConfig, params: Any, tokens: jax.Array, start, width: int,
+                    cache: KVCache, attention_mask: jax.Array | None) -> jax.Array:
+  """tokens int32 [B, S] (the whole canvas rows), start int or traced scalar, static width ->
+  the features that predict positions [start, start + width), [B, width, D]: for LLaDA the
+  window's own hidden states."""
+  win = lax.dynamic_slice_in_dim(tokens, start, width, axis=1)
+  return window_forward(config, params, win, start, cache, attention_mask)
