@@ -106,15 +106,26 @@ def test_plan_a_task_config_cli(tmp_path):
   out = tmp_path / "plan.json"
   p = subprocess.run([sys.executable, "-m", "bgpo_jax.benchmarks.memory", "--plan-8b",
                       "--config=configs/sudoku.py", "--devices", "4", "--plan-n-layers", "2",
-                      "--config.rl.num_mc_samples=8", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+                      "--config.rl.num_mc_samples=8", "--config.rl.kl_beta=0.04", "--config.rl.updates_per_batch=2",
+                      "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-2000:]
   recs = json.loads(out.read_text())
-  assert [r["what"] for r in recs] == ["train_step", "sampler"]
+  # mu = 2 and a KL: the no-gradient pass storing the old and reference terms is planned too.
+  assert [r["what"] for r in recs] == ["train_step", "old_terms", "sampler"]
   for r in recs:
-    assert r["config"] == "configs/sudoku.py --config.rl.num_mc_samples=8"
+    assert r["config"] == ("configs/sudoku.py --config.rl.num_mc_samples=8 --config.rl.kl_beta=0.04 "
+                           "--config.rl.updates_per_batch=2")
     assert r["devices"] == 4 and r["mesh"] == [1, 4, 1]
     assert r["n_layers"] == 2 and r["total_bytes"] > 0 and "H100" not in r
-  step, sampler = recs
+  step, terms, sampler = recs
+  # The frozen bfloat16 reference, a quarter per device, stays resident beside every program.
+  ref = 2 * step["params"] / 4
+  for r in recs:
+    assert ref <= r["resident_reference_bytes"] <= 1.01 * ref + 2**20
+  assert step["peak_bytes"] == step["total_bytes"] + step["resident_reference_bytes"]
+  assert terms["peak_bytes"] == (terms["total_bytes"] + terms["resident_opt_state_bytes"]
+                                 + terms["resident_reference_bytes"])
+  assert 0 < terms["temp_bytes"] < step["temp_bytes"]  # forward only, no gradient
   # The config's settings (n overridden as on the trainer's command line): 16 prompts x G 8,
   # 256-token responses after a 512 bucket.
   assert step["rows"] == 128 and step["n"] == 8 and step["prompt_len"] + step["gen_length"] == 768
@@ -124,7 +135,8 @@ def test_plan_a_task_config_cli(tmp_path):
   assert state <= step["argument_bytes"] <= 1.05 * state + 2**20
   # The sampler reads the same float32 params; its peak counts the resident moments too.
   assert sampler["argument_bytes"] >= 4 * step["params"] / 4
-  assert sampler["peak_bytes"] == sampler["total_bytes"] + sampler["resident_opt_state_bytes"]
+  assert sampler["peak_bytes"] == (sampler["total_bytes"] + sampler["resident_opt_state_bytes"]
+                                   + sampler["resident_reference_bytes"])
   assert "as each config runs it" in p.stdout and recs[0]["model"] == "llada_8b"
 
 

@@ -593,6 +593,8 @@ def config_batch(config, mesh, scfg, *, rows: int, prompt_len: int) -> dict:
     shapes.update(mc_masks=((n, rows, L), jnp.bool_), mc_weights=((n, rows), jnp.float32))
     if scfg.off_policy:
       shapes["old_elbo"] = ((n, rows), jnp.float32)
+    if scfg.kl_beta > 0:
+      shapes["ref_elbo"] = ((n, rows), jnp.float32)
   out = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
   sh = step_lib.batch_shardings(mesh, out)
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in out.items()}
@@ -643,12 +645,32 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
       emit(r)
 
   batch = config_batch(config, mesh, scfg, rows=rows, prompt_len=prompt_len)
+  micro_rows = config_lib.micro_batch_rows(rl.micro_batch_per_device, rows, dp) or rows
+  # rl.kl_beta > 0: the frozen reference (rl.reference_dtype, sharded like the params) stays
+  # resident through the whole RL phase, beside every program below.
+  reference = 0
+  if rl.kl_beta > 0:
+    ref_dtype = jnp.dtype(rl.reference_dtype)
+    reference = _shard_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype, sharding=x.sharding),
+                                          abstract.params))
   t0 = time.perf_counter()
   fn = step_lib.jit_train_step(model_cfg, scfg, optimizer, schedule, mesh, shardings, batch)
   mem = step_lib.memory_report(fn.lower(abstract, batch).compile())
-  add({**common_fields, "what": "train_step", "rows": rows,
-       "micro_batch_rows": config_lib.micro_batch_rows(rl.micro_batch_per_device, rows, dp) or rows,
-       **mem, "peak_bytes": mem["total_bytes"], "compile_s": time.perf_counter() - t0})
+  add({**common_fields, "what": "train_step", "rows": rows, "micro_batch_rows": micro_rows,
+       **mem, "resident_reference_bytes": reference, "peak_bytes": mem["total_bytes"] + reference,
+       "compile_s": time.perf_counter() - t0})
+
+  resident = _shard_bytes(abstract.opt_state)
+  if scfg.off_policy or scfg.kl_beta > 0:
+    # The no-gradient pass storing the old policy's (mu > 1) or the reference's terms before the
+    # first update: the train state (optimizer included) and the reference stay resident.
+    terms_batch = {k: v for k, v in batch.items() if k not in ("old_elbo", "ref_elbo", "old_logps", "ref_logps")}
+    t0 = time.perf_counter()
+    fn = step_lib.jit_old_terms(model_cfg, scfg, mesh, shardings.params, terms_batch)
+    mem = step_lib.memory_report(fn.lower(abstract.params, terms_batch).compile())
+    add({**common_fields, "what": "old_terms", "rows": rows, "micro_batch_rows": micro_rows, **mem,
+         "resident_opt_state_bytes": resident, "resident_reference_bytes": reference,
+         "peak_bytes": mem["total_bytes"] + resident + reference, "compile_s": time.perf_counter() - t0})
 
   # The rollout sampler runs from the train state's params; the optimizer state stays resident.
   stub_tok = types.SimpleNamespace(mask_id=model_cfg.mask_token_id, eos_id=model_cfg.eos_token_id,
@@ -660,10 +682,9 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
   with jax.set_mesh(mesh):
     compiled = sampler._generate.lower(abstract.params, tok, tok, jax.random.key(0)).compile()
   mem = step_lib.memory_report(compiled)
-  resident = _shard_bytes(abstract.opt_state)
   add({**common_fields, "what": "sampler", "rows": call_rows, "steps": config.rollout.steps,
-       "cache": config.rollout.cache,
-       **mem, "resident_opt_state_bytes": resident, "peak_bytes": mem["total_bytes"] + resident,
+       "cache": config.rollout.cache, **mem, "resident_opt_state_bytes": resident,
+       "resident_reference_bytes": reference, "peak_bytes": mem["total_bytes"] + resident + reference,
        "compile_s": time.perf_counter() - t0})
   return out
 
@@ -710,8 +731,9 @@ def print_config_plan(records: list[dict]) -> None:
   common.print_table(rows, ["config", "what", "devices", "mesh", "rows", "n", "tokens", "arg_GB", "temp_GB",
                             "total_GB", "peak_GB", "H100_80GB", "v5p_95GB", "fits", "compile_s"],
                      title="The config's full-size model (LLaDA-8B / Dream-7B) as each config runs it, per "
-                           "device (XLA:CPU analysis of AOT compiles; sampler peak = its total + the resident "
-                           "optimizer state)")
+                           "device (XLA:CPU analysis of AOT compiles; peak = the program's total + what stays "
+                           "resident beside it: the optimizer state for the sampler and old_terms, the KL "
+                           "reference when rl.kl_beta > 0)")
 
 
 # ------------------------------------------------------------------------------ main
