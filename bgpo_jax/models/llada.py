@@ -559,6 +559,22 @@ def _bmm_core_bwd(res, do):
 _bmm_core.defvjp(_bmm_core_fwd, _bmm_core_bwd)
 
 
+def _bmm_per_head(qh, kh, vh, mask4):
+  """_bmm_core one (row, kv head) at a time (lax.map over B*KV): the same numbers, but each
+  step's [G*S, S] scores / probabilities (1 MB for S = 512) stay in the CPU's cache through the
+  softmax passes instead of streaming [B, KV, G*S, S] through memory: 1.7x faster forward and
+  1.2x forward + backward on the issue-15 model. Only without a context mesh: under one the
+  batch and heads are sharded, and a loop over a sharded axis would gather it."""
+  B, KV = qh.shape[:2]
+  flat = lambda a: a.reshape(B * KV, 1, 1, *a.shape[2:])  # noqa: E731
+  if mask4 is None:
+    o = jax.lax.map(lambda t: _bmm_core(*t, None), (flat(qh), flat(kh), flat(vh)))
+  else:
+    m = jnp.broadcast_to(mask4, (B, KV, 1, mask4.shape[-1])).reshape(B * KV, 1, 1, 1, -1)
+    o = jax.lax.map(lambda t: _bmm_core(*t), (flat(qh), flat(kh), flat(vh), m))
+  return o.reshape(qh.shape)
+
+
 def _bmm_attention(q, k, v, key_mask, scale):
   """Same contract as _attention (q already in the compute dtype), head-major batched matmuls."""
   B, S, H, hd = q.shape
@@ -571,7 +587,10 @@ def _bmm_attention(q, k, v, key_mask, scale):
   kh = sharding.constrain(jnp.transpose(k, (0, 2, 1, 3)), axes)
   vh = sharding.constrain(jnp.transpose(v, (0, 2, 1, 3)), axes)
   mask4 = None if key_mask is None else key_mask[:, None, None, :]
-  o = _bmm_core(qh, kh, vh, mask4)  # [B, KV, G*S, hd]
+  if sharding.context_mesh_axes():
+    o = _bmm_core(qh, kh, vh, mask4)  # [B, KV, G*S, hd]
+  else:
+    o = _bmm_per_head(qh, kh, vh, mask4)
   return jnp.transpose(o.reshape(B, KV, G, S, hd), (0, 3, 1, 2, 4)).reshape(B, S, H, hd)
 
 
