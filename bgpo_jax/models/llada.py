@@ -637,6 +637,14 @@ def dense(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
   return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up, recomputed in the backward: the residuals are its two inputs only. Plain
+  autodiff keeps sigmoid(gate), silu(gate) and the product too, each a [B, S, mlp] buffer per
+  layer that the layer scan stacks (4 of the 6 such buffers of the issue-15 model's backward)."""
+  return jax.nn.silu(gate) * up
+
+
 def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, sin,
            key_mask) -> jax.Array:
   """One pre-norm block. x [B,S,D] compute dtype; p holds this layer's (unstacked) weights."""
@@ -663,7 +671,7 @@ def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, s
   x = act(x + dense(ctx, w["attn_out"]).astype(cdt), "act_embed")
 
   m = rms_norm(x, p["ff_norm"], config.rms_norm_eps).astype(cdt)
-  h = act(jax.nn.silu(dense(m, w["ff_proj"])) * dense(m, w["up_proj"]), "act_mlp")
+  h = act(_swiglu(dense(m, w["ff_proj"]), dense(m, w["up_proj"])), "act_mlp")
   return act(x + dense(h, w["ff_out"]).astype(cdt), "act_embed")
 
 
