@@ -328,6 +328,30 @@ def test_logits_and_grads_equal_previous_implementation(n_kv_heads):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5 * scale, err_msg=str(path[0]))
 
 
+@pytest.mark.parametrize("step_elements", [1, 4 * 18 * 9])  # 1 or 3 of 6 (row, kv head) pairs
+def test_bmm_looped_attention_matches_einsum(monkeypatch, step_elements):
+  # The looped bmm attention (lax.map over groups of (row, kv head) pairs; the tests' tiny
+  # shapes otherwise fit one group and run unlooped), GQA with padding and an all-pad row:
+  # logits and every gradient against the einsum path. Fresh jits: the module-level ones may
+  # hold a trace made with the default step size.
+  monkeypatch.setattr(llada, "_BMM_STEP_ELEMENTS", step_elements)
+  ref_cfg = dataclasses.replace(BASE, attention_impl="xla")
+  cfg = dataclasses.replace(BASE, attention_impl="bmm")
+  params = _params(cfg, seed=7)
+  tokens = _tokens(3, 9, BASE.vocab_size, seed=7)
+  mask = jnp.ones((3, 9), jnp.int32).at[1, :4].set(0).at[2].set(0)
+  grad = lambda c: jax.jit(jax.value_and_grad(functools.partial(_mixed_loss, c)))(params, tokens, mask)  # noqa: E731
+  hlo = jax.jit(functools.partial(llada.forward, cfg)).lower(params, tokens, mask).as_text()
+  assert hlo.count("stablehlo.while") == 2  # the layer scan and, inside it, the attention's loop
+  chex.assert_trees_all_close(jax.jit(functools.partial(llada.forward, cfg))(params, tokens, mask),
+                              FWD(ref_cfg, params, tokens, mask), rtol=1e-5, atol=1e-5)
+  (v0, g0), (v1, g1) = grad(ref_cfg), grad(cfg)
+  chex.assert_trees_all_close(v1, v0, rtol=1e-6, atol=1e-6)
+  for path, a, b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5 * float(jnp.abs(a).max()),
+                               err_msg=str(path[0]))
+
+
 def test_bmm_attention_bfloat16_close_to_einsum():
   ref_cfg = dataclasses.replace(BASE, compute_dtype="bfloat16", attention_impl="xla")
   cfg = dataclasses.replace(ref_cfg, attention_impl="bmm")

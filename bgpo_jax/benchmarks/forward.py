@@ -29,6 +29,9 @@ torch is never a dependency; install it in a separate venv.
 --baseline FILE: a llada.py of an earlier commit (`git show adb71ea:bgpo_jax/models/llada.py >
 FILE`) timed round-robin next to today's model, forward and forward + backward of the same inline
 ELBO loss (before / after in one process).
+--pieces: instead, one layer's pieces in isolation (MLP, projections + RoPE, attention core,
+block, and the ELBO step / n_layers), forward vs forward + backward, round-robin: where the
+backward's time goes.
 --sampler: also times the uncached sampler as the rollouts call it (diffusion.sampler.generate,
 head on the current block) against the torch script's reference generate() loop, batch 1,
 64-token prompt, 64 tokens in 64 steps, one block.
@@ -114,6 +117,60 @@ def bench_impls(preset: str, compute_dtype: str, param_dtype: str | None, batch:
     if r["pass"] == "fwd+bwd":
       fwd = next(x for x in rows if x["impl"] == r["impl"] and x["pass"] == "fwd")  # same family
       r["x_fwd"] = r["step_s"] / fwd["step_s"]
+  return rows
+
+
+def bench_pieces(preset: str, batch: int, seq: int, resp: int, pad: int, repeats: int) -> list[dict]:
+  """One layer's pieces of the float32 LLaDA model in isolation, forward vs forward + backward
+  (jax.vjp with a random cotangent, so nothing is simplified away), round-robin in one process:
+  where the backward's time goes. "step / layer" is the ELBO step of the whole model divided by
+  n_layers (the head, embedding and layer-scan overhead spread over the layers)."""
+  c = make_config(preset, compute_dtype="float32", param_dtype="float32")
+  B, S, D, H, KV, hd = batch, seq, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+  params = llada.init_params(c, jax.random.key(0))
+  p0 = jax.tree.map(lambda a: a[0], params["blocks"])
+  ks = jax.random.split(jax.random.key(1), 4)
+  x = jax.random.normal(ks[0], (B, S, D))
+  cos, sin = llada.rope_tables(S, hd, c.rope_theta)
+  key_mask = jnp.arange(S)[None, :] >= jnp.full((B, 1), pad)
+  q, k = jax.random.normal(ks[1], (B, S, H, hd)), jax.random.normal(ks[2], (B, S, KV, hd))
+
+  def mlp(p, x):
+    m = llada.rms_norm(x, p["ff_norm"], c.rms_norm_eps)
+    return x + llada.dense(llada._swiglu(llada.dense(m, p["ff_proj"]), llada.dense(m, p["up_proj"])), p["ff_out"])
+
+  def proj(p, x):  # norm, q/k/v/out projections and RoPE, without the attention itself
+    n = llada.rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    qq = llada.apply_rope(llada.dense(n, p["q_proj"]).reshape(B, S, H, hd), cos, sin)
+    kk = llada.apply_rope(llada.dense(n, p["k_proj"]).reshape(B, S, KV, hd), cos, sin)
+    vv = llada.dense(n, p["v_proj"]).reshape(B, S, KV, hd)
+    ctx = qq * jnp.repeat(kk + vv, H // KV, axis=2)
+    return x + llada.dense(ctx.reshape(B, S, H * hd), p["attn_out"])
+
+  tokens, attn, masked, weight = elbo_inputs(c, batch, seq, pad, resp)
+  step = lambda p: -jnp.sum(elbo.elbo_term(c, p, tokens, attn, masked, weight))  # noqa: E731
+  pieces = {
+    "mlp (norm + SwiGLU)": (mlp, (p0, x)),
+    "projections + RoPE": (proj, (p0, x)),
+    "attention core": (lambda q, k, v: llada.attention(c, q, k, v, key_mask), (q, k, k)),
+    "block": (lambda p, x: llada._block(c, x, p, cos, sin, key_mask), (p0, x)),
+  }
+  calls, names = [], []
+  for name, (f, args) in pieces.items():
+    ct = jax.random.normal(ks[3], jax.eval_shape(f, *args).shape)
+    calls += [(jax.jit(f), args), (jax.jit(lambda ct, *a, f=f: jax.vjp(f, *a)[1](ct)), (ct,) + args)]
+    names += [(name, "fwd"), (name, "fwd+bwd")]
+  calls += [(jax.jit(step), (params,)), (jax.jit(jax.value_and_grad(step)), (params,))]
+  names += [("step / layer", "fwd"), ("step / layer", "fwd+bwd")]
+  times = common.interleaved(calls, repeats)
+  rows = []
+  for (name, kind), t in zip(names, times):
+    div = c.n_layers if name.startswith("step") else 1
+    rows.append({"impl": f"jax {llada.attention_impl_for(c)}", "piece": name, "pass": kind, "preset": preset,
+                 "batch": batch, "seq": seq, "step_s": t["step_s"] / div, "compile_s": t["compile_s"]})
+  for r in rows:
+    if r["pass"] == "fwd+bwd":
+      r["x_fwd"] = r["step_s"] / next(x["step_s"] for x in rows if x["piece"] == r["piece"] and x["pass"] == "fwd")
   return rows
 
 
@@ -234,12 +291,23 @@ def main(argv=None) -> list[dict]:
                   help="a llada.py of an earlier commit: time it next to today's model (same inline ELBO)")
   ap.add_argument("--family", default="llada", help="model families for the JAX rows, comma separated "
                   "(llada,dream: side by side; the torch, baseline and sampler rows are LLaDA's)")
+  ap.add_argument("--pieces", action="store_true",
+                  help="only time one layer's pieces (MLP, projections, attention, block, step / layer), "
+                       "forward vs forward + backward")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=None, help="write the records as JSON")
   args = ap.parse_args(argv)
 
   impls = args.impls.split(",")
   load0 = os.getloadavg()[0]
+  if args.pieces:
+    rows = bench_pieces(args.preset, args.batch, args.seq, args.resp, args.pad, args.repeats)
+    common.print_table(rows, ["impl", "piece", "pass", "preset", "batch", "seq", "compile_s", "step_s", "x_fwd"],
+                       title=f"one layer's pieces on {common.device_description()}; load average "
+                             f"{load0:.1f} -> {os.getloadavg()[0]:.1f}")
+    common.write_json(args.out, rows, meta={"device": common.device_description(), "args": vars(args),
+                                            "load_average": [load0, os.getloadavg()[0]], "argv": sys.argv})
+    return rows
   rows = []
   for dt in args.dtypes.split(","):
     peak = peak_flops(jnp.dtype(dt))

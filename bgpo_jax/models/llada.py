@@ -502,25 +502,35 @@ def attention(config, q: jax.Array, k: jax.Array, v: jax.Array,
 # grouped einsum, no k/v repeat). The backward is written out (dV = P^T dO, dP = dO V^T,
 # dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q): XLA's autodiff of softmax + where
 # costs several extra [.., S, S] passes and transposes that dominate the CPU backward.
+# As in flash attention, the forward keeps only the row max and 1 / row sum ([.., G*S, 1]) and
+# the backward recomputes P (one more q k^T matmul): saving P itself meant a float32
+# [B, H, S, S] residual per layer, which the layer scan stacks into a zero-initialised
+# [L, B, H, S, S] buffer (268 MB for the issue-15 model) written in the forward and read back.
 
 
-def _bmm_probs(qh: jax.Array, kh: jax.Array, mask4: jax.Array | None) -> jax.Array:
-  """qh [B,KV,GS,hd] (pre-scaled), kh [B,KV,S,hd], mask4 bool [B,1,1,S] -> probs f32 [B,KV,GS,S]."""
+def _bmm_scores(qh: jax.Array, kh: jax.Array, mask4: jax.Array | None) -> jax.Array:
+  """qh [B,KV,GS,hd] (pre-scaled), kh [B,KV,S,hd], mask4 bool [B,1,1,S] -> masked scores f32."""
   s = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
   s = sharding.constrain(s, ("batch", "act_kv_heads", None, None))
   if mask4 is not None:
     # A finite fill (not -inf) keeps rows whose keys are all padding finite (uniform softmax).
+    # (A where, not an additive bias: on XLA:CPU the bias lets the score matmul, softmax and
+    # PV matmul fuse into one YNNPACK graph that runs 30% slower than the three apart.)
     s = jnp.where(mask4, s, jnp.finfo(jnp.float32).min)
-  s = s - jnp.max(s, axis=-1, keepdims=True)
-  e = jnp.exp(s)
-  return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+  return s
 
 
 def _bmm_core_fwd(qh, kh, vh, mask4):
-  p = _bmm_probs(qh, kh, mask4)
-  o = jnp.einsum("bkqs,bksd->bkqd", p.astype(vh.dtype), vh,
+  s = _bmm_scores(qh, kh, mask4)
+  mx = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s - mx)
+  inv = 1.0 / jnp.sum(e, axis=-1, keepdims=True)
+  # (Normalising after the PV product, on [.., GS, hd], is 25% slower on XLA:CPU: fusion.)
+  o = jnp.einsum("bkqs,bksd->bkqd", (e * inv).astype(vh.dtype), vh,
                  preferred_element_type=jnp.float32).astype(qh.dtype)
-  return o, (qh, kh, vh, mask4, p, o)  # o is the output itself: no extra residual memory
+  # The row max and 1 / sum, not their log-sum-exp: for a row whose keys are all padding
+  # (every score float32 min) min + log(S) rounds back to min and exp(s - lse) would be 1, not 1/S.
+  return o, (qh, kh, vh, mask4, mx, inv, o)  # o is the output itself: no extra residual memory
 
 
 @jax.custom_vjp
@@ -529,23 +539,61 @@ def _bmm_core(qh, kh, vh, mask4):
 
 
 def _bmm_core_bwd(res, do):
-  qh, kh, vh, mask4, p, o = res
+  # Written key-major: S^T = K Q^T is recomputed, so P^T, dP^T = V dO^T and dS^T come out of
+  # plain matmuls and dV = P^T dO, dK = dS^T Q read them row-major; only dQ = dS K contracts a
+  # transposed operand. (Query-major, both dV and dK did: XLA:CPU runs those as strided Eigen
+  # dots at half the YNNPACK rate, 17% of the attention's forward + backward.)
+  qh, kh, vh, mask4, mx, inv, o = res
   cdt = qh.dtype
   f32 = jnp.float32
-  pc = p.astype(cdt)
-  dv = jnp.einsum("bkqs,bkqd->bksd", pc, do, preferred_element_type=f32)
-  dp = jnp.einsum("bkqd,bksd->bkqs", do, vh, preferred_element_type=f32)
+  tr = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731  [.., GS, 1] -> [.., 1, GS] etc.
+  sT = jnp.einsum("bksd,bkqd->bksq", kh, qh, preferred_element_type=f32)
+  sT = sharding.constrain(sT, ("batch", "act_kv_heads", None, None))
+  if mask4 is not None:
+    sT = jnp.where(tr(mask4), sT, jnp.finfo(f32).min)
+  pT = jnp.exp(sT - tr(mx)) * tr(inv)  # the forward's probabilities, transposed
+  dv = jnp.einsum("bksq,bkqd->bksd", pT.astype(cdt), do, preferred_element_type=f32)
+  dpT = jnp.einsum("bksd,bkqd->bksq", vh, do, preferred_element_type=f32)
   delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
-  ds = p * (dp - delta)
+  dsT = pT * (dpT - tr(delta))
   if mask4 is not None:  # the where's gradient: masked scores get none (matters for all-pad rows)
-    ds = jnp.where(mask4, ds, 0.0)
-  ds = ds.astype(cdt)
-  dq = jnp.einsum("bkqs,bksd->bkqd", ds, kh, preferred_element_type=f32)
-  dk = jnp.einsum("bkqs,bkqd->bksd", ds, qh, preferred_element_type=f32)
+    dsT = jnp.where(tr(mask4), dsT, 0.0)
+  dsT = dsT.astype(cdt)
+  dk = jnp.einsum("bksq,bkqd->bksd", dsT, qh, preferred_element_type=f32)
+  dq = jnp.einsum("bksq,bksd->bkqd", dsT, kh, preferred_element_type=f32)
   return dq.astype(cdt), dk.astype(kh.dtype), dv.astype(vh.dtype), None
 
 
 _bmm_core.defvjp(_bmm_core_fwd, _bmm_core_bwd)
+
+
+# Score elements per step of _bmm_looped: 2^18 float32 = 1 MB, one core's L2 on the 2-core
+# EPYC this was tuned on (1 MB steps ran the forward 1.7x and forward + backward 1.2x faster than
+# one [B, KV, G*S, S] pass; 4 MB steps were as slow as no loop in the backward).
+_BMM_STEP_ELEMENTS = 2**18
+
+
+def _bmm_looped(qh, kh, vh, mask4):
+  """_bmm_core over groups of (row, kv head) pairs at a time (lax.map), each group's scores about
+  _BMM_STEP_ELEMENTS: the same numbers, but the [.., G*S, S] scores / probabilities stay in the
+  CPU's cache through the softmax passes instead of streaming through memory. Small problems
+  (the demo's 64 tokens) fit in one group and run unlooped."""
+  B, KV, GS, hd = qh.shape
+  S = kh.shape[2]
+  rows = B * KV
+  per = max(1, min(rows, _BMM_STEP_ELEMENTS // (GS * S)))
+  while rows % per:  # the largest divisor of rows not above the target
+    per -= 1
+  if per == rows:
+    return _bmm_core(qh, kh, vh, mask4)
+  split = lambda a: a.reshape(rows // per, per, 1, *a.shape[2:])  # noqa: E731
+  xs = (split(qh), split(kh), split(vh))
+  if mask4 is None:
+    o = jax.lax.map(lambda t: _bmm_core(*t, None), xs)
+  else:
+    m = split(jnp.broadcast_to(mask4, (B, KV, 1, S)))
+    o = jax.lax.map(lambda t: _bmm_core(*t), xs + (m,))
+  return o.reshape(qh.shape)
 
 
 def _bmm_attention(q, k, v, key_mask, scale):
@@ -560,7 +608,11 @@ def _bmm_attention(q, k, v, key_mask, scale):
   kh = sharding.constrain(jnp.transpose(k, (0, 2, 1, 3)), axes)
   vh = sharding.constrain(jnp.transpose(v, (0, 2, 1, 3)), axes)
   mask4 = None if key_mask is None else key_mask[:, None, None, :]
-  o = _bmm_core(qh, kh, vh, mask4)  # [B, KV, G*S, hd]
+  if sharding.context_mesh_axes():
+    # Under a mesh the batch and heads are sharded: a loop over them would gather them.
+    o = _bmm_core(qh, kh, vh, mask4)  # [B, KV, G*S, hd]
+  else:
+    o = _bmm_looped(qh, kh, vh, mask4)
   return jnp.transpose(o.reshape(B, KV, G, S, hd), (0, 3, 1, 2, 4)).reshape(B, S, H, hd)
 
 
@@ -586,6 +638,27 @@ def _splash_attention(q, k, v, key_mask, scale):
   return jnp.transpose(out, (0, 2, 1, 3))
 
 
+def dense(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+  """x [..., K] @ w [K, N] -> [..., N] as one 2-D matmul over the flattened rows [prod(...), K].
+
+  Same products as x @ w; the difference is the backward. Autodiff of a [B, S, K] x [K, N] dot
+  gives the weight gradient as a dot contracting two dims (B and S), which XLA canonicalises by
+  writing one operand transposed ([N, B*S]): on CPU a strided loop fusion that recomputes the
+  elementwise producer (the SwiGLU derivative) in the transposed layout, ~30% of the MLP's
+  backward. Over 2-D rows the weight gradient is x^T dy contracting one dim: no copy.
+  """
+  y = jnp.matmul(x.reshape(-1, x.shape[-1]), w, preferred_element_type=preferred_element_type)
+  return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up, recomputed in the backward: the residuals are its two inputs only. Plain
+  autodiff also keeps intermediates of it, [B, S, mlp] buffers per layer that the layer scan
+  stacks (-250 MB of XLA temp on the issue-15 model's step, 1159 -> 906 MB)."""
+  return jax.nn.silu(gate) * up
+
+
 def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, sin,
            key_mask) -> jax.Array:
   """One pre-norm block. x [B,S,D] compute dtype; p holds this layer's (unstacked) weights."""
@@ -601,19 +674,19 @@ def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, s
 
   x = act(x, "act_embed")
   n = rms_norm(x, p["attn_norm"], config.rms_norm_eps).astype(cdt)
-  q = act((n @ w["q_proj"]).reshape(B, S, H, hd), "act_heads", None)
-  k = act((n @ w["k_proj"]).reshape(B, S, KV, hd), "act_kv_heads", None)
-  v = act((n @ w["v_proj"]).reshape(B, S, KV, hd), "act_kv_heads", None)
+  q = act(dense(n, w["q_proj"]).reshape(B, S, H, hd), "act_heads", None)
+  k = act(dense(n, w["k_proj"]).reshape(B, S, KV, hd), "act_kv_heads", None)
+  v = act(dense(n, w["v_proj"]).reshape(B, S, KV, hd), "act_kv_heads", None)
   q = checkpoint_name(apply_rope(q, cos, sin).astype(cdt), "q")
   k = checkpoint_name(apply_rope(k, cos, sin).astype(cdt), "k")
   v = checkpoint_name(v, "v")
   ctx = act(_attention(config, q, k, v, key_mask), "act_heads", None)
   ctx = checkpoint_name(ctx.reshape(B, S, H * hd), "attn_ctx")
-  x = act(x + (ctx @ w["attn_out"]).astype(cdt), "act_embed")
+  x = act(x + dense(ctx, w["attn_out"]).astype(cdt), "act_embed")
 
   m = rms_norm(x, p["ff_norm"], config.rms_norm_eps).astype(cdt)
-  h = act(jax.nn.silu(m @ w["ff_proj"]) * (m @ w["up_proj"]), "act_mlp")
-  return act(x + (h @ w["ff_out"]).astype(cdt), "act_embed")
+  h = act(_swiglu(dense(m, w["ff_proj"]), dense(m, w["up_proj"])), "act_mlp")
+  return act(x + dense(h, w["ff_out"]).astype(cdt), "act_embed")
 
 
 def hidden_states(config: LLaDAConfig, params: Params, tokens: jax.Array,
@@ -652,7 +725,7 @@ def lm_head(config: LLaDAConfig, params: Params, hidden: jax.Array) -> jax.Array
   # slice; log_softmax reduces [B,S] statistics across devices.
   hidden = sharding.constrain(hidden.astype(cdt), _lead_axes(hidden.ndim, "batch_dp", "act_embed"))
   w = sharding.gather_weight(params["ff_out"], param_logical_axes(config)["ff_out"], (None, "head_vocab"), cdt)
-  logits = jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+  logits = dense(hidden, w, preferred_element_type=jnp.float32)
   logits = sharding.constrain(logits, _lead_axes(logits.ndim, "batch_dp", "head_vocab"))
   if config.embedding_size != config.vocab_size:
     logits = logits[..., : config.vocab_size]
