@@ -355,19 +355,21 @@ def _block(config: DreamConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, s
 
   x = act(x, "act_embed")
   n = rms_norm(x, p["attn_norm"], config.rms_norm_eps).astype(cdt)
-  q = act((n @ w["q_proj"] + w["q_bias"]).reshape(B, S, H, hd), "act_heads", None)
-  k = act((n @ w["k_proj"] + w["k_bias"]).reshape(B, S, KV, hd), "act_kv_heads", None)
-  v = act((n @ w["v_proj"] + w["v_bias"]).reshape(B, S, KV, hd), "act_kv_heads", None)
+  q = act((llada.dense(n, w["q_proj"]) + w["q_bias"]).reshape(B, S, H, hd), "act_heads", None)
+  k = act((llada.dense(n, w["k_proj"]) + w["k_bias"]).reshape(B, S, KV, hd), "act_kv_heads", None)
+  v = act((llada.dense(n, w["v_proj"]) + w["v_bias"]).reshape(B, S, KV, hd), "act_kv_heads", None)
   q = checkpoint_name(apply_rope(q, cos, sin).astype(cdt), "q")
   k = checkpoint_name(apply_rope(k, cos, sin).astype(cdt), "k")
   v = checkpoint_name(v, "v")
   ctx = act(llada.attention(config, q, k, v, key_mask), "act_heads", None)
   ctx = checkpoint_name(ctx.reshape(B, S, H * hd), "attn_ctx")
-  x = act(x + (ctx @ w["attn_out"]).astype(cdt), "act_embed")
+  x = act(x + llada.dense(ctx, w["attn_out"]).astype(cdt), "act_embed")
 
   m = rms_norm(x, p["ff_norm"], config.rms_norm_eps).astype(cdt)
-  h = act(jax.nn.silu(m @ w["ff_proj"]) * (m @ w["up_proj"]), "act_mlp")
-  return act(x + (h @ w["ff_out"]).astype(cdt), "act_embed")
+  # LLaDA's 2-D matmuls and recomputed SwiGLU (models/llada.py `dense`, `_swiglu`): same products,
+  # a backward without transposed weight-gradient operands or stacked SwiGLU residuals.
+  h = act(llada._swiglu(llada.dense(m, w["ff_proj"]), llada.dense(m, w["up_proj"])), "act_mlp")
+  return act(x + llada.dense(h, w["ff_out"]).astype(cdt), "act_embed")
 
 
 def shift_right(h: jax.Array) -> jax.Array:
@@ -402,7 +404,7 @@ def lm_head(config: DreamConfig, params: Params, hidden: jax.Array) -> jax.Array
   cdt = config.compute_jnp_dtype
   hidden = sharding.constrain(hidden.astype(cdt), llada._lead_axes(hidden.ndim, "batch_dp", "act_embed"))
   w = sharding.gather_weight(params["ff_out"], param_logical_axes(config)["ff_out"], (None, "head_vocab"), cdt)
-  logits = jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+  logits = llada.dense(hidden, w, preferred_element_type=jnp.float32)
   return sharding.constrain(logits, llada._lead_axes(logits.ndim, "batch_dp", "head_vocab"))
 
 
