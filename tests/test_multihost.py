@@ -148,8 +148,21 @@ def memory_bucket(monkeypatch, tmp_path):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   monkeypatch.chdir(cwd)
+  # Writers the test leaves open (a Trainer built and not run) flush at interpreter exit, when
+  # the s3 backend is unpatched again: close them while it is still there.
+  from bgpo_jax import metrics
+  opened = []
+  init = metrics.MetricsWriter.__init__
+
+  def tracked_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    opened.append(self)
+
+  monkeypatch.setattr(metrics.MetricsWriter, "__init__", tracked_init)
   root = f"s3://bgpo-test-{uuid.uuid4().hex[:8]}/run"
   yield root, fs, cwd
+  for w in opened:
+    w.close()
   fs.rm(root.split("/run")[0], recursive=True)
 
 
