@@ -303,14 +303,21 @@ def test_refresh_every_step_with_cfg_is_generate(fam):
     np.testing.assert_array_equal(got, ref)
 
 
-def test_dream_window_features_with_fresh_cache_are_hidden_states():
-  # Dream's features for [start, start + W) come from the outputs at [start - 1, start + W - 1):
-  # with a fresh cache they equal dream.hidden_states (shift inside) for every window.
+def _partly_decoded_canvas():
+  """The prompts plus a 12-token canvas whose first 5 positions are decoded (token 9): (canvas,
+  attention mask, batch, prompt length)."""
   toks, mask = prompts()
   B, P = toks.shape
   canvas = np.concatenate([toks, np.full((B, 12), MASK, np.int32)], 1)
   canvas[:, P:P + 5] = 9
   attn = np.concatenate([mask, np.ones((B, 12), np.int32)], 1)
+  return canvas, attn, B, P
+
+
+def test_dream_window_features_with_fresh_cache_are_hidden_states():
+  # Dream's features for [start, start + W) come from the outputs at [start - 1, start + W - 1):
+  # with a fresh cache they equal dream.hidden_states (shift inside) for every window.
+  canvas, attn, B, P = _partly_decoded_canvas()
   cached = family.cached_forward_for(DCFG)
   assert cached is dream_cache and family.cached_forward_for(CFG) is llada_cache
   full = jax.jit(functools.partial(dream.hidden_states, DCFG))(DPARAMS, canvas, attn)
@@ -356,11 +363,7 @@ def test_shared_attention_with_queries_shorter_than_keys(impl):
 
 
 def test_window_forward_with_fresh_cache_is_the_full_forward():
-  toks, mask = prompts()
-  B, P = toks.shape
-  canvas = np.concatenate([toks, np.full((B, 12), MASK, np.int32)], 1)
-  canvas[:, P:P + 5] = 9
-  attn = np.concatenate([mask, np.ones((B, 12), np.int32)], 1)
+  canvas, attn, B, P = _partly_decoded_canvas()
   full = jax.jit(functools.partial(llada.hidden_states, CFG))(PARAMS, canvas, attn)
   h, kv = jax.jit(functools.partial(llada_cache.prefill, CFG))(PARAMS, canvas, attn)
   window = jax.jit(functools.partial(llada_cache.window_forward, CFG), static_argnums=2)

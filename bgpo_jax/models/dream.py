@@ -45,11 +45,10 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from bgpo_jax.models import llada
 from bgpo_jax.models import sharding
-from bgpo_jax.models.llada import apply_rope, rms_norm, rope_tables
+from bgpo_jax.models.llada import rms_norm, rope_tables
 
 Params = dict[str, Any]
 FAMILY = "dream"
@@ -343,33 +342,10 @@ def _init_params_jit(config: DreamConfig, rng: jax.Array) -> Params:
 
 def _block(config: DreamConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, sin,
            key_mask) -> jax.Array:
-  """One pre-norm Qwen2 block without the causal mask. x [B,S,D] compute dtype."""
-  cdt = config.compute_jnp_dtype
-  B, S, D = x.shape
-  H, KV, hd = config.n_heads, config.n_kv_heads, config.head_dim
-  act = lambda y, *axes: sharding.constrain(y, ("batch", "seq") + axes)
-  param_axes = param_logical_axes(config)["blocks"]
-  compute_axes = compute_weight_axes(config)
-  w = {k: sharding.gather_weight(v, param_axes[k][1:], compute_axes[k], cdt)
-       for k, v in p.items() if k in compute_axes}
-
-  x = act(x, "act_embed")
-  n = rms_norm(x, p["attn_norm"], config.rms_norm_eps).astype(cdt)
-  q = act((llada.dense(n, w["q_proj"]) + w["q_bias"]).reshape(B, S, H, hd), "act_heads", None)
-  k = act((llada.dense(n, w["k_proj"]) + w["k_bias"]).reshape(B, S, KV, hd), "act_kv_heads", None)
-  v = act((llada.dense(n, w["v_proj"]) + w["v_bias"]).reshape(B, S, KV, hd), "act_kv_heads", None)
-  q = checkpoint_name(apply_rope(q, cos, sin).astype(cdt), "q")
-  k = checkpoint_name(apply_rope(k, cos, sin).astype(cdt), "k")
-  v = checkpoint_name(v, "v")
-  ctx = act(llada.attention(config, q, k, v, key_mask), "act_heads", None)
-  ctx = checkpoint_name(ctx.reshape(B, S, H * hd), "attn_ctx")
-  x = act(x + llada.dense(ctx, w["attn_out"]).astype(cdt), "act_embed")
-
-  m = rms_norm(x, p["ff_norm"], config.rms_norm_eps).astype(cdt)
-  # LLaDA's 2-D matmuls and recomputed SwiGLU (models/llada.py `dense`, `_swiglu`): same products,
-  # a backward without transposed weight-gradient operands or stacked SwiGLU residuals.
-  h = act(llada._swiglu(llada.dense(m, w["ff_proj"]), llada.dense(m, w["up_proj"])), "act_mlp")
-  return act(x + llada.dense(h, w["ff_out"]).astype(cdt), "act_embed")
+  """One pre-norm Qwen2 block without the causal mask, x [B,S,D] compute dtype: LLaDA's block
+  (llada.block) with Dream's q / k / v biases and axis names."""
+  return llada.block(config, x, p, cos, sin, key_mask, param_axes=param_logical_axes(config)["blocks"],
+                     compute_axes=compute_weight_axes(config))
 
 
 def shift_right(h: jax.Array) -> jax.Array:

@@ -662,21 +662,33 @@ def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
 def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, sin,
            key_mask) -> jax.Array:
   """One pre-norm block. x [B,S,D] compute dtype; p holds this layer's (unstacked) weights."""
+  return block(config, x, p, cos, sin, key_mask, param_axes=param_logical_axes(config)["blocks"],
+               compute_axes=compute_weight_axes(config))
+
+
+def block(config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin, key_mask, *,
+          param_axes: Mapping[str, tuple], compute_axes: Mapping[str, tuple]) -> jax.Array:
+  """One pre-norm block for any family with this layout (dream.py: the same block plus q / k / v
+  biases, added when p holds them). x [B,S,D] compute dtype; p this layer's (unstacked) weights;
+  param_axes / compute_axes: the family's logical axes of the stacked block weights and of their
+  compute copies."""
   cdt = config.compute_jnp_dtype
   B, S, D = x.shape
   H, KV, hd = config.n_heads, config.n_kv_heads, config.head_dim
   act = lambda y, *axes: sharding.constrain(y, ("batch", "seq") + axes)
   # FSDP: cast, then gather over the embed axis; the backward reduce-scatters the gradient.
-  param_axes = param_logical_axes(config)["blocks"]
-  compute_axes = compute_weight_axes(config)
   w = {k: sharding.gather_weight(v, param_axes[k][1:], compute_axes[k], cdt)
        for k, v in p.items() if k in compute_axes}
 
+  def proj(name: str) -> jax.Array:  # n @ W (+ the family's bias, when it has one)
+    y = dense(n, w[f"{name}_proj"])
+    return y + w[f"{name}_bias"] if f"{name}_bias" in w else y
+
   x = act(x, "act_embed")
   n = rms_norm(x, p["attn_norm"], config.rms_norm_eps).astype(cdt)
-  q = act(dense(n, w["q_proj"]).reshape(B, S, H, hd), "act_heads", None)
-  k = act(dense(n, w["k_proj"]).reshape(B, S, KV, hd), "act_kv_heads", None)
-  v = act(dense(n, w["v_proj"]).reshape(B, S, KV, hd), "act_kv_heads", None)
+  q = act(proj("q").reshape(B, S, H, hd), "act_heads", None)
+  k = act(proj("k").reshape(B, S, KV, hd), "act_kv_heads", None)
+  v = act(proj("v").reshape(B, S, KV, hd), "act_kv_heads", None)
   q = checkpoint_name(apply_rope(q, cos, sin).astype(cdt), "q")
   k = checkpoint_name(apply_rope(k, cos, sin).astype(cdt), "k")
   v = checkpoint_name(v, "v")
