@@ -328,6 +328,33 @@ def test_logits_and_grads_equal_previous_implementation(n_kv_heads):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=2e-5 * scale, err_msg=str(path[0]))
 
 
+@pytest.mark.parametrize("n_kv_heads", [4, 2])  # MHA and GQA
+def test_block_keeps_only_the_residuals_its_backward_needs(n_kv_heads, capsys):
+  # What one block saves for its backward (the layer scan stacks it per layer): the input x, the
+  # attention's q / k / v and output, ctx (attn_out's weight gradient), the mid-block residual
+  # stream and the SwiGLU's gate / up. The norms, the flattened matmul inputs and the SwiGLU
+  # product are recomputed (llada.norm_dense / swiglu_dense); plain autodiff kept 12
+  # [B, S, D]-sized buffers and 3 [B, S, mlp]-sized ones here.
+  config = dataclasses.replace(BASE, n_kv_heads=n_kv_heads, attention_impl="bmm")
+  B, S, D, F = 2, 8, config.d_model, config.mlp_hidden_size
+  params = _params(config, seed=2)
+  p0 = jax.tree.map(lambda a: a[0], params["blocks"])
+  cos, sin = llada.rope_tables(S, config.head_dim, config.rope_theta)
+  x = jax.random.normal(jax.random.key(0), (B, S, D))
+  key_mask = jnp.ones((B, S), bool).at[1, :3].set(False)
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(lambda p, x: llada._block(config, x, p, cos, sin, key_mask), p0, x)
+  saved = capsys.readouterr().out.strip().splitlines()  # "f32[2,8,32] from the argument x", ...
+  sizes = [int(np.prod([int(d) for d in line.split("[", 1)[1].split("]", 1)[0].split(",") if d]))
+           for line in saved if "from the argument p" not in line]
+  kv = B * S * n_kv_heads * config.head_dim
+  # [B, S, D]: x, q, the attention output, ctx, the mid-block stream; k and v are [B, S, KV*hd].
+  assert sizes.count(B * S * D) == (5 if kv != B * S * D else 7), saved
+  assert sizes.count(kv) == (2 if kv != B * S * D else 7), saved
+  assert sizes.count(B * S * F) == 2, saved  # gate, up (not silu(gate) * up)
+  assert sum(sizes) <= 5 * B * S * D + 2 * kv + 2 * B * S * F + 8 * B * S + 4 * S * config.head_dim, saved
+
+
 @pytest.mark.parametrize("step_elements", [1, 4 * 18 * 9])  # 1 or 3 of 6 (row, kv head) pairs
 def test_bmm_looped_attention_matches_einsum(monkeypatch, step_elements):
   # The looped bmm attention (lax.map over groups of (row, kv head) pairs; the tests' tiny

@@ -135,15 +135,17 @@ def bench_pieces(preset: str, batch: int, seq: int, resp: int, pad: int, repeats
   key_mask = jnp.arange(S)[None, :] >= jnp.full((B, 1), pad)
   q, k = jax.random.normal(ks[1], (B, S, H, hd)), jax.random.normal(ks[2], (B, S, KV, hd))
 
-  def mlp(p, x):
-    m = llada.rms_norm(x, p["ff_norm"], c.rms_norm_eps)
-    return x + llada.dense(llada._swiglu(llada.dense(m, p["ff_proj"]), llada.dense(m, p["up_proj"])), p["ff_out"])
+  eps, f32 = c.rms_norm_eps, jnp.float32
+
+  def mlp(p, x):  # as llada.block's second half
+    gate, up = llada.norm_dense(x, p["ff_norm"], ((p["ff_proj"], None), (p["up_proj"], None)), eps, f32)
+    return x + llada.swiglu_dense(gate.reshape(B, S, -1), up.reshape(B, S, -1), p["ff_out"])
 
   def proj(p, x):  # norm, q/k/v/out projections and RoPE, without the attention itself
-    n = llada.rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-    qq = llada.apply_rope(llada.dense(n, p["q_proj"]).reshape(B, S, H, hd), cos, sin)
-    kk = llada.apply_rope(llada.dense(n, p["k_proj"]).reshape(B, S, KV, hd), cos, sin)
-    vv = llada.dense(n, p["v_proj"]).reshape(B, S, KV, hd)
+    qq, kk, vv = llada.norm_dense(x, p["attn_norm"], tuple((p[f"{n}_proj"], None) for n in "qkv"), eps, f32)
+    qq = llada.apply_rope(qq.reshape(B, S, H, hd), cos, sin)
+    kk = llada.apply_rope(kk.reshape(B, S, KV, hd), cos, sin)
+    vv = vv.reshape(B, S, KV, hd)
     ctx = qq * jnp.repeat(kk + vv, H // KV, axis=2)
     return x + llada.dense(ctx.reshape(B, S, H * hd), p["attn_out"])
 

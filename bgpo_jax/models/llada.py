@@ -651,12 +651,31 @@ def dense(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
   return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-@functools.partial(jax.checkpoint, prevent_cse=False)
-def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-  """silu(gate) * up, recomputed in the backward: the residuals are its two inputs only. Plain
-  autodiff also keeps intermediates of it, [B, S, mlp] buffers per layer that the layer scan
-  stacks (-250 MB of XLA temp on the issue-15 model's step, 1159 -> 906 MB)."""
-  return jax.nn.silu(gate) * up
+# The block's two halves begin with "rms_norm, then matmuls" and the MLP ends with "SwiGLU, then a
+# matmul". Under plain autodiff each keeps its elementwise intermediates for the backward: the
+# norm's x * rsqrt and its weighted output (two [B, S, D] float32 buffers per norm), one flattened
+# copy of the normalised activations per matmul that reads them (three for q / k / v, two for
+# gate / up: each `dense` reshapes its own), and the SwiGLU product [B, S, mlp]. The layer scan
+# stacks every one of them per layer (written in the forward, copied out in the backward). Under
+# jax.checkpoint the residuals are the inputs only (x; gate and up) and the backward recomputes the
+# elementwise part (one pass); the matmul outputs are not recomputed (nothing in the backward reads
+# them). On the issue-15 model a layer's residuals fall from ~98 MB to ~51 MB.
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4), prevent_cse=False)
+def norm_dense(x: jax.Array, norm_weight: jax.Array, weights: tuple, eps: float, cdt) -> tuple:
+  """rms_norm(x) @ w (+ b) for each (w, b) in weights, from one flattened copy of the normalised
+  activations. x [B,S,D]; w [D,N_i]; b [N_i] or None -> tuple of [B*S, N_i] in cdt."""
+  n = rms_norm(x, norm_weight, eps).astype(cdt).reshape(-1, x.shape[-1])
+  return tuple(dense(n, w) if b is None else dense(n, w) + b for w, b in weights)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,), prevent_cse=False)
+def swiglu_dense(gate: jax.Array, up: jax.Array, w_out: jax.Array, constrain=None) -> jax.Array:
+  """(silu(gate) * up) @ w_out with the product recomputed in the backward. gate / up [..., mlp],
+  w_out [mlp, D] -> [..., D]; constrain: applied to the product (its sharding) or None."""
+  h = jax.nn.silu(gate) * up
+  return dense(h if constrain is None else constrain(h), w_out)
 
 
 def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, sin,
@@ -680,15 +699,15 @@ def block(config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin, key_mask, 
   w = {k: sharding.gather_weight(v, param_axes[k][1:], compute_axes[k], cdt)
        for k, v in p.items() if k in compute_axes}
 
-  def proj(name: str) -> jax.Array:  # n @ W (+ the family's bias, when it has one)
-    y = dense(n, w[f"{name}_proj"])
-    return y + w[f"{name}_bias"] if f"{name}_bias" in w else y
+  def projections(names: tuple, norm: str) -> tuple:  # rms_norm(x) @ W (+ the family's bias)
+    weights = tuple((w[f"{nm}_proj"], w.get(f"{nm}_bias")) for nm in names)
+    return norm_dense(x, p[norm], weights, config.rms_norm_eps, cdt)
 
   x = act(x, "act_embed")
-  n = rms_norm(x, p["attn_norm"], config.rms_norm_eps).astype(cdt)
-  q = act(proj("q").reshape(B, S, H, hd), "act_heads", None)
-  k = act(proj("k").reshape(B, S, KV, hd), "act_kv_heads", None)
-  v = act(proj("v").reshape(B, S, KV, hd), "act_kv_heads", None)
+  q, k, v = projections(("q", "k", "v"), "attn_norm")
+  q = act(q.reshape(B, S, H, hd), "act_heads", None)
+  k = act(k.reshape(B, S, KV, hd), "act_kv_heads", None)
+  v = act(v.reshape(B, S, KV, hd), "act_kv_heads", None)
   q = checkpoint_name(apply_rope(q, cos, sin).astype(cdt), "q")
   k = checkpoint_name(apply_rope(k, cos, sin).astype(cdt), "k")
   v = checkpoint_name(v, "v")
@@ -696,9 +715,10 @@ def block(config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin, key_mask, 
   ctx = checkpoint_name(ctx.reshape(B, S, H * hd), "attn_ctx")
   x = act(x + dense(ctx, w["attn_out"]).astype(cdt), "act_embed")
 
-  m = rms_norm(x, p["ff_norm"], config.rms_norm_eps).astype(cdt)
-  h = act(_swiglu(dense(m, w["ff_proj"]), dense(m, w["up_proj"])), "act_mlp")
-  return act(x + dense(h, w["ff_out"]).astype(cdt), "act_embed")
+  gate, up = projections(("ff", "up"), "ff_norm")  # [B*S, mlp]
+  mlp_act = lambda h: act(h.reshape(B, S, -1), "act_mlp")  # noqa: E731
+  y = swiglu_dense(gate.reshape(B, S, -1), up.reshape(B, S, -1), w["ff_out"], mlp_act)
+  return act(x + y.astype(cdt), "act_embed")
 
 
 def hidden_states(config: LLaDAConfig, params: Params, tokens: jax.Array,
