@@ -42,7 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.family = "llada"
   c.model.param_dtype = "float32"  # master weights (float32 keeps small updates exact)
   c.model.compute_dtype = "bfloat16"  # matmul dtype; norms, RoPE, softmax and logits stay float32
-  c.model.remat_policy = "full"  # per-block rematerialization: none / full / dots_saveable
+  # Per-block rematerialization (llada.REMAT_POLICIES): full = save each layer's input only and
+  # recompute its forward in the backward; activations = save what the backward reads and
+  # recompute no matmul (the task configs' choice); none = plain autodiff; save_attn, dots_saveable.
+  c.model.remat_policy = "full"
   c.model.scan_unroll = 1  # layers per layer-scan iteration (n_layers = fully unrolled; small models)
   # Attention kernel (llada.ATTENTION_IMPLS): auto = Pallas splash on TPU, cuDNN flash on GPU
   # (bf16/fp16 compute), batched matmuls elsewhere; "xla" = the original grouped einsum.
@@ -259,6 +262,12 @@ def paper_config(task: str, *, gen_length: int, train_steps: int, eval_steps: in
   c.rl.group_size = 8
   c.rl.prompts_per_step = 16
   c.rl.micro_batch_per_device = 1  # memory-lean for 8B; raise it when memory allows
+  # Each block saves the activations its backward reads (llada.ACTIVATION_NAMES) instead of
+  # recomputing its forward ("full"): ~1/4 fewer train-step FLOPs, no matmul recomputed. Per device
+  # on 8 devices the train step plans 28.7 GB for math (full: 22.3 GB), still below the dual-cache
+  # sampler's 35.2 GB peak, so the run's peak does not grow. VRPO-OL (rl.objective=vrpo_ol) keeps
+  # all n samples' graphs at once: use "full" there (BENCHMARKS.md, 8B plan).
+  c.model.remat_policy = "activations"
   # Pure FSDP over every device: LLaDA-8B's float32 weights, AdamW moments and gradient
   # accumulator (~128 GB) do not fit one 80 GB device, sharded 8 ways they take ~22 GB per device
   # (`python -m bgpo_jax.benchmarks.memory --plan-8b --config=configs/math.py`, BENCHMARKS.md).

@@ -131,7 +131,7 @@ def test_remat_scan_unroll_and_bf16_compute_keep_the_logits():
   params = _random_params(cfg)
   tokens = jnp.asarray(np.random.default_rng(3).integers(2, 60, (2, 8)), jnp.int32)
   ref = dream.forward(cfg, params, tokens)
-  for kw in (dict(remat_policy="full"), dict(remat_policy="save_attn", scan_unroll=2)):
+  for kw in (dict(remat_policy="full"), dict(remat_policy="save_attn", scan_unroll=2), dict(remat_policy="activations")):
     c = dataclasses.replace(cfg, **kw)
     np.testing.assert_allclose(jax.jit(lambda p: dream.forward(c, p, tokens))(params), ref, rtol=1e-5, atol=1e-5)
   bf = dataclasses.replace(cfg, compute_dtype="bfloat16")

@@ -139,7 +139,7 @@ def _loss(config, params, tokens, mask):
 GRAD = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_attn"])
+@pytest.mark.parametrize("policy", ["full", "save_attn", "activations"])
 def test_remat_same_logits_and_grads(policy):
   params = _params(BASE)
   tokens = _tokens(2, 8, BASE.vocab_size)
@@ -150,6 +150,22 @@ def test_remat_same_logits_and_grads(policy):
   chex.assert_trees_all_close(v1, v0, rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(g0["blocks"]["q_proj"]).max()) > 0
+
+
+def test_activations_remat_recomputes_no_matmul():
+  # remat_policy="activations" (the task configs' choice) saves what each block's backward reads:
+  # its gradient has as many matmuls as plain autodiff's ("none"); "full" recomputes the forward.
+  params = _params(BASE)
+  tokens = _tokens(2, 8, BASE.vocab_size)
+  mask = jnp.ones((2, 8), jnp.int32).at[0, :2].set(0)
+
+  def dots(policy):
+    config = dataclasses.replace(BASE, remat_policy=policy, attention_impl="bmm")
+    grad = jax.value_and_grad(lambda p: _loss(config, p, tokens, mask))
+    return str(jax.make_jaxpr(grad)(params)).count("dot_general")
+
+  none, activations, full = dots("none"), dots("activations"), dots("full")
+  assert activations == none < full, (none, activations, full)
 
 
 def test_unrolled_layer_scan_same_logits_and_grads():

@@ -112,6 +112,11 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 # Remat policy names -> jax.checkpoint policy (None = save nothing, i.e. full recompute).
 _SAVE_ATTN_NAMES = ("q", "k", "v", "attn_ctx")
+# What remat_policy="activations" saves per layer: q / k / v (after RoPE), the attention's output
+# and row statistics (its backward then needs no attention forward), the context (attn_out's
+# weight gradient), the mid-block residual stream (the MLP norm's input) and the SwiGLU's inputs.
+# [B, S, 7 D + 2 mlp] in the compute dtype: ~106 MB per layer for one LLaDA-8B row of 1024 tokens.
+ACTIVATION_NAMES = _SAVE_ATTN_NAMES + ("attn_out", "attn_max", "attn_inv_sum", "resid_mid", "mlp_gate", "mlp_up")
 _REMAT_POLICIES = {
   "full": None,
   "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
@@ -120,6 +125,10 @@ _REMAT_POLICIES = {
   "everything_saveable": jax.checkpoint_policies.everything_saveable,
   # Keeps q, k, v and the attention context (small: [B,S,D] each), recomputes the MLP.
   "save_attn": jax.checkpoint_policies.save_only_these_names(*_SAVE_ATTN_NAMES),
+  # Keeps every activation the block's backward reads and recomputes no matmul: only the norms'
+  # and SwiGLU's elementwise work and (under FSDP) the weight gathers, which are not saved (a
+  # layer's gathered bf16 weights are 436 MB on LLaDA-8B). See ACTIVATION_NAMES.
+  "activations": jax.checkpoint_policies.save_only_these_names(*ACTIVATION_NAMES),
 }
 REMAT_POLICIES = ("none",) + tuple(_REMAT_POLICIES)
 # "auto": the fastest implementation for the platform (attention_impl_for); "xla": the original
@@ -530,6 +539,9 @@ def _bmm_core_fwd(qh, kh, vh, mask4):
                  preferred_element_type=jnp.float32).astype(qh.dtype)
   # The row max and 1 / sum, not their log-sum-exp: for a row whose keys are all padding
   # (every score float32 min) min + log(S) rounds back to min and exp(s - lse) would be 1, not 1/S.
+  # (Named for remat_policy="activations": saved, the backward needs no attention forward.)
+  o = checkpoint_name(o, "attn_out")
+  mx, inv = checkpoint_name(mx, "attn_max"), checkpoint_name(inv, "attn_inv_sum")
   return o, (qh, kh, vh, mask4, mx, inv, o)  # o is the output itself: no extra residual memory
 
 
@@ -670,10 +682,14 @@ def norm_dense(x: jax.Array, norm_weight: jax.Array, weights: tuple, eps: float,
   return tuple(dense(n, w) if b is None else dense(n, w) + b for w, b in weights)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3,), prevent_cse=False)
 def swiglu_dense(gate: jax.Array, up: jax.Array, w_out: jax.Array, constrain=None) -> jax.Array:
   """(silu(gate) * up) @ w_out with the product recomputed in the backward. gate / up [..., mlp],
   w_out [mlp, D] -> [..., D]; constrain: applied to the product (its sharding) or None."""
+  return _swiglu_dense(gate, up, w_out, constrain)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,), prevent_cse=False)
+def _swiglu_dense(gate, up, w_out, constrain):
   h = jax.nn.silu(gate) * up
   return dense(h if constrain is None else constrain(h), w_out)
 
@@ -713,9 +729,10 @@ def block(config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin, key_mask, 
   v = checkpoint_name(v, "v")
   ctx = act(_attention(config, q, k, v, key_mask), "act_heads", None)
   ctx = checkpoint_name(ctx.reshape(B, S, H * hd), "attn_ctx")
-  x = act(x + dense(ctx, w["attn_out"]).astype(cdt), "act_embed")
+  x = checkpoint_name(act(x + dense(ctx, w["attn_out"]).astype(cdt), "act_embed"), "resid_mid")
 
   gate, up = projections(("ff", "up"), "ff_norm")  # [B*S, mlp]
+  gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
   mlp_act = lambda h: act(h.reshape(B, S, -1), "act_mlp")  # noqa: E731
   y = swiglu_dense(gate.reshape(B, S, -1), up.reshape(B, S, -1), w["ff_out"], mlp_act)
   return act(x + y.astype(cdt), "act_embed")
