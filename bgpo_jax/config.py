@@ -414,8 +414,16 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   one_of("model.param_dtype", c.model.param_dtype, DTYPES)
   one_of("model.compute_dtype", c.model.compute_dtype, DTYPES)
   one_of("model.family", c.model.family, FAMILIES)
-  from bgpo_jax.models.llada import ATTENTION_IMPLS
+  from bgpo_jax.models.llada import ATTENTION_IMPLS, REMAT_POLICIES
   one_of("model.attention_impl", c.model.attention_impl, ATTENTION_IMPLS)
+  one_of("model.remat_policy", c.model.remat_policy, REMAT_POLICIES)
+  if c.rl.objective == "vrpo_ol" and c.model.remat_policy == "activations" and c.rl.num_mc_samples > 1:
+    # VRPO-OL's exp-of-mean objective keeps every sample's graph until the end of the step.
+    raise ConfigError(
+      f"config.model.remat_policy 'activations' with rl.objective 'vrpo_ol' saves the activations of "
+      f"all rl.num_mc_samples={c.rl.num_mc_samples} samples at once (LLaDA-8B math, n = 16: 146 GB "
+      "per device on 8 devices); set --config.model.remat_policy=full (42 GB), or none on a small "
+      "model")
   if c.model.logits_chunk < 0:
     raise ConfigError(f"config.model.logits_chunk {c.model.logits_chunk} must be >= 0 (0 = no chunking)")
   if not c.init.checkpoint:

@@ -35,3 +35,21 @@ def test_build_model_passes_attention_and_chunk_through():
   assert params is None  # random init, nothing compiled
   assert isinstance(model_cfg, llada.LLaDAConfig)
   assert (model_cfg.attention_impl, model_cfg.logits_chunk) == ("xla", 8)
+
+
+def test_task_configs_remat_activations_and_its_vrpo_ol_guard(tmp_path):
+  import importlib
+  for name in ("math", "code", "countdown", "sudoku", "dream_math"):
+    assert importlib.import_module(f"configs.{name}").get_config().model.remat_policy == "activations", name
+  c = importlib.import_module("configs.countdown").get_config()
+  c.task.data_dir = c.tokenizer.path = str(tmp_path)  # validated, not read
+  config_lib.validate(c, data_parallel_size=8)
+  c.model.remat_policy = "activation"
+  with pytest.raises(config_lib.ConfigError, match="model.remat_policy 'activation' is unknown"):
+    config_lib.validate(c, data_parallel_size=8)
+  c.model.remat_policy = "activations"
+  c.rl.objective = "vrpo_ol"  # every sample's activations at once: refused, naming the fix
+  with pytest.raises(config_lib.ConfigError, match="--config.model.remat_policy=full"):
+    config_lib.validate(c, data_parallel_size=8)
+  c.model.remat_policy = "full"
+  config_lib.validate(c, data_parallel_size=8)

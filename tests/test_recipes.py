@@ -41,11 +41,13 @@ RECIPES = [
     ("code", "configs/code.py", ["--config.task.train_file={code_train}"]),
     ("countdown", "configs/countdown.py", []),
     ("sudoku", "configs/sudoku.py", []),
-    ("countdown_vrpo_ol", "configs/countdown.py", ["--config.rl.objective=vrpo_ol"]),
+    # VRPO-OL keeps every sample's graph: the task configs' "activations" remat is refused for it.
+    ("countdown_vrpo_ol", "configs/countdown.py", ["--config.rl.objective=vrpo_ol", "--config.model.remat_policy=full"]),
     # Off-policy (mu = 2, stored old terms, SPEC's clip defaults) with the frozen reference's KL.
     ("math_bgpo_mu2_kl", "configs/math.py", ["--config.rl.updates_per_batch=2", "--config.rl.kl_beta=0.05"]),
     ("sudoku_vrpo_ol_mu2_kl", "configs/sudoku.py",
-     ["--config.rl.objective=vrpo_ol", "--config.rl.updates_per_batch=2", "--config.rl.kl_beta=0.05"]),
+     ["--config.rl.objective=vrpo_ol", "--config.model.remat_policy=full", "--config.rl.updates_per_batch=2",
+      "--config.rl.kl_beta=0.05"]),
     # d1's diffu-GRPO recipe (KL 0.04, G = 6, fresh prompt masks per inner update); mu shrunk 8 -> 2
     # and 4 prompts so the 24 rows split over 8 devices.
     ("countdown_d1_diffu_grpo", "configs/countdown.py:diffu_grpo",
