@@ -17,8 +17,8 @@ process, each keeping its fastest run, so a shared machine's load hits both alik
 Model FLOPs of one forward (llada.forward_flops): 2 * params * tokens (blocks + head; the input
 embedding is a lookup) + attention 4 * S^2 * d_model per layer per sequence; forward + backward
 counts 3x that (the head over the whole sequence, although the ELBO needs it on 256 positions
-only). MFU = achieved FLOP/s / the matmul peak measured in the same run (the faster of
-common.matmul_peak_flops and a best-of-7 1024^3 matmul).
+only). MFU = achieved FLOP/s / the matmul peak measured in the same run
+(common.matmul_peak_flops: the fastest of 7 runs of a 1024^3 matmul, once per process).
 
 --torch-python PY: runs benchmarks/torch_llada.py (an independent PyTorch re-implementation of
 LLaDA's modeling math: the official file is not available here) in that interpreter on the same
@@ -65,14 +65,6 @@ def make_config(preset: str, family_name: str = "llada", **knobs):
   if preset == "m30":  # the issue-15 shapes on either family's tiny preset
     return family.preset(family_name, "tiny", **M30, **knobs)
   return family.preset(family_name, preset, **knobs)
-
-
-def peak_flops(dtype) -> float:
-  """The matmul peak: the faster of the median-based measurement and a best-of-7 run (a median
-  taken while other jobs compute understates the peak, and so overstates MFU)."""
-  a = jnp.ones((1024, 1024), dtype)
-  t = common.time_jitted(jax.jit(lambda x, y: x @ y), a, a, repeats=7)
-  return max(common.matmul_peak_flops(dtype), 2.0 * 1024**3 / min(t["all_s"]))
 
 
 def elbo_inputs(config: llada.LLaDAConfig, batch: int, seq: int, pad: int, resp: int):
@@ -312,13 +304,13 @@ def main(argv=None) -> list[dict]:
     return rows
   rows = []
   for dt in args.dtypes.split(","):
-    peak = peak_flops(jnp.dtype(dt))
+    peak = common.matmul_peak_flops(jnp.dtype(dt))
     for fam in args.family.split(","):
       rows += bench_impls(args.preset, dt, args.param_dtype, args.batch, args.seq, args.resp,
                           args.repeats, impls, args.pad, not args.no_backward, peak, fam)
   if args.baseline:
     rows += bench_baseline(args.baseline, args.preset, args.dtypes.split(",")[0], args.batch, args.seq,
-                           args.resp, args.repeats, args.pad, peak_flops(jnp.dtype(args.dtypes.split(",")[0])))
+                           args.resp, args.repeats, args.pad, common.matmul_peak_flops(jnp.dtype(args.dtypes.split(",")[0])))
   gen_rows = []
   if args.sampler:
     gen_rows = bench_sampler(make_config(args.preset, compute_dtype="float32", param_dtype="float32"),
@@ -333,7 +325,7 @@ def main(argv=None) -> list[dict]:
                   gen_repeats=max(2, args.repeats - 1))
     t = run_torch(args.torch_python, spec)
     flops = llada.forward_flops(c, args.batch, args.seq)
-    fp32 = peak_flops(jnp.float32)
+    fp32 = common.matmul_peak_flops(jnp.float32)
     for kind, key, f in (("fwd", "fwd_s", flops), ("fwd+bwd", "fwd_bwd_s", 3 * flops)):
       rows.append({"impl": f"torch {t['torch']}", "pass": kind, "preset": args.preset,
                    "compute": "float32", "batch": args.batch, "seq": args.seq, "step_s": t[key],

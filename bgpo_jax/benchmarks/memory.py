@@ -22,9 +22,9 @@ use the same step with the "tiny" model (`--time-model`) for the n in `--time-ns
 `timed_model`; other rows have step_s null). The steps of one objective are timed round-robin and
 each keeps its fastest run (robust to a shared, loaded machine). FLOPs of one MC sample's
 forward+backward = 3 * llada.forward_flops(batch, prompt+response) (remat recompute not counted:
-model FLOPs); MFU divides by the matmul peak of the compute dtype (robust_peak_flops: the larger of
-benchmarks.common.matmul_peak_flops and a best-of-7 run, since a median taken while other jobs
-compute understates the peak). Every timed n keeps its own train state alive while the
+model FLOPs); MFU divides by the matmul peak of the compute dtype (benchmarks.common.
+matmul_peak_flops: the fastest of 7 runs, since a median taken while other jobs compute
+understates the peak). Every timed n keeps its own train state alive while the
 objective's steps are timed (tiny: 12 MB each; small: 1.6 GB each).
 
 --plan-8b: ahead-of-time compile of the LLaDA-8B step at 512 + 512 tokens, per-device micro-batch
@@ -167,13 +167,6 @@ def memory_row(model_cfg: llada.LLaDAConfig, objective: str, n: int, *, batch: i
   return {"objective": objective, "n": n, **mem, "compile_s": compile_s}
 
 
-def robust_peak_flops(dtype, size: int = 1024, repeats: int = 7) -> float:
-  """The matmul peak (common.matmul_peak_flops) or, if higher, the fastest of `repeats` runs of the
-  same matmul: on a shared machine a median taken while others compute understates the peak
-  (and overstates MFU)."""
-  a = jnp.ones((size, size), dtype)
-  t = common.time_jitted(jax.jit(lambda x, y: x @ y), a, a, repeats=repeats)
-  return max(common.matmul_peak_flops(dtype), 2.0 * size**3 / min(t["all_s"]))
 
 
 def sample_flops(model_cfg: llada.LLaDAConfig, batch: int, seq_len: int) -> float:
@@ -277,7 +270,7 @@ def default_run(args) -> tuple[list[dict], dict]:
       print(f"  memory {obj:8s} n={n:3d}: temp {r['temp_bytes'] / 2**20:9.1f} MiB  "
             f"total {r['total_bytes'] / 2**20:9.1f} MiB  (compile {r['compile_s']:.1f} s)", flush=True)
   tcfg = model_config(args.time_model, remat=args.remat, compute_dtype=args.compute_dtype)
-  peak = robust_peak_flops(tcfg.compute_jnp_dtype) if args.repeats > 0 else None
+  peak = common.matmul_peak_flops(tcfg.compute_jnp_dtype) if args.repeats > 0 else None
   by_key = {(r["objective"], r["n"]): r for r in records}
   for obj in args.objectives:
     ns = args.time_ns if args.time_ns is not None else DEFAULT_TIME_NS.get(obj, (1, 2, 4))
