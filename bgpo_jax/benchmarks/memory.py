@@ -167,8 +167,6 @@ def memory_row(model_cfg: llada.LLaDAConfig, objective: str, n: int, *, batch: i
   return {"objective": objective, "n": n, **mem, "compile_s": compile_s}
 
 
-
-
 def sample_flops(model_cfg: llada.LLaDAConfig, batch: int, seq_len: int) -> float:
   """Model FLOPs of one MC sample's forward + backward over the batch (3 forwards)."""
   return 3.0 * llada.forward_flops(model_cfg, batch, seq_len)

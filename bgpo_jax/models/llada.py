@@ -734,8 +734,8 @@ def block(config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin, key_mask, 
 
   gate, up = projections(("ff", "up"), "ff_norm")  # [B*S, mlp]
   gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
-  mlp_act = lambda h: act(h.reshape(B, S, -1), "act_mlp")  # noqa: E731
-  y = swiglu_dense(gate.reshape(B, S, -1), up.reshape(B, S, -1), w["ff_out"], mlp_act)
+  mlp_act = lambda h: act(h.reshape(B, S, -1), "act_mlp")  # noqa: E731  (-> y [B, S, D])
+  y = swiglu_dense(gate, up, w["ff_out"], mlp_act)
   return act(x + y.astype(cdt), "act_embed")
 
 
