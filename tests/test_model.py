@@ -425,6 +425,73 @@ def test_splash_attention_interpreted_matches_einsum():
   chex.assert_trees_all_close(got, want, rtol=1e-4, atol=2e-5)
 
 
+def test_key_length_attention_matches_einsum():
+  # The cuDNN path's key padding: each row's real keys sorted first and masked by count
+  # (kv_seqlen), for left padding and holes, GQA; run here through jax.nn's XLA implementation
+  # (the same call with implementation="xla"). Rows without a real key only need to be finite.
+  cfg = dataclasses.replace(BASE, attention_impl="xla")
+  B, S, H, KV, hd = 4, 10, 4, 2, 8
+  r = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(r.normal(size=(B, S, h, hd)), jnp.float32) for h in (H, KV, KV))
+  key_mask = jnp.ones((B, S), bool).at[1, :4].set(False).at[2, 3].set(False).at[2, 7].set(False).at[3].set(False)
+  ref = lambda q, k, v: llada._attention(cfg, q, k, v, key_mask)[:3]  # noqa: E731
+  got = lambda q, k, v: llada._key_length_attention(q, k, v, key_mask, hd ** -0.5, "xla")  # noqa: E731
+  out = jax.jit(got)(q, k, v)
+  chex.assert_tree_all_finite(out)
+  chex.assert_trees_all_close(out[:3], jax.jit(ref)(q, k, v), rtol=1e-5, atol=1e-6)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)[:3]))  # noqa: E731
+  chex.assert_trees_all_close(jax.grad(loss(got), argnums=(0, 1, 2))(q, k, v),
+                              jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), rtol=1e-5, atol=1e-6)
+  window = q[:, 2:5]  # the cached sampler's queries: a window shorter than the keys
+  chex.assert_trees_all_close(got(window, k, v)[:3], ref(window, k, v), rtol=1e-5, atol=1e-6)
+
+
+def _saved_residual_lines(config, capsys, B=2, S=128):
+  """print_saved_residuals of one block under remat_policy="activations" (left-padded keys)."""
+  params = llada.init_params(config, jax.random.key(0))
+  p0 = jax.tree.map(lambda a: a[0], params["blocks"])
+  cos, sin = llada.rope_tables(S, config.head_dim, config.rope_theta)
+  x = jnp.ones((B, S, config.d_model), config.compute_jnp_dtype)
+  key_mask = jnp.ones((B, S), bool).at[1, :40].set(False)
+  block = jax.checkpoint(lambda p, x: llada._block(config, x, p, cos, sin, key_mask),
+                         policy=llada._REMAT_POLICIES["activations"])
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(lambda p, x: jnp.sum(block(p, x).astype(jnp.float32)), p0, x)
+  return capsys.readouterr().out.strip().splitlines()
+
+
+def test_splash_residuals_saved_under_activations(capsys):
+  # The task configs' remat_policy="activations" keeps the splash kernel's output and log-sum-exp
+  # (named "attn_out"), so the backward runs no second forward kernel per layer (it did before).
+  config = dataclasses.replace(BASE, attention_impl="splash", remat_policy="activations")
+  B, S, H, hd = 2, 128, config.n_heads, config.head_dim
+  saved = "\n".join(_saved_residual_lines(config, capsys, B, S))
+  assert f"f32[{B},{H},{S},{hd}]" in saved and f"f32[{B},{H},{S}]" in saved, saved
+
+
+def test_cudnn_attention_traces_with_key_padding_and_saves_its_residuals(monkeypatch, capsys):
+  # cuDNN's kernel needs a GPU, but jax.nn checks its shapes while tracing: with the cuDNN
+  # detection patched, the model's cuDNN path traces on CPU. A [B, 1, 1, S] bool mask failed
+  # there ("Bias must have same seq length as QKV"), i.e. on every GPU with padded prompts;
+  # the key counts pass. Under "activations" the kernel's context and softmax statistics are
+  # saved (by primitive: they carry no name).
+  fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+  monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
+  monkeypatch.setattr(fa, "is_cuda_compute_capability_equal", lambda capability: False)
+  config = dataclasses.replace(BASE, d_model=64, attention_impl="cudnn", compute_dtype="bfloat16",
+                               remat_policy="activations")
+  B, S, H, hd = 2, 128, config.n_heads, config.head_dim
+  params = llada.init_params(config, jax.random.key(0))
+  tokens = _tokens(B, S, config.vocab_size)
+  mask = jnp.ones((B, S), jnp.int32).at[0, :5].set(0)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(llada.forward(config, p, tokens, mask))))(params))
+  assert "dot_product_attention_fwd" in jaxpr and "dot_product_attention_bwd" in jaxpr
+  saved = "\n".join(_saved_residual_lines(config, capsys, B, S))
+  assert f"bf16[{B},{S},{H},{hd}] output of dot_product_attention_fwd" in saved, saved
+  assert f"f32[{B},{H},{S}] output of dot_product_attention_fwd" in saved, saved
+
+
 def test_attention_impl_auto_per_platform():
   f32, bf16 = BASE, dataclasses.replace(BASE, compute_dtype="bfloat16")
   assert llada.attention_impl_for(f32, "cpu") == "bmm"

@@ -113,11 +113,22 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 # Remat policy names -> jax.checkpoint policy (None = save nothing, i.e. full recompute).
 _SAVE_ATTN_NAMES = ("q", "k", "v", "attn_ctx")
 # What remat_policy="activations" saves per layer: q / k / v (after RoPE), the attention's output
-# and row statistics (the "bmm" attention's backward then needs no attention forward; cuDNN and
-# splash recompute theirs), the context (attn_out's weight gradient), the mid-block residual
+# and row statistics (so the backward needs no attention forward; cuDNN's and splash's too, see
+# below), the context (attn_out's weight gradient), the mid-block residual
 # stream (the MLP norm's input) and the SwiGLU's inputs: ~[B, S, 7 D + 2 mlp] in the compute dtype.
 # The LLaDA-8B math plan grows 22.3 -> 28.7 GB per device on 8 devices against "full".
 ACTIVATION_NAMES = _SAVE_ATTN_NAMES + ("attn_out", "attn_max", "attn_inv_sum", "resid_mid", "mlp_gate", "mlp_up")
+# The fused kernels' own residuals: splash names its output and log-sum-exp "attn_out"
+# (_splash_attention); cuDNN's, the outputs of jax.nn's forward primitive below (the context and
+# the softmax statistics), carry no name and are saved by primitive. Without them the backward
+# would run each layer's attention forward again.
+_FUSED_ATTENTION_FORWARDS = ("dot_product_attention_fwd_wrapper",)
+
+
+def _save_fused_attention_forward(prim, *_, **__) -> bool:
+  return prim.name in _FUSED_ATTENTION_FORWARDS
+
+
 _REMAT_POLICIES = {
   "full": None,
   "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
@@ -129,7 +140,8 @@ _REMAT_POLICIES = {
   # Keeps every activation the block's backward reads and recomputes no matmul: only the norms'
   # and SwiGLU's elementwise work and (under FSDP) the weight gathers, which are not saved (a
   # layer's gathered bf16 weights are 436 MB on LLaDA-8B). See ACTIVATION_NAMES.
-  "activations": jax.checkpoint_policies.save_only_these_names(*ACTIVATION_NAMES),
+  "activations": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.save_only_these_names(*ACTIVATION_NAMES), _save_fused_attention_forward),
 }
 REMAT_POLICIES = ("none",) + tuple(_REMAT_POLICIES)
 # "auto": the fastest implementation for the platform (attention_impl_for); "xla": the original
@@ -483,10 +495,11 @@ def _attention(config: LLaDAConfig, q: jax.Array, k: jax.Array, v: jax.Array,
     return _bmm_attention(q, k, v, key_mask, scale)
   if impl == "splash":
     return _splash_attention(q, k, v, key_mask, scale).astype(cdt)
-  if impl in ("jax", "cudnn"):
+  if impl == "cudnn":
+    return _key_length_attention(q, k, v, key_mask, scale, "cudnn")
+  if impl == "jax":
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                        implementation="cudnn" if impl == "cudnn" else None)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
   G = H // KV
   qg = q.reshape(B, S, KV, G, hd)
   scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
@@ -629,6 +642,24 @@ def _bmm_attention(q, k, v, key_mask, scale):
   return jnp.transpose(o.reshape(B, KV, G, S, hd), (0, 3, 1, 2, 4)).reshape(B, S, H, hd)
 
 
+def _key_length_attention(q, k, v, key_mask, scale, implementation):
+  """jax.nn.dot_product_attention with the key padding given as per-row key counts (cuDNN's
+  kv_seqlen). A bool mask would reach cuDNN as a [B, 1, 1, S] additive bias, which it refuses
+  (its bias must be [B, 1, T, S]), and a full bias would cost a [B, 1, T, S] tensor and its
+  gradient in every layer. Attention treats its keys as a set (RoPE is already in q and k), so
+  each row's real keys are moved first (a stable sort) and the rest is trailing padding: any
+  key mask, left padding included, with the same result. A row with no real key attends all S
+  keys (a finite context where the einsum path's is uniform). q [B,T,H,hd], k / v [B,S,KV,hd]."""
+  if key_mask is None:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+  S = k.shape[1]
+  order = jnp.argsort(~key_mask, axis=1, stable=True)[:, :, None, None]  # real keys (False) first
+  k, v = jnp.take_along_axis(k, order, axis=1), jnp.take_along_axis(v, order, axis=1)
+  n = jnp.sum(key_mask, axis=1, dtype=jnp.int32)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=jnp.where(n > 0, n, S),
+                                      implementation=implementation)
+
+
 def _splash_attention(q, k, v, key_mask, scale):
   """Pallas splash attention (TPU): key padding via segment ids (queries 1, keys = the mask),
   so every query attends the real keys only. Needs S a multiple of the kernel's blocks (128).
@@ -637,8 +668,10 @@ def _splash_attention(q, k, v, key_mask, scale):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
   B, S, H, hd = q.shape
+  # residual_checkpoint_name: the kernel's output and log-sum-exp (its backward's residuals) carry
+  # "attn_out", so remat_policy="activations" saves them and the backward runs no forward kernel.
   kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((S, S)) for _ in range(H)]),
-                              head_shards=1, q_seq_shards=1,
+                              head_shards=1, q_seq_shards=1, residual_checkpoint_name="attn_out",
                               interpret=jax.default_backend() != "tpu")
   qh = jnp.transpose(q * jnp.asarray(scale, q.dtype), (0, 2, 1, 3))  # [B, H, S, hd]
   kh = jnp.transpose(k, (0, 2, 1, 3))
