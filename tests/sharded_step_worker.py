@@ -3,7 +3,8 @@
 mode "meshes": with 8 host CPU devices, runs one BGPO train step on several meshes and prints JSON
   with loss, updated-parameter checksums and parameter partition specs per mesh; plus XLA's
   per-device memory and dot shapes of a step whose activations dominate, on one device and on an
-  8-way FSDP mesh (compiled only).
+  8-way FSDP mesh (compiled only); and the step with splash attention on a (2, 2, 2) mesh,
+  interpreted and lowered for a TPU.
 mode "distributed": one of several processes started by the test; joins jax.distributed, feeds
   its share of the batch, prints the step's loss and parameter checksum.
 """
@@ -93,6 +94,49 @@ def fsdp_memory() -> dict:
   return out
 
 
+def splash_steps() -> dict:
+  """The BGPO step with splash attention on the (2, 2, 2) mesh: run with the kernel interpreted
+  (its loss against the bmm attention's), and lowered for a TPU with the real Mosaic kernel
+  (which XLA cannot partition: it must sit in a shard_map). Sequence 128 = the kernel's block."""
+  cfg = dataclasses.replace(llada.LLaDAConfig.preset("tiny"), n_layers=2, d_model=256, n_heads=2,
+                            n_kv_heads=2, remat_policy="activations")
+  mesh = mesh_lib.make_mesh((2, 2, 2))
+  rng = np.random.default_rng(1)
+  prompt, gen = 96, 32
+  tokens = rng.integers(3, cfg.vocab_size, size=(8, prompt + gen)).astype(np.int32)
+  attn = np.ones_like(tokens)
+  attn[:3, :20] = 0
+  masks, weights = masking.sample_masks(jax.random.key(4), 8, gen, N)
+  batch_np = {"tokens": tokens, "attention_mask": attn, "advantages": rng.normal(size=(8,)).astype(np.float32),
+              "mc_masks": np.asarray(masks), "mc_weights": np.asarray(weights)}
+  c = base_config()
+  optimizer = optim_lib.make_optimizer(c.optim, total_steps=10)
+  schedule = optim_lib.make_schedule(c.optim, total_steps=10)
+  scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=N, gen_length=gen, micro_batch_size=8)
+  out = {}
+
+  def step_for(impl, dtype):
+    mcfg = dataclasses.replace(cfg, attention_impl=impl, compute_dtype=dtype)
+    state, shardings = state_lib.create_train_state(mcfg, optimizer, mesh,
+                                                    params=llada.init_params(mcfg, jax.random.key(7)))
+    batch = mesh_lib.host_batch_to_global(batch_np, mesh, step_lib.BATCH_AXIS)
+    return step_lib.jit_train_step(mcfg, scfg, optimizer, schedule, mesh, shardings, batch), state, batch
+
+  for impl in ("bmm", "splash"):
+    step, state, batch = step_for(impl, "float32")
+    out[f"{impl}_loss"] = float(step(state, batch)[1]["train/loss"])
+  llada.SPLASH_INTERPRET = False
+  try:
+    step, state, batch = step_for("splash", "bfloat16")
+    text = step.trace(state, batch).lower(lowering_platforms=("tpu",)).as_text()
+    out["tpu_custom_calls"] = text.count("tpu_custom_call")
+  except Exception as e:  # noqa: BLE001 (reported to the test)
+    out["tpu_error"] = f"{type(e).__name__}: {e}"[:500]
+  finally:
+    llada.SPLASH_INTERPRET = None
+  return out
+
+
 def main():
   mode = sys.argv[1]
   if mode == "meshes":
@@ -102,6 +146,7 @@ def main():
     for shape in ((8, 1, 1), (1, 8, 1), (2, 2, 2)):
       out[str(shape)] = run_step(mesh_lib.make_mesh(shape), batch)
     out["fsdp_memory"] = fsdp_memory()
+    out["splash"] = splash_steps()
     print("RESULT " + json.dumps(out))
   elif mode == "distributed":
     pid, nproc, port = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

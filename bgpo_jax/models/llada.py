@@ -43,6 +43,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
 
 from bgpo_jax.models import sharding
 
@@ -660,28 +661,56 @@ def _key_length_attention(q, k, v, key_mask, scale, implementation):
                                       implementation=implementation)
 
 
+# None: interpret the splash kernel (Pallas' CPU emulation) unless the default backend is a TPU.
+# Tests set False to lower the real Mosaic kernel for a TPU from a CPU host (jax.export).
+SPLASH_INTERPRET: bool | None = None
+
+
 def _splash_attention(q, k, v, key_mask, scale):
   """Pallas splash attention (TPU): key padding via segment ids (queries 1, keys = the mask),
   so every query attends the real keys only. Needs S a multiple of the kernel's blocks (128).
-  A row whose keys are all padding gives an undefined (zero / NaN-free) context, not uniform."""
+  A row whose keys are all padding gives an undefined (zero / NaN-free) context, not uniform.
+
+  Under a mesh the kernel runs in a shard_map, each device on its own rows (and heads, when both
+  q and kv heads divide the tensor axis): a Mosaic kernel cannot be partitioned by XLA, and
+  lowering it for more than one device fails ("Mosaic kernels cannot be automatically
+  partitioned")."""
+  B, S, H, hd = q.shape
+  KV = k.shape[2]
+  qh = jnp.transpose(q * jnp.asarray(scale, q.dtype), (0, 2, 1, 3))  # [B, H, S, hd]
+  kh = jnp.transpose(k, (0, 2, 1, 3))
+  vh = jnp.transpose(v, (0, 2, 1, 3))
+  seg = None if key_mask is None else key_mask.astype(jnp.int32)
+  if not sharding.context_mesh_axes():
+    out = _splash_local(qh, kh, vh, seg)
+  else:
+    rows = sharding.context_spec(("batch",), (B,))[0]
+    heads = sharding.context_spec(("act_heads",), (H,))[0]
+    if heads is not None and sharding.context_spec(("act_kv_heads",), (KV,))[0] != heads:
+      heads = None  # kv heads not split alike: the kernel's q -> kv head map needs both local
+    spec = PartitionSpec(rows, heads, None, None)
+    in_specs = (spec, spec, spec, None if seg is None else PartitionSpec(rows, None))
+    out = jax.shard_map(_splash_local, in_specs=in_specs, out_specs=spec, check_vma=False)(qh, kh, vh, seg)
+  return jnp.transpose(out, (0, 2, 1, 3))
+
+
+def _splash_local(qh, kh, vh, seg):
+  """The splash kernel over one device's rows: qh [b, h, S, hd], kh / vh [b, kv, S, hd], seg int32
+  [b, S] (1 = real key) or None -> [b, h, S, hd]."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-  B, S, H, hd = q.shape
+  _, H, S, _ = qh.shape
+  interpret = jax.default_backend() != "tpu" if SPLASH_INTERPRET is None else SPLASH_INTERPRET
   # residual_checkpoint_name: the kernel's output and log-sum-exp (its backward's residuals) carry
   # "attn_out", so remat_policy="activations" saves them and the backward runs no forward kernel.
   kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((S, S)) for _ in range(H)]),
                               head_shards=1, q_seq_shards=1, residual_checkpoint_name="attn_out",
-                              interpret=jax.default_backend() != "tpu")
-  qh = jnp.transpose(q * jnp.asarray(scale, q.dtype), (0, 2, 1, 3))  # [B, H, S, hd]
-  kh = jnp.transpose(k, (0, 2, 1, 3))
-  vh = jnp.transpose(v, (0, 2, 1, 3))
-  if key_mask is None:
-    out = jax.vmap(kernel)(qh, kh, vh)
-  else:
-    seg = sk.SegmentIds(q=jnp.ones((B, S), jnp.int32), kv=key_mask.astype(jnp.int32))
-    out = jax.vmap(kernel)(qh, kh, vh, segment_ids=seg)
-  return jnp.transpose(out, (0, 2, 1, 3))
+                              interpret=interpret)
+  if seg is None:
+    return jax.vmap(kernel)(qh, kh, vh)
+  ids = sk.SegmentIds(q=jnp.ones_like(seg), kv=seg)
+  return jax.vmap(kernel)(qh, kh, vh, segment_ids=ids)
 
 
 def dense(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:

@@ -114,6 +114,13 @@ def context_mesh_axes() -> dict[str, int]:
           if t == auto and size > 1}
 
 
+def context_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
+                 rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICAL_RULES) -> PartitionSpec:
+  """The PartitionSpec `constrain` would give an array of `shape` on the context mesh (for a
+  shard_map's specs); PartitionSpec() without a context mesh."""
+  return _spec(logical_axes, context_mesh_axes(), rules, shape)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None],
               rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICAL_RULES) -> jax.Array:
   """with_sharding_constraint of `x` to its logical axes on the context mesh; a no-op (returns
