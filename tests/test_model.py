@@ -407,22 +407,24 @@ def test_bmm_attention_bfloat16_close_to_einsum():
     assert float(jnp.linalg.norm(b - a)) < 0.05 * float(jnp.linalg.norm(a))
 
 
-def test_splash_attention_interpreted_matches_einsum():
-  # The Pallas TPU kernel runs in interpret mode on CPU: the key padding (segment ids) and GQA
-  # mapping are checked here; speed only on a TPU. 128 = the kernel's smallest block.
+@pytest.mark.parametrize("S", [128, 72])  # the kernel's block; a length it pads up to 128
+def test_splash_attention_interpreted_matches_einsum(S):
+  # The Pallas TPU kernel runs in interpret mode on CPU: the key padding (segment ids), the
+  # sequence padding and the GQA mapping are checked here; speed only on a TPU.
   cfg = dataclasses.replace(BASE, attention_impl="xla")
-  B, S, H, KV, hd = 2, 128, 4, 2, 32
+  B, H, KV, hd = 2, 4, 2, 32
   r = np.random.default_rng(0)
   q, k, v = (jnp.asarray(r.normal(size=(B, S, h, hd)), jnp.float32) for h in (H, KV, KV))
   key_mask = jnp.ones((B, S), bool).at[1, :40].set(False)
 
-  def out_and_grads(impl):
+  def out_and_grads(impl, mask):
     c = dataclasses.replace(cfg, attention_impl=impl)
-    f = lambda q, k, v: llada._attention(c, q, k, v, key_mask)  # noqa: E731
+    f = lambda q, k, v: llada._attention(c, q, k, v, mask)  # noqa: E731
     return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
 
-  got, want = jax.jit(lambda: (out_and_grads("splash"), out_and_grads("xla")))()
-  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=2e-5)
+  for mask in (key_mask, None):
+    got, want = jax.jit(lambda: (out_and_grads("splash", mask), out_and_grads("xla", mask)))()
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=2e-5)
 
 
 def test_key_length_attention_matches_einsum():

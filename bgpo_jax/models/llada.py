@@ -664,11 +664,14 @@ def _key_length_attention(q, k, v, key_mask, scale, implementation):
 # None: interpret the splash kernel (Pallas' CPU emulation) unless the default backend is a TPU.
 # Tests set False to lower the real Mosaic kernel for a TPU from a CPU host (jax.export).
 SPLASH_INTERPRET: bool | None = None
+_SPLASH_BLOCK = 128  # the kernel's default block sizes: the sequence must be a multiple
 
 
 def _splash_attention(q, k, v, key_mask, scale):
   """Pallas splash attention (TPU): key padding via segment ids (queries 1, keys = the mask),
-  so every query attends the real keys only. Needs S a multiple of the kernel's blocks (128).
+  so every query attends the real keys only. The kernel's blocks are 128 positions: a sequence
+  of another length (a 64-token prompt bucket + 256 generated) is padded up to the next multiple
+  with masked keys, and the padded queries' rows are dropped.
   A row whose keys are all padding gives an undefined (zero / NaN-free) context, not uniform.
 
   Under a mesh the kernel runs in a shard_map, each device on its own rows (and heads, when both
@@ -681,6 +684,10 @@ def _splash_attention(q, k, v, key_mask, scale):
   kh = jnp.transpose(k, (0, 2, 1, 3))
   vh = jnp.transpose(v, (0, 2, 1, 3))
   seg = None if key_mask is None else key_mask.astype(jnp.int32)
+  pad = -S % _SPLASH_BLOCK
+  if pad:
+    qh, kh, vh = (jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))) for a in (qh, kh, vh))
+    seg = jnp.pad(jnp.ones((B, S), jnp.int32) if seg is None else seg, ((0, 0), (0, pad)))
   if not sharding.context_mesh_axes():
     out = _splash_local(qh, kh, vh, seg)
   else:
@@ -691,7 +698,7 @@ def _splash_attention(q, k, v, key_mask, scale):
     spec = PartitionSpec(rows, heads, None, None)
     in_specs = (spec, spec, spec, None if seg is None else PartitionSpec(rows, None))
     out = jax.shard_map(_splash_local, in_specs=in_specs, out_specs=spec, check_vma=False)(qh, kh, vh, seg)
-  return jnp.transpose(out, (0, 2, 1, 3))
+  return jnp.transpose(out[:, :, :S], (0, 2, 1, 3))
 
 
 def _splash_local(qh, kh, vh, seg):
