@@ -66,12 +66,13 @@ def test_fsdp_mesh_splits_activations(meshes):
 
 def test_splash_step_on_a_mesh_runs_and_lowers_for_tpu(meshes):
   """The TPU path of a task config (attention_impl auto = splash) on a (2, 2, 2) mesh: interpreted,
-  the step's loss is the bmm attention's; lowered for a TPU with the real kernel, it compiles to
-  Mosaic calls. Without a shard_map around the kernel that lowering fails ("Mosaic kernels cannot
+  the step's loss is the bmm attention's; lowered for a TPU with the real kernel, the train step
+  and the rollout sampler compile to Mosaic calls. Without a shard_map around the kernel that lowering fails ("Mosaic kernels cannot
   be automatically partitioned"), i.e. on every TPU pod."""
   m = meshes["splash"]
-  assert "tpu_error" not in m, m["tpu_error"]
-  assert m["tpu_custom_calls"] >= 3, m  # the forward kernel and the backward's dq and dkv kernels
+  assert not [k for k in m if k.endswith("_tpu_error")], m
+  assert m["step_tpu_custom_calls"] >= 3, m  # the forward kernel and the backward's dq and dkv kernels
+  assert m["sampler_tpu_custom_calls"] >= 1, m  # the rollout sampler's prefill
   np.testing.assert_allclose(m["splash_loss"], m["bmm_loss"], rtol=1e-5, atol=1e-6)
 
 
