@@ -154,6 +154,12 @@ def main(spec: dict) -> dict:
 
   out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
   r = spec.get("repeats", 3)
+  # The same peak measurement as bgpo_jax.benchmarks.common.matmul_peak_flops (1024^2 float32,
+  # fastest of 7 after 2 warm-ups), through torch's GEMM library (MKL / oneDNN on x86).
+  a = torch.ones(1024, 1024)
+  for _ in range(2):
+    a @ a
+  out["matmul_peak_flops"] = 2.0 * 1024**3 / best(lambda: a @ a, 7)[0]
   out["fwd_s"], out["fwd_all_s"] = best(fwd, r)
   out["fwd_bwd_s"], out["fwd_bwd_all_s"] = best(fwd_bwd, r)
   if spec.get("gen_length"):
