@@ -386,6 +386,10 @@ def test_bmm_looped_attention_matches_einsum(monkeypatch, step_elements):
   grad = lambda c: jax.jit(jax.value_and_grad(functools.partial(_mixed_loss, c)))(params, tokens, mask)  # noqa: E731
   hlo = jax.jit(functools.partial(llada.forward, cfg)).lower(params, tokens, mask).as_text()
   assert hlo.count("stablehlo.while") == 2  # the layer scan and, inside it, the attention's loop
+  with monkeypatch.context() as m:  # an accelerator gets one batched matmul, no loop
+    m.setattr(jax, "default_backend", lambda: "gpu")
+    hlo = jax.jit(functools.partial(llada.forward, cfg)).lower(params, tokens, mask).as_text()
+  assert hlo.count("stablehlo.while") == 1
   chex.assert_trees_all_close(jax.jit(functools.partial(llada.forward, cfg))(params, tokens, mask),
                               FWD(ref_cfg, params, tokens, mask), rtol=1e-5, atol=1e-5)
   (v0, g0), (v1, g1) = grad(ref_cfg), grad(cfg)

@@ -635,8 +635,9 @@ def _bmm_attention(q, k, v, key_mask, scale):
   kh = sharding.constrain(jnp.transpose(k, (0, 2, 1, 3)), axes)
   vh = sharding.constrain(jnp.transpose(v, (0, 2, 1, 3)), axes)
   mask4 = None if key_mask is None else key_mask[:, None, None, :]
-  if sharding.context_mesh_axes():
-    # Under a mesh the batch and heads are sharded: a loop over them would gather them.
+  if sharding.context_mesh_axes() or jax.default_backend() != "cpu":
+    # Under a mesh the batch and heads are sharded: a loop over them would gather them. The loop
+    # is for a CPU's caches; a GPU / TPU wants the whole batched matmul at once.
     o = _bmm_core(qh, kh, vh, mask4)  # [B, KV, G*S, hd]
   else:
     o = _bmm_looped(qh, kh, vh, mask4)
