@@ -663,7 +663,8 @@ def _key_length_attention(q, k, v, key_mask, scale, implementation):
 
 
 # None: interpret the splash kernel (Pallas' CPU emulation) unless the default backend is a TPU.
-# Tests set False to lower the real Mosaic kernel for a TPU from a CPU host (jax.export).
+# Tests set False to lower the real Mosaic kernel for a TPU from a CPU host
+# (`jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))`).
 SPLASH_INTERPRET: bool | None = None
 _SPLASH_BLOCK = 128  # the kernel's default block sizes: the sequence must be a multiple
 
