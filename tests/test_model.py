@@ -507,5 +507,22 @@ def test_attention_impl_auto_per_platform():
   assert llada.attention_impl_for(f32, "gpu") == "bmm"  # no float32 cuDNN flash kernel
   assert llada.attention_impl_for(dataclasses.replace(bf16, attention_impl="xla"), "gpu") == "xla"
   assert llada.attention_impl_for(BASE) == "bmm"  # this CPU
+  assert llada.attention_impl_for(bf16, "cuda") == "cudnn"
+  assert llada.attention_impl_for(bf16, "rocm") == "bmm"  # cuDNN is NVIDIA's
+
+
+@pytest.mark.parametrize("version, impl", [("cuda 12080", "cudnn"), ("rocm 6.3.1", "bmm")])
+def test_attention_impl_auto_tells_cuda_from_rocm(monkeypatch, version, impl):
+  # Both GPU backends report jax.default_backend() == "gpu"; only the client's version differs.
+  class Client:
+    platform_version = version
+
+  class Device:
+    client = Client()
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+  assert llada.attention_impl_for(dataclasses.replace(BASE, compute_dtype="bfloat16")) == impl
+  assert llada.attention_impl_for(BASE) == "bmm"  # float32 on either
   with pytest.raises(ValueError, match="attention_impl 'flash' is not one of"):
     dataclasses.replace(BASE, attention_impl="flash")

@@ -4,6 +4,8 @@
   python -m bgpo_jax.benchmarks.forward --torch-python /path/to/venv/bin/python --sampler
   python -m bgpo_jax.benchmarks.forward --preset small --batch 4 --seq 256 --dtypes float32,bfloat16
   python -m bgpo_jax.benchmarks.forward --preset llada_8b --batch 8 --seq 1024 --dtypes bfloat16
+  python -m bgpo_jax.benchmarks.forward --preset m1b --batch 8 --seq 1024 --dtypes bfloat16 \
+      --impls auto,bmm --repeats 5                  # a GPU: ~1.3B LLaDA, cuDNN flash vs bmm
 
 Default model ("m30": d_model 512, 8 layers, 8 heads, MLP 1408, vocab 4096, 30M params), float32,
 4 x 512 tokens (16 left-padded keys per row). Rows per attention implementation in --impls
@@ -61,11 +63,17 @@ from bgpo_jax.models import family, llada
 # The model of issue 15 (tiny's special ids, so the char tokenizer's mask id 2).
 M30 = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1408,
            vocab_size=4096, embedding_size=4096, max_sequence_length=1024)
+# The issue-15 GPU model: the full-size preset's layout, vocabulary and special ids at ~1.3B
+# parameters (LLaDA: 0.82B in the blocks, 0.52B in the embedding and head), bfloat16.
+M1B = dict(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, mlp_hidden_size=5632)
+_FULL_SIZE = {"llada": "llada_8b", "dream": "dream_7b"}
 
 
 def make_config(preset: str, family_name: str = "llada", **knobs):
   if preset == "m30":  # the issue-15 shapes on either family's tiny preset
     return family.preset(family_name, "tiny", **M30, **knobs)
+  if preset == "m1b":
+    return family.preset(family_name, _FULL_SIZE[family.family_of(family_name)], **M1B, **knobs)
   return family.preset(family_name, preset, **knobs)
 
 
@@ -205,9 +213,9 @@ def bench_baseline(path: str, preset: str, compute_dtype: str, batch: int, seq: 
   mods = [("baseline", old), ("today", llada)]
   calls, names = [], []
   for name, mod in mods:
-    kw = dict(M30) if preset == "m30" else {}
-    cfg = mod.LLaDAConfig.preset("tiny" if preset == "m30" else preset, **kw, compute_dtype=compute_dtype,
-                                 param_dtype=compute_dtype)
+    kw = {"m30": M30, "m1b": M1B}.get(preset, {})
+    name = {"m30": "tiny", "m1b": "llada_8b"}.get(preset, preset)
+    cfg = mod.LLaDAConfig.preset(name, **kw, compute_dtype=compute_dtype, param_dtype=compute_dtype)
     params = llada.init_params(make_config(preset, compute_dtype=compute_dtype, param_dtype=compute_dtype),
                                jax.random.key(0))
     tokens, attn, masked, weight = elbo_inputs(cfg, batch, seq, pad, resp)
@@ -270,7 +278,7 @@ def run_torch(python: str, spec: dict) -> dict:
 
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--preset", default="m30", choices=["m30", "tiny", "small", "llada_8b"])
+  ap.add_argument("--preset", default="m30", choices=["m30", "m1b", "tiny", "small", "llada_8b"])
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--resp", type=int, default=256, help="response positions of the ELBO loss")

@@ -470,18 +470,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention_impl_for(config: LLaDAConfig, platform: str | None = None) -> str:
-  """The attention implementation `config.attention_impl` resolves to on `platform` (default:
-  the default backend's). auto: TPU -> "splash" (Pallas kernel), GPU with bf16/fp16 compute ->
-  "cudnn" (flash), anything else -> "bmm" (batched matmuls; float32 cuDNN flash does not exist)."""
+  """The attention implementation `config.attention_impl` resolves to on `platform` ("cpu",
+  "tpu", "cuda", "rocm"; "gpu" means CUDA; default: the default backend's). auto: TPU ->
+  "splash" (Pallas kernel), CUDA GPU with bf16/fp16 compute -> "cudnn" (flash), anything else
+  -> "bmm" (batched matmuls: float32 cuDNN flash does not exist, and ROCm has no cuDNN)."""
   impl = config.attention_impl
   if impl != "auto":
     return impl
-  platform = platform or jax.default_backend()
+  platform = platform or _default_platform()
   if platform == "tpu":
     return "splash"
-  if platform in ("gpu", "cuda", "rocm") and config.compute_dtype != "float32":
+  if platform in ("gpu", "cuda") and config.compute_dtype != "float32":
     return "cudnn"
   return "bmm"
+
+
+def _default_platform() -> str:
+  """jax.default_backend(), with a GPU told apart as "cuda" or "rocm" (both report "gpu")."""
+  backend = jax.default_backend()
+  if backend == "gpu":
+    return "rocm" if "rocm" in jax.devices()[0].client.platform_version.lower() else "cuda"
+  return backend
 
 
 def _attention(config: LLaDAConfig, q: jax.Array, k: jax.Array, v: jax.Array,
