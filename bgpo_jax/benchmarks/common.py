@@ -49,21 +49,23 @@ def time_jitted(fn: Callable, *args, repeats: int = 3, warmup: int = 1) -> dict:
 _PEAK_CACHE: dict = {}
 
 
-def matmul_peak_flops(dtype=jnp.float32, size: int | None = None) -> float:
+def matmul_peak_flops(dtype=jnp.float32, size: int | None = None, remeasure: bool = False) -> float:
   """Measured FLOP/s of a large square matmul on the default device (the MFU denominator), from
   its fastest run after a warm-up: a median, or a first run on a cold thread pool, understates
   the peak when other jobs compute beside it (and so overstates MFU; a median once gave half the
-  peak here and an MFU above 1)."""
+  peak here and an MFU above 1). Cached per process; remeasure=True measures again and keeps the
+  faster (a benchmark calls it after its timed rows too: on a 2-core EPYC the first measurement
+  of a fresh process came out 100 GFLOP/s, later ones 122-129)."""
   key = (jnp.dtype(dtype).name, size)
-  if key in _PEAK_CACHE:
+  if key in _PEAK_CACHE and not remeasure:
     return _PEAK_CACHE[key]
   on_cpu = jax.devices()[0].platform == "cpu"
   n = size or (1024 if on_cpu else 8192)
   a = jnp.ones((n, n), dtype)
   b = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
-  t = time_jitted(f, a, b, repeats=7 if on_cpu else 20, warmup=2)
-  peak = 2.0 * n**3 / min(t["all_s"])
+  t = time_jitted(f, a, b, repeats=25 if on_cpu else 20, warmup=5)
+  peak = max(2.0 * n**3 / min(t["all_s"]), _PEAK_CACHE.get(key, 0.0))
   _PEAK_CACHE[key] = peak
   return peak
 

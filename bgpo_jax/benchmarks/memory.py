@@ -23,7 +23,7 @@ use the same step with the "tiny" model (`--time-model`) for the n in `--time-ns
 each keeps its fastest run (robust to a shared, loaded machine). FLOPs of one MC sample's
 forward+backward = 3 * llada.forward_flops(batch, prompt+response) (remat recompute not counted:
 model FLOPs); MFU divides by the matmul peak of the compute dtype (benchmarks.common.
-matmul_peak_flops: the fastest of 7 runs, since a median taken while other jobs compute
+matmul_peak_flops: the fastest of 25 runs after 5 warm-ups, since a median taken while other jobs compute
 understates the peak). Every timed n keeps its own train state alive while the
 objective's steps are timed (tiny: 12 MB each; small: 1.6 GB each).
 
