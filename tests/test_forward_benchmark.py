@@ -35,3 +35,13 @@ def test_m1b_preset_is_the_full_size_layout_at_about_1b():
   loss = lambda p: -jnp.sum(elbo.elbo_term(c, p, tokens, attn, masked, weight))  # noqa: E731
   value, grads = jax.eval_shape(jax.value_and_grad(loss), params)
   assert value.shape == () and grads["wte"].shape == (full.vocab_size, 2048)
+
+
+def test_forward_benchmark_baseline_rows():
+  # --baseline times an earlier commit's llada.py next to today's; today's file stands in for it.
+  rows = forward.main(["--preset", "tiny", "--batch", "1", "--seq", "32", "--resp", "8", "--pad", "2",
+                       "--impls", "bmm", "--no-backward", "--repeats", "1", "--baseline", llada.__file__])
+  base = [(r["impl"], r["pass"]) for r in rows if "vs_baseline" in r]
+  assert base == [("jax baseline", "fwd"), ("jax baseline", "fwd+bwd"), ("jax today", "fwd"),
+                  ("jax today", "fwd+bwd")]
+  assert all(r["vs_baseline"] > 0 for r in rows if "vs_baseline" in r)

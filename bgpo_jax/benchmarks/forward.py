@@ -214,8 +214,8 @@ def bench_baseline(path: str, preset: str, compute_dtype: str, batch: int, seq: 
   calls, names = [], []
   for name, mod in mods:
     kw = {"m30": M30, "m1b": M1B}.get(preset, {})
-    name = {"m30": "tiny", "m1b": "llada_8b"}.get(preset, preset)
-    cfg = mod.LLaDAConfig.preset(name, **kw, compute_dtype=compute_dtype, param_dtype=compute_dtype)
+    preset_name = {"m30": "tiny", "m1b": "llada_8b"}.get(preset, preset)
+    cfg = mod.LLaDAConfig.preset(preset_name, **kw, compute_dtype=compute_dtype, param_dtype=compute_dtype)
     params = llada.init_params(make_config(preset, compute_dtype=compute_dtype, param_dtype=compute_dtype),
                                jax.random.key(0))
     tokens, attn, masked, weight = elbo_inputs(cfg, batch, seq, pad, resp)
