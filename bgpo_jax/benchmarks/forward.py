@@ -69,12 +69,18 @@ M1B = dict(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, mlp_hidden_size
 _FULL_SIZE = {"llada": "llada_8b", "dream": "dream_7b"}
 
 
-def make_config(preset: str, family_name: str = "llada", **knobs):
+def preset_parts(preset: str, family_name: str = "llada") -> tuple[str, dict]:
+  """(the family's preset name, its overrides) behind one of this benchmark's --preset names."""
   if preset == "m30":  # the issue-15 shapes on either family's tiny preset
-    return family.preset(family_name, "tiny", **M30, **knobs)
+    return "tiny", M30
   if preset == "m1b":
-    return family.preset(family_name, _FULL_SIZE[family.family_of(family_name)], **M1B, **knobs)
-  return family.preset(family_name, preset, **knobs)
+    return _FULL_SIZE[family.family_of(family_name)], M1B
+  return preset, {}
+
+
+def make_config(preset: str, family_name: str = "llada", **knobs):
+  name, overrides = preset_parts(preset, family_name)
+  return family.preset(family_name, name, **overrides, **knobs)
 
 
 def elbo_inputs(config: llada.LLaDAConfig, batch: int, seq: int, pad: int, resp: int):
@@ -213,9 +219,9 @@ def bench_baseline(path: str, preset: str, compute_dtype: str, batch: int, seq: 
   mods = [("baseline", old), ("today", llada)]
   calls, names = [], []
   for name, mod in mods:
-    kw = {"m30": M30, "m1b": M1B}.get(preset, {})
-    preset_name = {"m30": "tiny", "m1b": "llada_8b"}.get(preset, preset)
-    cfg = mod.LLaDAConfig.preset(preset_name, **kw, compute_dtype=compute_dtype, param_dtype=compute_dtype)
+    preset_name, overrides = preset_parts(preset)  # the baseline file's own config class
+    cfg = mod.LLaDAConfig.preset(preset_name, **overrides, compute_dtype=compute_dtype,
+                                 param_dtype=compute_dtype)
     params = llada.init_params(make_config(preset, compute_dtype=compute_dtype, param_dtype=compute_dtype),
                                jax.random.key(0))
     tokens, attn, masked, weight = elbo_inputs(cfg, batch, seq, pad, resp)
