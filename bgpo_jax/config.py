@@ -4,6 +4,8 @@ Config files in configs/ start from `base_config()` and change what their task n
 command line overrides any key: --config.rl.num_mc_samples=32.
 """
 
+import math
+import numbers
 import os
 
 import ml_collections
@@ -79,7 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.train_file = ""  # optional explicit train file (a code JSONL of {prompt, tests}, ...)
   c.task.eval_tasks = ""  # comma-separated eval tasks; "" = the task's own test split
   c.task.max_prompt_tokens = 512  # longer prompts are handled by task.truncation
-  c.task.truncation = "left"  # left: keep the end of the prompt; drop: skip the row (counted)
+  # left: keep the end of the prompt; drop: skip the row (counted); error: stop the run
+  # (data.dataset.TRUNCATION). rollout.prompt_buckets must hold max_prompt_tokens.
+  c.task.truncation = "left"
   c.task.instruction = ""  # "" = the task's default instruction (answer tags / \boxed{})
   c.task.tfds_dir = ""  # where TFDS array_record datasets are built; "" = WORKDIR/tfds
   # task.name == "demo": a procedurally generated task, no files needed.
@@ -179,6 +183,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.99
   c.optim.eps = 1e-8
   c.optim.grad_clip_norm = 1.0  # 0 = no clipping
+  # An update whose loss or gradient norm is NaN/Inf is skipped (params and moments unchanged);
+  # this many skipped in a row stop the run (the model or data is broken, not one unlucky batch).
+  c.optim.max_nonfinite_steps = 3
 
   # --- SFT (mode=sft, or the warm-up before RL when sft_steps > 0)
   c.sft = ml_collections.ConfigDict()
@@ -367,12 +374,143 @@ GATHER_WEIGHTS = ("auto", "on", "off")
 EVAL_SETS = ("gsm8k", "math", "math500", "countdown", "sudoku", "humaneval", "mbpp")
 
 
+def _ge(lo):
+  return lambda v: v >= lo
+
+
+def _gt(lo):
+  return lambda v: v > lo
+
+
+def _unit(v):  # [0, 1)
+  return 0 <= v < 1
+
+
+def _mesh_shape(v):
+  return len(v) == 3 and all(s == -1 or s >= 1 for s in v) and list(v).count(-1) <= 1
+
+
+_POSITIVE_OR_UNSET = "be >= 1, or unset for the preset's value"
+# The valid range of every numeric key: (key, kind, valid, must). kind is the type the code reads:
+# int, float (an int is fine; NaN / inf are not), "int?" / "float?" for a placeholder that may stay
+# unset (None), or "ints" for a tuple of ints. valid(value) checks a value of that kind; `must`
+# completes the error "config.<key> <value> must ...". A numeric key added to base_config needs a
+# row here (tests/test_config_validation.py walks base_config for one).
+NUMERIC_RULES = (
+    ("seed", int, lambda v: 0 <= v < 2**32, "lie in [0, 2**32) (JAX keys and the data order use 32 bits)"),
+    ("total_steps", int, _ge(1), "be >= 1"),
+    ("checkpoint_every", int, _ge(1), "be >= 1"),
+    ("keep_checkpoints", int, _ge(1), "be >= 1"),
+    ("eval_every", int, _ge(0), "be >= 0 (0 = never)"),
+    ("log_every", int, _ge(1), "be >= 1"),
+    ("model.scan_unroll", int, _ge(1), "be >= 1 (n_layers or more = fully unrolled)"),
+    ("model.logits_chunk", int, _ge(0), "be >= 0 (0 = no chunking)"),
+    ("model.d_model", "int?", _ge(1), _POSITIVE_OR_UNSET),
+    ("model.n_layers", "int?", _ge(1), _POSITIVE_OR_UNSET),
+    ("model.n_heads", "int?", _ge(1), _POSITIVE_OR_UNSET),
+    ("model.n_kv_heads", "int?", _ge(1), _POSITIVE_OR_UNSET),
+    ("model.mlp_hidden_size", "int?", _ge(1), _POSITIVE_OR_UNSET),
+    ("task.max_prompt_tokens", int, _ge(1), "be >= 1"),
+    ("task.demo_train_size", int, _ge(1), "be >= 1"),
+    ("task.demo_test_size", int, _ge(1), "be >= 1"),
+    ("rollout.gen_length", int, _ge(1), "be >= 1"),
+    ("rollout.steps", int, _ge(1), "be >= 1"),
+    ("rollout.block_length", int, _ge(1), "be >= 1"),
+    ("rollout.temperature", float, _ge(0), "be >= 0 (0 = greedy)"),
+    ("rollout.cfg_scale", float, _ge(0), "be >= 0 (0 = no classifier-free guidance)"),
+    ("rollout.prompt_buckets", "ints", lambda v: len(v) > 0 and min(v) >= 1,
+     "be a non-empty tuple of prompt lengths >= 1, e.g. (64, 128, 256, 512)"),
+    ("rollout.threshold", "float?", lambda v: 0 < v <= 1,
+     "lie in (0, 1] (Fast-dLLM uses 0.9), or be unset for the fixed schedule of config.rollout.steps"),
+    ("rollout.batch_size", int, _ge(0), "be >= 0 (0 = the whole rollout batch)"),
+    ("rl.num_mc_samples", int, _ge(1), "be >= 1"),
+    ("rl.group_size", int, _ge(1), "be >= 1"),
+    ("rl.prompts_per_step", int, _ge(1), "be >= 1"),
+    ("rl.micro_batch_per_device", int, _ge(0), "be >= 0 (0 = whole batch)"),
+    ("rl.updates_per_batch", int, _ge(1), "be >= 1 (1 = on-policy)"),
+    ("rl.clip_eps", "float?", lambda v: v == 0 or 0 < v < 1,
+     "lie in (0, 1) (SPEC: 0.2), or be 0 (off) or unset"),
+    ("rl.dual_clip", "float?", lambda v: v == 0 or v > 1,
+     "be > 1 (the paper's reference uses 3), or be 0 (off) or unset"),
+    ("rl.kl_beta", float, _ge(0), "be >= 0 (0 = no reference policy)"),
+    ("rl.prompt_mask_prob", float, _unit, "lie in [0, 1) (d1: 0.15)"),
+    ("rl.format_reward", float, _ge(0), "be >= 0 (0 = off)"),
+    ("optim.learning_rate", float, _gt(0), "be > 0 (the paper: 5e-7)"),
+    ("optim.warmup_steps", int, _ge(0), "be >= 0 (0 = no warmup)"),
+    ("optim.final_lr_fraction", float, lambda v: 0 <= v <= 1, "lie in [0, 1]"),
+    ("optim.weight_decay", float, _ge(0), "be >= 0"),
+    ("optim.b1", float, _unit, "lie in [0, 1) (AdamW's usual 0.9)"),
+    ("optim.b2", float, _unit, "lie in [0, 1) (AdamW's usual 0.99)"),
+    ("optim.eps", float, _gt(0), "be > 0 (1e-8)"),
+    ("optim.grad_clip_norm", float, _ge(0), "be >= 0 (0 = no clipping)"),
+    ("optim.max_nonfinite_steps", int, _ge(1), "be >= 1"),
+    ("sft.steps", int, _ge(0), "be >= 0 (0 = no warm-up SFT)"),
+    ("sft.batch_size", int, _ge(1), "be >= 1"),
+    ("sft.num_mc_samples", int, _ge(1), "be >= 1"),
+    ("sft.learning_rate", float, _gt(0), "be > 0"),
+    ("sft.warmup_steps", int, _ge(0), "be >= 0 (0 = no warmup)"),
+    ("sft.final_lr_fraction", float, lambda v: 0 <= v <= 1, "lie in [0, 1]"),
+    ("sft.micro_batch_per_device", int, _ge(0), "be >= 0 (0 = whole batch)"),
+    ("sft.eval_every", int, _ge(0), "be >= 0 (0 = config.eval_every)"),
+    ("eval.gen_length", int, _ge(1), "be >= 1"),
+    ("eval.steps", int, _ge(1), "be >= 1"),
+    ("eval.block_length", int, _ge(1), "be >= 1"),
+    ("eval.temperature", float, _ge(0), "be >= 0 (0 = greedy)"),
+    ("eval.num_examples", int, _ge(0), "be >= 0 (0 = the whole split)"),
+    ("eval.batch_size", int, _ge(1), "be >= 1"),
+    ("eval.threshold", "float?", lambda v: 0 < v <= 1,
+     "lie in (0, 1] (Fast-dLLM uses 0.9), or be unset for the fixed schedule of config.eval.steps"),
+    ("rewards.code_timeout_s", float, _gt(0), "be > 0 (seconds)"),
+    ("rewards.code_memory_mb", int, _gt(0), "be > 0 (MB)"),
+    ("rewards.code_workers", int, _ge(0), "be >= 0 (0 = 2 x CPUs)"),
+    ("mesh.shape", "ints", _mesh_shape,
+     "be 3 sizes (data, fsdp, tensor), each >= 1 or -1 (the devices left; at most one -1)"),
+)
+_KIND_NAMES = {int: "an int", float: "a finite number", "int?": "an int or unset",
+               "float?": "a finite number or unset", "ints": "a tuple of ints"}
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _of_kind(v, kind) -> bool:
+  if v is None:
+    return kind in ("int?", "float?")
+  if kind in (int, "int?"):
+    return _is_int(v)
+  if kind in (float, "float?"):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+  return isinstance(v, (tuple, list)) and all(_is_int(x) for x in v)
+
+
+def _lookup(c, key: str):
+  node = c
+  for part in key.split("."):
+    if part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+_MISSING = object()
+
+
+def check_numeric(c) -> None:
+  """Every NUMERIC_RULES key of c has its kind and lies in its range (keys c lacks are skipped)."""
+  for key, kind, valid, must in NUMERIC_RULES:
+    v = _lookup(c, key)
+    if v is _MISSING:
+      continue
+    if not _of_kind(v, kind):
+      raise ConfigError(f"config.{key} {v!r} is not {_KIND_NAMES[kind]}: it must {must}")
+    if v is not None and not valid(v):
+      raise ConfigError(f"config.{key} {v!r} must {must}")
+
+
 def _check_sampler(c, section: str) -> None:
-  s = c[section]
+  s = c[section]  # positive lengths, temperature and threshold: NUMERIC_RULES
   key = f"config.{section}"
-  if s.gen_length <= 0 or s.block_length <= 0 or s.steps <= 0:
-    raise ConfigError(f"{key}.gen_length/block_length/steps must be positive, got "
-                      f"{s.gen_length}/{s.block_length}/{s.steps}")
   if s.gen_length % s.block_length:
     raise ConfigError(f"{key}.gen_length {s.gen_length} is not a multiple of {key}.block_length "
                       f"{s.block_length}; e.g. set {key}.gen_length={s.gen_length // s.block_length * s.block_length or s.block_length}")
@@ -384,13 +522,8 @@ def _check_sampler(c, section: str) -> None:
   if s.steps > s.gen_length:
     raise ConfigError(f"{key}.steps {s.steps} exceeds {key}.gen_length {s.gen_length}: some steps would "
                       f"commit no token; use at most {s.gen_length}")
-  if s.temperature < 0:
-    raise ConfigError(f"{key}.temperature {s.temperature} must be >= 0 (0 = greedy)")
   if s.cache not in CACHES:
     raise ConfigError(f"{key}.cache {s.cache!r} is unknown; use one of {CACHES}")
-  if s.threshold is not None and not 0.0 < s.threshold <= 1.0:
-    raise ConfigError(f"{key}.threshold {s.threshold} must be in (0, 1] (Fast-dLLM uses 0.9), or "
-                      f"unset for the fixed schedule of {key}.steps")
   if section == "rollout":
     if s.remasking not in REMASKING:
       raise ConfigError(f"{key}.remasking {s.remasking!r} is unknown; use one of {REMASKING}")
@@ -400,12 +533,11 @@ def _check_sampler(c, section: str) -> None:
 
 def validate(c, *, data_parallel_size: int | None = None) -> None:
   """Checks a whole config before anything compiles; raises ConfigError naming the key and the fix."""
-  import os
-
   def one_of(key, value, options):
     if value not in options:
       raise ConfigError(f"config.{key} {value!r} is unknown; use one of {options}")
 
+  check_numeric(c)  # kinds and ranges of every numeric key first: the checks below compute with them
   one_of("mode", c.mode, MODES)
   one_of("rl.objective", c.rl.objective, RL_OBJECTIVES)
   one_of("rl.mc_estimator", c.rl.mc_estimator, ESTIMATORS)
@@ -424,44 +556,18 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
       f"all rl.num_mc_samples={c.rl.num_mc_samples} samples at once (LLaDA-8B math, n = 16: 146 GB "
       "per device on 8 devices); set --config.model.remat_policy=full (42 GB), or none on a small "
       "model")
-  if c.model.logits_chunk < 0:
-    raise ConfigError(f"config.model.logits_chunk {c.model.logits_chunk} must be >= 0 (0 = no chunking)")
   if not c.init.checkpoint:
     one_of("model.preset", c.model.preset, FAMILY_PRESETS[c.model.family])
-  for key in ("total_steps", "checkpoint_every", "log_every", "keep_checkpoints"):
-    if c[key] < 1:
-      raise ConfigError(f"config.{key} {c[key]} must be >= 1")
-  if c.eval_every < 0:
-    raise ConfigError(f"config.eval_every {c.eval_every} must be >= 0 (0 = never)")
   for key, value in (("optim.schedule", c.optim.schedule), ("sft.schedule", c.sft.schedule)):
     if value not in SCHEDULES:
       raise ConfigError(f"config.{key} {value!r} is unknown; use one of {SCHEDULES}")
-  if c.sft.eval_every < 0:
-    raise ConfigError(f"config.sft.eval_every {c.sft.eval_every} must be >= 0 (0 = config.eval_every)")
   _check_sampler(c, "rollout")
   _check_sampler(c, "eval")
   rl = c.rl
-  if rl.num_mc_samples < 1:
-    raise ConfigError(f"config.rl.num_mc_samples {rl.num_mc_samples} must be >= 1")
   if c.mode == "rl" and rl.group_size < 2:
     raise ConfigError(f"config.rl.group_size {rl.group_size} must be >= 2: group advantages of a single "
                       "response are always 0")
-  if rl.prompts_per_step < 1:
-    raise ConfigError(f"config.rl.prompts_per_step {rl.prompts_per_step} must be >= 1")
-  if rl.updates_per_batch < 1:
-    raise ConfigError(f"config.rl.updates_per_batch {rl.updates_per_batch} must be >= 1 (1 = on-policy)")
-  if rl.clip_eps is not None and not (rl.clip_eps == 0 or 0 < rl.clip_eps < 1):
-    raise ConfigError(f"config.rl.clip_eps {rl.clip_eps} must lie in (0, 1) (SPEC: 0.2), or be 0 (off) or unset")
-  if rl.dual_clip is not None and not (rl.dual_clip == 0 or rl.dual_clip > 1):
-    raise ConfigError(f"config.rl.dual_clip {rl.dual_clip} must be > 1 (the paper's reference uses 3), "
-                      "or be 0 (off) or unset")
-  if rl.kl_beta < 0:
-    raise ConfigError(f"config.rl.kl_beta {rl.kl_beta} must be >= 0 (0 = no reference policy)")
   one_of("rl.reference_dtype", rl.reference_dtype, DTYPES)
-  if not 0 <= rl.prompt_mask_prob < 1:
-    raise ConfigError(f"config.rl.prompt_mask_prob {rl.prompt_mask_prob} must lie in [0, 1) (d1: 0.15)")
-  if c.rollout.batch_size < 0:
-    raise ConfigError(f"config.rollout.batch_size {c.rollout.batch_size} must be >= 0 (0 = whole batch)")
   rows = rl.prompts_per_step * rl.group_size
   if c.rollout.batch_size and rows % c.rollout.batch_size:
     raise ConfigError(f"config.rollout.batch_size {c.rollout.batch_size} must divide the rollout batch "
@@ -471,10 +577,6 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
     raise ConfigError(f"config.rollout.batch_size {c.rollout.batch_size} is not a multiple of "
                       f"config.rl.group_size {rl.group_size}; use a multiple such as "
                       f"{max(1, c.rollout.batch_size // rl.group_size) * rl.group_size}")
-  if c.eval.batch_size < 1:
-    raise ConfigError(f"config.eval.batch_size {c.eval.batch_size} must be >= 1")
-  if c.eval.num_examples < 0:
-    raise ConfigError(f"config.eval.num_examples {c.eval.num_examples} must be >= 0 (0 = the whole split)")
   if data_parallel_size:
     sft_runs = c.mode == "sft" or c.sft.steps > 0
     for key, n in (("rl.prompts_per_step x rl.group_size", rows), ("sft.batch_size", c.sft.batch_size)):
@@ -495,8 +597,6 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
                             ("sft.micro_batch_per_device", c.sft.micro_batch_per_device, c.sft.batch_size)):
       if key.startswith("sft") and not sft_runs:
         continue
-      if per_dev < 0:
-        raise ConfigError(f"config.{key} {per_dev} must be >= 0 (0 = whole batch)")
       micro = micro_batch_rows(per_dev, n, data_parallel_size)
       if micro and n % micro:
         raise ConfigError(f"config.{key} {per_dev} x {data_parallel_size} devices does not divide the batch "
@@ -526,19 +626,22 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
 
   one_of("rewards.countdown", c.rewards.countdown, _RECIPES["countdown"])
   one_of("rewards.sudoku", c.rewards.sudoku, _RECIPES["sudoku"])
-  if c.rewards.code_workers < 0:
-    raise ConfigError(f"config.rewards.code_workers {c.rewards.code_workers} must be >= 0 (0 = 2 x CPUs)")
-  for key in ("code_timeout_s", "code_memory_mb"):
-    if not c.rewards[key] > 0:
-      raise ConfigError(f"config.rewards.{key} {c.rewards[key]} must be positive")
-  if c.rl.format_reward < 0:
-    raise ConfigError(f"config.rl.format_reward {c.rl.format_reward} must be >= 0 (0 = off)")
   bad_evals = [n.strip() for n in c.task.eval_tasks.split(",") if n.strip() and n.strip() not in EVAL_SETS]
   if bad_evals and c.task.name != "demo":
     raise ConfigError(f"config.task.eval_tasks {c.task.eval_tasks!r} names unknown test sets {bad_evals}; "
                       f"use a comma-separated list of {EVAL_SETS}")
-  if c.task.truncation not in ("left", "drop"):
-    raise ConfigError(f"config.task.truncation {c.task.truncation!r} is unknown; use left or drop")
+  from bgpo_jax.data.dataset import TRUNCATION  # the prompt pipeline owns the modes
+
+  one_of("task.truncation", c.task.truncation, TRUNCATION)
+  buckets, limit = tuple(c.rollout.prompt_buckets), c.task.max_prompt_tokens
+  if max(buckets) < limit:
+    # The samplers pad each prompt to a bucket: a prompt the data keeps (up to max_prompt_tokens)
+    # but longer than every bucket is cut again (truncation left) or stops the run (drop / error).
+    raise ConfigError(f"config.rollout.prompt_buckets {buckets}: the largest bucket {max(buckets)} is below "
+                      f"config.task.max_prompt_tokens {limit}, so longer prompts would not fit a bucket; "
+                      f"add a bucket >= {limit} (e.g. --config.rollout.prompt_buckets="
+                      f"'{tuple(sorted(set(buckets) | {limit}))}') "
+                      f"or set --config.task.max_prompt_tokens={max(buckets)}")
 
 
 # ------------------------------------------------------------------------------ command line

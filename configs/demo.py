@@ -52,7 +52,9 @@ def get_config():
   c.rollout.block_length = 16
   c.rollout.steps = 16
   c.rollout.temperature = 0.8
-  c.rollout.prompt_buckets = (48,)
+  # The prompts are 46 tokens (both demo tasks: at most 46), so every rollout pads to 48; the
+  # 64 bucket holds any prompt task.max_prompt_tokens lets through.
+  c.rollout.prompt_buckets = (48, 64)
   c.eval.gen_length = 16
   c.eval.block_length = 16
   c.eval.steps = 16

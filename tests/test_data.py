@@ -212,6 +212,58 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
     records.load_examples("math", "train", source_dir=tmp_path)
 
 
+def test_invalid_utf8_jsonl_line_is_one_bad_row(tmp_path):
+  good = [json.dumps(_row(f"What is {i} + 1?", str(i + 1))).encode() for i in range(3)]
+  bad = json.dumps(_row("What is 1 + 1?", "2")).encode().replace(b"What", b"Wh\xe9t")  # Latin-1
+  # CRLF line ends and a blank line: the bad row is row 2 of the file's rows but line 4.
+  path = tmp_path / "train_gsm8k.jsonl"
+  path.write_bytes(b"\r\n".join([good[0], good[1], b"", bad, good[2]]) + b"\r\n")
+  ex, stats = records.load_examples("gsm8k", "train", files=[path])
+  assert [records.decode_example(e)["ground_truth"] for e in ex] == ["1", "2", "3"]
+  assert (stats.total, stats.kept, stats.bad) == (4, 3, 1)
+  assert stats.reasons == Counter({"utf8": 1})
+  (report,) = stats.examples
+  assert report["where"] == "train_gsm8k.jsonl:2"
+  assert report["reason"].startswith("utf8: line 4: invalid UTF-8 at byte ")
+  # A file with no UTF-8 line at all is still an unreadable file, not rows.
+  path.write_bytes(b"\xff\xfe{}\n\xff\n")
+  with pytest.raises(records.DataFileError, match="train_gsm8k.jsonl.*utf8: line 1"):
+    records.load_examples("gsm8k", "train", files=[path])
+
+
+def test_invalid_utf8_parquet_cell_is_one_bad_row(tmp_path):
+  rows = [_row(f"What is {i} + 1?", str(i + 1)) for i in range(5)]
+  table = pa.Table.from_pylist(rows)
+
+  def poison(column, i, new):
+    """column with cell i's UTF-8 bytes replaced by `new` (not UTF-8), bypassing validation."""
+    raw = column.cast(pa.binary()).to_pylist()
+    raw[i] = new
+    return pa.array(raw, pa.binary()).view(pa.string())
+
+  column = table.column_names.index
+  table = table.set_column(column("data_source"), "data_source",
+                           poison(table.column("data_source").combine_chunks(), 1, b"gsm\xff8k"))
+  # A nested cell: the message content inside row 3's prompt (list<struct<role, content>>).
+  prompt = table.column("prompt").combine_chunks()
+  fields = [f.name for f in prompt.type.value_type]
+  messages = [prompt.values.field(f) for f in fields]
+  messages[fields.index("content")] = poison(messages[fields.index("content")], 3, b"What is 3 \xe2\x28 1?")
+  table = table.set_column(column("prompt"), "prompt", pa.ListArray.from_arrays(
+      prompt.offsets, pa.StructArray.from_arrays(messages, names=fields)))
+  path = tmp_path / "train_gsm8k.parquet"
+  pq.write_table(table, path)
+  with pytest.raises(UnicodeDecodeError):
+    pq.read_table(path).to_pylist()  # what used to reject the whole file
+  ex, stats = records.load_examples("gsm8k", "train", files=[path])
+  assert [records.decode_example(e)["ground_truth"] for e in ex] == ["1", "3", "5"]
+  assert (stats.total, stats.kept, stats.bad) == (5, 3, 2)
+  assert stats.reasons == Counter({"utf8": 2})
+  assert [e["where"] for e in stats.examples] == ["train_gsm8k.parquet:1", "train_gsm8k.parquet:3"]
+  assert stats.examples[0]["reason"].startswith("utf8: column 'data_source': invalid UTF-8 at byte 3")
+  assert stats.examples[1]["reason"].startswith("utf8: column 'prompt': invalid UTF-8 at byte ")
+
+
 # ----------------------------------------------------------------------------- generators
 
 

@@ -26,7 +26,6 @@ import collections
 import dataclasses
 import json
 import logging
-import io
 import math
 import re
 from pathlib import Path
@@ -116,7 +115,10 @@ def find_task_files(source_dir: str | Path, task: str, split: str) -> list[Path]
 
 
 def read_rows(path: str | Path) -> list[dict]:
-  """All rows of one parquet or JSONL file as python dicts; DataFileError names the path."""
+  """All rows of one parquet or JSONL file as python dicts; DataFileError names the path.
+
+  A JSONL line that is not JSON or not UTF-8, or a parquet row with a string cell that is not
+  UTF-8, comes back as a marker that `normalize_row` rejects: a bad row, not a bad file."""
   path = epath.Path(path)  # epath: a gs:// file too
   if not path.is_file():
     raise DataFileError(f"data file {path} does not exist")
@@ -124,36 +126,86 @@ def read_rows(path: str | Path) -> list[dict]:
     try:
       import pyarrow.parquet as pq
       with path.open("rb") as f:
-        return pq.read_table(f).to_pylist()
+        return _table_rows(pq.read_table(f))
     except Exception as e:  # pyarrow raises several types for corrupt files
       raise DataFileError(f"cannot read parquet file {path}: {type(e).__name__}: {e}") from e
   if path.suffix in (".jsonl", ".json"):
     rows = []
     try:
       with path.open("rb") as f:
-        for line in io.TextIOWrapper(f, encoding="utf-8"):
-          line = line.strip()
-          # A non-JSON line is a bad row, not a bad file: keep it as a marker for RowStats.
-          if not line:
+        for line_number, raw in enumerate(_lines(f), start=1):
+          raw = raw.strip()
+          if not raw:
             continue
+          try:
+            line = raw.decode("utf-8")
+          except UnicodeDecodeError as e:
+            rows.append(_Unparsed(raw.decode("utf-8", "backslashreplace"),
+                                  f"line {line_number}: invalid UTF-8 at byte {e.start}: {e.reason}",
+                                  kind="utf8"))
+            continue
+          # A non-JSON line is a bad row, not a bad file: keep it as a marker for RowStats.
           try:
             rows.append(json.loads(line))
           except json.JSONDecodeError as e:
             rows.append(_Unparsed(line, str(e)))
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
       raise DataFileError(f"cannot read JSONL file {path}: {type(e).__name__}: {e}") from e
     if rows and all(isinstance(r, _Unparsed) for r in rows):
-      raise DataFileError(f"no line of {path} parses as JSON (first error: {rows[0].error}); "
-                          "expected one JSON object per line")
+      raise DataFileError(f"no line of {path} parses as JSON (first error: {rows[0].kind}: "
+                          f"{rows[0].error}); expected one UTF-8 JSON object per line")
     return rows
   raise DataFileError(f"data file {path} has unsupported suffix {path.suffix!r}; "
                       "use .parquet or .jsonl")
 
 
+def _lines(f) -> Iterable[bytes]:
+  """The lines of a binary file, split at LF, CRLF or a lone CR (universal newlines, as text
+  mode reads them; a JSON string never holds a raw CR)."""
+  for raw in f:  # a binary file iterates over LF-terminated lines
+    raw = raw[:-1] if raw.endswith(b"\n") else raw
+    raw = raw[:-1] if raw.endswith(b"\r") else raw
+    yield from raw.split(b"\r")
+
+
+def _table_rows(table) -> list:
+  """A pyarrow table as row dicts; a row with a string cell that is not UTF-8 becomes an
+  `_Unparsed` naming the column (the other rows are kept)."""
+  try:
+    return table.to_pylist()
+  except UnicodeDecodeError:
+    pass
+  names = table.column_names
+  columns: dict[str, list] = {}
+  bad: dict[int, str] = {}  # row -> the first column whose cell does not decode
+  for name in names:
+    column = table.column(name)
+    try:
+      columns[name] = column.to_pylist()
+      continue
+    except UnicodeDecodeError:
+      pass
+    cells = []
+    for i in range(len(column)):
+      try:
+        cells.append(column[i].as_py())
+      except UnicodeDecodeError as e:
+        cells.append(None)
+        bad.setdefault(i, f"column {name!r}: invalid UTF-8 at byte {e.start}: {e.reason}")
+    columns[name] = cells
+  rows = []
+  for i in range(table.num_rows):
+    row = {name: columns[name][i] for name in names}
+    rows.append(_Unparsed(repr(row)[:200], bad[i], kind="utf8") if i in bad else row)
+  return rows
+
+
 @dataclasses.dataclass
 class _Unparsed:
-  line: str
+  """A row that could not be read: `kind` is the reason counted in RowStats (json / utf8)."""
+  text: str
   error: str
+  kind: str = "json"
 
 
 # ----------------------------------------------------------------------------- rows
@@ -261,7 +313,7 @@ def normalize_row(row: Any, task: str, split: str, row_number: int) -> dict:
   extra_info} and, for code tasks, the user layout {prompt, tests[, entry_point]}.
   """
   if isinstance(row, _Unparsed):
-    raise BadRow(f"json: {row.error}")
+    raise BadRow(f"{row.kind}: {row.error}")
   if not isinstance(row, dict):
     raise BadRow(f"row: expected an object, got {type(row).__name__}")
   if "prompt" not in row or row["prompt"] is None:
