@@ -305,11 +305,12 @@ def enable_compilation_cache(config, workdir: str | None = None) -> str | None:
 
 
 def rollout_and_score(sampler, task: Task, params, batch, rng, *, group_size: int, chunk: int = 0,
-                      return_correct: bool = False):
+                      return_correct: bool = False, metrics: dict | None = None):
   """Rollouts for a PromptBatch and their rewards: the reward pool scores chunk k while the device
   generates chunk k+1. Returns (Rollout of all rows, rewards [rows], seconds spent waiting on rewards),
   plus, with return_correct, correct [rows] (bool: fully correct answers, for train/accuracy: a reward
-  >= 1 is not one when a format bonus or partial credit is on)."""
+  >= 1 is not one when a format bonus or partial credit is on). `metrics` (if given) gets the rows
+  graded 0 unjudged, over all hosts: rewards/unrewritable, rewards/non_string."""
   ids = batch.prompt_ids
   tasks, gts, extras = batch.reward_inputs()
   params = sampler.inference_params(params)  # once per step, shared by the chunks
@@ -325,6 +326,10 @@ def rollout_and_score(sampler, task: Task, params, batch, rng, *, group_size: in
   grades = [g for f in futures for g in f.result()]
   waited = time.time() - t0
   scores = np.asarray([g.reward for g in grades], np.float32)
+  if metrics is not None:
+    counts = rewards_lib.flag_counts(grades)
+    total = dist.allgather_rows(np.asarray([list(counts.values())], np.float32)).sum(0)
+    metrics.update(zip(counts, map(float, total)))
   out = (rollout_lib.concat_rollouts(parts), scores, waited)
   if return_correct:
     out += (np.asarray([g.correct for g in grades], bool),)
@@ -391,16 +396,18 @@ def _gather_grades(mine: Sequence, valid: np.ndarray) -> list:
   if jax.process_count() == 1:
     return list(mine)
   it = iter(mine)
-  local = np.zeros((len(valid), 3), np.float32)  # reward, correct, score; zeros on padding rows
+  flags = ("",) + rewards_lib.FLAGS
+  local = np.zeros((len(valid), 4), np.float32)  # reward, correct, score, flag; zeros on padding
   for i in np.flatnonzero(valid):
     x = next(it)
-    local[i] = (x.reward, x.correct, x.score)
-  return [rewards_lib.Grade(reward=float(r), correct=bool(c), score=float(sc))
-          for r, c, sc in dist.gather_valid(local, valid)]
+    local[i] = (x.reward, x.correct, x.score, flags.index(x.flag))
+  return [rewards_lib.Grade(reward=float(r), correct=bool(c), score=float(sc), flag=flags[int(f)])
+          for r, c, sc, f in dist.gather_valid(local, valid)]
 
 
 def _summary(prefix: str, grades: Sequence) -> dict:
-  n = {f"{prefix}num_examples": float(len(grades))}  # scored rows (padding excluded)
+  # scored rows (padding excluded), and those graded 0 unjudged (rewards.FLAGS)
+  n = {f"{prefix}num_examples": float(len(grades)), **rewards_lib.flag_counts(grades, prefix)}
   if not grades:
     return {f"{prefix}accuracy": 0.0, f"{prefix}score_mean": 0.0, f"{prefix}reward_mean": 0.0, **n}
   return {f"{prefix}accuracy": float(np.mean([g.correct for g in grades])),

@@ -375,15 +375,14 @@ def test_submit_batch_mixed_tasks_is_a_future(code_rows):
   assert fut.result(timeout=60) == list(expected[:2]) + [1.0, 1.0]
 
 
-def test_code_program_cannot_be_cut_short():
-  # The completion opens a string that would swallow the tests if they were concatenated.
-  program = code_rewards.mbpp_program("def f(x):\n    return 1\ns = '''",
-                                      json.dumps(["assert f(1) == 2"]))
-  assert not rewards.run_program(program, timeout_s=5).passed
+def test_code_solution_is_judged_apart_from_its_tests():
+  # An unterminated string in the completion is the solution's own syntax error.
+  v = rewards.code_result("mbpp", "def f(x):\n    return 2\ns = '''", json.dumps(["assert f(1) == 2"]))
+  assert not v.passed and "SyntaxError" in v.detail, v
   # `if __name__ == "__main__"` demo blocks in completions do not run (stdin is closed).
-  ok = code_rewards.mbpp_program("def f(x):\n    return 2\nif __name__ == '__main__':\n"
-                                 "    f(int(input()))\n", json.dumps(["assert f(1) == 2"]))
-  assert rewards.run_program(ok, timeout_s=5).passed
+  ok = rewards.code_result("mbpp", "def f(x):\n    return 2\nif __name__ == '__main__':\n"
+                           "    f(int(input()))\n", json.dumps(["assert f(1) == 2"]))
+  assert ok.passed and ok.status == "passed", ok
 
 
 def test_code_extraction_rules():
@@ -393,4 +392,4 @@ def test_code_extraction_rules():
   assert code_rewards.extract_code("[BEGIN]\n 'def f(): pass' \n[DONE]") == "def f(): pass"
   assert code_rewards.entry_point_of("def a():\n  pass\ndef b():\n  pass\n") == "b"
   with pytest.raises(ValueError, match="entry_point"):
-    code_rewards.humaneval_program("print(1)", "def check(c): pass", {})
+    code_rewards.humaneval_case("print(1)", "def check(c): pass", {})

@@ -25,7 +25,12 @@ where format_score is 1.0 for the d1 layout `<reasoning>...</reasoning>` followe
 `<answer>...</answer>` (math: with a `\\boxed{}` inside the answer), 0.5 for an answer tag or
 box alone, 0 otherwise; code tasks: 1.0 for a fenced Python block (or MBPP's [BEGIN]...[DONE]).
 
-`score_batch` is what the trainer calls: code programs run in parallel in a `SandboxPool`,
+Code rows are judged by `rewards.judge`: the solution runs in the sandbox, its test here, so the
+program cannot compute or influence its verdict. A row whose test cannot be judged that way
+(rewards.code_tests) and a completion that is not a string grade 0 with `Grade.flag`
+"unrewritable" / "non_string"; `flag_counts` turns a batch's flags into metrics.
+
+`score_batch` is what the trainer calls: code rows run in parallel in a `SandboxPool`,
 MATH comparisons in math-verify worker processes, the rest inline. It is thread-safe and holds
 no GIL-heavy work (children do the running), so it can run in a background thread while the
 device computes; `submit_batch` does exactly that and returns a future.
@@ -40,6 +45,8 @@ import threading
 from typing import Any, Sequence
 
 from bgpo_jax.rewards import code as _code
+from bgpo_jax.rewards import judge as _judge
+from bgpo_jax.rewards.code_tests import Unrewritable
 from bgpo_jax.rewards import countdown as _countdown
 from bgpo_jax.rewards import sudoku as _sudoku
 from bgpo_jax.rewards.countdown import countdown_grade, countdown_reward
@@ -64,18 +71,27 @@ __all__ = [
     "TASKS", "Grade", "grade", "grade_batch", "submit_grades", "score", "score_batch",
     "submit_batch", "format_score", "code_result", "RECIPES", "DEFAULT_RECIPES",
     "SandboxError", "SandboxPool", "SandboxResult", "run_program", "MathVerifier",
-    "default_pool", "default_verifier",
+    "default_pool", "default_verifier", "flag_counts", "FLAGS", "Unrewritable",
 ]
+
+# Grade.flag values, each counted as metric rewards/<flag> (flag_counts).
+FLAGS = ("unrewritable", "non_string")
 
 
 @dataclasses.dataclass(frozen=True)
 class Grade:
-  """One completion's grade (module docstring): training `reward`, evaluation `correct`, and
-  the published per-example `score`."""
+  """One completion's grade (module docstring): training `reward`, evaluation `correct`, the
+  published per-example `score`, and `flag`: "" or why the row was graded 0 without being
+  judged (one of FLAGS)."""
   reward: float
   correct: bool
   score: float
+  flag: str = ""
 
+
+def flag_counts(grades: Sequence[Grade], prefix: str = "rewards/") -> dict[str, float]:
+  """{prefix + flag: how many grades carry it} for every flag in FLAGS (zeros included)."""
+  return {prefix + f: float(sum(g.flag == f for g in grades)) for f in FLAGS}
 
 def check_recipes(recipes: dict | None) -> dict:
   """`recipes` merged over DEFAULT_RECIPES; unknown tasks or recipe names are an error."""
@@ -164,9 +180,17 @@ def grade(task: str, completion: str, ground_truth: Any, extra: dict | None = No
   """The Grade of one completion (code tasks run in a one-off sandbox, no pool self-test)."""
   _check_task(task)
   recipes = check_recipes(recipes)
+  if not isinstance(completion, str):
+    return Grade(0.0, False, 0.0, "non_string")
   if task in CODE_TASKS:
-    program = _code.code_program(task, completion, ground_truth, _extra(extra))
-    ok = run_program(program, code_timeout_s, code_memory_mb).passed
+    try:
+      solution, test = _code.code_case(task, completion, ground_truth, _extra(extra))
+    except Unrewritable:
+      return Grade(0.0, False, 0.0, "unrewritable")
+    verdict = _judge.judge(solution, test, code_timeout_s, code_memory_mb)
+    if verdict.status == "unrewritable":
+      return Grade(0.0, False, 0.0, "unrewritable")
+    ok = verdict.passed
     parts = (ok, float(ok), float(ok))
   else:
     parts = _grade(task, completion, ground_truth, _extra(extra), None, recipes)
@@ -184,10 +208,11 @@ def score(task: str, completion: str, ground_truth: Any, extra: dict | None = No
 
 def code_result(task: str, completion: str, ground_truth: Any, extra: dict | None = None, *,
                 timeout_s: float = DEFAULT_CODE_TIMEOUT_S,
-                memory_mb: int = DEFAULT_CODE_MEMORY_MB) -> SandboxResult:
-  """The full sandbox result (status, stdout/stderr tails) of a code completion: for debugging."""
-  program = _code.code_program(_check_task(task), completion, ground_truth, _extra(extra))
-  return run_program(program, timeout_s, memory_mb)
+                memory_mb: int = DEFAULT_CODE_MEMORY_MB) -> "_judge.Verdict":
+  """The judge's full verdict (status, why, the sandbox's stdout/stderr tails) of a code
+  completion: for debugging. Raises Unrewritable when the row's test cannot be judged."""
+  solution, test = _code.code_case(_check_task(task), completion, ground_truth, _extra(extra))
+  return _judge.judge(solution, test, timeout_s, memory_mb)
 
 
 _DEFAULT_POOL: SandboxPool | None = None
@@ -226,21 +251,29 @@ def grade_batch(tasks: Sequence[str] | str, completions: Sequence[str],
     _check_task(t)
   recipes = check_recipes(recipes)
   parts: list = [None] * n
+  flags = ["non_string" if not isinstance(c, str) else "" for c in completions]
   futures: dict[int, concurrent.futures.Future] = {}
-  code_rows = [i for i in range(n) if tasks[i] in CODE_TASKS]
-  if code_rows:
-    pool = pool or default_pool()
-    for i in code_rows:
-      program = _code.code_program(tasks[i], completions[i], ground_truths[i], _extra(extras[i]))
-      futures[i] = pool.submit(program, code_timeout_s, code_memory_mb)
   for i in range(n):
-    if i not in futures:
+    if tasks[i] in CODE_TASKS and not flags[i]:
+      try:
+        solution, test = _code.code_case(tasks[i], completions[i], ground_truths[i], _extra(extras[i]))
+      except Unrewritable:
+        flags[i] = "unrewritable"
+        continue
+      pool = pool or default_pool()
+      futures[i] = pool.submit_fn(_judge.judge, solution, test, code_timeout_s, code_memory_mb)
+  for i in range(n):
+    if i not in futures and not flags[i]:
       parts[i] = _grade(tasks[i], completions[i], ground_truths[i], _extra(extras[i]),
                         verifier, recipes)
   for i, f in futures.items():
-    ok = f.result().passed
-    parts[i] = (ok, float(ok), float(ok))
-  return [_make(tasks[i], completions[i], parts[i], format_reward) for i in range(n)]
+    verdict = f.result()
+    if verdict.status == "unrewritable":
+      flags[i] = "unrewritable"
+    else:
+      parts[i] = (verdict.passed, float(verdict.passed), float(verdict.passed))
+  return [Grade(0.0, False, 0.0, flags[i]) if flags[i] else
+          _make(tasks[i], completions[i], parts[i], format_reward) for i in range(n)]
 
 
 def score_batch(tasks: Sequence[str] | str, completions: Sequence[str],

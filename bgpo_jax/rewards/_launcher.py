@@ -29,7 +29,6 @@ import ctypes
 import marshal
 import os
 import resource
-import stat
 import sys
 import time
 
@@ -51,8 +50,6 @@ MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
 SIGKILL = 9
 WORKDIR = "/tmp/sandbox"
-# Directories every user may write to; each gets a fresh, small tmpfs inside the mount namespace.
-WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock")
 
 # The main program's symbol namespace includes libc (find_library would spawn ldconfig: slow).
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -85,22 +82,15 @@ def _die_with_parent() -> None:
   _libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
 
 
-def _blocking_ancestor(path: str) -> str | None:
-  """Topmost ancestor of `path` that others cannot traverse (e.g. /root, mode 0700)."""
-  parts = path.strip("/").split("/")
-  cur = ""
-  for p in parts:
-    cur += "/" + p
-    try:
-      if not os.stat(cur).st_mode & stat.S_IXOTH:
-        return cur
-    except OSError:
-      return None
-  return None
-
-
 def _under(path: str, dirs) -> bool:
   return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+# System directories the interpreter may need, bound read-only into the sandbox's own root (or
+# recreated as the same symlink, e.g. /bin -> usr/bin on a merged-/usr system). Nothing else of the
+# host's filesystem exists there: no /home, /root, /work, /data, /run (no host UNIX sockets), /mnt.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+DEVICES = ("null", "zero", "full", "random", "urandom")
 
 
 # statvfs f_flag bits -> mount flags a read-only re-bind must keep (the kernel refuses to
@@ -108,51 +98,169 @@ def _under(path: str, dirs) -> bool:
 _KEEP_FLAGS = ((8, MS_NOEXEC), (1024, 1024), (2048, 2048), (4096, 1 << 21))  # noexec, atimes
 
 
-def _expose(keep: list, covered: list, blockers: list) -> None:
-  """Mounts each kept interpreter directory (path, O_PATH fd opened before anything was
-  covered) back read-only at its own path when a private tmpfs now hides it: one of the
-  world-writable directories (a venv under /tmp), or a 0700 ancestor covered for the
-  sandbox uid (a conda env under /root). Same path, so rpaths and venv symlinks keep working."""
-  for p, fd in keep:
-    if _under(p, covered) or _under(p, blockers):
-      os.makedirs(p, mode=0o755, exist_ok=True)
-      _mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
-      flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+def _bind_ro(fd: int, target: str) -> None:
+  """Binds the directory or file open as O_PATH `fd` at `target`, then makes it read-only."""
+  _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+  flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
+  try:
+    have = os.statvfs(target).f_flag
+    for bit, flag in _KEEP_FLAGS:
+      if have & bit:
+        flags |= flag
+    if have & 4:  # ST_NODEV
+      flags |= MS_NODEV
+  except OSError:
+    pass
+  _mount(None, target, None, flags)
+
+
+def _pivot_root(new_root: str) -> None:
+  """Makes `new_root` the root of this mount namespace and detaches the old one entirely (the
+  pivot_root(".", ".") idiom: no directory of the old root stays reachable)."""
+  nr = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine)
+  if nr is None:
+    raise SetupError(f"pivot_root: unsupported machine {os.uname().machine}")
+  os.chdir(new_root)
+  _check(_libc.syscall(nr, b".", b"."), "pivot_root")
+  _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+  os.chdir("/")
+
+
+def _setup_mounts(cfg: dict) -> None:
+  """Builds the sandbox's filesystem: a fresh root holding only the system directories, the
+  interpreter's installation ("expose") and a few device nodes, all read-only; fresh tmpfs
+  mounts for /tmp, /var/tmp and /dev/shm; a /proc of the new PID namespace. The host's data
+  (the dataset, the checkpoint, this source tree), its home directories and /run never exist
+  inside, so a program cannot read expected values off the disk or reach a host UNIX socket."""
+  _mount(None, "/", None, MS_REC | MS_PRIVATE)
+  # O_PATH handles first: the new root's tmpfs is mounted over /tmp, which may hold the venv.
+  sources = []  # (path in the new root, fd, kind)
+  for d in SYSTEM_DIRS:
+    if os.path.islink(d):
+      sources.append((d, os.readlink(d), "link"))
+    elif os.path.isdir(d):
+      sources.append((d, os.open(d, os.O_PATH | os.O_DIRECTORY), "dir"))
+  for p in cfg["expose"]:
+    if not _under(p, SYSTEM_DIRS):
       try:
-        have = os.statvfs(p).f_flag
-        for bit, flag in _KEEP_FLAGS:
-          if have & bit:
-            flags |= flag
+        sources.append((p, os.open(p, os.O_PATH | os.O_DIRECTORY), "dir"))
       except OSError:
         pass
-      _mount(None, p, None, flags)
-    os.close(fd)
-
-
-def _setup_mounts(cfg: dict, mode: str) -> None:
-  _mount(None, "/", None, MS_REC | MS_PRIVATE)
-  # Handles on the interpreter's directories first: the tmpfs mounts below may hide them.
-  keep = []
-  for p in cfg["expose"]:
+  for name in DEVICES:
     try:
-      keep.append((p, os.open(p, os.O_PATH | os.O_DIRECTORY)))
+      sources.append((f"/dev/{name}", os.open(f"/dev/{name}", os.O_PATH), "file"))
     except OSError:
       pass
+  root = "/tmp"
+  _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+  # Scratch space first: an interpreter under /tmp is bound inside the fresh /tmp.
   size = f"size={cfg['tmpfs_mb']}m"
-  covered = []
-  for d in WORLD_WRITABLE:
-    if os.path.isdir(d) and not os.path.islink(d):
-      _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=1777")
-      covered.append(d)
-  blockers = []
-  if mode == "namespace":  # the program runs under another uid: 0700 ancestors block it
-    found = {_blocking_ancestor(p) for p, _ in keep if not _under(p, covered)}
-    blockers = sorted(a for a in found if a is not None)
-    for a in blockers:  # an empty tmpfs also hides the rest of that home directory
-      _mount("tmpfs", a, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-  # A /proc for the new PID namespace: other processes' /proc/<pid>/environ are not visible.
-  _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-  _expose(keep, covered, blockers)
+  for d in ("/tmp", "/var/tmp", "/dev/shm", "/proc"):
+    os.makedirs(root + d, mode=0o755, exist_ok=True)
+  _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+  for d in ("/tmp", "/var/tmp", "/dev/shm"):
+    _mount("tmpfs", root + d, "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=1777")
+  for path, src, kind in sorted(sources, key=lambda s: s[0].count("/")):
+    target = root + path
+    if kind == "link":
+      os.symlink(src, target)
+      continue
+    os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+    if kind == "dir":
+      os.makedirs(target, mode=0o755, exist_ok=True)
+    else:
+      open(target, "wb").close()
+    _bind_ro(src, target)
+    os.close(src)
+  for d in cfg.get("hide", ()):  # site-packages of the interpreter: hidden unless asked for
+    if os.path.isdir(root + d):
+      _mount("tmpfs", root + d, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=0755")
+  for link, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                     ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    os.symlink(dest, f"{root}/dev/{link}")
+  _pivot_root(root)
+  _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+# seccomp: system calls the program may not make, by machine (x86_64, aarch64 numbers).
+# Fail with EPERM: new user namespaces (clone / unshare with CLONE_NEWUSER; clone3's flags sit in
+# memory a filter cannot read, so it gets ENOSYS and the C library falls back to clone), joining
+# namespaces, UNIX sockets (none of the host's exist inside the sandbox's root; the rule also
+# covers one that a later mount could expose; socketpair stays allowed), io_uring (its requests
+# would bypass these checks), and kernel interfaces no test needs (bpf, perf, keyrings, ptrace and
+# cross-process memory access, mounting, modules).
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_SYSCALLS = {  # name: (x86_64, aarch64)
+    "clone": (56, 220), "unshare": (272, 97), "clone3": (435, 435), "socket": (41, 198),
+    "setns": (308, 268), "io_uring_setup": (425, 425), "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427), "bpf": (321, 280), "userfaultfd": (323, 282),
+    "perf_event_open": (298, 241), "keyctl": (250, 219), "add_key": (248, 217),
+    "request_key": (249, 218), "ptrace": (101, 117), "process_vm_readv": (310, 270),
+    "process_vm_writev": (311, 271), "mount": (165, 40), "umount2": (166, 39),
+    "pivot_root": (155, 41), "chroot": (161, 51), "open_tree": (428, 428),
+    "move_mount": (429, 429), "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432),
+    "fspick": (433, 433), "mount_setattr": (442, 442), "init_module": (175, 105),
+    "finit_module": (313, 273), "delete_module": (176, 106), "kexec_load": (246, 104),
+    "open_by_handle_at": (304, 265), "name_to_handle_at": (303, 264),
+}
+_ALWAYS_DENIED = ("setns", "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf",
+                  "userfaultfd", "perf_event_open", "keyctl", "add_key", "request_key", "ptrace",
+                  "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root",
+                  "chroot", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
+                  "mount_setattr", "init_module", "finit_module", "delete_module", "kexec_load",
+                  "open_by_handle_at", "name_to_handle_at")
+_RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
+_EPERM, _ENOSYS, _AF_UNIX = 1, 38, 1
+
+
+def _seccomp_program() -> bytes | None:
+  """The classic-BPF filter (struct sock_filter[]) for this machine, None where unsupported."""
+  machine = os.uname().machine
+  if machine not in _AUDIT_ARCH:
+    return None
+  col = 0 if machine == "x86_64" else 1
+  nr = {k: v[col] for k, v in _SYSCALLS.items()}
+  ld = lambda off: (0x20, "", "", off)  # BPF_LD | BPF_W | BPF_ABS
+  jeq = lambda k, t, f="": (0x15, t, f, k)  # BPF_JMP | BPF_JEQ | BPF_K
+  ret = lambda v: (0x06, "", "", v)  # BPF_RET | BPF_K
+  prog = [ld(4), jeq(_AUDIT_ARCH[machine], "", "deny"), ld(0)]
+  if machine == "x86_64":
+    prog.append((0x35, "deny", "", 0x40000000))  # BPF_JGE: the x32 ABI's numbers
+  prog += [jeq(nr[n], "deny") for n in _ALWAYS_DENIED]
+  prog += [jeq(nr["clone3"], "nosys"), jeq(nr["clone"], "flags"), jeq(nr["unshare"], "flags"),
+           jeq(nr["socket"], "family"), ret(_RET_ALLOW),
+           "flags", ld(16), (0x45, "deny", "", CLONE_NEWUSER), ret(_RET_ALLOW),  # BPF_JSET
+           "family", ld(16), jeq(_AF_UNIX, "deny"), ret(_RET_ALLOW),
+           "nosys", ret(_RET_ERRNO | _ENOSYS), "deny", ret(_RET_ERRNO | _EPERM)]
+  labels, pc = {}, 0
+  for ins in prog:
+    if isinstance(ins, str):
+      labels[ins] = pc
+    else:
+      pc += 1
+  out, pc = [], 0
+  for ins in prog:
+    if isinstance(ins, str):
+      continue
+    code, t, f, k = ins
+    jt = labels[t] - pc - 1 if t else 0
+    jf = labels[f] - pc - 1 if f else 0
+    out.append(code.to_bytes(2, "little") + bytes((jt, jf)) + k.to_bytes(4, "little"))
+    pc += 1
+  return b"".join(out)
+
+
+def _install_seccomp(program: bytes) -> None:
+  """no_new_privs (also keeps setuid binaries from raising privileges) + the filter; inherited
+  by every process the program starts and kept across execve."""
+  buf = ctypes.create_string_buffer(program, len(program))
+
+  class _Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+  fprog = _Prog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+  _check(_libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+  _check(_libc.prctl(22, 2, ctypes.byref(fprog), 0, 0), "prctl(PR_SET_SECCOMP)")
 
 
 def _set_limits(cfg: dict) -> None:
@@ -182,6 +290,8 @@ def _exec_program(cfg: dict, mode: str, cwd: str, marker: bytes) -> None:
       os.setgid(cfg["uid"])
       os.setuid(cfg["uid"])
     _die_with_parent()  # cleared by setuid, so set it afterwards
+    if cfg.get("seccomp_program"):
+      _install_seccomp(cfg["seccomp_program"])
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": cwd, "LANG": "C.UTF-8",
            "LC_ALL": "C.UTF-8"}
     # The pass marker reaches the runner through a pipe it reads (and closes) before the
@@ -192,6 +302,7 @@ def _exec_program(cfg: dict, mode: str, cwd: str, marker: bytes) -> None:
     os.set_inheritable(r, True)
     argv = [cfg["python"], "-I"] + ([] if cfg["site_packages"] else ["-S"])
     argv += ["-c", cfg["boot"], "prog.py", str(r), "1" if mode == "basic" else "0"]
+    argv += [str(a) for a in cfg.get("boot_args", ())]
     os.execve(cfg["python"], argv, env)
   except BaseException as e:  # noqa: BLE001 - report anything, then die
     os.write(2, f"bgpo-sandbox: exec failed: {e!r}\n".encode())
@@ -220,7 +331,7 @@ def _init(cfg: dict, mode: str, source: bytes, marker: bytes) -> None:
     if mode == "basic":
       cwd = cfg["dir"]
     else:
-      _setup_mounts(cfg, mode)
+      _setup_mounts(cfg)
       cwd = WORKDIR
       os.mkdir(cwd, 0o700)
       with open(os.path.join(cwd, "prog.py"), "wb") as f:
@@ -229,6 +340,11 @@ def _init(cfg: dict, mode: str, source: bytes, marker: bytes) -> None:
         os.chown(cwd, cfg["uid"], cfg["uid"])
         os.chown(os.path.join(cwd, "prog.py"), cfg["uid"], cfg["uid"])
     _status(sfd, f"mode {mode}")
+    if cfg["seccomp"] != "off":
+      cfg["seccomp_program"] = _seccomp_program()
+      if cfg["seccomp_program"] is None and cfg["seccomp"] == "on":
+        raise SetupError(f"seccomp: no filter for machine {os.uname().machine}")
+    _status(sfd, f"seccomp {'on' if cfg.get('seccomp_program') else 'off'}")
     child = os.fork()
     if child == 0:
       os.close(sfd)

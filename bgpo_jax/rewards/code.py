@@ -1,4 +1,4 @@
-"""HumanEval / MBPP rewards: build a test program from a completion, run it in the sandbox.
+"""HumanEval / MBPP rewards: the solution a completion holds, and the test it is judged by.
 
 Solution code extraction (`extract_code`): with fenced blocks, the last Python (or unlabeled)
 block that defines the function under test (`def <name>(`), else the longest block; without
@@ -10,14 +10,13 @@ following python code:\\n<code>"), which the data rows keep in `prompt`, not in 
 callers pass it as `extra["prompt"]` (a string or the chat-message list). The entry point is
 `extra["entry_point"]` or the last top-level `def` of the prompt code. The solution source is
 prompt code + completion code (a full re-definition overrides the stub; an indented body
-continues it). The tests are the ground truth (defines `check(candidate)`) + `check(<entry>)`.
-MBPP: the solution is the completion code; the tests are the ground truth's assert lines (a
-JSON list).
+continues it). The test is the ground truth (defines `check(candidate)`), called with the entry
+point. MBPP: the solution is the completion code; the test is the ground truth's assert lines
+(a JSON list) after the row's `test_setup_code`.
 
-The program exec's solution and tests as two separately compiled units in one module
-namespace (named `__solution__`, so `if __name__ == "__main__":` demo blocks do not run): an
-unterminated string or bracket in the completion is a syntax error of the solution alone and
-can never swallow the tests.
+`code_case` returns (solution source, TrustedTest): the solution runs in the sandbox as module
+`__solution__` (so `if __name__ == "__main__":` demo blocks do not run), the test in the grading
+process (rewards.code_tests, rewards.judge).
 """
 
 from __future__ import annotations
@@ -27,15 +26,9 @@ import json
 import re
 from typing import Any
 
+from bgpo_jax.rewards.code_tests import TrustedTest, humaneval_test, mbpp_test
 from bgpo_jax.rewards.extract import code_blocks
 
-_HARNESS = """\
-import sys as _bgpo_sys, types as _bgpo_types
-_bgpo_mod = _bgpo_types.ModuleType("__solution__")
-_bgpo_sys.modules["__solution__"] = _bgpo_mod
-exec(compile({solution!r}, "solution.py", "exec"), _bgpo_mod.__dict__)
-exec(compile({tests!r}, "tests.py", "exec"), _bgpo_mod.__dict__)
-"""
 _DEF_RE = r"^\s*(?:async\s+)?def\s+{name}\s*\("
 
 
@@ -94,11 +87,7 @@ def entry_point_of(code: str) -> str | None:
   return names[-1] if names else None
 
 
-def build_program(solution: str, tests: str) -> str:
-  return _HARNESS.format(solution=solution, tests=tests)
-
-
-def humaneval_program(completion: str, tests: str, extra: dict | None = None) -> str:
+def humaneval_case(completion: str, tests: str, extra: dict | None = None) -> tuple[str, TrustedTest]:
   extra = extra or {}
   prompt_code = humaneval_prompt_code(extra["prompt"]) if extra.get("prompt") is not None else ""
   entry = extra.get("entry_point") or entry_point_of(prompt_code)
@@ -112,7 +101,7 @@ def humaneval_program(completion: str, tests: str, extra: dict | None = None) ->
     solution = prompt_code + "\n\n" + code if prompt_code else code
   else:
     solution = prompt_code.rstrip("\n") + "\n" + code  # body continuation of the stub
-  return build_program(solution, f"{tests}\n\ncheck({entry})\n")
+  return solution, humaneval_test(prompt_code, tests, entry)
 
 
 def mbpp_asserts(ground_truth: Any) -> list[str]:
@@ -128,18 +117,20 @@ def mbpp_asserts(ground_truth: Any) -> list[str]:
   return [str(a) for a in parsed]
 
 
-def mbpp_program(completion: str, ground_truth: Any, extra: dict | None = None) -> str:
+def mbpp_case(completion: str, ground_truth: Any, extra: dict | None = None) -> tuple[str, TrustedTest]:
   asserts = mbpp_asserts(ground_truth)
   m = re.search(r"assert\s+(?:not\s+)?\(?\s*([A-Za-z_]\w*)\s*\(", " ".join(asserts))
   code = extract_code(completion, m.group(1) if m else None)
   setup = (extra or {}).get("test_setup_code") or ""
-  return build_program(code, setup + "\n" + "\n".join(asserts) + "\n")
+  return code, mbpp_test(tuple(asserts), str(setup))
 
 
-def code_program(task: str, completion: str, ground_truth: Any, extra: dict | None = None) -> str:
-  """The sandbox program for a code task ("humaneval" or "mbpp")."""
+def code_case(task: str, completion: str, ground_truth: Any,
+              extra: dict | None = None) -> tuple[str, TrustedTest]:
+  """(solution source, TrustedTest) of a code task row ("humaneval" or "mbpp"); raises
+  rewards.code_tests.Unrewritable when the row's test cannot be judged safely."""
   if task == "humaneval":
-    return humaneval_program(completion, str(ground_truth), extra)
+    return humaneval_case(completion, str(ground_truth), extra)
   if task == "mbpp":
-    return mbpp_program(completion, ground_truth, extra)
+    return mbpp_case(completion, ground_truth, extra)
   raise ValueError(f"{task!r} is not a code task (humaneval, mbpp)")

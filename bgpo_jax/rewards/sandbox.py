@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import glob
 import marshal
 import math
 import os
@@ -130,6 +131,7 @@ class SandboxResult:
   stderr: str
   wall_s: float
   isolation: str  # namespace | userns | basic | "" (unknown: launcher failed)
+  seccomp: bool = False  # the program ran under the system-call filter
 
 
 class _UidSlots:
@@ -206,21 +208,186 @@ def _tail(buf: bytes | bytearray, n: int) -> str:
   return bytes(buf[-n:]).decode("utf-8", errors="replace")
 
 
-def run_program(
-    source: str,
-    timeout_s: float = 5.0,
-    memory_mb: int = 1024,
-    *,
-    max_output_bytes: int = 1 << 20,
-    nproc: int = 32,
-    fsize_mb: int = 16,
-    tmpfs_mb: int = 64,
-    site_packages: bool = False,
-    isolation: str = "auto",
-    tail_bytes: int = 4096,
-    python: str | None = None,
-) -> SandboxResult:
+def _hidden_site_dirs(expose: Sequence[str]) -> list[str]:
+  """The site-packages / dist-packages directories inside the exposed interpreter trees (and
+  the system's): mounted over with an empty tmpfs unless the program may import them, so the
+  program cannot read installed packages' files (a package may ship test data)."""
+  found = []
+  for p in list(expose) + ["/usr", "/usr/local"]:
+    for pat in ("lib/python3*/site-packages", "lib/python3*/dist-packages", "lib/python3/dist-packages",
+                "local/lib/python3*/dist-packages", "local/lib/python3*/site-packages"):
+      found += [os.path.realpath(d) for d in glob.glob(os.path.join(p, pat)) if os.path.isdir(d)]
+  return sorted(set(found))
+
+
+class SandboxRun:
+  """One sandboxed interpreter: started by `start`, its stdout / stderr drained by `pump`, ended
+  by `finish` (which returns the SandboxResult). `run_program` is start + pump + finish; the
+  code-reward judge (rewards.judge) also talks to the program over a pair of pipes between
+  pumps. Arguments: those of `run_program`, plus boot (the runner source, `python -c BOOT prog.py
+  MARKER_FD BASIC *boot_args`), boot_args and pass_fds (descriptors the program inherits)."""
+
+  def __init__(self, source: str, timeout_s: float = 5.0, memory_mb: int = 1024, *,
+               max_output_bytes: int = 1 << 20, nproc: int = 32, fsize_mb: int = 16,
+               tmpfs_mb: int = 64, site_packages: bool = False, isolation: str = "auto",
+               seccomp: str = "auto", tail_bytes: int = 4096, python: str | None = None,
+               boot: str = _BOOT, boot_args: Sequence = (), pass_fds: Sequence[int] = ()):
+    if isolation not in ("auto", "namespace", "basic"):
+      raise ValueError(f"isolation {isolation!r} is not one of 'auto', 'namespace', 'basic'")
+    if seccomp not in ("auto", "on", "off"):
+      raise ValueError(f"seccomp {seccomp!r} is not one of 'auto', 'on', 'off'")
+    if not timeout_s > 0:
+      raise ValueError(f"timeout_s {timeout_s} must be positive")
+    self.t0 = time.monotonic()
+    self.deadline = self.t0 + timeout_s
+    self.max_output, self.tail_bytes = max_output_bytes, tail_bytes
+    self.marker = "BGPO-SANDBOX-OK-" + secrets.token_hex(16)
+    self.python = python or sys.executable
+    expose = _expose_paths(self.python)
+    self.cfg = {
+        "parent_pid": os.getpid(), "python": self.python, "site_packages": site_packages,
+        "isolation": isolation, "seccomp": "on" if isolation == "namespace" else seccomp,
+        "cpu_s": math.ceil(timeout_s) + 1, "memory_mb": int(memory_mb),
+        "fsize_mb": int(fsize_mb), "tmpfs_mb": int(tmpfs_mb), "nproc": int(nproc),
+        "cgroup_mb": int(memory_mb) + int(tmpfs_mb) + 64, "expose": expose,
+        "hide": [] if site_packages else _hidden_site_dirs(expose),
+        "boot": boot, "boot_args": [str(a) for a in boot_args],
+    }
+    self.source, self.pass_fds = source, tuple(pass_fds)
+    self.proc: subprocess.Popen | None = None
+    self.error: str | None = None
+    self.reason: str | None = None  # timeout | output_limit, once pumping stopped for it
+    self.exited = False
+
+  def start(self) -> bool:
+    """Starts the launcher; False (and `finish` reports status "error") when it cannot."""
+    self.uid = _UIDS.acquire()
+    self.tmpdir = tempfile.mkdtemp(prefix="bgpo-sandbox-")
+    self.status_r, status_w = os.pipe()
+    marker_r, marker_w = os.pipe()
+    with open(os.path.join(self.tmpdir, "prog.py"), "w", encoding="utf-8") as f:
+      f.write(self.source)  # the marker is NOT in the program's source
+    os.write(marker_w, (self.marker + "\n").encode())
+    os.close(marker_w)
+    cfg = {**self.cfg, "dir": self.tmpdir, "status_fd": status_w, "marker_fd": marker_r,
+           "uid": self.uid}
+    try:
+      self.proc = subprocess.Popen(
+          [sys.executable, "-I", "-S", _LAUNCHER, marshal.dumps(cfg).hex()],
+          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}, cwd=self.tmpdir,
+          start_new_session=True, pass_fds=(status_w, marker_r, *self.pass_fds), close_fds=True)
+    except OSError as e:
+      self.error = f"could not start the sandbox: {e!r}"
+      return False
+    finally:
+      os.close(status_w)
+      os.close(marker_r)
+    self.bufs = {self.proc.stdout.fileno(): bytearray(), self.proc.stderr.fileno(): bytearray()}
+    self.open_fds, self.total, self.grace_end = set(self.bufs), 0, None
+    self.sel = selectors.DefaultSelector()
+    for fd in self.bufs:
+      self.sel.register(fd, selectors.EVENT_READ)
+    try:
+      self.pidfd = os.pidfd_open(self.proc.pid)
+      self.sel.register(self.pidfd, selectors.EVENT_READ)
+    except (AttributeError, OSError):
+      self.pidfd = None  # old kernel: poll the exit status instead
+    return True
+
+  def pump(self, until_fd: int | None = None, write: bool = False) -> bool:
+    """Reads stdout / stderr until `until_fd` is readable (writable with `write`) (True), or the
+    launcher has exited and
+    both pipes closed, the deadline passed (reason "timeout") or the output cap was exceeded
+    (reason "output_limit") (False). With until_fd None it runs to the end of the program."""
+    keep = max(self.tail_bytes, 256) * 2
+    if until_fd is not None:
+      self.sel.register(until_fd, selectors.EVENT_WRITE if write else selectors.EVENT_READ)
+    try:
+      while self.reason is None and (self.open_fds or not self.exited):
+        now = time.monotonic()
+        if now >= self.deadline:
+          self.reason = "timeout"
+          break
+        if self.exited and now >= self.grace_end:
+          break  # a leftover process holds the pipes open (basic mode); it gets killed
+        wait = self.deadline - now
+        if self.exited:
+          wait = min(wait, self.grace_end - now)
+        if self.pidfd is None and not self.exited:
+          wait = min(wait, 0.01)
+        for key, _ in self.sel.select(wait):
+          fd = key.fd
+          if fd == until_fd:
+            return True
+          if fd == self.pidfd:
+            self.sel.unregister(fd)
+            self.exited, self.grace_end = True, time.monotonic() + 0.5
+            continue
+          data = os.read(fd, 65536)
+          if not data:
+            self.sel.unregister(fd)
+            self.open_fds.discard(fd)
+            continue
+          self.total += len(data)
+          buf = self.bufs[fd]
+          buf += data
+          if len(buf) > 4 * keep:
+            del buf[:-keep]
+        if self.total > self.max_output:
+          self.reason = "output_limit"
+          break
+        if self.pidfd is None and not self.exited and self.proc.poll() is not None:
+          self.exited, self.grace_end = True, time.monotonic() + 0.5
+      return False
+    finally:
+      if until_fd is not None:
+        self.sel.unregister(until_fd)
+
+  def finish(self) -> SandboxResult:
+    """Kills what is left of the run, cleans up, and classifies it."""
+    try:
+      if self.proc is None:
+        return SandboxResult(False, "error", None, "", self.error or "not started",
+                             time.monotonic() - self.t0, "")
+      # The launcher is the group leader and is not reaped yet, so its pgid cannot have been
+      # reused: killing the group here is safe and removes any straggler (basic mode).
+      _killpg(self.proc.pid)
+      self.proc.wait()
+      status_text = _read_all(self.status_r)
+      _remove_cgroups(status_text)
+      out, err = self.bufs[self.proc.stdout.fileno()], self.bufs[self.proc.stderr.fileno()]
+      return _classify(status_text, out, err, self.reason, self.marker, self.tail_bytes,
+                       time.monotonic() - self.t0)
+    finally:
+      self.close()
+
+  def close(self) -> None:
+    """Releases everything (idempotent); kills the run if it is still going."""
+    if getattr(self, "_closed", False) or not hasattr(self, "uid"):
+      return
+    self._closed = True
+    if self.proc is not None:
+      if self.proc.returncode is None:  # interrupted (e.g. KeyboardInterrupt)
+        _killpg(self.proc.pid)
+        self.proc.wait()
+      self.sel.close()
+      if self.pidfd is not None:
+        os.close(self.pidfd)
+      for s in (self.proc.stdout, self.proc.stderr):
+        if s is not None:
+          s.close()
+    os.close(self.status_r)
+    shutil.rmtree(self.tmpdir, ignore_errors=True)
+    _UIDS.release(self.uid)
+
+
+def run_program(source: str, timeout_s: float = 5.0, memory_mb: int = 1024, **kwargs) -> SandboxResult:
   """Runs `source` as `__main__` of a fresh sandboxed Python interpreter.
+
+  `passed` means the program ran to its end and exited 0 (the runner's marker): a process-level
+  fact, not a verdict on hostile code (a program that digs the marker out of its own memory can
+  fake it); code rewards use rewards.judge, whose verdict never depends on the program.
 
   Args:
     source: program text, run as `__main__` (file `prog.py`) by the marker-writing runner.
@@ -229,72 +396,22 @@ def run_program(
     max_output_bytes: cap on stdout + stderr; the run is killed when it is exceeded.
     nproc: RLIMIT_NPROC (tasks, threads included) of the run's private uid.
     fsize_mb: largest file the program may write; tmpfs_mb: size of each private tmpfs.
-    site_packages: let the program import the caller's site-packages (default: stdlib only).
+    site_packages: let the program import (and see) the interpreter's site-packages (default:
+      stdlib only, site-packages hidden).
     isolation: "auto" (root namespaces, else a user namespace, else basic), "namespace"
-      (require root namespaces + private uid; status "error" otherwise) or "basic".
+      (require root namespaces + private uid + seccomp; status "error" otherwise) or "basic".
+    seccomp: "auto" (the system-call filter where the machine has one), "on" (required), "off".
     tail_bytes: how much of the end of stdout / stderr to keep in the result.
     python: the interpreter that runs the program (default: this one, sys.executable).
   Thread-safe; blocks the calling thread for at most about timeout_s.
   """
-  if isolation not in ("auto", "namespace", "basic"):
-    raise ValueError(f"isolation {isolation!r} is not one of 'auto', 'namespace', 'basic'")
-  if not timeout_s > 0:
-    raise ValueError(f"timeout_s {timeout_s} must be positive")
-  t0 = time.monotonic()
-  marker = "BGPO-SANDBOX-OK-" + secrets.token_hex(16)
-  python = python or sys.executable
-  uid = _UIDS.acquire()
-  tmpdir = tempfile.mkdtemp(prefix="bgpo-sandbox-")
-  status_r, status_w = os.pipe()
-  marker_r, marker_w = os.pipe()
-  proc = None
+  run = SandboxRun(source, timeout_s, memory_mb, **kwargs)
   try:
-    with open(os.path.join(tmpdir, "prog.py"), "w", encoding="utf-8") as f:
-      f.write(source)  # the marker is NOT in the program's source
-    os.write(marker_w, (marker + "\n").encode())
-    os.close(marker_w)
-    marker_w = None
-    cfg = {
-        "dir": tmpdir, "status_fd": status_w, "marker_fd": marker_r, "parent_pid": os.getpid(),
-        "uid": uid, "python": python, "site_packages": site_packages, "isolation": isolation,
-        "cpu_s": math.ceil(timeout_s) + 1, "memory_mb": int(memory_mb),
-        "fsize_mb": int(fsize_mb), "tmpfs_mb": int(tmpfs_mb), "nproc": int(nproc),
-        "cgroup_mb": int(memory_mb) + int(tmpfs_mb) + 64,
-        "expose": _expose_paths(python), "boot": _BOOT,
-    }
-    try:
-      proc = subprocess.Popen(
-          [sys.executable, "-I", "-S", _LAUNCHER, marshal.dumps(cfg).hex()],
-          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-          env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}, cwd=tmpdir,
-          start_new_session=True, pass_fds=(status_w, marker_r), close_fds=True)
-    except OSError as e:
-      return SandboxResult(False, "error", None, "", f"could not start the sandbox: {e!r}",
-                           time.monotonic() - t0, "")
-    finally:
-      os.close(status_w)
-      os.close(marker_r)
-    out, err, reason = _collect(proc, t0 + timeout_s, max_output_bytes, tail_bytes)
-    # The launcher is the group leader and is not reaped yet, so its pgid cannot have been
-    # reused: killing the group here is safe and removes any straggler (basic mode).
-    _killpg(proc.pid)
-    proc.wait()
-    status_text = _read_all(status_r)
-    _remove_cgroups(status_text)
+    if run.start():
+      run.pump()
+    return run.finish()
   finally:
-    if proc is not None and proc.returncode is None:  # interrupted (e.g. KeyboardInterrupt)
-      _killpg(proc.pid)
-      proc.wait()
-    os.close(status_r)
-    if marker_w is not None:
-      os.close(marker_w)
-    if proc is not None:
-      for s in (proc.stdout, proc.stderr):
-        if s is not None:
-          s.close()
-    shutil.rmtree(tmpdir, ignore_errors=True)
-    _UIDS.release(uid)
-  return _classify(status_text, out, err, reason, marker, tail_bytes, time.monotonic() - t0)
+    run.close()
 
 
 def _remove_cgroups(status_text: str) -> None:
@@ -336,65 +453,9 @@ def _read_all(fd: int) -> str:
   return b"".join(chunks).decode("utf-8", errors="replace")
 
 
-def _collect(proc: subprocess.Popen, deadline: float, max_output: int,
-             tail_bytes: int) -> tuple[bytearray, bytearray, str | None]:
-  """Reads stdout/stderr until the launcher exits and both pipes close, the deadline passes
-  (reason "timeout") or the output cap is exceeded (reason "output_limit")."""
-  keep = max(tail_bytes, 256) * 2
-  bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-  sel = selectors.DefaultSelector()
-  for fd in bufs:
-    sel.register(fd, selectors.EVENT_READ)
-  try:
-    pidfd = os.pidfd_open(proc.pid)
-    sel.register(pidfd, selectors.EVENT_READ)
-  except (AttributeError, OSError):
-    pidfd = None  # old kernel: poll the exit status instead
-  open_fds, total, exited, grace_end, reason = set(bufs), 0, False, None, None
-  try:
-    while open_fds or not exited:
-      now = time.monotonic()
-      if now >= deadline:
-        reason = "timeout"
-        break
-      if exited and now >= grace_end:
-        break  # a leftover process holds the pipes open (basic mode); it gets killed
-      wait = deadline - now
-      if exited:
-        wait = min(wait, grace_end - now)
-      if pidfd is None and not exited:
-        wait = min(wait, 0.01)
-      for key, _ in sel.select(wait):
-        fd = key.fd
-        if fd == pidfd:
-          sel.unregister(fd)
-          exited, grace_end = True, time.monotonic() + 0.5
-          continue
-        data = os.read(fd, 65536)
-        if not data:
-          sel.unregister(fd)
-          open_fds.discard(fd)
-          continue
-        total += len(data)
-        buf = bufs[fd]
-        buf += data
-        if len(buf) > 4 * keep:
-          del buf[:-keep]
-      if total > max_output:
-        reason = "output_limit"
-        break
-      if pidfd is None and not exited and proc.poll() is not None:
-        exited, grace_end = True, time.monotonic() + 0.5
-  finally:
-    sel.close()
-    if pidfd is not None:
-      os.close(pidfd)
-  return bufs[proc.stdout.fileno()], bufs[proc.stderr.fileno()], reason
-
-
 def _classify(status_text: str, out: bytearray, err: bytearray, reason: str | None, marker: str,
               tail_bytes: int, wall_s: float) -> SandboxResult:
-  mode, code, sig, error, oom = "", None, None, None, False
+  mode, code, sig, error, oom, filtered = "", None, None, None, False, False
   for line in status_text.splitlines():
     key, _, val = line.partition(" ")
     if key == "mode":
@@ -407,6 +468,8 @@ def _classify(status_text: str, out: bytearray, err: bytearray, reason: str | No
       error = val
     elif key == "oom":
       oom = True
+    elif key == "seccomp":
+      filtered = val == "on"
   stdout = _tail(out, tail_bytes * 2)
   found = marker in stdout
   stdout = stdout.replace(marker + "\n", "").replace(marker, "")[-tail_bytes:]
@@ -428,7 +491,7 @@ def _classify(status_text: str, out: bytearray, err: bytearray, reason: str | No
     status = "memory"
   else:
     status = "failed"
-  return SandboxResult(status == "passed", status, rc, stdout, stderr, wall_s, mode)
+  return SandboxResult(status == "passed", status, rc, stdout, stderr, wall_s, mode, filtered)
 
 
 _PASSING = "print('bgpo sandbox self-test')\n"
@@ -455,6 +518,8 @@ def self_test(**run_kwargs) -> None:
     raise SandboxError(
         f"the code sandbox misreports a failing program (SystemExit(3)): passed={bad.passed}, "
         f"status {bad.status!r}, return code {bad.returncode}, isolation {bad.isolation!r}")
+  from bgpo_jax.rewards import judge  # the code rewards' verdict path (it imports this module)
+  judge.self_test(**kw)
 
 
 class SandboxPool:
@@ -496,10 +561,15 @@ class SandboxPool:
 
   def submit(self, source: str, timeout_s: float = 5.0, memory_mb: int = 1024,
              **kwargs) -> concurrent.futures.Future:
+    """run_program(source, ...) in the pool; a Future of its SandboxResult."""
+    return self.submit_fn(run_program, source, timeout_s, memory_mb, **kwargs)
+
+  def submit_fn(self, fn, *args, **kwargs) -> concurrent.futures.Future:
+    """fn(*args, **defaults, **kwargs) in the pool, after the self-test: for a function that
+    runs one sandboxed program with run_program's keywords (e.g. rewards.judge.judge)."""
     if self._check:
       self.self_test()
-    kw = {**self._defaults, **kwargs}
-    return self._pool.submit(run_program, source, timeout_s, memory_mb, **kw)
+    return self._pool.submit(fn, *args, **{**self._defaults, **kwargs})
 
   def map(self, sources: Iterable[str], timeout_s: float = 5.0, memory_mb: int = 1024,
           **kwargs) -> list[SandboxResult]:

@@ -1,0 +1,433 @@
+"""The code-reward verdict: tests run in the grading process, the solution in the sandbox.
+
+`judge(solution, test)` starts the solution in a sandbox (rewards.sandbox) under a small call
+server, then runs the TrustedTest (rewards.code_tests) here. Each call the test makes to a
+solution name goes over a pipe: the arguments travel as plain data, the sandbox calls the
+function and answers with the result as plain data. The test's comparisons, its expected
+values and its helpers stay in this process, which never runs candidate code, so the program
+cannot compute or influence the verdict: patching builtins, walking frames, tracing, reading its
+own files or returning an object whose `__eq__` is always True change nothing here.
+
+Plain data: None, bool, int, float, complex, str, bytes, bytearray, and list / tuple / dict /
+set / frozenset of plain data, nested at most `MAX_DEPTH` deep, each of the exact builtin type
+(no subclasses). The answer is decoded here into fresh builtin objects from a tagged JSON line:
+whatever the program writes, only such data can come out. A result that is not plain data stays
+in the sandbox as a handle: the test may pass it back into calls or read its attributes there
+(MBPP's `Pair(5, 24)` objects), but comparing, hashing or iterating it fails the test.
+
+Fails closed: an answer that is not a well-formed message, a sandbox that dies, times out or
+floods its output, a test that makes no call, or an argument the test passes that is not plain
+data (counted as `unrewritable`) fails the row. Exceptions the solution raises come back as a
+fresh exception of the same builtin class (a short list; anything else is `CandidateError`),
+never StopIteration, which would end the test's own loops early.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import json
+import os
+
+from bgpo_jax.rewards import code_tests
+from bgpo_jax.rewards.sandbox import SandboxResult, SandboxRun
+
+MAX_DEPTH = 64
+MAX_MESSAGE_BYTES = 4 << 20  # one answer: more is an output flood
+INT_TAG_BITS = 53  # ints beyond float precision travel as hex (no decimal digit limit)
+
+# Exceptions the solution may raise that the test may catch by class.
+_PASSED_EXCEPTIONS = frozenset({
+    "ValueError", "TypeError", "KeyError", "IndexError", "ZeroDivisionError", "AttributeError",
+    "ArithmeticError", "OverflowError", "LookupError", "NotImplementedError", "RuntimeError",
+    "RecursionError", "NameError", "UnboundLocalError", "AssertionError", "Exception"})
+
+# The sandbox side: `python -I -S -c CALL_SERVER prog.py MARKER_FD BASIC REQUEST_FD ANSWER_FD`.
+# Runs prog.py as module `__solution__`, says "ready" (or the exception it raised), then answers
+# one request line at a time. Its encoder is only a courtesy to honest programs: the grading
+# side trusts nothing it sends.
+CALL_SERVER = r"""
+import json, os, sys
+os.close(int(sys.argv[2]))
+_req, _ans = int(sys.argv[4]), int(sys.argv[5])
+if sys.argv[3] == "1":
+  import socket
+  def _no_network(*a, **k):
+    raise PermissionError("network access is disabled in the sandbox")
+  for _n in ("socket", "create_connection", "create_server", "socketpair", "fromfd"):
+    setattr(socket, _n, _no_network)
+with open(sys.argv[1], "rb") as _f:
+  _src = _f.read()
+sys.argv = ["prog.py"]
+_mod = type(sys)("__solution__")
+_mod.__file__ = "prog.py"
+sys.modules["__solution__"] = _mod
+def _send(obj):
+  data = (json.dumps(obj) + "\n").encode()
+  while data:
+    data = data[os.write(_ans, data):]
+class _NotPlain(Exception):
+  pass
+def _enc(x, depth=0):
+  t = type(x)
+  if depth > %(depth)d:
+    raise _NotPlain
+  if x is None or t is bool or t is str or t is float:
+    return x
+  if t is int:
+    return x if abs(x) < 2 ** %(int_bits)d else {"i": format(x, "x")}
+  if t is list:
+    return [_enc(v, depth + 1) for v in x]
+  if t is tuple:
+    return {"t": [_enc(v, depth + 1) for v in x]}
+  if t is dict:
+    return {"d": [[_enc(k, depth + 1), _enc(v, depth + 1)] for k, v in x.items()]}
+  if t is set or t is frozenset:
+    return {"s" if t is set else "f": [_enc(v, depth + 1) for v in x]}
+  if t is bytes or t is bytearray:
+    return {"b" if t is bytes else "ba": x.hex()}
+  if t is complex:
+    return {"c": [x.real, x.imag]}
+  raise _NotPlain
+_handles = []
+def _dec(x):
+  if type(x) is list:
+    return [_dec(v) for v in x]
+  if type(x) is not dict:
+    return x
+  (k, v), = x.items()
+  if k == "h":
+    return _handles[v]
+  if k == "i":
+    return int(v, 16)
+  if k == "t":
+    return tuple(_dec(e) for e in v)
+  if k == "d":
+    return {_dec(a): _dec(b) for a, b in v}
+  if k in ("s", "f"):
+    return (set if k == "s" else frozenset)(_dec(e) for e in v)
+  if k in ("b", "ba"):
+    return (bytes if k == "b" else bytearray).fromhex(v)
+  if k == "c":
+    return complex(v[0], v[1])
+  raise ValueError(k)
+def _ref(r):
+  return _handles[r["h"]] if "h" in r else _mod.__dict__[r["n"]]
+try:
+  exec(compile(_src, "solution.py", "exec"), _mod.__dict__)
+except BaseException as e:
+  _send({"load": type(e).__name__})
+  os._exit(0)
+_send({"ready": 1})
+_buf = b""
+while True:
+  while b"\n" not in _buf:
+    _c = os.read(_req, 1 << 16)
+    if not _c:
+      sys.stdout.flush()
+      os._exit(0)
+    _buf += _c
+  _line, _buf = _buf.split(b"\n", 1)
+  _msg = json.loads(_line)
+  try:
+    if _msg["op"] == "getattr":
+      _r = getattr(_ref(_msg["o"]), _msg["n"])
+    else:
+      try:
+        _f = _ref(_msg["f"])
+      except KeyError:
+        raise NameError(f"name {_msg['f'].get('n')!r} is not defined") from None
+      _r = _f(*[_dec(a) for a in _msg["a"]], **{k: _dec(v) for k, v in _msg["k"]})
+    try:
+      _out = {"v": _enc(_r)}
+    except (_NotPlain, RecursionError):
+      _handles.append(_r)
+      _out = {"h": len(_handles) - 1}
+  except BaseException as e:
+    _out = {"e": type(e).__name__}
+  sys.stdout.flush()
+  _send(_out)
+""" % {"depth": MAX_DEPTH, "int_bits": INT_TAG_BITS}
+
+
+class CandidateError(Exception):
+  """The solution raised an exception the test cannot catch by class."""
+
+
+class _Abort(BaseException):
+  """Ends the test at once (a BaseException, so the test's own `except Exception` cannot
+  swallow it): the sandbox died, timed out, broke the protocol, or the test is unrewritable."""
+
+
+class _NotSendable(Exception):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+  """passed: the test ran to its end here, having called the solution at least once.
+  status: passed | failed (an assert or exception in the test, or the solution raised at import)
+    | unrewritable | timeout | memory | output_limit | signal | error (the sandbox's).
+  detail: one line saying why. sandbox: the run's SandboxResult (stdout / stderr tails)."""
+  passed: bool
+  status: str
+  detail: str
+  sandbox: SandboxResult | None = None
+
+
+def _encode(x, depth: int = 0):
+  """Plain data -> tagged JSON value (the grading side's arguments); _NotSendable otherwise."""
+  t = type(x)
+  if depth > MAX_DEPTH:
+    raise _NotSendable("nested too deep")
+  if x is None or t in (bool, str, float):
+    return x
+  if t is int:
+    return x if abs(x) < 2 ** INT_TAG_BITS else {"i": format(x, "x")}
+  if t is list:
+    return [_encode(v, depth + 1) for v in x]
+  if t is tuple:
+    return {"t": [_encode(v, depth + 1) for v in x]}
+  if t is dict:
+    return {"d": [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in x.items()]}
+  if t in (set, frozenset):
+    return {"s" if t is set else "f": [_encode(v, depth + 1) for v in x]}
+  if t in (bytes, bytearray):
+    return {"b" if t is bytes else "ba": x.hex()}
+  if t is complex:
+    return {"c": [x.real, x.imag]}
+  if t is RemoteHandle:
+    return {"h": x._id}
+  raise _NotSendable(f"an argument of type {t.__name__} cannot be sent to the sandbox")
+
+
+def decode(x, depth: int = 0):
+  """Tagged JSON value from the sandbox -> fresh builtin objects; ValueError when malformed."""
+  if depth > MAX_DEPTH:
+    raise ValueError("nested too deep")
+  t = type(x)
+  if x is None or t in (bool, str, int):
+    return x
+  if t is float:
+    return x
+  if t is list:
+    return [decode(v, depth + 1) for v in x]
+  if t is not dict or len(x) != 1:
+    raise ValueError(f"malformed value of type {t.__name__}")
+  (k, v), = x.items()
+  if k == "i" and type(v) is str and len(v) <= MAX_MESSAGE_BYTES:
+    return int(v, 16)
+  if k in ("t", "s", "f") and type(v) is list:
+    items = [decode(e, depth + 1) for e in v]
+    return tuple(items) if k == "t" else set(items) if k == "s" else frozenset(items)
+  if k == "d" and type(v) is list:
+    out = {}
+    for pair in v:
+      if type(pair) is not list or len(pair) != 2:
+        raise ValueError("malformed dict item")
+      out[decode(pair[0], depth + 1)] = decode(pair[1], depth + 1)
+    return out
+  if k in ("b", "ba") and type(v) is str:
+    return (bytes if k == "b" else bytearray).fromhex(v)
+  if k == "c" and type(v) is list and len(v) == 2 and all(type(p) in (int, float) for p in v):
+    return complex(v[0], v[1])
+  raise ValueError(f"malformed tag {k!r}")
+
+
+class _Channel:
+  """The grading side of the pipes to the call server."""
+
+  def __init__(self, run: SandboxRun, request_fd: int, answer_fd: int):
+    self.run, self.w, self.r = run, request_fd, answer_fd
+    self.buf = bytearray()
+    self.failure: tuple[str, str] | None = None  # (status, detail) once the channel is dead
+    self.calls = 0
+
+  def fail(self, status: str, detail: str) -> _Abort:
+    if self.failure is None:
+      self.failure = (status, detail)
+    return _Abort(detail)
+
+  def receive(self) -> dict:
+    while b"\n" not in self.buf:
+      if len(self.buf) > MAX_MESSAGE_BYTES:
+        raise self.fail("output_limit", f"an answer longer than {MAX_MESSAGE_BYTES} bytes")
+      if not self.run.pump(until_fd=self.r):
+        raise self.fail(self.run.reason or "failed", "the program ended before answering")
+      chunk = os.read(self.r, 1 << 16)
+      if not chunk:
+        raise self.fail("failed", "the program closed its answer pipe (it exited)")
+      self.buf += chunk
+    line, _, rest = bytes(self.buf).partition(b"\n")
+    self.buf = bytearray(rest)
+    try:
+      msg = json.loads(line)
+    except (ValueError, RecursionError) as e:
+      raise self.fail("failed", f"a malformed answer ({type(e).__name__})") from None
+    if type(msg) is not dict or len(msg) != 1:
+      raise self.fail("failed", "a malformed answer")
+    return msg
+
+  def request(self, msg: dict) -> dict:
+    if self.failure is not None:
+      raise _Abort(self.failure[1])
+    data = memoryview((json.dumps(msg) + "\n").encode())
+    while data:
+      if not self.run.pump(until_fd=self.w, write=True):
+        raise self.fail(self.run.reason or "failed", "the program ended before reading a call")
+      try:
+        data = data[os.write(self.w, data):]
+      except BrokenPipeError:
+        raise self.fail("failed", "the program closed its request pipe") from None
+      except BlockingIOError:
+        continue
+    self.calls += 1
+    return self.receive()
+
+  def answer(self, msg: dict):
+    (key, value), = msg.items()
+    if key == "v":
+      try:
+        return decode(value)
+      except (ValueError, TypeError, RecursionError, MemoryError) as e:
+        raise self.fail("failed", f"a result that is not plain data ({e})") from None
+    if key == "h" and type(value) is int:
+      return RemoteHandle(self, value)
+    if key == "e" and type(value) is str:
+      if value in _PASSED_EXCEPTIONS:
+        raise getattr(builtins, value)(f"raised by the solution")
+      raise CandidateError(f"the solution raised {value[:80]}")
+    raise self.fail("failed", "a malformed answer")
+
+  def send_args(self, args, kwargs) -> tuple[list, list]:
+    try:
+      return [_encode(a) for a in args], [[k, _encode(v)] for k, v in kwargs.items()]
+    except _NotSendable as e:
+      raise self.fail("unrewritable", str(e)) from None
+
+
+class RemoteFunction:
+  """A solution name in the grading process: calling it calls the solution in the sandbox."""
+
+  def __init__(self, channel: _Channel, name: str):
+    self._channel, self._name = channel, name
+
+  def __call__(self, *args, **kwargs):
+    a, k = self._channel.send_args(args, kwargs)
+    msg = self._channel.request({"op": "call", "f": {"n": self._name}, "a": a, "k": k})
+    return self._channel.answer(msg)
+
+  def __repr__(self) -> str:
+    return f"<solution function {self._name!r} in the sandbox>"
+
+
+class RemoteHandle:
+  """A result that is not plain data: it stays in the sandbox. Usable as an argument of further
+  calls, callable, and its attributes readable (each a call into the sandbox); comparing,
+  hashing, iterating or testing it fails."""
+  __slots__ = ("_channel", "_id")
+  __hash__ = None
+
+  def __init__(self, channel: _Channel, handle: int):
+    self._channel, self._id = channel, handle
+
+  def __call__(self, *args, **kwargs):
+    a, k = self._channel.send_args(args, kwargs)
+    return self._channel.answer(
+        self._channel.request({"op": "call", "f": {"h": self._id}, "a": a, "k": k}))
+
+  def __getattr__(self, name: str):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return self._channel.answer(
+        self._channel.request({"op": "getattr", "o": {"h": self._id}, "n": name}))
+
+  def _refuse(self, *args):
+    raise TypeError("the solution returned an object that is not plain data "
+                    "(it cannot be compared or inspected outside the sandbox)")
+
+  __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
+  __bool__ = __len__ = __iter__ = __contains__ = __getitem__ = _refuse
+  __float__ = __int__ = __index__ = __str__ = __format__ = __abs__ = __round__ = _refuse
+  __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __neg__ = _refuse
+
+  def __repr__(self) -> str:
+    return "<solution object in the sandbox>"
+
+
+def judge(solution: str, test: code_tests.TrustedTest, timeout_s: float = 5.0,
+          memory_mb: int = 1024, **sandbox_kwargs) -> Verdict:
+  """Runs `solution` in a sandbox and `test` here against it (module docstring).
+
+  timeout_s bounds the whole run: start-up, the solution's import and every call.
+  sandbox_kwargs: rewards.sandbox.run_program's other limits (max_output_bytes, nproc, ...).
+  """
+  req_r, req_w = os.pipe()
+  ans_r, ans_w = os.pipe()
+  run = SandboxRun(solution, timeout_s, memory_mb, boot=CALL_SERVER, boot_args=(req_r, ans_w),
+                   pass_fds=(req_r, ans_w), **sandbox_kwargs)
+  try:
+    started = run.start()
+  finally:
+    os.close(req_r)
+    os.close(ans_w)
+  os.set_blocking(req_w, False)
+  channel = _Channel(run, req_w, ans_r)
+  status, detail = "failed", ""
+  try:
+    if started:
+      status, detail = _run_test(channel, test)
+  finally:
+    os.close(req_w)
+    result = run.finish()
+    os.close(ans_r)
+  if not started:
+    return Verdict(False, "error", result.stderr.strip()[-300:], result)
+  if status == "failed" and result.status in ("memory", "signal", "error") and channel.failure:
+    status = result.status  # the sandbox's own account of why the program ended
+  return Verdict(status == "passed", status, detail, result)
+
+
+def _run_test(channel: _Channel, test: code_tests.TrustedTest) -> tuple[str, str]:
+  """(status, detail) of running `test` against the sandbox behind `channel`."""
+  try:
+    hello = channel.receive()
+    if "load" in hello:
+      return "failed", f"the solution raised {str(hello['load'])[:80]} when loaded"
+    if "ready" not in hello:
+      return "failed", "a malformed first message"
+    ns = {"__name__": "__bgpo_tests__", "__builtins__": builtins}
+    for line in test.imports:
+      exec(line, ns)  # noqa: S102 - a standard-library import from the trusted test
+    for name in test.remote:
+      ns[name] = RemoteFunction(channel, name)
+    exec(test.code, ns)  # noqa: S102 - the dataset's test code, in the grading process
+    if test.check:
+      ns[test.check](RemoteFunction(channel, test.entry))
+  except _Abort:
+    pass
+  except AssertionError as e:
+    return channel.failure or ("failed", f"assertion failed {str(e)[:120]}".strip())
+  except Exception as e:  # noqa: BLE001 - the test failed, whatever it raised
+    return channel.failure or ("failed", f"{type(e).__name__}: {str(e)[:120]}")
+  if channel.failure:
+    return channel.failure
+  if channel.calls == 0:
+    return "unrewritable", "the tests never called the solution"
+  return "passed", ""
+
+
+def self_test(**judge_kwargs) -> None:
+  """A right and a wrong solution of a tiny test, judged with `judge_kwargs`; raises
+  SandboxError saying why when the verdicts are not pass / fail."""
+  from bgpo_jax.rewards.sandbox import SandboxError
+  test = code_tests.mbpp_test(("assert add(2, 3) == 5",))
+  kw = {"timeout_s": 60.0, **judge_kwargs}
+  good = judge("def add(a, b):\n  return a + b\n", test, **kw)
+  bad = judge("def add(a, b):\n  return a - b\n", test, **kw)
+  if not good.passed or bad.passed:
+    tail = (good.sandbox.stderr.strip()[-800:] if good.sandbox else "") or "(nothing on stderr)"
+    raise SandboxError(
+        f"the code judge misgrades a trivial test (right: {good.status} {good.detail!r}, wrong: "
+        f"{bad.status}), so every code reward would be wrong; the program's stderr: {tail}")
+
