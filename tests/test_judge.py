@@ -30,6 +30,15 @@ def test_plain_values_round_trip_exactly(value):
   assert got == value and type(got) is type(value)
 
 
+def test_plain_values_round_trip_through_the_sandbox():
+  values = ["None", "True", "0", "-3", "2 ** 200", "-(2 ** 70)", "1.5", "-0.0", "1e300", "float('inf')",
+            "'text\\n\\u00e9\\ud800\"'", "b'\\x00\\xff'", "bytearray(b'ab')", "1 + 2j",
+            "[1, [2, (3, 4)]]", "()", "{'a': {1: (2, 3)}}", "{1, (2, 3)}", "frozenset({'x'})", "[[[]]]"]
+  asserts = [f"v = {v}\nr = echo(v)\nassert r == v and type(r) is type(v), (r, v)" for v in values]
+  asserts.append("import math\nassert math.isnan(echo(float('nan')))")
+  assert _judge("def echo(x):\n  return x\n", asserts).passed
+
+
 @pytest.mark.parametrize("bad", [{"x": 1}, {"t": 1}, {"d": [[1]]}, {"a": 1, "b": 2}, {"c": ["1", 2]},
                                  {"s": [[1]]}])
 def test_malformed_values_are_refused(bad):

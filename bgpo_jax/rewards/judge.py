@@ -27,6 +27,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
+import marshal
 import os
 
 from bgpo_jax.rewards import code_tests
@@ -44,10 +45,12 @@ _PASSED_EXCEPTIONS = frozenset({
 
 # The sandbox side: `python -I -S -c CALL_SERVER prog.py MARKER_FD BASIC REQUEST_FD ANSWER_FD`.
 # Runs prog.py as module `__solution__`, says "ready" (or the exception it raised), then answers
-# one request line at a time. Its encoder is only a courtesy to honest programs: the grading
-# side trusts nothing it sends.
+# one request at a time. Requests come as marshal (4-byte length, then the tagged value: the
+# grading side writes them, so the sandbox may trust them); answers go back as one tagged JSON
+# line, written without the json module (its import costs more than a short program's run).
+# The encoder is only a courtesy to honest programs: the grading side trusts nothing it sends.
 CALL_SERVER = r"""
-import json, os, sys
+import marshal, os, sys
 os.close(int(sys.argv[2]))
 _req, _ans = int(sys.argv[4]), int(sys.argv[5])
 if sys.argv[3] == "1":
@@ -56,38 +59,52 @@ if sys.argv[3] == "1":
     raise PermissionError("network access is disabled in the sandbox")
   for _n in ("socket", "create_connection", "create_server", "socketpair", "fromfd"):
     setattr(socket, _n, _no_network)
+try:
+  from _json import encode_basestring_ascii as _qs
+except ImportError:
+  from json import dumps as _qs
 with open(sys.argv[1], "rb") as _f:
   _src = _f.read()
 sys.argv = ["prog.py"]
 _mod = type(sys)("__solution__")
 _mod.__file__ = "prog.py"
 sys.modules["__solution__"] = _mod
-def _send(obj):
-  data = (json.dumps(obj) + "\n").encode()
+def _send(text):
+  data = (text + "\n").encode()
   while data:
     data = data[os.write(_ans, data):]
 class _NotPlain(Exception):
   pass
-def _enc(x, depth=0):
+_FLOATS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+def _seq(xs, d):
+  return ",".join([_enc(v, d + 1) for v in xs])
+def _enc(x, d=0):
   t = type(x)
-  if depth > %(depth)d:
+  if d > %(depth)d:
     raise _NotPlain
-  if x is None or t is bool or t is str or t is float:
-    return x
+  if x is None:
+    return "null"
+  if t is bool:
+    return "true" if x else "false"
+  if t is str:
+    return _qs(x)
   if t is int:
-    return x if abs(x) < 2 ** %(int_bits)d else {"i": format(x, "x")}
+    return str(x) if -(2 ** %(int_bits)d) < x < 2 ** %(int_bits)d else '{"i":"%%x"}' %% x
+  if t is float:
+    r = repr(x)
+    return _FLOATS.get(r, r)
   if t is list:
-    return [_enc(v, depth + 1) for v in x]
+    return "[" + _seq(x, d) + "]"
   if t is tuple:
-    return {"t": [_enc(v, depth + 1) for v in x]}
+    return '{"t":[' + _seq(x, d) + "]}"
   if t is dict:
-    return {"d": [[_enc(k, depth + 1), _enc(v, depth + 1)] for k, v in x.items()]}
+    return '{"d":[' + ",".join(["[" + _enc(k, d + 1) + "," + _enc(v, d + 1) + "]" for k, v in x.items()]) + "]}"
   if t is set or t is frozenset:
-    return {"s" if t is set else "f": [_enc(v, depth + 1) for v in x]}
+    return '{"' + ("s" if t is set else "f") + '":[' + _seq(x, d) + "]}"
   if t is bytes or t is bytearray:
-    return {"b" if t is bytes else "ba": x.hex()}
+    return '{"' + ("b" if t is bytes else "ba") + '":"' + x.hex() + '"}'
   if t is complex:
-    return {"c": [x.real, x.imag]}
+    return '{"c":[' + _enc(x.real) + "," + _enc(x.imag) + "]}"
   raise _NotPlain
 _handles = []
 def _dec(x):
@@ -101,11 +118,11 @@ def _dec(x):
   if k == "i":
     return int(v, 16)
   if k == "t":
-    return tuple(_dec(e) for e in v)
+    return tuple([_dec(e) for e in v])
   if k == "d":
     return {_dec(a): _dec(b) for a, b in v}
   if k in ("s", "f"):
-    return (set if k == "s" else frozenset)(_dec(e) for e in v)
+    return (set if k == "s" else frozenset)([_dec(e) for e in v])
   if k in ("b", "ba"):
     return (bytes if k == "b" else bytearray).fromhex(v)
   if k == "c":
@@ -113,22 +130,23 @@ def _dec(x):
   raise ValueError(k)
 def _ref(r):
   return _handles[r["h"]] if "h" in r else _mod.__dict__[r["n"]]
+def _read(n):
+  b = b""
+  while len(b) < n:
+    c = os.read(_req, n - len(b))
+    if not c:
+      sys.stdout.flush()
+      os._exit(0)
+    b += c
+  return b
 try:
   exec(compile(_src, "solution.py", "exec"), _mod.__dict__)
 except BaseException as e:
-  _send({"load": type(e).__name__})
+  _send('{"load":' + _qs(type(e).__name__) + "}")
   os._exit(0)
-_send({"ready": 1})
-_buf = b""
+_send('{"ready":1}')
 while True:
-  while b"\n" not in _buf:
-    _c = os.read(_req, 1 << 16)
-    if not _c:
-      sys.stdout.flush()
-      os._exit(0)
-    _buf += _c
-  _line, _buf = _buf.split(b"\n", 1)
-  _msg = json.loads(_line)
+  _msg = marshal.loads(_read(int.from_bytes(_read(4), "little")))
   try:
     if _msg["op"] == "getattr":
       _r = getattr(_ref(_msg["o"]), _msg["n"])
@@ -136,15 +154,15 @@ while True:
       try:
         _f = _ref(_msg["f"])
       except KeyError:
-        raise NameError(f"name {_msg['f'].get('n')!r} is not defined") from None
+        raise NameError("name %%r is not defined" %% _msg["f"].get("n")) from None
       _r = _f(*[_dec(a) for a in _msg["a"]], **{k: _dec(v) for k, v in _msg["k"]})
     try:
-      _out = {"v": _enc(_r)}
+      _out = '{"v":' + _enc(_r) + "}"
     except (_NotPlain, RecursionError):
       _handles.append(_r)
-      _out = {"h": len(_handles) - 1}
+      _out = '{"h":%%d}' %% (len(_handles) - 1)
   except BaseException as e:
-    _out = {"e": type(e).__name__}
+    _out = '{"e":' + _qs(type(e).__name__) + "}"
   sys.stdout.flush()
   _send(_out)
 """ % {"depth": MAX_DEPTH, "int_bits": INT_TAG_BITS}
@@ -271,7 +289,8 @@ class _Channel:
   def request(self, msg: dict) -> dict:
     if self.failure is not None:
       raise _Abort(self.failure[1])
-    data = memoryview((json.dumps(msg) + "\n").encode())
+    payload = marshal.dumps(msg)
+    data = memoryview(len(payload).to_bytes(4, "little") + payload)
     while data:
       if not self.run.pump(until_fd=self.w, write=True):
         raise self.fail(self.run.reason or "failed", "the program ended before reading a call")
