@@ -9,20 +9,22 @@ Process tree (namespace mode, the default when running as root):
 
   launcher (root, original namespaces, process-group leader, killed by the parent on timeout)
     └─ init (root, PID 1 of a new PID namespace; new mount / network / IPC / UTS namespaces)
-         └─ program (unprivileged per-run uid, rlimits, empty tmpfs cwd, stdin = /dev/null):
-            `python -I [-S] -c BOOT prog.py FD`, the runner that reads the pass marker from
-            pipe FD, closes it, runs prog.py and writes the marker only if it returned
+         └─ program (unprivileged per-run uid, rlimits, seccomp, empty tmpfs cwd, stdin =
+            /dev/null): `python -I [-S] -c BOOT prog.py FD BASIC *boot_args`, the runner
+            (sandbox's marker runner, or the judge's call server, which ignores the marker)
 
-The marker reaches the launcher through a pipe (config "marker_fd"), not its command line, and
-the interpreter's installation directories ("expose") are mounted back read-only wherever the
-private tmpfs mounts or the per-run uid would hide them (`_setup_mounts`).
+init builds the program's root filesystem before it forks (`_setup_mounts`: system
+directories, the interpreter's installation directories ("expose") and a few devices,
+read-only, plus scratch tmpfs mounts), then pivots into it. The marker reaches the launcher
+through a pipe (config "marker_fd"), not its command line.
 
 When init exits the kernel SIGKILLs every process left in its PID namespace, so a fork bomb or
 a daemonized grandchild can never outlive the run. The parent kills the launcher's process
 group (launcher + init) on wall-clock timeout, which tears the namespace down the same way.
 
 Status lines go to the file descriptor given in the config ("status_fd"):
-  `mode <namespace|userns|basic>`, then `exit <code>` or `signal <n>`, or `error <message>`.
+  `mode <namespace|userns|basic>`, `seccomp <on|off>`, then `exit <code>` or `signal <n>`, or
+  `error <message>`.
 """
 
 import ctypes

@@ -1,45 +1,52 @@
-"""Runs untrusted Python programs (model-written code + tests) in a sandboxed child process.
+"""Runs untrusted Python programs (model-written code) in a sandboxed child process.
 
 `run_program(source)` executes `source` in a fresh interpreter and reports whether it ran to the
 end: a small runner executes `source` as `__main__` and, only when it returns normally, writes a
 random per-run marker; `passed` needs exit status 0 *and* that marker, so `sys.exit(0)` /
-`os._exit(0)` before the asserts fail. The marker is not in the program's source, its argv, its
-environment or any file descriptor it holds while it runs (the runner reads it from a pipe and
-closes it first), so a program cannot find it by reading its own file, /proc/self or its fds.
+`os._exit(0)` fail. That is a fact about the process, not a verdict on hostile code (a program
+can dig the marker out of its own memory once the runner has read it): code rewards never use
+it. They use `rewards.judge`, which keeps the tests in the grading process and talks to the
+program over two pipes (`SandboxRun` with `boot`, `boot_args`, `pass_fds`).
 
-Wherever the interpreter lives (a venv under /tmp, /var/tmp or /dev/shm, a conda env under /opt
-or /root, a home directory), its installation directories are mounted back read-only inside the
-sandbox at their own paths (`_expose_paths`), since the private tmpfs mounts and the per-run uid
-would otherwise hide them. `SandboxPool` runs a self-test (a trivial passing and a trivial
-failing program) before its first program and raises `SandboxError` with the status, isolation
-level and exec error when the sandbox cannot run code, so a broken setup is never a silent 0.
+`SandboxPool` runs a self-test (a trivial passing and a trivial failing program, and the judge's
+right / wrong pair) before its first program and raises `SandboxError` with the status,
+isolation level and exec error when the sandbox cannot run code, so a broken setup is never a
+silent 0.
 
 Isolation ("namespace" mode, used when the process runs as root, e.g. in CI):
 - new PID, mount, network, IPC and UTS namespaces (see `_launcher.py`). The network namespace
   has only a loopback device that is down: no connection to anything, 127.0.0.1 included. The
   PID namespace hides every other process (/proc is remounted) and is torn down as a whole by
   the kernel when its init exits or is killed, so fork bombs and daemons cannot outlive a run.
+- its own root filesystem (pivot_root): the system directories (/usr, /etc, the /lib* and /bin
+  links), the interpreter's installation directories wherever they live (`_expose_paths`: a
+  venv under /tmp, a conda env under /root) and a few device nodes, all bound read-only; fresh
+  size-limited tmpfs mounts for /tmp, /var/tmp and /dev/shm. Nothing else of the host exists
+  inside: not the dataset, the checkpoint or this source tree (no expected values to read off
+  the disk), not /run (no host UNIX socket to connect to), not the interpreter's site-packages
+  unless `site_packages=True` (an installed package may ship test data).
+- a seccomp filter with no_new_privs (`_launcher._seccomp_program`, x86_64 and aarch64):
+  no new user namespaces (whose capabilities would reopen mounting), no setns, no UNIX
+  sockets (socketpair stays), no io_uring (its requests bypass seccomp), no ptrace /
+  process_vm_*, bpf, perf, keyrings, mounting or modules. "namespace" isolation requires it;
+  elsewhere `seccomp="auto"` installs it where the machine has a filter.
 - the program runs under its own unprivileged uid (one per concurrent run, from
   `SANDBOX_UID_BASE`), with no supplementary groups, so RLIMIT_NPROC binds, it cannot signal
-  or ptrace the caller, and it can write only where every user may write. Those directories
-  (/tmp, /var/tmp, /dev/shm, /run/lock) are fresh size-limited tmpfs mounts private to the run;
-  the working directory is an empty tmpfs directory that vanishes with the namespace.
+  the caller, and it can write only to its scratch tmpfs mounts; the working directory is an
+  empty tmpfs directory that vanishes with the namespace.
 - rlimits: CPU seconds, address space (`memory_mb`), file size, open files, core 0, NPROC;
   oom_score_adj 1000 so the kernel OOM killer picks sandboxed code first.
 - scrubbed environment, stdin = /dev/null, `python -I` (isolated mode; `-S` too unless
   `site_packages=True`), its own session / process group, wall-clock kill of that group,
   stdout + stderr read with a byte cap (the run is killed when exceeded).
-What remains possible inside: reading world-readable files (e.g. the source tree, /etc),
-using CPU and memory up to the limits, and walking its own interpreter's memory (frames of the
-runner, ctypes): the marker is in the program's process once read, so a program written to dig
-it out of memory could still fake a pass (basic mode: also from the launcher's memory).
+What remains possible inside: reading the world-readable system files (/usr, /etc) and using
+CPU and memory up to the limits.
 
-Without root, "userns" mode uses an unprivileged user namespace for the same namespaces
-(network, PID, mount, private /tmp) but keeps the caller's uid (only one uid can be mapped), so
-the program can still write wherever the caller can, outside the private tmpfs directories.
-Where namespaces are unavailable ("basic" mode) only the rlimits, the process-group kill, a
-best-effort cgroup cleanup and a Python-level socket block apply: NOT safe for hostile code.
-`isolation="namespace"` refuses to run (status "error") unless full isolation is available.
+Without root, "userns" mode uses an unprivileged user namespace for the same namespaces, root
+filesystem and filter, but keeps the caller's uid (only one uid can be mapped). Where
+namespaces are unavailable ("basic" mode) only the rlimits, the filter, the process-group
+kill, a best-effort cgroup cleanup and a Python-level socket block apply: NOT safe for hostile
+code. `isolation="namespace"` refuses to run (status "error") unless full isolation is available.
 
 Per-run cgroups (memory + pids, cgroup v1 or a delegated v2 subtree, root only; skipped where
 not writable) cap the run as a whole, since rlimits are per process. Kill-on-timeout uses the
