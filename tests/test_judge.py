@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,20 @@ def test_plain_values_round_trip_through_the_sandbox():
 def test_malformed_values_are_refused(bad):
   with pytest.raises((ValueError, TypeError)):
     judge.decode(bad)
+
+
+def test_hash_colliding_ints_cannot_stall_the_grader():
+  # n * (2**61 - 1) all hash alike: a set of 50k of them would take the grader minutes. The
+  # program writes that answer itself, past its own encoder.
+  sol = ("import sys, time\n"
+         "def f():\n"
+         "  items = ','.join('{\"i\":\"%x\"}' % (i * (2 ** 61 - 1)) for i in range(1, 50000))\n"
+         "  sys.modules['__main__']._send('{\"v\":{\"s\":[' + items + ']}}')\n"
+         "  time.sleep(100)\n")
+  t0 = time.monotonic()
+  r = _judge(sol, ["assert f() == set()"])
+  assert not r.passed and "2**61" in r.detail and time.monotonic() - t0 < 5, r
+  assert _judge("def f():\n  return [2 ** 70] * 999\n", ["assert len(set(f())) == 1"]).passed
 
 
 def test_values_from_the_program_are_fresh_builtins():

@@ -36,6 +36,8 @@ from bgpo_jax.rewards.sandbox import SandboxResult, SandboxRun
 MAX_DEPTH = 64
 MAX_MESSAGE_BYTES = 4 << 20  # one answer: more is an output flood
 INT_TAG_BITS = 53  # ints beyond float precision travel as hex (no decimal digit limit)
+HUGE_INT = 2 ** 61  # from here on, ints can be made to collide in hash (see _huge)
+MAX_HUGE_INTS = 1000
 
 # Exceptions the solution may raise that the test may catch by class.
 _PASSED_EXCEPTIONS = frozenset({
@@ -219,31 +221,45 @@ def _encode(x, depth: int = 0):
   raise _NotSendable(f"an argument of type {t.__name__} cannot be sent to the sandbox")
 
 
-def decode(x, depth: int = 0):
+def decode(x):
   """Tagged JSON value from the sandbox -> fresh builtin objects; ValueError when malformed."""
+  return _decode(x, 0, [MAX_HUGE_INTS])
+
+
+def _huge(n: int, budget: list) -> int:
+  # Ints of 2**61 and beyond can share a hash (hash(n) is n mod 2**61 - 1): many of them in a
+  # set, or in a list the test makes a set of, would cost the grading process quadratic time.
+  if not -HUGE_INT < n < HUGE_INT:
+    budget[0] -= 1
+    if budget[0] < 0:
+      raise ValueError(f"more than {MAX_HUGE_INTS} ints of 2**61 or more")
+  return n
+
+
+def _decode(x, depth: int, budget: list):
   if depth > MAX_DEPTH:
     raise ValueError("nested too deep")
   t = type(x)
-  if x is None or t in (bool, str, int):
+  if x is None or t in (bool, str, float):
     return x
-  if t is float:
-    return x
+  if t is int:
+    return _huge(x, budget)
   if t is list:
-    return [decode(v, depth + 1) for v in x]
+    return [_decode(v, depth + 1, budget) for v in x]
   if t is not dict or len(x) != 1:
     raise ValueError(f"malformed value of type {t.__name__}")
   (k, v), = x.items()
-  if k == "i" and type(v) is str and len(v) <= MAX_MESSAGE_BYTES:
-    return int(v, 16)
+  if k == "i" and type(v) is str:
+    return _huge(int(v, 16), budget)
   if k in ("t", "s", "f") and type(v) is list:
-    items = [decode(e, depth + 1) for e in v]
+    items = [_decode(e, depth + 1, budget) for e in v]
     return tuple(items) if k == "t" else set(items) if k == "s" else frozenset(items)
   if k == "d" and type(v) is list:
     out = {}
     for pair in v:
       if type(pair) is not list or len(pair) != 2:
         raise ValueError("malformed dict item")
-      out[decode(pair[0], depth + 1)] = decode(pair[1], depth + 1)
+      out[_decode(pair[0], depth + 1, budget)] = _decode(pair[1], depth + 1, budget)
     return out
   if k in ("b", "ba") and type(v) is str:
     return (bytes if k == "b" else bytearray).fromhex(v)
