@@ -11,8 +11,8 @@ Each disagreement where d1's parser is plainly wrong is put in a named category 
 `agree_excl` is the agreement over the other rows, and `--examples K` prints K rows per category.
 
 Code rows are MBPP-style completions (a small function + three asserts) scored end to end with
-`rewards.score_batch` (program building, sandbox launch, namespaces, interpreter start-up, test
-run). A `--timeout-frac` share of the completions loops forever, so each of those costs the full
+`rewards.score_batch` (test rewrite, sandbox launch, namespaces, root filesystem, interpreter
+start-up, the three calls over the judge's pipe). A `--timeout-frac` share of the completions loops forever, so each of those costs the full
 `--timeout` in one worker: `ideal_s` is the makespan if per-program cost were the measured
 1-worker cost of a passing program and timeouts ran in parallel. math500 rows go through the
 math-verify worker (first call includes its start-up); gsm8k / countdown / sudoku are inline.

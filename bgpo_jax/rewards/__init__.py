@@ -187,7 +187,7 @@ def grade(task: str, completion: str, ground_truth: Any, extra: dict | None = No
       solution, test = _code.code_case(task, completion, ground_truth, _extra(extra))
     except Unrewritable:
       return Grade(0.0, False, 0.0, "unrewritable")
-    verdict = _judge.judge(solution, test, code_timeout_s, code_memory_mb)
+    verdict = _judge.judge_isolated(solution, test, code_timeout_s, code_memory_mb)
     if verdict.status == "unrewritable":
       return Grade(0.0, False, 0.0, "unrewritable")
     ok = verdict.passed
@@ -212,7 +212,7 @@ def code_result(task: str, completion: str, ground_truth: Any, extra: dict | Non
   """The judge's full verdict (status, why, the sandbox's stdout/stderr tails) of a code
   completion: for debugging. Raises Unrewritable when the row's test cannot be judged."""
   solution, test = _code.code_case(_check_task(task), completion, ground_truth, _extra(extra))
-  return _judge.judge(solution, test, timeout_s, memory_mb)
+  return _judge.judge_isolated(solution, test, timeout_s, memory_mb)
 
 
 _DEFAULT_POOL: SandboxPool | None = None
@@ -261,7 +261,7 @@ def grade_batch(tasks: Sequence[str] | str, completions: Sequence[str],
         flags[i] = "unrewritable"
         continue
       pool = pool or default_pool()
-      futures[i] = pool.submit_fn(_judge.judge, solution, test, code_timeout_s, code_memory_mb)
+      futures[i] = pool.submit_fn(_judge.judge_isolated, solution, test, code_timeout_s, code_memory_mb)
   for i in range(n):
     if i not in futures and not flags[i]:
       parts[i] = _grade(tasks[i], completions[i], ground_truths[i], _extra(extras[i]),

@@ -153,5 +153,6 @@ def humaneval_test(prompt_code: str, check_source: str, entry: str) -> TrustedTe
     raise Unrewritable("check() never calls the candidate")
   _check_shape(tree, {param, entry})
   free = _loaded_names(tree) - _bound_names(tree)
-  return TrustedTest(code=compile(tree, "tests.py", "exec"), remote=(), imports=_stdlib_imports(free),
-                     check="check", entry=entry)
+  # The entry point's name is the solution's too (a test may call it by name, not as candidate).
+  return TrustedTest(code=compile(tree, "tests.py", "exec"), remote=(entry,),
+                     imports=_stdlib_imports(free), check="check", entry=entry)

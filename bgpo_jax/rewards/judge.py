@@ -9,17 +9,18 @@ cannot compute or influence the verdict: patching builtins, walking frames, trac
 own files or returning an object whose `__eq__` is always True change nothing here.
 
 Plain data: None, bool, int, float, complex, str, bytes, bytearray, and list / tuple / dict /
-set / frozenset of plain data, nested at most `MAX_DEPTH` deep, each of the exact builtin type
-(no subclasses). The answer is decoded here into fresh builtin objects from a tagged JSON line:
-whatever the program writes, only such data can come out. A result that is not plain data stays
+set / frozenset of plain data, nested at most `MAX_DEPTH` deep. The answer is decoded here into
+fresh builtin objects from a tagged JSON line: whatever the program writes, only such data can
+come out (an instance of a subclass, e.g. a namedtuple or a Counter, arrives as its base type's
+data: its own `__eq__` never runs here). A result that is not plain data stays
 in the sandbox as a handle: the test may pass it back into calls or read its attributes there
 (MBPP's `Pair(5, 24)` objects), but comparing, hashing or iterating it fails the test.
 
 Fails closed: an answer that is not a well-formed message, a sandbox that dies, times out or
 floods its output, a test that makes no call, or an argument the test passes that is not plain
 data (counted as `unrewritable`) fails the row. Exceptions the solution raises come back as a
-fresh exception of the same builtin class (a short list; anything else is `CandidateError`),
-never StopIteration, which would end the test's own loops early.
+fresh exception of their nearest builtin class (a short list; anything else is
+`CandidateError`), never StopIteration, which would end the test's own loops early.
 """
 
 from __future__ import annotations
@@ -29,8 +30,14 @@ import dataclasses
 import json
 import marshal
 import os
+import selectors
+import subprocess
+import sys
+import threading
+import time
 
 from bgpo_jax.rewards import code_tests
+from bgpo_jax.rewards import sandbox as _sandbox
 from bgpo_jax.rewards.sandbox import SandboxResult, SandboxRun
 
 MAX_DEPTH = 64
@@ -107,7 +114,13 @@ def _enc(x, d=0):
     return '{"' + ("b" if t is bytes else "ba") + '":"' + x.hex() + '"}'
   if t is complex:
     return '{"c":[' + _enc(x.real) + "," + _enc(x.imag) + "]}"
+  for base, plain in _BASES:  # subclasses (namedtuple, Counter, OrderedDict...): their data
+    if isinstance(x, base):
+      return _enc(plain(x), d)
   raise _NotPlain
+_BASES = ((bool, bool), (int, int.__index__), (float, float.__float__), (str, str.__str__),
+          (tuple, tuple), (list, list), (dict, dict), (frozenset, frozenset), (set, set),
+          (bytes, bytes), (complex, complex))
 _handles = []
 def _dec(x):
   if type(x) is list:
@@ -164,7 +177,8 @@ while True:
       _handles.append(_r)
       _out = '{"h":%%d}' %% (len(_handles) - 1)
   except BaseException as e:
-    _out = '{"e":' + _qs(type(e).__name__) + "}"
+    _cls = next(c for c in type(e).__mro__ if c.__module__ == "builtins")
+    _out = '{"e":' + _qs(_cls.__name__) + "}"
   sys.stdout.flush()
   _send(_out)
 """ % {"depth": MAX_DEPTH, "int_bits": INT_TAG_BITS}
@@ -437,6 +451,8 @@ def _run_test(channel: _Channel, test: code_tests.TrustedTest) -> tuple[str, str
     for name in test.remote:
       ns[name] = RemoteFunction(channel, name)
     exec(test.code, ns)  # noqa: S102 - the dataset's test code, in the grading process
+    for name in test.remote:  # over the prompt's stub of the entry point (HumanEval)
+      ns[name] = RemoteFunction(channel, name)
     if test.check:
       ns[test.check](RemoteFunction(channel, test.entry))
   except _Abort:
@@ -452,14 +468,121 @@ def _run_test(channel: _Channel, test: code_tests.TrustedTest) -> tuple[str, str
   return "passed", ""
 
 
+# Grading workers' sandbox uids: above the slots the grading process's own runs use.
+_WORKER_UIDS = _sandbox._UidSlots(_sandbox.SANDBOX_UID_BASE + _sandbox.SANDBOX_UID_SLOTS,
+                                  _sandbox.SANDBOX_UID_SLOTS)
+_LOCAL = threading.local()
+WORKER_START_S = 120.0  # a worker's start-up (imports) on a loaded machine
+
+
+def _grace_s(timeout_s: float) -> float:
+  """How long the test may run in the worker beyond the sandbox's own wall-clock limit."""
+  return max(1.0, 0.5 * timeout_s)
+
+
+class _Worker:
+  """One grading worker process (rewards.judge_worker) and the pipes to it."""
+
+  def __init__(self):
+    from bgpo_jax.rewards import judge_worker
+    self.frames = judge_worker
+    self.uids = _WORKER_UIDS  # kept: __del__ may run after module teardown
+    self.uid = self.uids.acquire()
+    self.closed = False
+    req_r, self.w = os.pipe()
+    self.r, ans_w = os.pipe()
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p))
+    try:
+      self.proc = subprocess.Popen(
+          [sys.executable, "-m", "bgpo_jax.rewards.judge_worker", str(req_r), str(ans_w),
+           str(self.uid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
+          pass_fds=(req_r, ans_w), start_new_session=True)
+    finally:
+      os.close(req_r)
+      os.close(ans_w)
+    if self._answer(time.monotonic() + WORKER_START_S) != "ready":
+      self.close()
+      raise _sandbox.SandboxError(f"the grading worker did not start ({sys.executable} -m "
+                                  "bgpo_jax.rewards.judge_worker); see its stderr above")
+
+  def _answer(self, deadline: float):
+    """The next answer frame, or None when the worker is late, died or wrote garbage."""
+    buf = b""
+    with selectors.DefaultSelector() as sel:
+      sel.register(self.r, selectors.EVENT_READ)
+      while True:
+        need = 4 if len(buf) < 4 else 4 + int.from_bytes(buf[:4], "little")
+        if len(buf) >= need and len(buf) > 4:
+          try:
+            return marshal.loads(buf[4:need])
+          except (EOFError, ValueError, TypeError):
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0 or not sel.select(left):
+          return None
+        chunk = os.read(self.r, 1 << 16)
+        if not chunk:
+          return None
+        buf += chunk
+
+  def judge(self, solution: str, test: code_tests.TrustedTest, timeout_s: float,
+            memory_mb: int, kwargs: dict):
+    fields = tuple(getattr(test, f.name) for f in dataclasses.fields(test))
+    try:
+      self.frames.write_frame(self.w, marshal.dumps((solution, fields, timeout_s, memory_mb, kwargs)))
+    except OSError:
+      return None
+    return self._answer(time.monotonic() + timeout_s + _grace_s(timeout_s))
+
+  def close(self) -> None:
+    """Kills the worker (and so its sandbox) and releases its pipes and uid; idempotent."""
+    if getattr(self, "closed", True):
+      return
+    self.closed = True
+    try:
+      os.killpg(self.proc.pid, 9)
+    except (ProcessLookupError, PermissionError, AttributeError):
+      pass
+    if hasattr(self, "proc"):
+      self.proc.wait()
+    for fd in (self.w, self.r):
+      try:
+        os.close(fd)
+      except OSError:
+        pass
+    self.uids.release(self.uid)
+
+  __del__ = close  # a grading thread's worker ends with the thread
+
+
+def judge_isolated(solution: str, test: code_tests.TrustedTest, timeout_s: float = 5.0,
+                   memory_mb: int = 1024, **sandbox_kwargs) -> Verdict:
+  """`judge` in this thread's grading worker process (rewards.judge_worker): the verdict, or
+  "timeout" when it is not back within timeout_s plus a grace for the test's own work (then the
+  worker is killed, taking its sandbox with it, and the next row starts a new one)."""
+  worker = getattr(_LOCAL, "worker", None)
+  if worker is None or worker.proc.poll() is not None:
+    worker = _LOCAL.worker = _Worker()
+  got = worker.judge(solution, test, timeout_s, memory_mb, sandbox_kwargs)
+  if got is None:
+    worker.close()
+    _LOCAL.worker = None
+    return Verdict(False, "timeout", f"no verdict within {timeout_s + _grace_s(timeout_s):.1f} s: "
+                   "the grading worker was stopped")
+  passed, status, detail, box = got
+  return Verdict(passed, status, detail, SandboxResult(*box) if box is not None else None)
+
+
 def self_test(**judge_kwargs) -> None:
   """A right and a wrong solution of a tiny test, judged with `judge_kwargs`; raises
   SandboxError saying why when the verdicts are not pass / fail."""
   from bgpo_jax.rewards.sandbox import SandboxError
   test = code_tests.mbpp_test(("assert add(2, 3) == 5",))
   kw = {"timeout_s": 60.0, **judge_kwargs}
-  good = judge("def add(a, b):\n  return a + b\n", test, **kw)
-  bad = judge("def add(a, b):\n  return a - b\n", test, **kw)
+  good = judge_isolated("def add(a, b):\n  return a + b\n", test, **kw)
+  bad = judge_isolated("def add(a, b):\n  return a - b\n", test, **kw)
   if not good.passed or bad.passed:
     tail = (good.sandbox.stderr.strip()[-800:] if good.sandbox else "") or "(nothing on stderr)"
     raise SandboxError(
