@@ -112,6 +112,10 @@ class Progress:
       print(line, flush=True)
 
 
+class NonFiniteError(ckpt_lib.RunError):
+  """optim.max_nonfinite_steps updates in a row had a NaN/Inf loss or gradient norm."""
+
+
 class Trainer:
   """Holds the run's pieces; `run()` is the whole loop."""
 
@@ -123,7 +127,10 @@ class Trainer:
     self.dp = mesh_lib.data_parallel_size(self.mesh)
     config_lib.validate(config, data_parallel_size=self.dp)
     self.is_main = jax.process_index() == 0
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # gs://, s3://, ... too
+    ckpt_lib.ensure_workdir(workdir)  # one line when it is a file
+    # A resume with other settings (seed, lr, ...) would silently continue the old run: refused.
+    ckpt_lib.check_run_config(workdir, json.loads(config.to_json_best_effort()),
+                              resuming=ckpt_lib.has_checkpoints(workdir), write=self.is_main)
     self.compilation_cache = tasks_lib.enable_compilation_cache(config, workdir)
 
     self.task = tasks_lib.build_task(config, workdir)
@@ -154,10 +161,14 @@ class Trainer:
       self.reference = self._reference_copy(self.state.params)
     self.ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     self.start_step = 0
-    latest = self.ckpt.latest_step()
-    if latest is not None:
-      self.state, host = self.ckpt.restore(latest, self.state)
+    # Updates skipped for a NaN/Inf loss or gradient norm: in all (a metric, kept across resumes)
+    # and in a row (optim.max_nonfinite_steps of them stop the run).
+    self.nonfinite_total, self.nonfinite_run, self.nonfinite_stop = 0, 0, None
+    restored = self.ckpt.restore_latest(self.state)  # damaged newer steps are moved aside
+    if restored is not None:
+      self.state, host = restored
       self.start_step = int(host["step"])
+      self.nonfinite_total = int(host.get("nonfinite_steps", 0))
       logging.info("resumed from %s at step %d", self.ckpt.directory, self.start_step)
     if self.needs_reference and self.reference is None and self.start_step > self.sft_steps:
       self.reference = self._restore_reference()
@@ -166,7 +177,7 @@ class Trainer:
       logging.warning("diffu_grpo with rl.kl_beta=0 and rl.updates_per_batch=1 is not d1's recipe; "
                       "d1's settings: --config=configs/<task>.py:diffu_grpo (bgpo_jax.config.d1_diffu_grpo)")
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main,
-                                            resume_step=self.start_step if latest is not None else None)
+                                            resume_step=self.start_step if restored is not None else None)
     self.sampler = tasks_lib.build_rollout_sampler(config, self.model_cfg, self.tokenizer, self.mesh, "rollout")
     self.eval_sampler = tasks_lib.build_rollout_sampler(config, self.model_cfg, self.tokenizer, self.mesh, "eval")
     self._steps: dict = {}
@@ -298,6 +309,7 @@ class Trainer:
     compiled, mem = self._compiled("sft", batch)
     self.state, m = compiled(self.state, batch)
     m = jax.device_get(m)
+    self._count_nonfinite(step + 1, [m])
     m["time/train_s"] = time.time() - t0
     m["perf/tokens_per_s"] = tokens.size * jax.process_count() / m["time/train_s"]
     m["mem/step_temp_bytes"] = mem.get("temp_bytes", 0)
@@ -313,7 +325,7 @@ class Trainer:
     rollout, rewards, reward_s, correct = tasks_lib.rollout_and_score(
         self.sampler, self.task, self.state.params, prompts, rng, group_size=rl.group_size,
         chunk=c.rollout.batch_size // jax.process_count() if c.rollout.batch_size else 0,
-        return_correct=True)
+        return_correct=True, metrics=m)
     m["time/rollout_s"] = time.time() - t0 - reward_s
     m["time/reward_s"] = reward_s
     # 2. advantages per prompt group.
@@ -382,15 +394,40 @@ class Trainer:
         extra["ref_elbo"] = self._terms(self.reference, batch)
       updates = [dict(batch, **extra)] * mu
     compiled, mem = self._compiled("rl", updates[0])
+    sms = []
     for b in updates:
       self.state, sm = compiled(self.state, b)
-    sm = jax.device_get(sm)
-    m.update(sm)
+      sms.append(sm)
+    sms = jax.device_get(sms)  # one transfer for the mu updates' metrics
+    self._count_nonfinite(step + 1, sms)
+    m.update(sms[-1])
     m["time/train_s"] = time.time() - t1
     m["perf/tokens_per_s"] = rows * jax.process_count() * c.rollout.gen_length / max(time.time() - t0, 1e-9)
     m["mem/step_temp_bytes"] = mem.get("temp_bytes", 0)
     m["mem/step_total_bytes"] = mem.get("total_bytes", 0)
     return m
+
+  def _count_nonfinite(self, step: int, updates: list[dict]) -> None:
+    """Counts the updates the step skipped (NaN/Inf loss or gradient norm; metrics of each update,
+    on host). Sets train/nonfinite_steps (cumulative: skipped updates since the run started) on
+    the last one and notes a stop after optim.max_nonfinite_steps skipped in a row."""
+    limit = int(self.config.optim.get("max_nonfinite_steps", 0) or 0)
+    for u in updates:
+      if float(u.pop("train/update_skipped", 0.0)) > 0:
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        loss = float(u["train/loss"])
+        which, value = ("loss", loss) if not np.isfinite(loss) else ("grad_norm", float(u["train/grad_norm"]))
+        if limit and self.nonfinite_run >= limit and self.nonfinite_stop is None:
+          self.nonfinite_stop = (
+              f"stopped at step {step}: train/{which} is {value}; {self.nonfinite_run} updates in a row were "
+              f"skipped for a NaN/Inf loss or gradient norm (optim.max_nonfinite_steps={limit}). The params are "
+              f"those of the last finite update (latest checkpoint: step {self.ckpt.latest_step()}); look for bad "
+              f"data, rewards or weights, and to retry with other settings start a new --workdir with "
+              f"--config.init.checkpoint={self.workdir}")
+      else:
+        self.nonfinite_run = 0
+    updates[-1]["train/nonfinite_steps"] = float(self.nonfinite_total)
 
   def _row_seeds(self, step: int, update: int, rows: int) -> np.ndarray:
     """[rows] uint32 prompt-mask seeds of diffu_grpo: distinct per row, inner update and step.
@@ -438,7 +475,7 @@ class Trainer:
 
   def _save(self, step: int, metrics: dict | None = None) -> None:
     host = {"step": step, "seed": int(self.config.seed), "data_position": step,
-            "config": json.loads(self.config.to_json_best_effort())}
+            "config": json.loads(self.config.to_json_best_effort()), "nonfinite_steps": self.nonfinite_total}
     self.ckpt.save(step, self.state, host, metrics=metrics)
 
   # ------------------------------------------------------------------ loop
@@ -456,33 +493,43 @@ class Trainer:
     progress = Progress(self.total, self.start_step, "sft+rl" if self.sft_steps and self.rl_steps else c.mode,
                         sft_end=self.sft_steps if self.rl_steps else 0)
     step = self.start_step
-    while step < self.total:
-      phase = "sft" if step < self.sft_steps else "rl"
-      if step == self.sft_steps and self.sft_steps and c.rl.reset_optimizer:
-        # A function of the step, so a run resumed at the boundary does the same.
-        self.state = self.state.replace(opt_state=optim_lib.reset_moments(self.state.opt_state))
-      if phase == "rl":
-        self._ensure_reference(step)
-      m = self.sft_step(step) if phase == "sft" else self.rl_step(step)
-      step += 1
-      every = c.sft.eval_every if phase == "sft" and c.sft.eval_every else c.eval_every
-      is_eval = eval_on and (step % every == 0 or step == self.total or step == self.sft_steps)
-      if is_eval:
-        m.update(self.evaluate(step))
-        if step == self.sft_steps and self.rl_steps:
-          self.before_rl = dict(self.last_eval)
-      if step % c.log_every == 0 or is_eval:
-        row = self.writer.write(step, m)
-        info = " ".join(f"{k.split('/')[-1]}={row[k]:.3g}" for k in
-                        ("train/loss", "train/reward_mean", "eval/accuracy") if isinstance(row.get(k), float))
-        if self.is_main:
-          progress.update(step, f"{phase} {info}", phase)
-      stop = self._agreed(self.preempt.requested) or step == stop_at
-      if step % c.checkpoint_every == 0 or step == self.total or stop:
-        self._save(step, m if is_eval else None)
-      if stop:
-        logging.warning("stopped at step %d on request; resume by running the same command", step)
-        break
+    try:
+      while step < self.total:
+        phase = "sft" if step < self.sft_steps else "rl"
+        if step == self.sft_steps and self.sft_steps and c.rl.reset_optimizer:
+          # A function of the step, so a run resumed at the boundary does the same.
+          self.state = self.state.replace(opt_state=optim_lib.reset_moments(self.state.opt_state))
+        if phase == "rl":
+          self._ensure_reference(step)
+        m = self.sft_step(step) if phase == "sft" else self.rl_step(step)
+        step += 1
+        self.ckpt.poll()  # a failed asynchronous save stops the run now, not one save later
+        every = c.sft.eval_every if phase == "sft" and c.sft.eval_every else c.eval_every
+        is_eval = eval_on and (step % every == 0 or step == self.total or step == self.sft_steps)
+        if is_eval:
+          m.update(self.evaluate(step))
+          if step == self.sft_steps and self.rl_steps:
+            self.before_rl = dict(self.last_eval)
+        if step % c.log_every == 0 or is_eval or self.nonfinite_stop:
+          row = self.writer.write(step, m)
+          info = " ".join(f"{k.split('/')[-1]}={row[k]:.3g}" for k in
+                          ("train/loss", "train/reward_mean", "eval/accuracy") if isinstance(row.get(k), float))
+          if self.is_main:
+            progress.update(step, f"{phase} {info}", phase)
+        if self.nonfinite_stop:
+          raise NonFiniteError(self.nonfinite_stop)
+        stop = self._agreed(self.preempt.requested) or step == stop_at
+        if step % c.checkpoint_every == 0 or step == self.total or stop:
+          self._save(step, m if is_eval else None)
+        if stop:
+          logging.warning("stopped at step %d on request; resume by running the same command", step)
+          break
+    except BaseException:
+      # Earlier checkpoints finish writing (a failed last save is only a warning now: the error
+      # on its way up says more), and the metric rows written so far stay.
+      self.ckpt.close_after_error()
+      self.writer.close()
+      raise
     self.ckpt.close()
     self.writer.close()
     summary = {"step": step, **self.last_eval}
@@ -493,6 +540,18 @@ class Trainer:
       except ValueError as e:
         logging.warning("no plot: %s", e)
     return summary
+
+
+def one_line_errors(fn):
+  """`fn` with a RunError (a stopped run: non-finite updates, a failed save, a workdir that is a
+  file, no checkpoint restores) printed as its one-line message and exit status 1, no traceback."""
+  def wrapped(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except ckpt_lib.RunError as e:
+      print(f"bgpo_jax.main: {e}", file=sys.stderr)
+      sys.exit(1)
+  return wrapped
 
 
 def main(argv) -> None:
@@ -527,4 +586,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(one_line_errors(main), flags_parser=config_lib.parse_flags)

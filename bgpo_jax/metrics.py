@@ -28,14 +28,15 @@ class MetricsWriter:
 
   Only process 0 writes. On resume, lines with a step after the resumed checkpoint's step are
   dropped first (they were written after that checkpoint was saved and will be written again), so
-  the file never holds the same step twice.
+  the file never holds the same step twice. The rows are also kept in memory (one short line per
+  logged step): a metrics.jsonl deleted during the run is rewritten whole, with a warning.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.remote = is_remote(workdir)
-    self._lines: list[str] = []  # remote workdir: the whole file, rewritten at each write
+    self._lines: list[str] = []  # every row; a remote workdir rewrites the whole file at each write
     self._tb = None
     if not enabled:
       return
@@ -69,8 +70,14 @@ class MetricsWriter:
         self._lines.append(line)
         self.path.write_text("".join(self._lines))
       else:
+        if self._lines and not self.path.exists():
+          logging.warning("%s was deleted during the run; rewrote it with its %d earlier rows", self.path,
+                          len(self._lines))
+          self.path.parent.mkdir(parents=True, exist_ok=True)
+          self.path.write_text("".join(self._lines))
         with self.path.open("a") as f:
           f.write(line)
+        self._lines.append(line)
       if self._tb is not None:
         for k, v in row.items():
           if k != "step" and isinstance(v, float):

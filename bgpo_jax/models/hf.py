@@ -7,7 +7,8 @@ Import streams tensor by tensor: each HF tensor is read from its shard (safetens
 put on device (straight onto its NamedSharding when a mesh is given), transposed / cast there,
 and written into its slot of the stacked layer array by a jitted, donated update. Host memory
 therefore stays at about one HF tensor (the largest is the 126464 x 4096 embedding, 1 GB in
-bf16); device memory is the final parameters plus one tensor in flight.
+bf16); device memory is the final parameters plus one tensor in flight. A tensor holding NaN/Inf
+is refused (CheckpointError naming it), counted on device as it is placed.
 
 Export streams the other way: the safetensors files are written by a small writer that emits
 the header first and then one tensor at a time (byte-identical to safetensors.numpy.save_file),
@@ -49,7 +50,8 @@ _NP_TO_ST = {v[0]: k for k, v in _ST_DTYPES.items()}
 
 
 class CheckpointError(ValueError):
-  """A checkpoint does not match the config (missing / unexpected tensors, wrong shapes)."""
+  """A checkpoint does not match the config (missing / unexpected tensors, wrong shapes) or holds
+  NaN/Inf weights."""
 
 
 def hf_tensor_map(config: llada.LLaDAConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
@@ -144,6 +146,11 @@ def _check_checkpoint(config: llada.LLaDAConfig, path: str, weight_map: dict[str
                           "\n  ".join(problems))
 
 
+@jax.jit
+def _nonfinite_count(x):
+  return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
 def _zeros(shape, dtype):
   return jnp.zeros(shape, dtype)
@@ -215,6 +222,7 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh: Mesh | Non
   for name, file in weight_map.items():
     if name in tmap:
       by_file.setdefault(file, []).append(name)
+  nonfinite = []  # (name, count on device): checked once at the end, no host sync per tensor
   for file, names in sorted(by_file.items()):
     with safe_open(os.path.join(path, file), framework="np") as f:
       for name in sorted(names):
@@ -230,12 +238,21 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh: Mesh | Non
           value = jax.device_put(value, NamedSharding(mesh, PartitionSpec(*spec)))
         else:
           value = jax.device_put(value)
+        nonfinite.append((name, _nonfinite_count(value), int(np.prod(value.shape))))
         place = _placer(sh, transposed, stacked)
         if stacked:
           _set(params, keys, place(_get(params, keys), value, jnp.int32(layer)))
         else:
           _set(params, keys, place(value, pdtype))
         del value
+  # A NaN/Inf weight would make every loss NaN (each update skipped): refuse the import instead.
+  counts = jax.device_get([c for _, c, _ in nonfinite])
+  bad = [(name, int(c), size) for (name, _, size), c in zip(nonfinite, counts) if c]
+  if bad:
+    listed = ", ".join(f"{name} ({c} of {size} values)" for name, c, size in bad[:5])
+    what = (f"{bad[0][0]} holds NaN/Inf ({bad[0][1]} of {bad[0][2]} values)" if len(bad) == 1 else
+            f"{len(bad)} tensors hold NaN/Inf: {listed}{', ...' if len(bad) > 5 else ''}")
+    raise CheckpointError(f"checkpoint {path}: {what}; refusing to import it (re-download or re-export it)")
   return config, params
 
 

@@ -246,6 +246,15 @@ def train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer: optax.G
   # would defeat buffer donation and recompile the step on its second call.
   params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
   opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
+  # A NaN/Inf loss or gradient norm skips the update: params, moments and step stay as they were
+  # (the step counts applied updates, as optax's schedule count in opt_state does). An
+  # elementwise select, not lax.cond: it fuses into the update's elementwise pass and needs no
+  # predicate on the host (a GPU conditional would sync on it), and a finite update is
+  # bit-for-bit the unselected one.
+  finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jnp.where(finite, new, old)
+  params = jax.tree.map(keep, params, state.params)
+  opt_state = jax.tree.map(keep, opt_state, state.opt_state)
   metrics = {
       "train/loss": -objective,
       "train/objective": objective,
@@ -255,8 +264,11 @@ def train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer: optax.G
       "train/elbo_per_sample": aux["elbo"],
       "train/abs_d": aux["abs_d"],
       "train/kl": aux["kl"],
+      # 1.0 when this update was skipped (the trainer counts them: train/nonfinite_steps).
+      "train/update_skipped": 1.0 - finite.astype(jnp.float32),
   }
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  step = state.step + finite.astype(state.step.dtype)
+  return TrainState(step=step, params=params, opt_state=opt_state), metrics
 
 
 def live_group_rows(advantages: np.ndarray, group_size: int, unit: int = 1) -> tuple[np.ndarray, float]:
