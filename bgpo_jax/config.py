@@ -497,9 +497,12 @@ _MISSING = object()
 
 
 def check_numeric(c) -> None:
-  """Every NUMERIC_RULES key of c has its kind and lies in its range (keys c lacks are skipped)."""
+  """Every NUMERIC_RULES key of c has its kind and lies in its range (keys c lacks are skipped).
+  Reads a plain-dict snapshot: checking a key's range is not using it (the test that every key
+  is read by something that acts on it must not count these reads)."""
+  plain = c.to_dict() if hasattr(c, "to_dict") else c
   for key, kind, valid, must in NUMERIC_RULES:
-    v = _lookup(c, key)
+    v = _lookup(plain, key)
     if v is _MISSING:
       continue
     if not _of_kind(v, kind):
