@@ -2,7 +2,7 @@
 
 Data flow, one module per concept:
 prompts (data/) -> rollout sampler (rollout.py, diffusion/sampler.py) -> rewards (rewards/)
--> advantages and objectives (objectives.py) -> ELBO terms (diffusion/elbo.py)
+-> advantages and objectives (objectives/) -> ELBO terms (diffusion/elbo.py)
 -> train step (train/) -> checkpoints and metrics (checkpoint.py, metrics.py), joined by main.py.
 """
 

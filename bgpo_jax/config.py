@@ -46,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.compute_dtype = "bfloat16"  # matmul dtype; norms, RoPE, softmax and logits stay float32
   # Per-block rematerialization (llada.REMAT_POLICIES): full = save each layer's input only and
   # recompute its forward in the backward; activations = save what the backward reads and
-  # recompute no matmul (the task configs' choice); none = plain autodiff; save_attn, dots_saveable.
+  # recompute no matmul; none = plain autodiff; save_attn, dots_saveable; auto = the objective's
+  # choice (`remat_policy`: bgpo / diffu_grpo / sft activations, vrpo_ol full; the task configs').
   c.model.remat_policy = "full"
   c.model.scan_unroll = 1  # layers per layer-scan iteration (n_layers = fully unrolled; small models)
   # Attention kernel (llada.ATTENTION_IMPLS): auto = Pallas splash on TPU, cuDNN flash on GPU
@@ -131,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- RL
   c.rl = ml_collections.ConfigDict()
-  c.rl.objective = "bgpo"  # bgpo / vrpo_ol / diffu_grpo
+  c.rl.objective = "bgpo"  # bgpo / vrpo_ol / diffu_grpo, or one registered by bgpo_jax.objectives.register
   c.rl.num_mc_samples = 16  # n: MC samples of the ELBO per response
   c.rl.mc_estimator = "stratified"  # stratified (mask counts L/l_j) / continuous (t ~ U, 1/t)
   c.rl.group_size = 8  # G responses per prompt
@@ -269,12 +270,13 @@ def paper_config(task: str, *, gen_length: int, train_steps: int, eval_steps: in
   c.rl.group_size = 8
   c.rl.prompts_per_step = 16
   c.rl.micro_batch_per_device = 1  # memory-lean for 8B; raise it when memory allows
-  # Each block saves the activations its backward reads (llada.ACTIVATION_NAMES) instead of
-  # recomputing its forward ("full"): ~1/4 fewer train-step FLOPs, no matmul recomputed. Per device
-  # on 8 devices the train step plans 28.7 GB for math (full: 22.3 GB), still below the dual-cache
-  # sampler's 35.2 GB peak, so the run's peak does not grow. VRPO-OL (rl.objective=vrpo_ol) keeps
-  # all n samples' graphs at once: use "full" there (BENCHMARKS.md, 8B plan).
-  c.model.remat_policy = "activations"
+  # The objective's choice. BGPO: each block saves the activations its backward reads
+  # (llada.ACTIVATION_NAMES) instead of recomputing its forward ("full"): ~1/4 fewer train-step
+  # FLOPs, no matmul recomputed. Per device on 8 devices the train step plans 28.7 GB for math
+  # (full: 22.3 GB), still below the dual-cache sampler's 35.2 GB peak, so the run's peak does not
+  # grow. VRPO-OL (rl.objective=vrpo_ol) keeps all n samples' graphs at once: "full" there
+  # (BENCHMARKS.md, 8B plan).
+  c.model.remat_policy = "auto"
   # Pure FSDP over every device: LLaDA-8B's float32 weights, AdamW moments and gradient
   # accumulator (~128 GB) do not fit one 80 GB device, sharded 8 ways they take ~22 GB per device
   # (`python -m bgpo_jax.benchmarks.memory --plan-8b --config=configs/math.py`, BENCHMARKS.md).
@@ -346,6 +348,16 @@ def task_config(c: ml_collections.ConfigDict, variant: str) -> ml_collections.Co
                    "configs/<task>.py:diffu_grpo (d1's diffu-GRPO recipe)")
 
 
+def resolved_remat_policy(c) -> str:
+  """The model's remat policy: config.model.remat_policy, or for "auto" the objective's choice
+  (rl.objective's; the SFT loss's for mode=sft). The model builder, the memory planner and
+  validate all resolve it here."""
+  if c.model.remat_policy != "auto":
+    return c.model.remat_policy
+  from bgpo_jax import objectives
+  return objectives.get(c.rl.objective if c.mode == "rl" else "sft").remat_policy
+
+
 def resolved_clip(rl) -> tuple[float | None, float | None]:
   """(clip_eps, dual_clip) the RL step uses: unset means SPEC's 0.2 / 3.0 when off-policy
   (rl.updates_per_batch > 1) and no clipping on-policy; 0 means off."""
@@ -360,7 +372,6 @@ class ConfigError(ValueError):
 
 
 MODES = ("rl", "sft")
-RL_OBJECTIVES = ("bgpo", "vrpo_ol", "diffu_grpo")
 ESTIMATORS = ("stratified", "continuous")
 REMASKING = ("low_confidence", "random", "maskgit_plus", "topk_margin", "entropy")
 FAMILIES = ("llada", "dream")
@@ -542,7 +553,9 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
 
   check_numeric(c)  # kinds and ranges of every numeric key first: the checks below compute with them
   one_of("mode", c.mode, MODES)
-  one_of("rl.objective", c.rl.objective, RL_OBJECTIVES)
+  from bgpo_jax import objectives  # the registry owns the names (built-in and registered ones)
+
+  one_of("rl.objective", c.rl.objective, objectives.names())
   one_of("rl.mc_estimator", c.rl.mc_estimator, ESTIMATORS)
   one_of("sft.mc_estimator", c.sft.mc_estimator, ESTIMATORS)
   one_of("tokenizer.kind", c.tokenizer.kind, TOKENIZERS)
@@ -551,14 +564,11 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   one_of("model.family", c.model.family, FAMILIES)
   from bgpo_jax.models.llada import ATTENTION_IMPLS, REMAT_POLICIES
   one_of("model.attention_impl", c.model.attention_impl, ATTENTION_IMPLS)
-  one_of("model.remat_policy", c.model.remat_policy, REMAT_POLICIES)
-  if c.rl.objective == "vrpo_ol" and c.model.remat_policy == "activations" and c.rl.num_mc_samples > 1:
-    # VRPO-OL's exp-of-mean objective keeps every sample's graph until the end of the step.
-    raise ConfigError(
-      f"config.model.remat_policy 'activations' with rl.objective 'vrpo_ol' saves the activations of "
-      f"all rl.num_mc_samples={c.rl.num_mc_samples} samples at once (LLaDA-8B math, n = 16: 146 GB "
-      "per device on 8 devices); set --config.model.remat_policy=full (42 GB), or none on a small "
-      "model")
+  one_of("model.remat_policy", c.model.remat_policy, REMAT_POLICIES + ("auto",))
+  objectives.get(c.rl.objective).check_config(c)  # e.g. vrpo_ol refuses an explicit "activations"
+  if resolved_remat_policy(c) not in REMAT_POLICIES:
+    raise ConfigError(f"config.model.remat_policy 'auto' resolves to {resolved_remat_policy(c)!r} (the "
+                      f"objective's remat_policy), which is not one of {REMAT_POLICIES}")
   if not c.init.checkpoint:
     one_of("model.preset", c.model.preset, FAMILY_PRESETS[c.model.family])
   for key, value in (("optim.schedule", c.optim.schedule), ("sft.schedule", c.sft.schedule)):

@@ -11,6 +11,7 @@ Around it: evaluation on the test split (also at step 0), Orbax checkpoints ever
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -172,10 +173,8 @@ class Trainer:
       logging.info("resumed from %s at step %d", self.ckpt.directory, self.start_step)
     if self.needs_reference and self.reference is None and self.start_step > self.sft_steps:
       self.reference = self._restore_reference()
-    if config.mode == "rl" and config.rl.objective == "diffu_grpo" and not config.rl.kl_beta \
-        and config.rl.updates_per_batch == 1:
-      logging.warning("diffu_grpo with rl.kl_beta=0 and rl.updates_per_batch=1 is not d1's recipe; "
-                      "d1's settings: --config=configs/<task>.py:diffu_grpo (bgpo_jax.config.d1_diffu_grpo)")
+    for line in objectives.get(config.rl.objective).warnings(config):
+      logging.warning("%s", line)
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main,
                                             resume_step=self.start_step if restored is not None else None)
     self.sampler = tasks_lib.build_rollout_sampler(config, self.model_cfg, self.tokenizer, self.mesh, "rollout")
@@ -215,12 +214,17 @@ class Trainer:
                                  micro_batch_size=self._micro_rows("sft"), gen_length=c.rollout.gen_length)
     rl = c.rl
     clip_eps, dual_clip = config_lib.resolved_clip(rl)
+    # config.rl keys the objective's Hparams reads beyond the step's own knobs (a registered
+    # objective may add its own keys to config.rl).
+    knobs = {f.name for f in dataclasses.fields(step_lib.StepConfig)}
+    hp_fields = dataclasses.fields(objectives.get(rl.objective).Hparams)
+    extra = tuple((f.name, rl[f.name]) for f in hp_fields if f.name not in knobs and f.name in rl)
     return step_lib.StepConfig(
         objective=rl.objective, num_mc_samples=rl.num_mc_samples,
         micro_batch_size=self._micro_rows("rl"), gen_length=c.rollout.gen_length,
         normalize_length=rl.normalize_length, off_policy=rl.updates_per_batch > 1,
         clip_eps=clip_eps, dual_clip=dual_clip, kl_beta=float(rl.kl_beta),
-        prompt_mask_prob=rl.prompt_mask_prob)
+        prompt_mask_prob=rl.prompt_mask_prob, extra=extra)
 
   def _micro_rows(self, phase: str) -> int:
     c = self.config
@@ -362,37 +366,7 @@ class Trainer:
       m["train/rows_trained"] = float(len(rows_idx))
     rows = tokens.shape[0]
     batch = {"tokens": tokens, "attention_mask": attn, "advantages": adv.astype(np.float32)}
-    mu = rl.updates_per_batch
-    if rl.objective == "diffu_grpo":
-      L = c.rollout.gen_length
-      batch["response_mask"] = (np.arange(L)[None] < lengths[:, None]).astype(np.float32)
-      # d1: fresh prompt masks for every inner update (and here for every row).
-      seeds = [self._row_seeds(step, u, rows) for u in range(mu)]
-      batch["row_seeds"] = seeds[0]
-      self.last_rl_seeds = seeds
-    else:
-      batch["mc_masks"], batch["mc_weights"] = self._masks(step, rows, rl.num_mc_samples, rl.mc_estimator)
-    self.last_rl_batch = batch  # host arrays of the trained batch (tests, debugging)
-    batch = mesh_lib.host_batch_to_global(batch, self.mesh, step_lib.BATCH_AXIS)
-    # 4. old terms (mu > 1) and reference terms (kl_beta > 0), stored once per rollout batch on the
-    # same masks, all before the first update; then mu (clipped) updates.
-    if rl.objective == "diffu_grpo":
-      updates = []
-      for u in range(mu):
-        b = dict(batch, row_seeds=mesh_lib.host_batch_to_global({"s": seeds[u]}, self.mesh)["s"]) if u else batch
-        extra = {}
-        if mu > 1:
-          extra["old_logps"] = self._terms(self.state.params, b)
-        if rl.kl_beta > 0:
-          extra["ref_logps"] = self._terms(self.reference, b)
-        updates.append(dict(b, **extra))
-    else:
-      extra = {}
-      if mu > 1:
-        extra["old_elbo"] = self._terms(self.state.params, batch)
-      if rl.kl_beta > 0:
-        extra["ref_elbo"] = self._terms(self.reference, batch)
-      updates = [dict(batch, **extra)] * mu
+    updates = self._rl_updates(step, batch, lengths)
     compiled, mem = self._compiled("rl", updates[0])
     sms = []
     for b in updates:
@@ -406,6 +380,42 @@ class Trainer:
     m["mem/step_temp_bytes"] = mem.get("temp_bytes", 0)
     m["mem/step_total_bytes"] = mem.get("total_bytes", 0)
     return m
+
+  def _rl_updates(self, step: int, batch: dict, lengths: np.ndarray) -> list[dict]:
+    """The global batch of each of the rl.updates_per_batch inner updates: `batch` (host tokens,
+    attention mask, advantages) with the objective's fields (objectives.Objective.host_fields),
+    then its old terms (mu > 1) and reference terms (kl_beta > 0), stored once per distinct
+    fields (ELBO objectives: once per rollout batch on the same masks; diffu_grpo: per update,
+    with its fresh prompt-mask seeds), all before the first update."""
+    rl = self.config.rl
+    obj, mu, rows = objectives.get(rl.objective), rl.updates_per_batch, batch["tokens"].shape[0]
+    inputs = objectives.RolloutInputs(
+        step=step, rows=rows, gen_length=self.config.rollout.gen_length, updates=mu, lengths=lengths, rl=rl,
+        masks=lambda n, estimator: self._masks(step, rows, n, estimator),
+        row_seeds=lambda u: self._row_seeds(step, u, rows))
+    fields = obj.host_fields(inputs)
+    first = fields[0]
+    batch = dict(batch, **first)
+    if "row_seeds" in first:
+      self.last_rl_seeds = [f["row_seeds"] for f in fields]
+    self.last_rl_batch = batch  # host arrays of the trained batch (tests, debugging)
+    gbatch = mesh_lib.host_batch_to_global(batch, self.mesh, step_lib.BATCH_AXIS)
+    done: dict[int, dict] = {}
+    updates = []
+    for f in fields:
+      if id(f) not in done:
+        # Only the arrays that differ from the first update's move to the devices again.
+        changed = {k: v for k, v in f.items() if v is not first.get(k)}
+        moved = mesh_lib.host_batch_to_global(changed, self.mesh, step_lib.BATCH_AXIS) if changed else {}
+        b = dict(gbatch, **moved)
+        extra = {}
+        if mu > 1:
+          extra[obj.old_field.name] = self._terms(self.state.params, b)
+        if rl.kl_beta > 0:
+          extra[obj.ref_field.name] = self._terms(self.reference, b)
+        done[id(f)] = dict(b, **extra)
+      updates.append(done[id(f)])
+    return updates
 
   def _count_nonfinite(self, step: int, updates: list[dict]) -> None:
     """Counts the updates the step skipped (NaN/Inf loss or gradient norm; metrics of each update,
@@ -450,7 +460,7 @@ class Trainer:
     rl = self.config.rl
     # Exact only where the objective is linear in a positive scaling of A and zero at A = 0
     # (no KL term). Several hosts agree on the kept groups (rl_step gathers the advantages).
-    return rl.skip_zero_advantage and rl.kl_beta == 0
+    return rl.skip_zero_advantage and rl.kl_beta == 0 and objectives.get(rl.objective).exact_group_skipping
 
   def _nonzero_groups(self, adv: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, float]:
     g = shape[1]

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from bgpo_jax import config as config_lib
 from bgpo_jax import distributed as dist
 from bgpo_jax import rewards as rewards_lib
 from bgpo_jax import rollout as rollout_lib
@@ -97,7 +98,8 @@ def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
   from bgpo_jax.train import state as state_lib
 
   m = config.model
-  knobs = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, remat_policy=m.remat_policy,
+  knobs = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+               remat_policy=config_lib.resolved_remat_policy(config),
                scan_unroll=m.scan_unroll, attention_impl=m.attention_impl, logits_chunk=m.logits_chunk)
   path = config.init.checkpoint
   if path and (epath.Path(path) / "config.json").exists():  # epath: gs:// too

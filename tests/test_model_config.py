@@ -40,7 +40,10 @@ def test_build_model_passes_attention_and_chunk_through():
 def test_task_configs_remat_activations_and_its_vrpo_ol_guard(tmp_path):
   import importlib
   for name in ("math", "code", "countdown", "sudoku", "dream_math"):
-    assert importlib.import_module(f"configs.{name}").get_config().model.remat_policy == "activations", name
+    # "auto": the objective's choice, "activations" for the configs' BGPO (and diffu_grpo variant).
+    shipped = importlib.import_module(f"configs.{name}").get_config()
+    assert shipped.model.remat_policy == "auto", name
+    assert config_lib.resolved_remat_policy(shipped) == "activations", name
   c = importlib.import_module("configs.countdown").get_config()
   c.task.data_dir = c.tokenizer.path = str(tmp_path)  # validated, not read
   config_lib.validate(c, data_parallel_size=8)

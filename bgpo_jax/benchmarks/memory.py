@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bgpo_jax import objectives
 from bgpo_jax.benchmarks import common
 from bgpo_jax.config import base_config
 from bgpo_jax.diffusion import masking
@@ -102,22 +103,20 @@ def make_optimizer():
   return optim_lib.make_optimizer(optim, total_steps=100), optim_lib.make_schedule(optim, 100)
 
 
-def _batch_shapes(batch: int, prompt_len: int, gen_length: int, n: int) -> dict:
-  S = prompt_len + gen_length
-  return {"tokens": ((batch, S), jnp.int32), "attention_mask": ((batch, S), jnp.int32),
-          "advantages": ((batch,), jnp.float32), "mc_masks": ((n, batch, gen_length), jnp.bool_),
-          "mc_weights": ((n, batch), jnp.float32)}
+def _sharded(mesh, out: dict) -> dict:
+  """ShapeDtypeStructs with the step's batch shardings."""
+  sh = step_lib.batch_shardings(mesh, out)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in out.items()}
 
 
 def abstract_batch(mesh, *, batch: int, prompt_len: int, gen_length: int, n: int) -> dict:
-  """The BGPO / VRPO-OL batch as ShapeDtypeStructs with batch shardings (nothing allocated).
+  """The on-policy ELBO objectives' batch (BGPO / VRPO-OL: objectives.batch_layout) as
+  ShapeDtypeStructs with batch shardings (nothing allocated).
 
   tokens, attention_mask [B, P+L]; advantages [B]; mc_masks [n, B, L] bool; mc_weights [n, B].
   """
-  shapes = _batch_shapes(batch, prompt_len, gen_length, n)
-  out = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
-  sh = step_lib.batch_shardings(mesh, out)
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in out.items()}
+  scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=n, gen_length=gen_length)
+  return _sharded(mesh, objectives.abstract_batch(scfg, rows=batch, prompt_len=prompt_len))
 
 
 def concrete_batch(model_cfg: llada.LLaDAConfig, mesh, *, batch: int, prompt_len: int,
@@ -569,26 +568,9 @@ def _shard_bytes(tree) -> int:
 
 
 def config_batch(config, mesh, scfg, *, rows: int, prompt_len: int) -> dict:
-  """The abstract RL batch the trainer feeds this config's step (layout of train/step.py)."""
-  L, n = config.rollout.gen_length, config.rl.num_mc_samples
-  S = prompt_len + L
-  shapes = {"tokens": ((rows, S), jnp.int32), "attention_mask": ((rows, S), jnp.int32),
-            "advantages": ((rows,), jnp.float32)}
-  if scfg.objective == "diffu_grpo":
-    shapes.update(response_mask=((rows, L), jnp.float32), row_seeds=((rows,), jnp.uint32))
-    if scfg.off_policy:
-      shapes["old_logps"] = ((rows, L), jnp.float32)
-    if scfg.kl_beta > 0:
-      shapes["ref_logps"] = ((rows, L), jnp.float32)
-  else:
-    shapes.update(mc_masks=((n, rows, L), jnp.bool_), mc_weights=((n, rows), jnp.float32))
-    if scfg.off_policy:
-      shapes["old_elbo"] = ((n, rows), jnp.float32)
-    if scfg.kl_beta > 0:
-      shapes["ref_elbo"] = ((n, rows), jnp.float32)
-  out = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
-  sh = step_lib.batch_shardings(mesh, out)
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in out.items()}
+  """The abstract RL batch the trainer feeds this config's step (objectives.batch_layout)."""
+  del config  # the layout follows from the step's settings alone
+  return _sharded(mesh, objectives.abstract_batch(scfg, rows=rows, prompt_len=prompt_len))
 
 
 def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | None = None,
@@ -609,8 +591,9 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
   dp = mesh_lib.data_parallel_size(mesh)
   m = config.model
   big = BIG_PRESETS[family.family_of(m.family)]
+  remat = config_lib.resolved_remat_policy(config)
   model_cfg = family.preset(m.family, big, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                            remat_policy=m.remat_policy, scan_unroll=m.scan_unroll,
+                            remat_policy=remat, scan_unroll=m.scan_unroll,
                             logits_chunk=m.logits_chunk, **({"n_layers": n_layers} if n_layers else {}))
   rl = config.rl
   rows = rl.prompts_per_step * rl.group_size  # every group kept: the largest batch a step trains on
@@ -624,7 +607,7 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
   abstract, shardings = state_lib.abstract_train_state(model_cfg, optimizer, mesh)
   common_fields = dict(config=name, devices=int(jax.device_count()), mesh=[int(v) for v in mesh.devices.shape],
                        model=big, n_layers=model_cfg.n_layers, params=model_cfg.num_params(), param_dtype=m.param_dtype,
-                       compute_dtype=m.compute_dtype, remat=m.remat_policy, objective=rl.objective,
+                       compute_dtype=m.compute_dtype, remat=remat, objective=rl.objective,
                        n=rl.num_mc_samples, prompt_len=prompt_len, gen_length=config.rollout.gen_length)
   out = []
 
@@ -655,7 +638,8 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
   if scfg.off_policy or scfg.kl_beta > 0:
     # The no-gradient pass storing the old policy's (mu > 1) or the reference's terms before the
     # first update: the train state (optimizer included) and the reference stay resident.
-    terms_batch = {k: v for k, v in batch.items() if k not in ("old_elbo", "ref_elbo", "old_logps", "ref_logps")}
+    stored = {f.name for f in (scfg.impl.old_field, scfg.impl.ref_field) if f is not None}
+    terms_batch = {k: v for k, v in batch.items() if k not in stored}
     t0 = time.perf_counter()
     fn = step_lib.jit_old_terms(model_cfg, scfg, mesh, shardings.params, terms_batch)
     mem = step_lib.memory_report(fn.lower(abstract.params, terms_batch).compile())
@@ -781,7 +765,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.plan_layers and len(args.plan_layers) != 2:
     ap.error(f"--plan-layers {args.plan_layers} needs two layer counts, e.g. 4,8")
   for obj in args.objectives:
-    if obj not in ("bgpo", "vrpo_ol"):
+    # The benchmark's batch is the MC-mask one: RL objectives of the ELBO terms only.
+    if obj not in objectives.names() or objectives.get(obj).fields != objectives.MC_FIELDS:
       ap.error(f"objective {obj!r} is not benchmarked here; use bgpo and/or vrpo_ol")
   return args
 

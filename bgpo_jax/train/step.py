@@ -6,30 +6,25 @@ iteration runs one forward/backward of one sample and adds its gradient to a flo
 accumulator. Only one sample's activations are alive at a time, so peak memory is flat in n
 and in the number of micro-batches. One optax update follows.
 
-The baselines live here too, so comparisons run the same code:
-- vrpo_ol: exp(mean_j d_j) * A needs every sample's graph at once (the scan runs over
-  micro-batches only; the n samples are one vmapped graph), memory grows with n;
-- diffu_grpo: one-step mean-field token log-probs (d1);
-- sft: the masked-diffusion SFT loss (continuous-time ELBO, 1/t weighting).
+The step knows no objective by name: it asks the registry (bgpo_jax/objectives) for the
+objective's terms. An objective that is a sum of per-sample terms (`per_sample`: bgpo, sft) is
+scanned one sample at a time; the others (vrpo_ol: exp(mean_j d_j) * A needs every sample's
+graph at once; diffu_grpo: one-step mean-field token log-probs, d1) run once per micro-batch.
 
-Batch layout (global arrays; B = rollout batch = prompts * G, L = gen_length, n = MC samples):
-  tokens [B, P+L] int32, attention_mask [B, P+L] int32, advantages [B] float32,
-  mc_masks [n, B, L] bool, mc_weights [n, B] float32              (bgpo, vrpo_ol, sft)
-  old_elbo [n, B] float32                                         (bgpo/vrpo_ol off-policy)
-  ref_elbo [n, B] float32                                         (bgpo/vrpo_ol with kl_beta > 0)
-  response_mask [B, L] float32, row_seeds [B] uint32              (diffu_grpo)
-  old_logps [B, L], ref_logps [B, L] float32                      (diffu_grpo off-policy / KL)
 Old and reference terms come from `compute_old_terms` (no gradient) on the same masks: with the
 params before the first update (old) or the frozen reference params (ref). diffu_grpo's prompt
 masks are drawn from `row_seeds` (one key per row): the trainer passes new seeds, and the old
 and reference log-probs computed with them, for every inner update.
+
+Batch layout (global arrays; B = rollout batch = prompts * G, S = P + L prompt and response
+positions, L = gen_length, n = MC samples), from `objectives.batch_layout`:
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,36 +33,53 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bgpo_jax import objectives
-from bgpo_jax.diffusion import elbo
 from bgpo_jax.models import llada
 from bgpo_jax.models import sharding as sharding_lib
+from bgpo_jax.objectives.diffu_grpo import _row_keys  # noqa: F401  (tests draw diffu_grpo's masks)
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train.state import TrainState
 
-OBJECTIVES = ("bgpo", "vrpo_ol", "diffu_grpo", "sft")
-# Arrays whose batch axis is not the first one.
-BATCH_AXIS = {"mc_masks": 1, "mc_weights": 1, "old_elbo": 1, "ref_elbo": 1}
+if __doc__:  # None under python -OO
+  __doc__ += objectives.describe_layout()
+# Arrays whose batch axis is not the first one (every registered objective's fields).
+BATCH_AXIS = objectives.BATCH_AXIS
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """Static settings of one train step (hashable: part of the compiled program)."""
+  """Static settings of one train step (hashable: part of the compiled program).
+
+  normalize_length, clip_eps, dual_clip, prompt_mask_prob and `extra` are the values the
+  objective's hyper-parameters are built from (`hparams`: each objective takes the ones its
+  Hparams names); `extra` holds (key, value) pairs of config.rl that a registered objective's
+  Hparams adds.
+  """
   objective: str = "bgpo"
   num_mc_samples: int = 16
   micro_batch_size: int = 0  # global rows per micro-batch; 0 = the whole batch at once
   gen_length: int = 256
-  normalize_length: bool = True  # d_j = (l_new - l_old) / L, L = gen_length (SPEC section 2)
   off_policy: bool = False  # old terms come from the batch instead of stop_gradient
+  kl_beta: float = 0.0  # k3 KL weight (needs the objective's reference terms in the batch)
+  normalize_length: bool = True  # d_j = (l_new - l_old) / L, L = gen_length (SPEC section 2)
   clip_eps: float | None = None  # PPO clip (resolved by config.resolved_clip; None = off)
   dual_clip: float | None = None  # dual clip for A < 0 (None = off)
-  kl_beta: float = 0.0  # k3 KL weight (needs ref_elbo / ref_logps in the batch)
   prompt_mask_prob: float = 0.15  # diffu_grpo
+  extra: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
-    if self.objective not in OBJECTIVES:
-      raise ValueError(f"objective {self.objective!r} is unknown; use one of {OBJECTIVES}")
+    objectives.get(self.objective)  # unknown names fail here, listing the registered ones
     if self.num_mc_samples < 1:
       raise ValueError(f"num_mc_samples {self.num_mc_samples} must be >= 1")
+
+  @property
+  def impl(self) -> objectives.Objective:
+    return objectives.get(self.objective)
+
+  @functools.cached_property
+  def hparams(self):
+    values = {"normalize_length": self.normalize_length, "clip_eps": self.clip_eps,
+              "dual_clip": self.dual_clip, "prompt_mask_prob": self.prompt_mask_prob, **dict(self.extra)}
+    return self.impl.hparams(values)
 
 
 def _split_micro(x: jax.Array, axis: int, num_micro: int) -> jax.Array:
@@ -93,76 +105,6 @@ def _num_micro(cfg: StepConfig, batch_size: int) -> int:
   return batch_size // mb
 
 
-def _units(cfg: StepConfig) -> int:
-  """Scan iterations per micro-batch: one per MC sample for the linear objectives."""
-  return cfg.num_mc_samples if cfg.objective in ("bgpo", "sft") else 1
-
-
-def _row_keys(seeds: jax.Array) -> jax.Array:
-  """[B] uint32 seeds -> [B] typed PRNG keys (diffu_grpo's per-row prompt masks)."""
-  return jax.vmap(jax.random.key)(seeds)
-
-
-def _unit_objective(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, mb: dict, u: jax.Array):
-  """Summed objective (to maximize) of one scan unit over the micro-batch rows, and aux stats."""
-  L = cfg.gen_length
-  n = cfg.num_mc_samples
-  tokens, attn = mb["tokens"], mb["attention_mask"]
-  norm = L if cfg.normalize_length else None
-  zero = jnp.zeros(())
-  if cfg.objective in ("bgpo", "sft"):
-    l = elbo.elbo_term(model_cfg, params, tokens, attn, mb["mc_masks"][u], mb["mc_weights"][u])  # [mb]
-    if cfg.objective == "sft":
-      # Mean per-token ELBO over samples; the prompt never enters (masks cover the response).
-      return jnp.sum(l) / (L * n), {"elbo": jnp.sum(jax.lax.stop_gradient(l)), "abs_d": zero, "kl": zero}
-    old = mb["old_elbo"][u] if cfg.off_policy else jax.lax.stop_gradient(l)
-    d = l - old
-    if cfg.normalize_length:
-      d = d / L
-    g = objectives.bgpo_sample_terms(d, mb["advantages"], num_samples=n,
-                                     clip_eps=cfg.clip_eps, dual_clip=cfg.dual_clip)
-    kl = zero
-    if cfg.kl_beta > 0:
-      # Per sample, like g_j: the scan over j keeps memory flat in n.
-      k = objectives.elbo_kl_sample_terms(l, mb["ref_elbo"][u], num_samples=n, lengths=norm)
-      g = g - cfg.kl_beta * k
-      kl = jnp.sum(jax.lax.stop_gradient(k)) * n  # summed over rows; / (B n) below: mean per sample
-    return jnp.sum(g), {"elbo": jnp.sum(jax.lax.stop_gradient(l)),
-                        "abs_d": jnp.sum(jnp.abs(jax.lax.stop_gradient(d))), "kl": kl}
-  if cfg.objective == "vrpo_ol":
-    # All n samples in one graph (vmapped): the baseline's memory grows with n.
-    term = lambda m, w: elbo.elbo_term(model_cfg, params, tokens, attn, m, w)
-    l = jax.vmap(term)(mb["mc_masks"], mb["mc_weights"])  # [n, mb]
-    old = mb["old_elbo"] if cfg.off_policy else jax.lax.stop_gradient(l)
-    lengths = jnp.full(l.shape[1:], L, jnp.float32) if cfg.normalize_length else None
-    ref = mb["ref_elbo"] if cfg.kl_beta > 0 else None
-    obj = objectives.vrpo_objective(l, old, mb["advantages"], lengths=lengths, clip_eps=cfg.clip_eps,
-                                    dual_clip=cfg.dual_clip, elbo_ref=ref, kl_beta=cfg.kl_beta)
-    d = (jax.lax.stop_gradient(l) - old) / (L if cfg.normalize_length else 1)
-    kl = zero
-    if ref is not None:
-      x = (ref - jax.lax.stop_gradient(l)) / (L if cfg.normalize_length else 1)
-      kl = jnp.sum(objectives.k3(jnp.mean(x, axis=0)))
-    return obj * l.shape[1], {"elbo": jnp.sum(jax.lax.stop_gradient(l)) / n,
-                              "abs_d": jnp.sum(jnp.abs(d)) / n, "kl": kl}
-  # diffu_grpo: one key per row, so a row's prompt mask is its own (not its micro-batch's).
-  logp = elbo.one_step_token_logps(model_cfg, params, tokens, attn, gen_length=L,
-                                   rng=_row_keys(mb["row_seeds"]),
-                                   prompt_mask_prob=cfg.prompt_mask_prob)  # [mb, L]
-  old = mb["old_logps"] if cfg.off_policy else jax.lax.stop_gradient(logp)
-  ref = mb["ref_logps"] if cfg.kl_beta > 0 else None
-  rmask = mb["response_mask"]
-  obj = objectives.diffu_grpo_objective(logp, old, ref, mb["advantages"], rmask,
-                                        clip_eps=cfg.clip_eps, beta=cfg.kl_beta, dual_clip=cfg.dual_clip)
-  kl = zero
-  if ref is not None:
-    per_tok = objectives.k3(ref - jax.lax.stop_gradient(logp))
-    kl = jnp.sum(jnp.sum(jnp.where(rmask > 0, per_tok, 0.0), axis=1) / jnp.maximum(jnp.sum(rmask, axis=1), 1.0))
-  return obj * logp.shape[0], {"elbo": jnp.sum(jax.lax.stop_gradient(logp) * rmask),
-                               "abs_d": jnp.sum(jnp.abs(jax.lax.stop_gradient(logp) - old) * rmask)
-                               / jnp.maximum(jnp.sum(rmask), 1.0) * logp.shape[0], "kl": kl}
-
-
 def accumulate_gradients(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, batch: dict,
                          constrain: Callable[[dict], dict] = lambda mb: mb):
   """Objective and its gradient, summed over micro-batches and MC samples by `lax.scan`.
@@ -173,8 +115,8 @@ def accumulate_gradients(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, 
   B = batch["tokens"].shape[0]
   num_micro = _num_micro(cfg, B)
   micro = {k: _split_micro(v, BATCH_AXIS.get(k, 0), num_micro) for k, v in batch.items()}
-  units = _units(cfg)
-  unit_fn = jax.value_and_grad(functools.partial(_unit_objective, model_cfg, cfg), has_aux=True)
+  units = cfg.impl.units(cfg)
+  unit_fn = jax.value_and_grad(functools.partial(cfg.impl.unit_terms, model_cfg, cfg), has_aux=True)
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   init = (zeros, jnp.zeros((), jnp.float32), {"elbo": jnp.zeros(()), "abs_d": jnp.zeros(()), "kl": jnp.zeros(())})
 
@@ -193,7 +135,7 @@ def accumulate_gradients(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, 
 
   (grads, obj, aux), _ = jax.lax.scan(micro_body, init, micro)
   grads = jax.tree.map(lambda g: g / B, grads)
-  denom = B * (cfg.num_mc_samples if cfg.objective in ("bgpo", "sft") else 1)
+  denom = B * units
   aux = {k: v / denom for k, v in aux.items()}
   return obj / B, grads, aux
 
@@ -203,8 +145,9 @@ def compute_old_terms(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, bat
   """No-grad pass: the terms of `params` on the batch's masks, for the old policy (before
   off-policy updates) or the frozen reference (any dtype: params are cast at use).
 
-  bgpo / vrpo_ol: ELBO terms [n, B] (n scalars per sequence, scanned one sample at a time);
-  diffu_grpo: token log-probs [B, L] under the prompt masks of `row_seeds`.
+  Laid out as the objective's old_field: bgpo / vrpo_ol ELBO terms [n, B] (n scalars per
+  sequence, scanned one sample at a time); diffu_grpo token log-probs [B, L] under the prompt
+  masks of `row_seeds`.
   """
   B = batch["tokens"].shape[0]
   num_micro = _num_micro(cfg, B)
@@ -212,24 +155,13 @@ def compute_old_terms(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, bat
   params = jax.lax.stop_gradient(params)
 
   def micro_body(_, mb):
-    mb = constrain(mb)
-    if cfg.objective == "diffu_grpo":
-      return None, elbo.one_step_token_logps(model_cfg, params, mb["tokens"], mb["attention_mask"],
-                                             gen_length=cfg.gen_length, rng=_row_keys(mb["row_seeds"]),
-                                             prompt_mask_prob=cfg.prompt_mask_prob)
-
-    def unit(_, j):
-      return None, elbo.elbo_term(model_cfg, params, mb["tokens"], mb["attention_mask"],
-                                  mb["mc_masks"][j], mb["mc_weights"][j])
-
-    _, l = jax.lax.scan(unit, None, jnp.arange(cfg.num_mc_samples))  # [n, mb]
-    return None, l
+    return None, cfg.impl.old_terms(model_cfg, cfg, params, constrain(mb))
 
   _, out = jax.lax.scan(micro_body, None, micro)
-  # Undo the interleaved split: out[k] holds rows k, k+M, ...
-  if cfg.objective == "diffu_grpo":  # [M, mb, L] -> [B, L]
-    return jnp.moveaxis(out, 0, 1).reshape(B, -1)
-  return jnp.moveaxis(out, 0, 2).reshape(cfg.num_mc_samples, B)  # [M, n, mb] -> [n, B]
+  # Undo the interleaved split: out[k] holds rows k, k+M, ... of its micro-batch axis.
+  axis = cfg.impl.old_field.batch_axis
+  out = jnp.moveaxis(out, 0, axis + 1)  # [..., mb, M, ...]
+  return out.reshape(out.shape[:axis] + (B,) + out.shape[axis + 2:])
 
 
 def train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer: optax.GradientTransformation,
@@ -329,8 +261,8 @@ def jit_train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer, sch
 def jit_old_terms(model_cfg: llada.LLaDAConfig, cfg: StepConfig, mesh: Mesh, param_shardings,
                   batch_example: dict):
   fn = functools.partial(compute_old_terms, model_cfg, cfg, constrain=_micro_constraint(mesh))
-  axis = 0 if cfg.objective == "diffu_grpo" else 1
-  out = mesh_lib.batch_sharding(mesh, 2, axis)
+  field = cfg.impl.old_field
+  out = mesh_lib.batch_sharding(mesh, len(field.dims), field.batch_axis)
   return jax.jit(sharding_lib.under_mesh(fn, mesh), in_shardings=(param_shardings, batch_shardings(mesh, batch_example)),
                  out_shardings=out)
 

@@ -1,0 +1,140 @@
+"""Objectives as an interface: a user objective registered from its own module runs a real train
+step and a short RL run by name (--config.rl.objective), and model.remat_policy="auto" takes the
+objective's choice."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bgpo_jax import config as config_lib
+from bgpo_jax import objectives
+from bgpo_jax.benchmarks import memory
+from bgpo_jax.diffusion import elbo, masking
+from bgpo_jax.main import Trainer
+from bgpo_jax.models import llada
+from bgpo_jax.train import step as step_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import demo  # noqa: E402
+
+TRACED = []  # names of the objectives whose terms the step traced
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hparams:
+  reinforce_scale: float = 1.0  # a key this objective adds to config.rl (read by its name)
+
+
+class ReinforceElbo(objectives.ElboObjective):
+  """A tiny user objective: REINFORCE on the MC ELBO, sum_j scale * A * l_j / (n L) (on-policy
+  only), a sum of per-sample terms like BGPO."""
+  name = "test_reinforce_elbo"
+  per_sample = True
+  remat_policy = "save_attn"  # not any built-in's choice: "auto" must pick it
+  Hparams = _Hparams
+
+  def unit_terms(self, model_cfg, cfg, params, mb, u):
+    TRACED.append(self.name)
+    l = elbo.elbo_term(model_cfg, params, mb["tokens"], mb["attention_mask"], mb["mc_masks"][u],
+                       mb["mc_weights"][u])  # [mb]
+    g = cfg.hparams.reinforce_scale * mb["advantages"] * l / (cfg.num_mc_samples * cfg.gen_length)
+    zero = jnp.zeros(())
+    return jnp.sum(g), {"elbo": jnp.sum(jax.lax.stop_gradient(l)), "abs_d": zero, "kl": zero}
+
+
+objectives.register(ReinforceElbo())
+
+
+def test_registry_names_and_unknown_objectives():
+  assert {"bgpo", "vrpo_ol", "diffu_grpo", "test_reinforce_elbo"} <= set(objectives.names())
+  assert "sft" not in objectives.names() and "sft" in objectives.names(rl_only=False)
+  with pytest.raises(ValueError, match="objective 'ppo' is unknown"):
+    step_lib.StepConfig(objective="ppo")
+  objectives.register(ReinforceElbo())  # a config file loaded twice registers its class again
+  with pytest.raises(ValueError, match="already registered"):
+    objectives.register(type("Other", (objectives.ElboObjective,), {"name": "bgpo"})())
+
+
+def test_batch_layout_is_the_objectives():
+  scfg = step_lib.StepConfig(objective="diffu_grpo", num_mc_samples=3, gen_length=8, off_policy=True,
+                             kl_beta=0.1)
+  shapes = {k: v.shape for k, v in objectives.abstract_batch(scfg, rows=4, prompt_len=6).items()}
+  assert shapes == {"tokens": (4, 14), "attention_mask": (4, 14), "advantages": (4,),
+                    "response_mask": (4, 8), "row_seeds": (4,), "old_logps": (4, 8), "ref_logps": (4, 8)}
+  scfg = step_lib.StepConfig(objective="test_reinforce_elbo", num_mc_samples=3, gen_length=8)
+  shapes = {k: v.shape for k, v in objectives.abstract_batch(scfg, rows=4, prompt_len=6).items()}
+  assert shapes["mc_masks"] == (3, 4, 8) and "old_elbo" not in shapes
+  assert "mc_masks [n, B, L] bool" in step_lib.__doc__
+
+
+def test_custom_objective_train_step_matches_its_gradient():
+  cfg = dataclasses.replace(llada.LLaDAConfig.preset("tiny"), n_layers=1)
+  params = llada.init_params(cfg, jax.random.key(0))
+  B, P, L, n = 4, 4, 8, 2
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, cfg.mask_token_id, (B, P + L)), jnp.int32)
+  masks, weights = masking.sample_masks(jax.random.key(1), B, L, n)
+  batch = {"tokens": tokens, "attention_mask": jnp.ones((B, P + L), jnp.int32),
+           "advantages": jnp.asarray(rng.normal(size=B), jnp.float32), "mc_masks": masks, "mc_weights": weights}
+  scfg = step_lib.StepConfig(objective="test_reinforce_elbo", num_mc_samples=n, gen_length=L,
+                             extra=(("reinforce_scale", 2.0),))
+  assert scfg.hparams.reinforce_scale == 2.0
+  obj, grads, _ = jax.jit(lambda p, b: step_lib.accumulate_gradients(cfg, scfg, p, b))(params, batch)
+
+  def direct(p):
+    l = jnp.stack([elbo.elbo_term(cfg, p, tokens, batch["attention_mask"], masks[j], weights[j]) for j in range(n)])
+    return jnp.mean(jnp.sum(2.0 * batch["advantages"] * l / (n * L), axis=0))
+
+  want, want_grads = jax.value_and_grad(direct)(params)
+  np.testing.assert_allclose(obj, want, rtol=1e-5, atol=1e-7)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-7)
+
+
+def test_short_rl_run_with_a_registered_objective(tmp_path):
+  """`--config.rl.objective=<registered name>` on the demo config: validated, resolved (remat
+  auto -> the objective's choice, its own config key read) and trained."""
+  overrides = ["--config.rl.objective=test_reinforce_elbo", "--config.model.remat_policy=auto",
+               "--config.model.n_layers=1", "--config.task.demo_train_size=64", "--config.task.demo_test_size=8",
+               "--config.sft.steps=0", "--config.total_steps=1", "--config.rl.prompts_per_step=2",
+               "--config.rl.group_size=4", "--config.rl.num_mc_samples=2", "--config.rl.micro_batch_per_device=0",
+               "--config.rl.skip_zero_advantage=False", "--config.eval_every=0", "--config.plot_at_end=False"]
+  c = memory.load_config_file(str(ROOT / "configs" / "demo.py"), overrides)
+  with c.unlocked():
+    c.rl.reinforce_scale = 3.0  # the objective's own key (a config file would add it the same way)
+  assert config_lib.resolved_remat_policy(c) == "save_attn"
+  TRACED.clear()
+  trainer = Trainer(c, str(tmp_path / "run"))
+  assert trainer.model_cfg.remat_policy == "save_attn"
+  assert trainer._step_config("rl").hparams.reinforce_scale == 3.0
+  summary = trainer.run()
+  assert summary["step"] == 1 and "test_reinforce_elbo" in TRACED
+  assert set(trainer.last_rl_batch) == {"tokens", "attention_mask", "advantages", "mc_masks", "mc_weights"}
+
+
+def test_remat_auto_is_the_objectives_choice(tmp_path):
+  c = demo.get_config()
+  c.model.remat_policy = "auto"
+  for name, policy in (("bgpo", "activations"), ("diffu_grpo", "activations"), ("vrpo_ol", "full")):
+    c.rl.objective = name
+    assert config_lib.resolved_remat_policy(c) == policy
+    config_lib.validate(c)  # vrpo_ol with auto is fine: it resolves to full
+  c.mode = "sft"
+  assert config_lib.resolved_remat_policy(c) == "activations"
+  c.model.remat_policy = "none"  # explicit settings win
+  assert config_lib.resolved_remat_policy(c) == "none"
+
+
+def test_vrpo_ol_on_a_shipped_config_validates(tmp_path):
+  """The task configs say remat "auto": vrpo_ol resolves to "full" instead of stopping."""
+  c = memory.load_config_file(str(ROOT / "configs" / "countdown.py"), ["--config.rl.objective=vrpo_ol"])
+  with c.unlocked():
+    c.task.data_dir = c.tokenizer.path = str(tmp_path)  # validated, not read
+  config_lib.validate(c, data_parallel_size=8)
+  assert config_lib.resolved_remat_policy(c) == "full"
