@@ -20,7 +20,7 @@ import numpy as np
 
 from bgpo_jax.config import base_config
 from bgpo_jax.diffusion import masking, sampler
-from bgpo_jax.models import llada
+from bgpo_jax.models import attention, llada
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train import optimizer as optim_lib
 from bgpo_jax.train import state as state_lib
@@ -135,7 +135,7 @@ def splash_steps() -> dict:
   pmask = jax.device_put(attn[:, :prompt], batch["tokens"].sharding)
   lowerings = {"step": lambda: step.trace(state, batch),
                "sampler": lambda: gen_fn.trace(state.params, prompts, pmask, jax.random.key(0))}
-  llada.SPLASH_INTERPRET = False  # trace the real Mosaic kernel (lowered only, never run here)
+  attention.SPLASH_INTERPRET = False  # trace the real Mosaic kernel (lowered only, never run here)
   try:
     for name, trace in lowerings.items():
       try:
@@ -145,7 +145,7 @@ def splash_steps() -> dict:
       except Exception as e:  # noqa: BLE001 (reported to the test)
         out[f"{name}_tpu_error"] = f"{type(e).__name__}: {e}"[:500]
   finally:
-    llada.SPLASH_INTERPRET = None
+    attention.SPLASH_INTERPRET = None
   return out
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from bgpo_jax.models import llada
+from bgpo_jax.models import attention, llada
 from bgpo_jax.models.sharding import logical_to_sharding, logical_to_spec, make_mesh
 
 BASE = llada.LLaDAConfig.preset("tiny", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -377,7 +377,7 @@ def test_bmm_looped_attention_matches_einsum(monkeypatch, step_elements):
   # shapes otherwise fit one group and run unlooped), GQA with padding and an all-pad row:
   # logits and every gradient against the einsum path. Fresh jits: the module-level ones may
   # hold a trace made with the default step size.
-  monkeypatch.setattr(llada, "_BMM_STEP_ELEMENTS", step_elements)
+  monkeypatch.setattr(attention, "_BMM_STEP_ELEMENTS", step_elements)
   ref_cfg = dataclasses.replace(BASE, attention_impl="xla")
   cfg = dataclasses.replace(BASE, attention_impl="bmm")
   params = _params(cfg, seed=7)

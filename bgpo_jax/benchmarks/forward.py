@@ -145,7 +145,7 @@ def bench_pieces(preset: str, batch: int, seq: int, resp: int, pad: int, repeats
 
   eps, f32 = c.rms_norm_eps, jnp.float32
 
-  def mlp(p, x):  # as llada.block's second half
+  def mlp(p, x):  # as layers.block's second half
     gate, up = llada.norm_dense(x, p["ff_norm"], ((p["ff_proj"], None), (p["up_proj"], None)), eps, f32)
     return x + llada.swiglu_dense(gate.reshape(B, S, -1), up.reshape(B, S, -1), p["ff_out"])
 

@@ -1,5 +1,7 @@
-"""Models: LLaDA (llada.py), Dream (dream.py), one interface over both (family.py), checkpoint
-import/export (hf.py), logical sharding (sharding.py)."""
+"""Models: LLaDA (llada.py), Dream (dream.py), one interface over both (family.py), the model they
+share (transformer.py: config checks, parameter tree, init, layer scan, head, cached forwards;
+layers.py: the block; attention.py: the kernels), checkpoint import/export (hf.py), logical
+sharding (sharding.py)."""
 
 from bgpo_jax.models.dream import DreamConfig
 

@@ -1,5 +1,6 @@
-"""KV-cached Dream forwards for the cached samplers (SPEC section 4b): llada_cache's layer with
-Dream's QKV biases and axis names, plus Dream's shifted predictions.
+"""KV-cached Dream forwards for the cached samplers (SPEC section 4b): the families' shared cached
+forward (transformer.prefill / window_forward, see llada_cache.py), plus Dream's shifted
+predictions.
 
 Dream predicts the token at position i from its output at i - 1 (models/dream.py). A window over
 the canvas positions [start, start + W) therefore needs the output at start - 1, which sits in
@@ -22,10 +23,8 @@ from typing import Any
 import jax
 from jax import lax
 
-from bgpo_jax.models import dream, llada_cache
-
-KVCache = llada_cache.KVCache
-cache_bytes = llada_cache.cache_bytes  # same layout: K and V per layer, [L, B, S, KV, hd]
+from bgpo_jax.models import dream, transformer
+from bgpo_jax.models.transformer import KVCache, cache_bytes  # noqa: F401  (K and V per layer)
 
 
 def prefill(config: dream.DreamConfig, params: Any, tokens: jax.Array,
@@ -33,9 +32,8 @@ def prefill(config: dream.DreamConfig, params: Any, tokens: jax.Array,
             ) -> tuple[jax.Array, KVCache | None]:
   """Full forward: tokens int32 [B,S] -> (features [B,S,D] as `dream.hidden_states`: feature i
   predicts token i, shift applied; cache (k, v) each [L,B,S,KV,hd], or None)."""
-  out, kv = llada_cache.family_prefill(dream, config, params, tokens, attention_mask,
-                                       return_cache=return_cache)
-  return dream.shift_right(out), kv
+  out, kv = transformer.prefill(config, params, tokens, attention_mask, return_cache=return_cache)
+  return transformer.shift_right(out), kv
 
 
 def window_features(config: dream.DreamConfig, params: Any, tokens: jax.Array, start, width: int,
@@ -47,6 +45,5 @@ def window_features(config: dream.DreamConfig, params: Any, tokens: jax.Array, s
     raise ValueError(f"Dream's cached window needs start >= 1 (the output at start - 1 predicts "
                      f"position start), got start={start}; prompts must not be empty")
   win = lax.dynamic_slice_in_dim(tokens, start - 1, width + 1, axis=1)
-  out = llada_cache.family_window_forward(dream, config, params, win, start - 1, cache,
-                                          attention_mask)
+  out = transformer.window_forward(config, params, win, start - 1, cache, attention_mask)
   return out[:, :width]

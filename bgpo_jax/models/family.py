@@ -8,6 +8,7 @@ A family module exposes, for its config class C:
   hidden_states(C, params, tokens, mask)    [B,S,D]: feature i predicts token i (shift inside)
   lm_head(C, params, hidden) -> logits      forward(C, params, tokens, mask) -> [B,S,V]
   forward_flops(C, batch, seq_len)          C.preset(name), C.from_hf(path_or_dict)
+  hf_tensor_map(C) -> {HF tensor name: (path in the tree, layer or None, transposed?)}
 
 and a KV-cached forward for the cached sampler (`cached_forward_for(config)`: llada_cache or
 dream_cache), both returning features in the `hidden_states` convention:
@@ -16,13 +17,17 @@ dream_cache), both returning features in the `hidden_states` convention:
   window_features(C, params, tokens [B,S], start, width, cache, mask) -> features [B,width,D]
     that predict positions [start, start + width) (the family decides which positions it runs)
   cache_bytes(C, batch, seq_len) -> int
+
+Everything but the config class and the HF names is shared (transformer.py): a family module
+re-exports it, and its config class (a transformer.ModelConfig) says how it differs
+(`qkv_bias`, `shifted`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from bgpo_jax.models import dream, dream_cache, llada, llada_cache
+from bgpo_jax.models import dream, dream_cache, llada, llada_cache, transformer
 
 FAMILIES = ("llada", "dream")
 DEFAULT_FAMILY = "llada"
@@ -45,6 +50,7 @@ class ModelFamily(Protocol):
   def lm_head(self, config: Any, params: Any, hidden: Any) -> Any: ...
   def forward(self, config: Any, params: Any, tokens: Any, attention_mask: Any = None) -> Any: ...
   def forward_flops(self, config: Any, batch: int, seq_len: int) -> float: ...
+  def hf_tensor_map(self, config: Any) -> Any: ...
 
 
 def family_of(config: Any) -> str:
@@ -94,7 +100,7 @@ def preset(family: str, name: str, **overrides) -> Any:
 def hf_family(path_or_dict) -> str:
   """The family of an HF config (dict, config.json or checkpoint dir) from its `model_type`
   (none = LLaDA)."""
-  hf = llada.read_hf_config(path_or_dict)
+  hf = transformer.read_hf_config(path_or_dict)
   mt = str(hf.get("model_type") or "").lower()
   if not mt:  # LLaDA configs written before families existed may lack it
     return DEFAULT_FAMILY
@@ -106,5 +112,5 @@ def hf_family(path_or_dict) -> str:
 
 def config_from_hf(path_or_dict, **overrides) -> Any:
   """The family's config from an HF config (model_type decides the family)."""
-  hf = llada.read_hf_config(path_or_dict)
+  hf = transformer.read_hf_config(path_or_dict)
   return config_class(hf_family(hf)).from_hf(hf, **overrides)

@@ -1,7 +1,7 @@
 """Hugging Face LLaDA / Dream checkpoints (config.json + sharded safetensors) <-> our parameter tree.
 
 The family comes from config.json's `model_type` (models/family.py); each family module names its
-HF tensors (llada: `hf_tensor_map` here, Dream: `dream.hf_tensor_map`).
+HF tensors (`llada.hf_tensor_map`, `dream.hf_tensor_map`).
 
 Import streams tensor by tensor: each HF tensor is read from its shard (safetensors, numpy),
 put on device (straight onto its NamedSharding when a mesh is given), transposed / cast there,
@@ -36,9 +36,6 @@ from bgpo_jax.models.sharding import DEFAULT_LOGICAL_RULES, logical_to_sharding
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_PREFIX = "model.transformer."
-_BLOCK_KINDS = ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj",
-                "up_proj", "ff_out")
 # safetensors dtype names; the rank is the order safetensors uses to lay tensors out in a file.
 _ST_DTYPES = {
   "F64": (np.dtype(np.float64), 3),
@@ -55,22 +52,12 @@ class CheckpointError(ValueError):
 
 
 def hf_tensor_map(config: llada.LLaDAConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
-  """HF tensor name -> (path in our param tree, layer index or None, transposed?).
+  """HF tensor name -> (path in our param tree, layer index or None, transposed?), from the
+  config's family module (llada.hf_tensor_map, dream.hf_tensor_map).
 
-  Transposed tensors are HF Linear weights ([out, in]); ours are [in, out]. Dream configs use
-  dream.hf_tensor_map (Qwen2 names).
+  Transposed tensors are HF Linear weights ([out, in]); ours are [in, out].
   """
-  if family.family_of(config) != "llada":
-    return family.module_for(config).hf_tensor_map(config)
-  out: dict[str, tuple[tuple[str, ...], int | None, bool]] = {
-    _PREFIX + "wte.weight": (("wte",), None, False),
-    _PREFIX + "ln_f.weight": (("ln_f",), None, False),
-    _PREFIX + "ff_out.weight": (("ff_out",), None, True),
-  }
-  for i in range(config.n_layers):
-    for k in _BLOCK_KINDS:
-      out[f"{_PREFIX}blocks.{i}.{k}.weight"] = (("blocks", k), i, not k.endswith("norm"))
-  return out
+  return family.module_for(config).hf_tensor_map(config)
 
 
 def hf_shape(config: llada.LLaDAConfig, name: str) -> tuple[int, ...]:

@@ -1,0 +1,397 @@
+"""What every model family shares: config checks, the parameter tree, init, the layer scan, the
+vocabulary head and the KV-cached forwards, written once over a family's config.
+
+A family (llada.py, dream.py) is a frozen dataclass of its fields that subclasses `ModelConfig`
+and says how it differs through two class attributes: `qkv_bias` (q / k / v projections carry
+biases: Dream) and `shifted` (the token at i is predicted from the output at i - 1: Dream). The
+rest of a family file is its Hugging Face schema (config keys, tensor names) and its presets.
+
+Parameter tree (L layers stacked on a leading axis; Linear weights [in, out]):
+
+  params["wte"]                    [embedding_size, d_model]
+  params["blocks"]["attn_norm"]    [L, d_model]          params["blocks"]["ff_norm"]  [L, d_model]
+  params["blocks"]["q_proj"]       [L, d_model, H*hd]    params["blocks"]["ff_proj"]  [L, d_model, mlp] (gate)
+  params["blocks"]["k_proj"]       [L, d_model, KV*hd]   params["blocks"]["up_proj"]  [L, d_model, mlp]
+  params["blocks"]["v_proj"]       [L, d_model, KV*hd]   params["blocks"]["ff_out"]   [L, mlp, d_model]
+  params["blocks"]["attn_out"]     [L, H*hd, d_model]    params["blocks"]["{q,k,v}_bias"] [L, H*hd or KV*hd]
+  params["ln_f"]                   [d_model]             params["ff_out"]             [d_model, embedding_size]
+
+Sharding: under a context mesh (`jax.set_mesh`, or the train step's abstract mesh) the forward
+pins the FSDP layout with `sharding.constrain`: activations are split over the batch
+("data", "fsdp") and, with tensor parallelism, over heads / MLP / vocab ("tensor"); each layer's
+weights are cast to the compute dtype and gathered over their "embed" (FSDP) axis right before
+use, so the backward reduce-scatters their gradients. The vocab head is vocab-parallel over
+("tensor", "fsdp") instead (a [D, V] gather would cost 1 GB per device for LLaDA). Without a mesh
+(or on one device) every constraint is a no-op and the program is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bgpo_jax.models import attention, layers, sharding
+
+Params = dict[str, Any]
+# (k, v), each [L, B, S, KV, hd] in the compute dtype.
+KVCache = tuple[jax.Array, jax.Array]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_NORMS = ("attn_norm", "ff_norm", "ln_f")
+_BIASES = ("q_bias", "k_bias", "v_bias")
+
+
+class ModelConfig:
+  """The checks and derived sizes of every family's config (a frozen dataclass subclassing this).
+
+  Fields read here: d_model, n_layers, n_heads, n_kv_heads, mlp_hidden_size, vocab_size,
+  embedding_size (a field or a property), rope_theta, rms_norm_eps, the *_token_id fields,
+  param_dtype, compute_dtype, remat_policy, scan_unroll, attention_impl, logits_chunk, init_std.
+  """
+
+  qkv_bias = False  # q / k / v projections carry biases (class attributes, not fields)
+  shifted = False  # feature i is the model's output at i - 1 (position 0: its own)
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+    if (self.d_model // self.n_heads) % 2:
+      raise ValueError(f"head_dim {self.d_model // self.n_heads} must be even for RoPE")
+    if self.embedding_size < self.vocab_size:
+      raise ValueError(f"embedding_size {self.embedding_size} < vocab_size {self.vocab_size}")
+    for name in ("param_dtype", "compute_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"{name} {getattr(self, name)!r} is not one of {sorted(DTYPES)}")
+    if self.remat_policy not in layers.REMAT_POLICIES:
+      raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {layers.REMAT_POLICIES}")
+    if self.scan_unroll < 1:  # values >= n_layers all mean "fully unrolled"
+      raise ValueError(f"scan_unroll {self.scan_unroll} must be >= 1 (n_layers or more = fully unrolled)")
+    if self.logits_chunk < 0:
+      raise ValueError(f"logits_chunk {self.logits_chunk} must be >= 0 (0 = no chunking)")
+    if self.attention_impl not in attention.ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {attention.ATTENTION_IMPLS}")
+    for name in (f.name for f in dataclasses.fields(self) if f.name.endswith("_token_id")):
+      v = getattr(self, name)
+      if not 0 <= v < self.vocab_size:
+        raise ValueError(f"{name} {v} is outside the vocabulary [0, {self.vocab_size})")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def param_jnp_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  @property
+  def compute_jnp_dtype(self):
+    return DTYPES[self.compute_dtype]
+
+  def num_params(self, embeddings: bool = True) -> int:
+    """Parameter count (input embedding and head included unless embeddings=False)."""
+    shapes = jax.tree.leaves(param_shapes(self), is_leaf=lambda x: isinstance(x, tuple))
+    n = sum(math.prod(s) for s in shapes)
+    return n if embeddings else n - 2 * self.embedding_size * self.d_model
+
+
+# -----------------------------------------------------------------------------------------------
+# Hugging Face config.json helpers (each family maps its own key names)
+
+
+def read_hf_config(path_or_dict) -> dict[str, Any]:
+  """A Hugging Face config as a dict: given a dict, a config.json path or a checkpoint directory
+  (local or any etils.epath URI such as gs://)."""
+  if isinstance(path_or_dict, Mapping):
+    return dict(path_or_dict)
+  from etils import epath
+  p = epath.Path(os.fspath(path_or_dict))
+  if p.is_dir():
+    p = p / "config.json"
+  return json.loads(p.read_text())
+
+
+def check_hf_features(hf: Mapping[str, Any], unsupported: Mapping[str, tuple], family: str) -> None:
+  """Raises ValueError naming every key of `hf` whose value is not among `unsupported[key]`
+  (the values we implement, the first one the supported setting)."""
+  bad = [f"{k}={hf[k]!r} (supported: {allowed[0]!r})" for k, allowed in unsupported.items()
+         if k in hf and hf[k] not in allowed]
+  if bad:
+    raise ValueError(f"unsupported {family} config features: " + ", ".join(bad))
+
+
+def hf_dtype(hf: Mapping[str, Any]) -> str:
+  """param / compute dtype from `torch_dtype`: bfloat16 or float32 (anything else -> float32)."""
+  torch_dtype = hf.get("torch_dtype") or "float32"
+  return torch_dtype if torch_dtype in ("bfloat16", "float32") else "float32"
+
+
+def hf_extra(hf: Mapping[str, Any], known) -> tuple:
+  """The HF keys not in `known` as sorted (key, json) pairs (a config's `hf_extra`)."""
+  return tuple(sorted((k, json.dumps(v)) for k, v in hf.items() if k not in known))
+
+
+def to_hf_dict(template: Mapping[str, Any], extra: tuple, values: Mapping[str, Any]) -> dict[str, Any]:
+  """An HF config.json dict: the family's template, then the original extra keys, then ours."""
+  out = dict(template)
+  out.update({k: json.loads(v) for k, v in extra})
+  out.update(values)
+  return dict(sorted(out.items()))
+
+
+def hf_tensor_map(config, top: Mapping[str, tuple[str, bool]], layer_prefix: str,
+                  block_names: Mapping[str, str]) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
+  """HF tensor name -> (path in our param tree, layer index or None, transposed?).
+
+  top: HF name -> (our top-level key, transposed?); layer_prefix: e.g. "model.layers.{i}.";
+  block_names: our block key -> HF name inside a layer, in the checkpoint's order. A block
+  tensor is transposed when it is a matrix (HF Linear weights are [out, in], ours [in, out])."""
+  out = {name: ((key,), None, transposed) for name, (key, transposed) in top.items()}
+  blocks = param_shapes(config)["blocks"]
+  for i in range(config.n_layers):
+    for k, name in block_names.items():
+      out[layer_prefix.format(i=i) + name] = (("blocks", k), i, len(blocks[k]) == 3)
+  return out
+
+
+# -----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def param_shapes(config) -> dict[str, Any]:
+  """Shapes of every parameter, same tree as init_params (module docstring)."""
+  c = config
+  L, D, M, E = c.n_layers, c.d_model, c.mlp_hidden_size, c.embedding_size
+  q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+  blocks = {"attn_norm": (L, D), "q_proj": (L, D, q), "k_proj": (L, D, kv), "v_proj": (L, D, kv),
+            "attn_out": (L, q, D), "ff_norm": (L, D), "ff_proj": (L, D, M), "up_proj": (L, D, M),
+            "ff_out": (L, M, D)}
+  if c.qkv_bias:
+    blocks.update(q_bias=(L, q), k_bias=(L, kv), v_bias=(L, kv))
+  return {"wte": (E, D), "blocks": blocks, "ln_f": (D,), "ff_out": (D, E)}
+
+
+def param_logical_axes(config) -> dict[str, Any]:
+  """Logical axis names per parameter dimension (same tree as init_params); the biases follow
+  their projection's output axis."""
+  blocks = {
+    "attn_norm": ("layers", "norm"),
+    "q_proj": ("layers", "embed", "heads"),
+    "k_proj": ("layers", "embed", "kv_heads"),
+    "v_proj": ("layers", "embed", "kv_heads"),
+    "attn_out": ("layers", "heads", "embed"),
+    "ff_norm": ("layers", "norm"),
+    "ff_proj": ("layers", "embed", "mlp"),
+    "up_proj": ("layers", "embed", "mlp"),
+    "ff_out": ("layers", "mlp", "embed"),
+  }
+  if config.qkv_bias:
+    blocks.update(q_bias=("layers", "heads"), k_bias=("layers", "kv_heads"), v_bias=("layers", "kv_heads"))
+  return {"wte": ("vocab", "embed"), "blocks": blocks, "ln_f": ("norm",), "ff_out": ("embed", "vocab")}
+
+
+def compute_weight_axes(config) -> dict[str, tuple]:
+  """Logical axes of one layer's weights as used by the matmuls: the stacked "layers" axis
+  dropped and "embed" (the FSDP axis) gathered, heads / MLP keep their tensor sharding."""
+  blocks = param_logical_axes(config)["blocks"]
+  return {k: tuple(None if a == "embed" else a for a in axes[1:])
+          for k, axes in blocks.items() if not k.endswith("_norm")}
+
+
+def lead_axes(ndim: int, first: str | None, last: str | None) -> tuple:
+  """Logical axes of an activation [batch, ..., last]: (first, None, ..., last)."""
+  return (first,) + (None,) * (ndim - 2) + (last,) if ndim >= 2 else (last,)
+
+
+def init_params(config, rng: jax.Array) -> Params:
+  """Random init: weights ~ N(0, init_std^2), biases 0, RMSNorm weights 1, in param_dtype.
+
+  Jitted internally (one compile instead of one per eager op); also usable under jit /
+  eval_shape, e.g. jax.jit(partial(init_params, config), out_shardings=...)(rng).
+  """
+  return _init_params_jit(config, rng)
+
+
+_FLAT_INIT_MAX = 2**27
+
+
+def _init_kind(path: tuple) -> str:
+  return "ones" if path[-1] in _NORMS else "zeros" if path[-1] in _BIASES else "normal"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params_jit(config, rng: jax.Array) -> Params:
+  shapes = param_shapes(config)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  dtype = config.param_jnp_dtype
+  kinds = [_init_kind(tuple(getattr(p, "key", p) for p in path)) for path, _ in leaves]
+  sizes = [math.prod(s) if k == "normal" else 0 for k, (_, s) in zip(kinds, leaves)]
+  # One normal draw for all weights of a small model: every threefry call costs ~1 s of XLA CPU
+  # compile time. Large models draw per leaf so the float32 temporary stays one leaf.
+  flat = None
+  if sum(sizes) <= _FLAT_INIT_MAX:
+    flat = jax.random.normal(rng, (sum(sizes),), jnp.float32)
+  keys = jax.random.split(rng, len(leaves))
+  out, start = [], 0
+  for kind, (_, shape), size, key in zip(kinds, leaves, sizes, keys):
+    if kind != "normal":
+      out.append((jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype))
+      continue
+    if flat is not None:
+      w = flat[start:start + size].reshape(shape)
+      start += size
+    else:
+      w = jax.random.normal(key, shape, jnp.float32)
+    out.append((config.init_std * w).astype(dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# -----------------------------------------------------------------------------------------------
+# Forward
+
+
+def embed(config, params: Params, tokens: jax.Array) -> jax.Array:
+  """tokens int32 [B,S] -> embeddings [B,S,D] in the compute dtype, split over the batch.
+
+  The lookup runs on the embed-split table (each device fills its slice of D for the rows of
+  its "data" group), then an all-to-all trades the D split for the batch split."""
+  cdt = config.compute_jnp_dtype
+  x = sharding.constrain(jnp.take(params["wte"], tokens, axis=0).astype(cdt), ("batch_dp", "seq", "embed"))
+  return sharding.constrain(x, ("batch", "seq", "act_embed"))
+
+
+def _write_window(cached: tuple, start, k: jax.Array, v: jax.Array) -> tuple:
+  """layers.KVUpdate of the cached forward: the window's fresh k / v [B,W,KV,hd] written into
+  one layer's cached (k, v) [B,S,KV,hd] at positions [start, start + W)."""
+  act = lambda y: sharding.constrain(y, ("batch", "seq", "act_kv_heads", None))  # noqa: E731
+  keys = lax.dynamic_update_slice_in_dim(cached[0], k, start, axis=1)
+  values = lax.dynamic_update_slice_in_dim(cached[1], v, start, axis=1)
+  return act(keys), act(values)
+
+
+def run_blocks(config, x: jax.Array, blocks: Params, cos, sin, key_mask, *, remat: bool = False,
+               cache: KVCache | None = None, start=0, keep_kv: bool = False):
+  """The layer scan: x [B,W,D] through the L stacked blocks -> (x [B,W,D], fresh (k, v) each
+  [L,B,W,KV,hd] with keep_kv, else None). cache: the KV cache (k, v) [L,B,S,KV,hd] whose
+  positions [start, start + W) the window's own K / V replace, or None (W = S). remat: each
+  block under config.remat_policy's jax.checkpoint policy."""
+  param_axes = param_logical_axes(config)["blocks"]
+  compute_axes = compute_weight_axes(config)
+
+  def body(carry, layer):
+    p, cached = layer
+    update = None if cached is None else functools.partial(_write_window, cached, start)
+    carry, kv = layers.block(config, carry, p, cos, sin, key_mask, param_axes=param_axes,
+                             compute_axes=compute_axes, update_kv=update)
+    return carry, (kv if keep_kv else None)
+
+  if remat:
+    # prevent_cse=False is safe (and faster) inside scan.
+    body = jax.checkpoint(body, policy=layers.CHECKPOINT_POLICIES[config.remat_policy], prevent_cse=False)
+  return lax.scan(body, x, (blocks, cache), unroll=config.scan_unroll)
+
+
+def _final_norm(config, params: Params, x: jax.Array) -> jax.Array:
+  return layers.rms_norm(x, params["ln_f"], config.rms_norm_eps).astype(config.compute_jnp_dtype)
+
+
+def shift_right(h: jax.Array) -> jax.Array:
+  """[B,S,...] -> [B,S,...] with out[:, i] = h[:, i-1] and out[:, 0] = h[:, 0] (shifted families)."""
+  return jnp.concatenate([h[:, :1], h[:, :-1]], axis=1)
+
+
+def hidden_states(config, params: Params, tokens: jax.Array,
+                  attention_mask: jax.Array | None = None) -> jax.Array:
+  """tokens int32 [B,S], attention_mask [B,S] (1 = real key, 0 = padding) or None -> the
+  features that predict each position, [B,S,d_model] in compute dtype: the outputs after the
+  final norm (ln_f), shifted right by one for a `shifted` family, so lm_head(feature i) scores
+  token i.
+
+  Positions are 0..S-1 for every row; RoPE only sees relative offsets, so left padding
+  (masked keys) leaves the real positions' outputs unchanged.
+  """
+  x = embed(config, params, tokens)
+  cos, sin = layers.rope_tables(tokens.shape[1], config.head_dim, config.rope_theta)
+  key_mask = None if attention_mask is None else attention_mask.astype(bool)
+  x, _ = run_blocks(config, x, params["blocks"], cos, sin, key_mask, remat=config.remat_policy != "none")
+  h = _final_norm(config, params, x)
+  if config.shifted:
+    return sharding.constrain(shift_right(h), ("batch", "seq", "act_embed"))
+  return h
+
+
+def lm_head(config, params: Params, hidden: jax.Array) -> jax.Array:
+  """hidden [..., d_model] -> logits float32 [..., vocab_size] (embedding padding rows dropped)."""
+  cdt = config.compute_jnp_dtype
+  # Vocab-parallel over the FSDP axis too: the micro-batch's hidden states are gathered (small,
+  # [B,S,D]) and each device computes all rows for 1/(fsdp*tensor) of the vocabulary, so no
+  # device holds the whole [D,V] head or its gradient (for LLaDA: 1 GB bf16 each), only its
+  # slice; log_softmax reduces [B,S] statistics across devices.
+  hidden = sharding.constrain(hidden.astype(cdt), lead_axes(hidden.ndim, "batch_dp", "act_embed"))
+  w = sharding.gather_weight(params["ff_out"], param_logical_axes(config)["ff_out"], (None, "head_vocab"), cdt)
+  logits = layers.dense(hidden, w, preferred_element_type=jnp.float32)
+  logits = sharding.constrain(logits, lead_axes(logits.ndim, "batch_dp", "head_vocab"))
+  if config.embedding_size != config.vocab_size:
+    logits = logits[..., : config.vocab_size]
+  return logits
+
+
+def forward(config, params: Params, tokens: jax.Array,
+            attention_mask: jax.Array | None = None) -> jax.Array:
+  """tokens int32 [B,S] -> logits float32 [B,S,vocab_size]; logits[:, i] scores the token at i."""
+  return lm_head(config, params, hidden_states(config, params, tokens, attention_mask))
+
+
+def forward_flops(config, batch: int, seq_len: int) -> float:
+  """Model FLOPs of one forward: 2 * params * tokens (embedding lookup excluded, head included)
+  + attention scores and context 4 * S^2 * D per layer per sequence."""
+  n = config.num_params(embeddings=False) + config.embedding_size * config.d_model
+  return 2.0 * n * batch * seq_len + 4.0 * batch * seq_len**2 * config.d_model * config.n_layers
+
+
+# -----------------------------------------------------------------------------------------------
+# KV-cached forwards (SPEC section 4b; llada_cache.py, dream_cache.py): the outputs after the
+# final norm at the positions run, no shift.
+
+
+def cache_bytes(config, batch: int, seq_len: int) -> int:
+  """Bytes of one KV cache (K and V of every layer) for `batch` sequences of `seq_len`."""
+  itemsize = jnp.dtype(config.compute_jnp_dtype).itemsize
+  return 2 * config.n_layers * batch * seq_len * config.n_kv_heads * config.head_dim * itemsize
+
+
+def prefill(config, params: Params, tokens: jax.Array, attention_mask: jax.Array | None, *,
+            return_cache: bool = True) -> tuple[jax.Array, KVCache | None]:
+  """Full forward: tokens int32 [B,S] -> (outputs after ln_f [B,S,D] in the compute dtype, no
+  shift; cache (k, v) each [L,B,S,KV,hd], or None with return_cache=False)."""
+  cos, sin = layers.rope_tables(tokens.shape[1], config.head_dim, config.rope_theta)
+  key_mask = None if attention_mask is None else attention_mask.astype(bool)
+  x, kv = run_blocks(config, embed(config, params, tokens), params["blocks"], cos, sin, key_mask,
+                     keep_kv=return_cache)
+  return _final_norm(config, params, x), kv
+
+
+def window_forward(config, params: Params, window_tokens: jax.Array, start, cache: KVCache,
+                   attention_mask: jax.Array | None) -> jax.Array:
+  """The model on positions [start, start + W) against a cache: in every layer the window's
+  fresh K / V replace its positions of the cached ones and its queries attend the whole cache.
+
+  window_tokens int32 [B, W]; start int or int32 scalar (traced is fine; W is static); cache
+  (k, v) each [L, B, S, KV, hd] from `prefill`; attention_mask [B, S] (1 = real key) or None
+  -> outputs after ln_f [B, W, D] in the compute dtype (no shift)."""
+  W = window_tokens.shape[1]
+  cos, sin = layers.rope_tables(cache[0].shape[2], config.head_dim, config.rope_theta)
+  cos = lax.dynamic_slice_in_dim(cos, start, W, axis=0)
+  sin = lax.dynamic_slice_in_dim(sin, start, W, axis=0)
+  key_mask = None if attention_mask is None else attention_mask.astype(bool)
+  x, _ = run_blocks(config, embed(config, params, window_tokens), params["blocks"], cos, sin,
+                    key_mask, cache=tuple(cache), start=start)
+  return _final_norm(config, params, x)
