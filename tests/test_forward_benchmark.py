@@ -1,4 +1,4 @@
-"""benchmarks.forward: its rows on a tiny model, and the ~1B GPU preset (issue 15) by shapes."""
+"""benchmarks.forward: its rows on a tiny model, and the ~1B GPU preset by shapes."""
 import json
 
 import jax

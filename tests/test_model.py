@@ -253,7 +253,7 @@ def test_logical_to_spec_rules():
   assert tree["blocks"]["q_proj"].spec == PartitionSpec(None, None, None)
 
 
-# --- attention implementations (issue 15): every one agrees with the original grouped einsum
+# --- attention implementations: every one agrees with the original grouped einsum
 # ("xla", the previous implementation's math, kept selectable) in float32 on logits and on every
 # parameter gradient, with left padding and a fully padded row.
 
@@ -286,7 +286,7 @@ def test_attention_impl_matches_einsum(impl, n_kv_heads):
 
 
 def _previous_forward(config, params, tokens, mask):
-  """The model as implemented before issue 15, in float32 JAX, differentiated by JAX's autodiff:
+  """The model as first implemented, in float32 JAX, differentiated by JAX's autodiff:
   grouped-einsum attention with a where-masked softmax, concatenate RoPE, SwiGLU as written."""
   B, S = tokens.shape
   H, KV, hd, eps = config.n_heads, config.n_kv_heads, config.head_dim, config.rms_norm_eps

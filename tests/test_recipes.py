@@ -1,4 +1,4 @@
-"""The recipe matrix: every shipped task config runs as a researcher runs it (issue 12).
+"""The recipe matrix: every shipped task config runs as a researcher runs it.
 
 Each entry trains 2 RL steps and evaluates (at step 0 and at the end) on a split whose size is
 not a multiple of the eval batch, from a tiny random LLaDA checkpoint in the Hugging Face layout

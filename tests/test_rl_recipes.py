@@ -26,9 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from configs import demo  # noqa: E402
 
-# Keys of base_config() that other work in flight wires (issue 12: accepted and unused today). The
-# lead empties this list when those branches merge; the test fails if a listed key IS read (so
-# the list cannot go stale) and for every other unread key.
+# Keys of base_config() allowed to be unread while other work wires them; the test fails if a
+# listed key IS read (so the list cannot go stale) and for every other unread key.
 KNOWN_UNREAD: set = set()  # keys allowed to be unread (none: every key is wired)
 
 

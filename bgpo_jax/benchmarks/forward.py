@@ -1,6 +1,6 @@
 """LLaDA forward and forward + backward throughput, MFU, and a side-by-side with PyTorch.
 
-  python -m bgpo_jax.benchmarks.forward                      # the issue-15 model, see below
+  python -m bgpo_jax.benchmarks.forward                      # the m30 model, see below
   python -m bgpo_jax.benchmarks.forward --torch-python /path/to/venv/bin/python --sampler
   python -m bgpo_jax.benchmarks.forward --preset small --batch 4 --seq 256 --dtypes float32,bfloat16
   python -m bgpo_jax.benchmarks.forward --preset llada_8b --batch 8 --seq 1024 --dtypes bfloat16
@@ -60,10 +60,11 @@ from bgpo_jax.diffusion import elbo
 from bgpo_jax.diffusion import sampler as sampler_lib
 from bgpo_jax.models import family, llada
 
-# The model of issue 15 (tiny's special ids, so the char tokenizer's mask id 2).
+# m30: a ~30M-parameter LLaDA that a 2-core CPU trains in seconds a step (tiny's special ids,
+# so the char tokenizer's mask id 2).
 M30 = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1408,
            vocab_size=4096, embedding_size=4096, max_sequence_length=1024)
-# The issue-15 GPU model: the full-size preset's layout, vocabulary and special ids at ~1.3B
+# m1b, the GPU model: the full-size preset's layout, vocabulary and special ids at ~1.3B
 # parameters (LLaDA: 0.82B in the blocks, 0.52B in the embedding and head), bfloat16.
 M1B = dict(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, mlp_hidden_size=5632)
 _FULL_SIZE = {"llada": "llada_8b", "dream": "dream_7b"}
@@ -71,7 +72,7 @@ _FULL_SIZE = {"llada": "llada_8b", "dream": "dream_7b"}
 
 def preset_parts(preset: str, family_name: str = "llada") -> tuple[str, dict]:
   """(the family's preset name, its overrides) behind one of this benchmark's --preset names."""
-  if preset == "m30":  # the issue-15 shapes on either family's tiny preset
+  if preset == "m30":  # the m30 shapes on either family's tiny preset
     return "tiny", M30
   if preset == "m1b":
     return _FULL_SIZE[family.family_of(family_name)], M1B
