@@ -508,14 +508,6 @@ def _find_state_dir(path: str) -> epath.Path:
       "(or give a Hugging Face directory with config.json)")
 
 
-def is_orbax_checkpoint(path: str) -> bool:
-  try:
-    _find_state_dir(path)
-    return True
-  except FileNotFoundError:
-    return False
-
-
 # ------------------------------------------------------------------------------ run record
 # WORKDIR/run.json and WORKDIR/tokenizer/: what evaluating or continuing from the workdir needs
 # besides the weights (the checkpoints hold params only): the model architecture as a Hugging

@@ -97,10 +97,3 @@ def allgather_strings(strings: Sequence[str]) -> list[str]:
     buf[i, :len(d)] = np.frombuffer(d, np.uint8)
   all_buf, all_len = allgather_rows((buf, lengths))
   return [bytes(row[:k]).decode("utf-8") for row, k in zip(all_buf, all_len)]
-
-
-def agree_any(flag: bool) -> bool:
-  """True on every process when any process's flag is true (one collective)."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  return bool(np.max(allgather_rows(np.asarray([int(flag)], np.int32))))

@@ -591,10 +591,3 @@ class SandboxPool:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-def run_programs(sources: Sequence[str], timeout_s: float = 5.0, memory_mb: int = 1024,
-                 max_workers: int | None = None, **kwargs) -> list[SandboxResult]:
-  """Convenience: runs `sources` in a temporary `SandboxPool`."""
-  with SandboxPool(max_workers) as pool:
-    return pool.map(sources, timeout_s, memory_mb, **kwargs)
