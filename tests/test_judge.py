@@ -3,6 +3,7 @@ and a sandbox whose filesystem and system calls keep the program away from the h
 
 import json
 import os
+import sys
 import socket
 import tempfile
 import time
@@ -172,11 +173,14 @@ def test_the_program_sees_only_system_dirs_and_its_interpreter():
   r = run_program(
       "import os, sys\nprint(sorted(os.listdir('/')))\n"
       f"print(os.path.exists({str(REPO)!r}), os.path.exists('/run'), os.path.exists('/home'))\n"
-      "print(sys.executable)\n", timeout_s=30)
+      "print(sys.executable)\nprint(sys.base_prefix)\n", timeout_s=30)
   assert r.passed, r
-  top, flags, exe = r.stdout.strip().splitlines()
+  top, flags, exe, base = r.stdout.strip().splitlines()
+  # The interpreter's own directories are exposed wherever they live (a checkout under /check,
+  # a conda under /scratch); nothing else outside the system directories may appear.
+  interpreter_tops = {Path(p).parts[1] for p in (exe, base, os.path.realpath(sys.executable))}
   assert set(eval(top)) <= {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "dev",
-                            "proc", "tmp", "var", "root", "home", "opt", "work", "srv", "mnt"}
+                            "proc", "tmp", "var"} | interpreter_tops, (top, exe, base)
   assert flags == "False False False" or REPO.is_relative_to(Path(exe).parents[2]), flags
   assert r.seccomp
 
