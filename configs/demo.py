@@ -20,7 +20,7 @@ def get_config():
   c.task.name = "demo"
   c.task.demo_task = "sudoku"  # or countdown (harder for a model this small)
   # 20000 distinct puzzles (of ~35000): SFT sees each at most once. The SFT-300 accuracy still
-  # ranges 0.39-0.65 over seeds and code versions (BENCHMARKS.md, sessions 5-6).
+  # ranges 0.39-0.65 over seeds and code versions (BENCHMARKS.md, "Demo").
   c.task.demo_train_size = 20000
   c.task.demo_test_size = 500  # +-2.2 points of binomial noise on the accuracy (200 gave +-3.5)
   c.task.max_prompt_tokens = 64

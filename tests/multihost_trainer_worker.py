@@ -4,7 +4,7 @@
   multihost_trainer_worker.py multi PID NPROC PORT WORKDIR   one of NPROC jax.distributed processes
 
 Runs the trainer on a shrunk demo config: SFT warm-up, RL with evaluation, stop and save at
-step 3, resume in a fresh Trainer to the end, then `evaluate.run_eval` on the final checkpoint
+step 3, resume in a freshly built run to the end, then `evaluate.run_eval` on the final checkpoint
 (process 0 writes WORKDIR/eval.jsonl). The rewards are replaced by a fixed pattern of the GLOBAL
 prompt index, so group skipping keeps the same groups on any topology: on two processes the live
 groups sit on the second process only, and the first must train rows it did not generate.
@@ -83,17 +83,18 @@ def main():
   else:
     workdir = sys.argv[2]
   from bgpo_jax.evaluate import run_eval
-  from bgpo_jax.main import Trainer
   from bgpo_jax.metrics import read_metrics
+  from bgpo_jax.train.loop import train
+  from bgpo_jax.train.run import build_run
 
   log: dict = {"process_count": jax.process_count(), "local_devices": jax.local_device_count()}
-  first = Trainer(config(), workdir)
+  first = build_run(config(), workdir)
   instrument(first, log)
-  first.run(stop_at=3)
-  resumed = Trainer(config(), workdir)
+  train(first, stop_at=3)
+  resumed = build_run(config(), workdir)
   log["resumed_at"] = resumed.start_step
   instrument(resumed, log)
-  summary = resumed.run()
+  summary = train(resumed)
   log["summary_accuracy"] = summary.get("eval/accuracy")
   out = str(Path(workdir) / "eval.jsonl")
   result = run_eval(config(), workdir, out, progress=False)

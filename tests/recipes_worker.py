@@ -41,8 +41,9 @@ def main() -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   from bgpo_jax import tasks as tasks_lib
   from bgpo_jax.evaluate import run_eval
-  from bgpo_jax.main import Trainer
   from bgpo_jax.metrics import read_metrics
+  from bgpo_jax.train.loop import train
+  from bgpo_jax.train.run import build_run
 
   results = []
   for i, e in enumerate(entries):
@@ -51,9 +52,9 @@ def main() -> None:
     r = {"name": e["name"], "devices": jax.device_count(), "mesh": list(config.mesh.shape)}
     t0 = time.time()
     try:
-      trainer = Trainer(config, workdir)
+      trainer = build_run(config, workdir)
       r["mesh_resolved"] = [int(v) for v in trainer.mesh.devices.shape]
-      summary = trainer.run()
+      summary = train(trainer)
       r.update(ok=True, summary={k: v for k, v in summary.items() if isinstance(v, (int, float))},
                metrics=read_metrics(workdir), eval_sizes={n: len(ds) for n, ds in trainer.task.evals.items()})
       if e["name"] == spec.get("eval_workdir_of"):

@@ -19,8 +19,11 @@ import pytest
 
 from bgpo_jax import checkpoint as ckpt_lib
 from bgpo_jax import config as config_lib
-from bgpo_jax import main as main_lib
-from bgpo_jax.main import Trainer
+from bgpo_jax import objectives
+from bgpo_jax.train import loop as loop_lib
+from bgpo_jax.train import rng as rng_lib
+from bgpo_jax.train.nonfinite import NonFiniteError
+from bgpo_jax.train.run import build_run
 from bgpo_jax.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,14 +65,14 @@ def _host(tree):
 def _record_states(monkeypatch):
   """Host copies of the train state after each step (the step donates the device buffers)."""
   states = {}
-  orig = Trainer.sft_step
+  orig = loop_lib.sft_step
 
-  def sft_step(self, step):
-    m = orig(self, step)
-    states[step + 1] = _host(self.state)
+  def sft_step(run, step):
+    m = orig(run, step)
+    states[step + 1] = _host(run.state)
     return m
 
-  monkeypatch.setattr(Trainer, "sft_step", sft_step)
+  monkeypatch.setattr(loop_lib, "sft_step", sft_step)
   return states
 
 
@@ -85,7 +88,7 @@ def sft_run(tmp_path_factory, cache_dir):
   mp = pytest.MonkeyPatch()
   try:
     states = _record_states(mp)
-    Trainer(tiny_sft(cache_dir), workdir).run()
+    loop_lib.train(build_run(tiny_sft(cache_dir), workdir))
   finally:
     mp.undo()
   rows = read_metrics(workdir)
@@ -114,17 +117,17 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(cache_dir, tmp_p
   c.checkpoint_every = 2
   c.optim.max_nonfinite_steps = 3
   poisoned = {2, 4, 5, 6}  # 0-based: the updates logged as steps 3, 5, 6, 7
-  orig_masks = Trainer._masks
+  orig_masks = rng_lib.mc_masks
 
-  def masks(self, step, rows, n, estimator):
-    m, w = orig_masks(self, step, rows, n, estimator)
+  def masks(streams, step, rows, n, estimator, gen_length):
+    m, w = orig_masks(streams, step, rows, n, estimator, gen_length)
     return m, (np.full_like(w, np.nan) if step in poisoned else w)
 
-  monkeypatch.setattr(Trainer, "_masks", masks)
+  monkeypatch.setattr(rng_lib, "mc_masks", masks)
   states = _record_states(monkeypatch)
   workdir = str(tmp_path / "run")
-  with pytest.raises(main_lib.NonFiniteError) as e:
-    Trainer(c, workdir).run()
+  with pytest.raises(NonFiniteError) as e:
+    loop_lib.train(build_run(c, workdir))
   msg = str(e.value)
   assert "\n" not in msg
   assert msg.startswith("stopped at step 7: train/loss is nan; 3 updates in a row were skipped"), msg
@@ -140,9 +143,9 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(cache_dir, tmp_p
   # The checkpoints before the stop are all there and finite; resuming continues from step 6 with
   # its rows intact (step 7's is dropped: written after the checkpoint) and the count restored.
   assert _steps(workdir) == [2, 4, 6]
-  monkeypatch.setattr(Trainer, "_masks", orig_masks)
-  resumed = Trainer(c, workdir)
-  assert resumed.start_step == 6 and resumed.nonfinite_total == 3
+  monkeypatch.setattr(rng_lib, "mc_masks", orig_masks)
+  resumed = build_run(c, workdir)
+  assert resumed.start_step == 6 and resumed.nonfinite.total == 3
   _assert_tree_equal(_host(resumed.state), states[6])
   assert read_metrics(workdir) == rows[:6]
   resumed.ckpt.close()
@@ -158,12 +161,12 @@ def test_nonfinite_rl_updates_stop_the_run(cache_dir, tmp_path, monkeypatch):
   c.rl.num_mc_samples = 2
   c.rl.micro_batch_per_device = 0
   c.optim.max_nonfinite_steps = 2
-  monkeypatch.setattr(main_lib.objectives, "group_advantages", lambda r, **kw: r * np.nan)
+  monkeypatch.setattr(objectives, "group_advantages", lambda r, **kw: r * np.nan)
   workdir = str(tmp_path / "rl")
-  trainer = Trainer(c, workdir)
+  trainer = build_run(c, workdir)
   before = _host(trainer.state)
-  with pytest.raises(main_lib.NonFiniteError, match=r"^stopped at step 2: train/loss is nan; 2 updates in a row"):
-    trainer.run()
+  with pytest.raises(NonFiniteError, match=r"^stopped at step 2: train/loss is nan; 2 updates in a row"):
+    loop_lib.train(trainer)
   rows = read_metrics(workdir)
   assert [(r["step"], r["train/nonfinite_steps"]) for r in rows] == [(1, 1.0), (2, 2.0)]
   _assert_tree_equal(_host(trainer.state), before)
@@ -176,19 +179,19 @@ def test_a_nonfinite_state_is_never_checkpointed(sft_run, cache_dir, tmp_path, c
   workdir = _copy(sft_run, tmp_path)
   c = tiny_sft(cache_dir, total=STEPS + 2)
   c.keep_checkpoints = 2
-  trainer = Trainer(c, workdir)
+  trainer = build_run(c, workdir)
   assert trainer.start_step == STEPS
   params = dict(trainer.state.params, wte=trainer.state.params["wte"].at[0, 0].set(np.nan))
   trainer.state = trainer.state.replace(params=params)
   with caplog.at_level(logging.WARNING):
-    trainer.run()
+    loop_lib.train(trainer)
   warned = [r.getMessage() for r in caplog.records if "not saved" in r.getMessage()]
   assert len(warned) == 2 and "step 5 not saved: the array params/wte holds NaN/Inf" in warned[0], warned
   assert "last good checkpoint (step 4)" in warned[0]
   assert _steps(workdir) == [1, 2, 3, 4]  # nothing new, nothing rotated out
   rows = read_metrics(workdir)
   assert rows[:STEPS] == sft_run[1] and [r["train/nonfinite_steps"] for r in rows[STEPS:]] == [1, 2]
-  resumed = Trainer(c, workdir)
+  resumed = build_run(c, workdir)
   assert resumed.start_step == STEPS
   _assert_tree_equal(_host(resumed.state), sft_run[2][STEPS])
   resumed.ckpt.close()
@@ -276,7 +279,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside(sft_run, cache_dir, tmp_path
   workdir = _copy(sft_run, tmp_path)
   damage(Path(workdir) / "checkpoints" / str(STEPS))
   with caplog.at_level(logging.WARNING):
-    trainer = Trainer(tiny_sft(cache_dir), workdir)
+    trainer = build_run(tiny_sft(cache_dir), workdir)
   assert trainer.start_step == STEPS - 1
   _assert_tree_equal(_host(trainer.state), sft_run[2][STEPS - 1])
   warned = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
@@ -295,7 +298,7 @@ def test_no_checkpoint_restores_fails_in_one_line_and_moves_nothing(sft_run, cac
   for step in _steps(workdir):
     _empty(Path(workdir) / "checkpoints" / str(step))
   with pytest.raises(ckpt_lib.RunError) as e:
-    Trainer(tiny_sft(cache_dir), workdir)
+    build_run(tiny_sft(cache_dir), workdir)
   msg = str(e.value)
   assert msg.startswith(f"no checkpoint in {workdir}/checkpoints restores (steps 4, 3, 2, 1; step 4: "), msg
   assert "\n" not in msg and "they were left in place" in msg
@@ -322,7 +325,7 @@ def test_disk_full_during_an_async_save(cache_dir, tmp_path, monkeypatch, caplog
   workdir = str(tmp_path / "run")
   c = tiny_sft(cache_dir, total=5)
   with caplog.at_level(logging.INFO), pytest.raises(ckpt_lib.CheckpointWriteError) as e:
-    Trainer(c, workdir).run()
+    loop_lib.train(build_run(c, workdir))
   msg = str(e.value)
   assert "\n" not in msg
   assert msg.startswith(f"checkpoint: saving step 3 to {workdir}/checkpoints/3 failed: "
@@ -334,7 +337,7 @@ def test_disk_full_during_an_async_save(cache_dir, tmp_path, monkeypatch, caplog
   rows = read_metrics(workdir)
   assert [r["step"] for r in rows][:3] == [1, 2, 3]
   monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", orig)
-  resumed = Trainer(c, workdir)
+  resumed = build_run(c, workdir)
   assert resumed.start_step == 2
   _assert_tree_equal(_host(resumed.state), states[2])
   assert read_metrics(workdir) == rows[:2]
@@ -366,7 +369,7 @@ def test_a_resume_with_another_config_is_refused(sft_run, cache_dir, tmp_path):
   c.seed = 1
   c.sft.learning_rate = 1e-3
   with pytest.raises(config_lib.ConfigError) as e:
-    Trainer(c, workdir)
+    build_run(c, workdir)
   msg = str(e.value)
   assert "\n" not in msg
   assert "seed 0 -> 1" in msg and "sft.learning_rate 0.003 -> 0.001" in msg
@@ -383,18 +386,18 @@ def test_a_resume_may_change_the_free_keys_and_survives_a_deleted_metrics_file(s
   c = tiny_sft(cache_dir, total=STEPS + 2)
   c.checkpoint_every = 2
   c.keep_checkpoints = 5
-  trainer = Trainer(c, workdir)
+  trainer = build_run(c, workdir)
   assert trainer.start_step == STEPS
-  orig = Trainer.sft_step
+  orig = loop_lib.sft_step
 
-  def sft_step(self, step):
+  def sft_step(run, step):
     if step == STEPS:
       os.remove(os.path.join(workdir, "metrics.jsonl"))
-    return orig(self, step)
+    return orig(run, step)
 
-  monkeypatch.setattr(Trainer, "sft_step", sft_step)
+  monkeypatch.setattr(loop_lib, "sft_step", sft_step)
   with caplog.at_level(logging.WARNING):
-    trainer.run()
+    loop_lib.train(trainer)
   warned = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
   assert warned == [f"{workdir}/metrics.jsonl was deleted during the run; rewrote it with its 4 earlier rows"]
   rows = read_metrics(workdir)

@@ -148,7 +148,7 @@ def memory_bucket(monkeypatch, tmp_path):
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   monkeypatch.chdir(cwd)
-  # Writers the test leaves open (a Trainer built and not run) flush at interpreter exit, when
+  # Writers the test leaves open (a run built and not trained) flush at interpreter exit, when
   # the s3 backend is unpatched again: close them while it is still there.
   from bgpo_jax import metrics
   opened = []
@@ -171,21 +171,22 @@ def test_remote_workdir_metrics_checkpoint_resume_plot_eval(memory_bucket):
 
   from bgpo_jax import checkpoint as ckpt_lib
   from bgpo_jax.evaluate import run_eval
-  from bgpo_jax.main import Trainer
   from bgpo_jax.metrics import read_metrics
+  from bgpo_jax.train.loop import train
+  from bgpo_jax.train.run import build_run
 
   root, fs, cwd = memory_bucket
   c = worker.config()
   c.plot_at_end = True
-  Trainer(c, root).run(stop_at=3)
+  train(build_run(c, root), stop_at=3)
   ckpt_dir = epath.Path(root) / "checkpoints"
   assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [2, 3]
   assert all((ckpt_dir / s / ckpt_lib.STAGED_MARKER).exists() for s in ("2", "3"))
-  resumed = Trainer(c, root)
+  resumed = build_run(c, root)
   assert resumed.start_step == 3  # found and restored through epath
   with resumed.writer.path.open() as f:
     assert [json.loads(l)["step"] for l in f] == [1, 2, 3]
-  summary = resumed.run()
+  summary = train(resumed)
   assert [r["step"] for r in read_metrics(root)] == [1, 2, 3, 4]
   assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [2, 3, 4]
   png = epath.Path(summary["plot"])
@@ -207,23 +208,24 @@ def test_kl_reference_is_staged_to_a_remote_workdir_and_restored_on_resume(memor
   from etils import epath
 
   from bgpo_jax import checkpoint as ckpt_lib
-  from bgpo_jax.main import Trainer
+  from bgpo_jax.train.loop import train
+  from bgpo_jax.train.run import build_run
 
   root, fs, cwd = memory_bucket
   c = worker.config()
   c.rl.kl_beta = 0.04
   c.rl.skip_zero_advantage = False
   c.eval_every = 0
-  first = Trainer(c, root)
-  first.run(stop_at=3)  # SFT steps 1-2, RL step 3: the reference is the step-2 policy
+  first = build_run(c, root)
+  train(first, stop_at=3)  # SFT steps 1-2, RL step 3: the reference is the step-2 policy
   ref_dir = epath.Path(root) / "reference"
   assert (ref_dir / ckpt_lib.STAGED_MARKER).exists()
-  resumed = Trainer(c, root)
-  assert resumed.start_step == 3 and resumed.reference is not None
-  chex.assert_trees_all_equal(jax.device_get(resumed.reference), jax.device_get(first.reference))
+  resumed = build_run(c, root)
+  assert resumed.start_step == 3 and resumed.reference.params is not None
+  chex.assert_trees_all_equal(jax.device_get(resumed.reference.params), jax.device_get(first.reference.params))
   (ref_dir / ckpt_lib.STAGED_MARKER).unlink()  # a half-copied reference is refused, not read
   with pytest.raises(FileNotFoundError, match="reference"):
-    Trainer(c, root)
+    build_run(c, root)
   assert list(cwd.iterdir()) == []
 
 

@@ -15,7 +15,8 @@ from bgpo_jax import config as config_lib
 from bgpo_jax import objectives
 from bgpo_jax.benchmarks import memory
 from bgpo_jax.diffusion import elbo, masking
-from bgpo_jax.main import Trainer
+from bgpo_jax.train import run as run_lib
+from bgpo_jax.train.loop import train
 from bgpo_jax.models import llada
 from bgpo_jax.train import step as step_lib
 
@@ -97,7 +98,7 @@ def test_custom_objective_train_step_matches_its_gradient():
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-7)
 
 
-def test_short_rl_run_with_a_registered_objective(tmp_path):
+def test_short_rl_run_with_a_registered_objective(tmp_path, monkeypatch, record_rl_batches):
   """`--config.rl.objective=<registered name>` on the demo config: validated, resolved (remat
   auto -> the objective's choice, its own config key read) and trained."""
   overrides = ["--config.rl.objective=test_reinforce_elbo", "--config.model.remat_policy=auto",
@@ -110,12 +111,13 @@ def test_short_rl_run_with_a_registered_objective(tmp_path):
     c.rl.reinforce_scale = 3.0  # the objective's own key (a config file would add it the same way)
   assert config_lib.resolved_remat_policy(c) == "save_attn"
   TRACED.clear()
-  trainer = Trainer(c, str(tmp_path / "run"))
-  assert trainer.model_cfg.remat_policy == "save_attn"
-  assert trainer._step_config("rl").hparams.reinforce_scale == 3.0
-  summary = trainer.run()
+  run = run_lib.build_run(c, str(tmp_path / "run"))
+  assert run.model_cfg.remat_policy == "save_attn"
+  assert run.steps.step_config("rl").hparams.reinforce_scale == 3.0
+  batches = record_rl_batches(monkeypatch)
+  summary = train(run)
   assert summary["step"] == 1 and "test_reinforce_elbo" in TRACED
-  assert set(trainer.last_rl_batch) == {"tokens", "attention_mask", "advantages", "mc_masks", "mc_weights"}
+  assert set(batches[-1]["updates"][0]) == {"tokens", "attention_mask", "advantages", "mc_masks", "mc_weights"}
 
 
 def test_remat_auto_is_the_objectives_choice(tmp_path):

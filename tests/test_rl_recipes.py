@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 from bgpo_jax import config as config_lib
-from bgpo_jax import main as main_lib
 from bgpo_jax import tasks as tasks_lib
 from bgpo_jax.diffusion import elbo
 from bgpo_jax.metrics import read_metrics
+from bgpo_jax.train import rl_batch as rl_batch_lib
+from bgpo_jax.train import run as run_lib
 from bgpo_jax.train import step as step_lib
+from bgpo_jax.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,7 +83,7 @@ def _inject_stops(monkeypatch, tokenizer_eot):
     rewards = (np.arange(len(rewards)) % 2).astype(np.float32)
     return (rollout, rewards, waited, *more)
 
-  monkeypatch.setattr(main_lib.tasks_lib, "rollout_and_score", patched)
+  monkeypatch.setattr(tasks_lib, "rollout_and_score", patched)
 
 
 @contextlib.contextmanager
@@ -122,7 +124,7 @@ def tracked_reads(*configs):
 
 
 @pytest.fixture(scope="module")
-def bgpo_run(tmp_path_factory):
+def bgpo_run(tmp_path_factory, record_rl_batches):
   """One tracked run through every phase: SFT warm-up, RL with mu = 2 and a KL, final evaluation."""
   mp = pytest.MonkeyPatch()
   c = tiny("bgpo", mu=2, kl=0.1, sft_steps=1)
@@ -130,36 +132,40 @@ def bgpo_run(tmp_path_factory):
   c.rl.reference_dtype = "bfloat16"
   workdir = str(tmp_path_factory.mktemp("bgpo_mu2"))
   with tracked_reads(c) as reads:
-    trainer = main_lib.Trainer(c, workdir)
-    _inject_stops(mp, trainer.tokenizer.eot_id)
-    params_at_init = jax.tree.map(np.asarray, trainer.state.params)
-    summary = trainer.run()
+    run = run_lib.build_run(c, workdir)
+    _inject_stops(mp, run.tokenizer.eot_id)
+    batches = record_rl_batches(mp)
+    params_at_init = jax.tree.map(np.asarray, run.state.params)
+    summary = train(run)
   mp.undo()
-  return trainer, workdir, summary, reads, params_at_init
+  return run, workdir, summary, reads, params_at_init, batches
 
 
 @pytest.mark.parametrize("objective", ["vrpo_ol", "diffu_grpo"])
-def test_mu2_with_kl_runs_for_every_objective(objective, tmp_path, monkeypatch):
+def test_mu2_with_kl_runs_for_every_objective(objective, tmp_path, monkeypatch, record_rl_batches):
   c = tiny(objective, mu=2, kl=0.1)
   c.rl.reference_dtype = "float32"
-  trainer = main_lib.Trainer(c, str(tmp_path))
-  _inject_stops(monkeypatch, trainer.tokenizer.eot_id)
-  initial = jax.tree.map(np.asarray, trainer.state.params)
-  trainer.run()
-  _check_mu2_run(trainer, str(tmp_path), initial)
+  run = run_lib.build_run(c, str(tmp_path))
+  _inject_stops(monkeypatch, run.tokenizer.eot_id)
+  batches = record_rl_batches(monkeypatch)
+  initial = jax.tree.map(np.asarray, run.state.params)
+  train(run)
+  _check_mu2_run(run, batches[-1]["batch"], str(tmp_path), initial)
   if objective == "diffu_grpo":
     # Fresh prompt masks per inner update and per row (identical prompts within a group).
-    b = trainer.last_rl_batch
+    b = batches[-1]["batch"]
+    seeds = [np.asarray(u["row_seeds"]) for u in batches[-1]["updates"]]
     masks = [np.asarray(elbo.one_step_masked_tokens(
         jnp.asarray(b["tokens"]), jnp.asarray(b["attention_mask"]), gen_length=c.rollout.gen_length,
         rng=step_lib._row_keys(jnp.asarray(s)), prompt_mask_prob=c.rl.prompt_mask_prob,
-        mask_id=trainer.model_cfg.mask_token_id)) for s in trainer.last_rl_seeds]
+        mask_id=run.model_cfg.mask_token_id)) for s in seeds]
     assert len(masks) == 2 and (masks[0] != masks[1]).any()
     group0 = masks[0][: c.rl.group_size]  # G rows of one prompt
     assert len({r.tobytes() for r in group0}) > 1
 
 
-def _check_mu2_run(trainer, workdir, initial):
+def _check_mu2_run(trainer, b, workdir, initial):
+  """b: the host batch the RL step trained on."""
   c = trainer.config
   rows = [r for r in read_metrics(workdir) if "train/loss" in r]
   assert len(rows) == 1
@@ -168,17 +174,16 @@ def _check_mu2_run(trainer, workdir, initial):
     assert np.isfinite(m[k]), (k, m[k])
   # The metrics are the second update's: after one update the policy left the reference.
   assert m["train/kl"] > 0
-  assert int(trainer.state.step) == trainer.sft_steps + 2  # mu optimizer updates for one rollout batch
+  assert int(trainer.state.step) == trainer.phases.sft_steps + 2  # mu optimizer updates for one rollout batch
   moved = max(float(np.abs(np.asarray(a, np.float32) - b).max())
               for a, b in zip(jax.tree.leaves(trainer.state.params), jax.tree.leaves(initial)))
   assert moved > 0
   # The reference is frozen: it still holds the RL-start weights (in rl.reference_dtype).
-  ref = jax.tree.leaves(trainer.reference)
+  ref = jax.tree.leaves(trainer.reference.params)
   assert ref[0].dtype == jnp.dtype(c.rl.reference_dtype)
   for r, p in zip(ref, jax.tree.leaves(initial)):
     np.testing.assert_allclose(np.asarray(r, np.float32), np.asarray(p, np.float32).astype(r.dtype).astype(np.float32))
   # Rows after their first stop token are EOS in the trained batch (rows 0, 1 stopped at STOP_AT).
-  b = trainer.last_rl_batch
   P = b["tokens"].shape[1] - c.rollout.gen_length
   resp = b["tokens"][:, P:]
   eos, eot = trainer.tokenizer.eos_id, trainer.tokenizer.eot_id
@@ -191,20 +196,22 @@ def _check_mu2_run(trainer, workdir, initial):
 
 
 def test_bgpo_mu2_with_kl_after_a_warm_up(bgpo_run):
-  trainer, workdir, summary, _, params_at_init = bgpo_run
+  trainer, workdir, summary, _, params_at_init, batches = bgpo_run
   assert summary["step"] == 2 and "eval/accuracy" in summary
   # The reference is the policy at the SFT -> RL hand-over (not the random init), saved for resumes.
   assert Path(workdir, "reference").is_dir()
-  restored = trainer._restore_reference()
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(trainer.reference)):
+  from bgpo_jax.train.reference import ReferencePolicy
+  restored = ReferencePolicy(workdir, trainer.config.rl.reference_dtype, trainer.shardings.params,
+                             needed=True).restore(trainer.state.params)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(trainer.reference.params)):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
   init = jax.tree.leaves(params_at_init)
   assert any(not np.allclose(np.asarray(r, np.float32), np.asarray(p, np.float32).astype(r.dtype).astype(np.float32))
-             for r, p in zip(jax.tree.leaves(trainer.reference), init)), "the reference must be the post-SFT policy"
+             for r, p in zip(jax.tree.leaves(trainer.reference.params), init)), "the reference must be the post-SFT policy"
   rows = [r for r in read_metrics(workdir) if "train/kl" in r and "train/reward_mean" in r]
   assert rows and rows[-1]["train/kl"] > 0 and np.isfinite(rows[-1]["train/kl"])
   assert int(trainer.state.step) == 1 + 2
-  b = trainer.last_rl_batch
+  b = batches[-1]["batch"]
   P = b["tokens"].shape[1] - trainer.config.rollout.gen_length
   resp = b["tokens"][:, P:]
   for i in range(2):
@@ -213,16 +220,16 @@ def test_bgpo_mu2_with_kl_after_a_warm_up(bgpo_run):
 
 def test_resume_after_the_hand_over_reloads_the_reference(bgpo_run, tmp_path):
   trainer, workdir, *_ = bgpo_run
-  again = main_lib.Trainer(trainer.config, workdir)  # resumes at step 2 (> the warm-up's 1)
-  assert again.start_step == 2 and again.reference is not None
-  for a, b in zip(jax.tree.leaves(again.reference), jax.tree.leaves(trainer.reference)):
+  again = run_lib.build_run(trainer.config, workdir)  # resumes at step 2 (> the warm-up's 1)
+  assert again.start_step == 2 and again.reference.params is not None
+  for a, b in zip(jax.tree.leaves(again.reference.params), jax.tree.leaves(trainer.reference.params)):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def test_every_base_config_key_is_read(bgpo_run, tmp_path):
   """Each key is read by validation, the trainer (warm-up, RL with mu and KL, evaluation) or the
   data pipeline of a file-backed task; a key nothing reads is a key that does nothing."""
-  *_, reads, _ = bgpo_run
+  _, _, _, reads, _, _ = bgpo_run
   reads = set(reads)
   # File-backed tasks read the keys the demo task skips (eval_tasks, tfds_dir, ...).
   src = tmp_path / "data"
@@ -261,7 +268,7 @@ def test_clip_defaults_follow_spec_when_off_policy():
   rl.clip_eps, rl.dual_clip = 0.1, 0.0
   assert config_lib.resolved_clip(rl) == (0.1, None)  # set values win; 0 = off
   c = tiny("diffu_grpo", mu=3, kl=0.0)
-  trainer_cfg = main_lib.Trainer._step_config(type("T", (), {"config": c, "_micro_rows": lambda self, p: 0})(), "rl")
+  trainer_cfg = run_lib.step_config(c, "rl", data_parallel=1)
   assert (trainer_cfg.clip_eps, trainer_cfg.dual_clip, trainer_cfg.off_policy) == (0.2, 3.0, True)
 
 
@@ -301,7 +308,7 @@ def test_paper_run_lengths_and_d1_recipe(tmp_path):
 def test_fill_after_stop():
   tokens = np.array([[9, 9, 1, 5, 2, 3], [9, 9, 1, 2, 3, 4], [9, 9, 0, 7, 7, 7]])
   lengths = np.array([2, 4, 1])  # row 0 stops at its EOT (5), row 1 never, row 2 at EOS (0)
-  out = main_lib.fill_after_stop(tokens, 2, lengths, eos_id=0)
+  out = rl_batch_lib.fill_after_stop(tokens, 2, lengths, eos_id=0)
   np.testing.assert_array_equal(out, [[9, 9, 1, 5, 0, 0], [9, 9, 1, 2, 3, 4], [9, 9, 0, 0, 0, 0]])
   assert tokens[0, 4] == 2  # the input is not modified
 

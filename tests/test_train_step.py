@@ -18,6 +18,7 @@ from bgpo_jax.models import llada
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train import optimizer as optim_lib
 from bgpo_jax.train import state as state_lib
+from bgpo_jax.train import rl_batch as rl_batch_lib
 from bgpo_jax.train import step as step_lib
 
 B, P, L, N = 8, 6, 16, 4
@@ -192,7 +193,7 @@ def test_skipping_zero_advantage_groups_keeps_the_update(setup):
   adv = np.asarray(batch["advantages"]).copy()
   adv[0:2] = 0.0  # group 0: all rewards equal
   adv[4:6] = 0.0  # group 2
-  rows, scale = step_lib.live_group_rows(adv, g, unit=1)
+  rows, scale = rl_batch_lib.live_group_rows(adv, g, unit=1)
   np.testing.assert_array_equal(rows, [2, 3, 6, 7])
   assert scale == 0.5
   full = dict(batch, advantages=jnp.asarray(adv))
@@ -204,11 +205,11 @@ def test_skipping_zero_advantage_groups_keeps_the_update(setup):
   np.testing.assert_allclose(o_kept, o_full, rtol=1e-5, atol=1e-7)
   chex.assert_trees_all_close(g_kept, g_full, rtol=2e-4, atol=1e-8)
   # Padding to a power of two keeps zero-advantage groups as filler; all-live keeps everything.
-  rows3, _ = step_lib.live_group_rows(np.r_[np.ones(2), np.zeros(6)], g, unit=1)
+  rows3, _ = rl_batch_lib.live_group_rows(np.r_[np.ones(2), np.zeros(6)], g, unit=1)
   assert len(rows3) == 2
-  rows4, s4 = step_lib.live_group_rows(np.r_[np.ones(6), np.zeros(2)], g, unit=1)
+  rows4, s4 = rl_batch_lib.live_group_rows(np.r_[np.ones(6), np.zeros(2)], g, unit=1)
   assert len(rows4) == 8 and s4 == 1.0
-  rows5, _ = step_lib.live_group_rows(np.zeros(8), g, unit=2)
+  rows5, _ = rl_batch_lib.live_group_rows(np.zeros(8), g, unit=2)
   assert len(rows5) == 4  # no live group: still one (zero) update of `unit` groups
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from bgpo_jax import config as config_lib
-from bgpo_jax.main import Trainer
+from bgpo_jax.train.loop import train
+from bgpo_jax.train.run import build_run
 from bgpo_jax.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_unknown_override_key_is_rejected():
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight"))
-  summary = Trainer(small_demo(), workdir).run()
+  summary = train(build_run(small_demo(), workdir))
   return workdir, summary
 
 
@@ -109,11 +110,11 @@ def test_end_to_end_demo_metrics_plot_checkpoints(straight_run):
 def test_exact_resume(straight_run, tmp_path):
   workdir, _ = straight_run
   half = str(tmp_path / "half")
-  Trainer(small_demo(), half).run(stop_at=2)  # stops after the SFT phase, saves
+  train(build_run(small_demo(), half), stop_at=2)  # stops after the SFT phase, saves
   assert read_metrics(half)[-1]["step"] == 2
-  resumed = Trainer(small_demo(), half)
+  resumed = build_run(small_demo(), half)
   assert resumed.start_step == 2
-  resumed.run()
+  train(resumed)
   assert _strip(read_metrics(half)) == _strip(read_metrics(workdir))
 
 
@@ -160,7 +161,7 @@ def test_sft_mode_without_start_eval_and_with_the_stratified_estimator(tmp_path)
   c.sft.mc_estimator = "stratified"
   c.eval.at_start = False
   c.checkpoint_every = 1000
-  summary = Trainer(c, str(tmp_path)).run()
+  summary = train(build_run(c, str(tmp_path)))
   rows = read_metrics(str(tmp_path))
   assert [r["step"] for r in rows] == [1, 2]  # no step-0 evaluation
   assert "eval/accuracy" not in rows[0] and "eval/accuracy" in rows[1]
@@ -198,10 +199,10 @@ def test_shipped_configs_validate(name, tmp_path):
 
 
 def test_progress_eta_uses_the_current_phases_rate(monkeypatch, capsys):
-  from bgpo_jax import main as main_lib
+  from bgpo_jax.train import console
   clock = iter([0.0, 10.0, 20.0, 120.0])  # init; SFT steps 10, 20 at 1 s/step; RL step 30 at 10 s/step
-  monkeypatch.setattr(main_lib.time, "time", lambda: next(clock))
-  p = main_lib.Progress(total=40, start=0, label="sft+rl")
+  monkeypatch.setattr(console.time, "time", lambda: next(clock))
+  p = console.Progress(total=40, start=0, label="sft+rl")
   p.tty = False
   p.update(10, "a", "sft")
   p.update(20, "b", "sft")
@@ -212,10 +213,10 @@ def test_progress_eta_uses_the_current_phases_rate(monkeypatch, capsys):
 
 
 def test_progress_during_the_warm_up_does_not_guess_the_rl_time(monkeypatch, capsys):
-  from bgpo_jax import main as main_lib
+  from bgpo_jax.train import console
   clock = iter([0.0, 10.0, 20.0, 40.0])  # init; SFT steps 10, 20 at 1 s/step; RL step 21 at 20 s/step
-  monkeypatch.setattr(main_lib.time, "time", lambda: next(clock))
-  p = main_lib.Progress(total=40, start=0, label="sft+rl", sft_end=20)
+  monkeypatch.setattr(console.time, "time", lambda: next(clock))
+  p = console.Progress(total=40, start=0, label="sft+rl", sft_end=20)
   p.tty = False
   p.update(10, "a", "sft")
   p.update(20, "b", "sft")

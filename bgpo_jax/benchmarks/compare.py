@@ -36,7 +36,7 @@ def run(seeds, rl_steps: int, sft_steps: int | None, workdir: str, objectives=OB
         sft_seed: int = 0, overrides=None) -> list[dict]:
   """One SFT start, then `rl_steps` RL steps per objective and seed. `overrides(config)` edits
   the demo config in place first (tests shrink it). Returns one record per (objective, seed)."""
-  from bgpo_jax.main import Trainer
+  from bgpo_jax.train import loop, run as run_lib
 
   base = _demo_config()
   if overrides is not None:
@@ -48,7 +48,7 @@ def run(seeds, rl_steps: int, sft_steps: int | None, workdir: str, objectives=OB
   sft.eval_every = sft.total_steps
   sft_dir = os.path.join(workdir, "sft")
   t0 = time.time()
-  start = Trainer(sft, sft_dir).run()
+  start = loop.train(run_lib.build_run(sft, sft_dir))
   print(f"SFT start (seed {sft_seed}): {sft.total_steps} steps, held-out accuracy {start.get('eval/accuracy', float('nan')):.3f} "
         f"({time.time() - t0:.0f}s)", flush=True)
   records = []
@@ -67,7 +67,7 @@ def run(seeds, rl_steps: int, sft_steps: int | None, workdir: str, objectives=OB
       c.rl.num_mc_samples = n
       d = os.path.join(workdir, f"{name}_s{seed}")
       t0 = time.time()
-      Trainer(c, d).run()
+      loop.train(run_lib.build_run(c, d))
       rows = read_metrics(d)
       acc = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
       mem = [r.get("mem/step_temp_bytes", 0) for r in rows]

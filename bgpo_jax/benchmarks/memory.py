@@ -37,7 +37,7 @@ TPU v5p chip (95 GB).
 devices (default 8): LLaDA-8B (Dream-7B for model.family=dream, e.g. configs/dream_math.py) with
 the config's mesh, precision, remat, rollout batch, n,
 micro-batch, prompt bucket and lengths; compiles its train step (built by the trainer's own
-Trainer._step_config) and its rollout sampler (tasks.build_rollout_sampler) ahead of time on N
+train.run.step_config) and its rollout sampler (tasks.build_rollout_sampler) ahead of time on N
 fake CPU devices. Records: `config`, `what` (train_step / sampler), `devices`, per-device bytes;
 a sampler record's `peak_bytes` adds the optimizer state that stays resident while it runs.
 
@@ -583,7 +583,7 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
 
   from bgpo_jax import config as config_lib
   from bgpo_jax import tasks as tasks_lib
-  from bgpo_jax.main import Trainer
+  from bgpo_jax.train import run as run_lib
 
   from bgpo_jax.models import family
 
@@ -599,9 +599,7 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
   rows = rl.prompts_per_step * rl.group_size  # every group kept: the largest batch a step trains on
   prompt_len = plan_prompt_len(config)
   # The trainer's own step settings (objective, n, micro-batch rows, off-policy, KL ...).
-  shim = types.SimpleNamespace(config=config, dp=dp)
-  shim._micro_rows = lambda phase: Trainer._micro_rows(shim, phase)
-  scfg = Trainer._step_config(shim, "rl")
+  scfg = run_lib.step_config(config, "rl", dp)
   optimizer = optim_lib.make_optimizer(config.optim, config.total_steps)
   schedule = optim_lib.make_schedule(config.optim, config.total_steps)
   abstract, shardings = state_lib.abstract_train_state(model_cfg, optimizer, mesh)

@@ -203,32 +203,6 @@ def train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer: optax.G
   return TrainState(step=step, params=params, opt_state=opt_state), metrics
 
 
-def live_group_rows(advantages: np.ndarray, group_size: int, unit: int = 1) -> tuple[np.ndarray, float]:
-  """Host-side: the rows worth training on, and the advantage scale that keeps the update exact.
-
-  A prompt group whose G rewards are all equal has A = 0: its rows add exactly zero to the
-  gradient of BGPO / VRPO-OL / diffu-GRPO without KL, yet cost n forward+backward passes each.
-  Returns the rows of the groups with some non-zero advantage, padded with zero-advantage groups
-  to `unit` x a power of two groups (so a run compiles a handful of shapes), and the scale
-  kept_rows / all_rows to multiply the kept advantages by: the step divides by the rows it sees,
-  and these objectives are linear in a positive scaling of A, so the update is unchanged.
-
-  advantages: [P * G] in group order (rows i*G .. i*G+G-1 belong to prompt i).
-  """
-  a = np.asarray(advantages).reshape(-1, group_size)
-  prompts = a.shape[0]
-  live = np.flatnonzero(np.any(np.abs(a) > 0, axis=1))
-  groups = max(1, int(unit))
-  while groups < len(live):
-    groups *= 2
-  if groups >= prompts:
-    return np.arange(prompts * group_size), 1.0
-  dead = np.setdiff1d(np.arange(prompts), live)[: groups - len(live)]
-  chosen = np.sort(np.concatenate([live, dead]))
-  rows = (chosen[:, None] * group_size + np.arange(group_size)[None]).reshape(-1)
-  return rows, len(rows) / (prompts * group_size)
-
-
 # ----------------------------------------------------------------------------- sharded jit
 
 

@@ -1,0 +1,186 @@
+"""The run builder: from a config and a workdir to every piece the training loop uses.
+
+`build_run` sets up, in order: the mesh (and the distributed runtime), the config check, the
+workdir (refusing a resume with other settings), the task's data and tokenizer, the model, the
+optimizer and its schedule, the sharded train state (restored from the latest checkpoint when
+there is one), the KL reference, the metrics writer and the rollout / evaluation samplers. The
+loop (train/loop.py) only reads and updates the `Run` it returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import jax
+import optax
+
+from bgpo_jax import checkpoint as ckpt_lib
+from bgpo_jax import config as config_lib
+from bgpo_jax import metrics as metrics_lib
+from bgpo_jax import objectives
+from bgpo_jax import tasks as tasks_lib
+from bgpo_jax.train import compiled as compiled_lib
+from bgpo_jax.train import mesh as mesh_lib
+from bgpo_jax.train import nonfinite as nonfinite_lib
+from bgpo_jax.train import optimizer as optim_lib
+from bgpo_jax.train import state as state_lib
+from bgpo_jax.train import step as step_lib
+from bgpo_jax.train.reference import ReferencePolicy
+from bgpo_jax.train.rng import RngStreams
+
+
+@dataclasses.dataclass(frozen=True)
+class Phases:
+  """Steps of the SFT warm-up (or of mode=sft) and of RL; they share one step counter and one
+  optimizer. rl_updates = optimizer updates of the RL phase (rl.updates_per_batch per step)."""
+  sft_steps: int
+  rl_steps: int
+  rl_updates: int
+
+  @property
+  def total(self) -> int:
+    return self.sft_steps + self.rl_steps
+
+  @classmethod
+  def of(cls, config) -> "Phases":
+    sft = config.total_steps if config.mode == "sft" else config.sft.steps
+    rl = 0 if config.mode == "sft" else config.total_steps
+    return cls(sft_steps=sft, rl_steps=rl, rl_updates=rl * config.rl.updates_per_batch)
+
+  def phase(self, step: int) -> str:
+    return "sft" if step < self.sft_steps else "rl"
+
+
+def micro_rows(config, phase: str, data_parallel: int) -> int:
+  """Global rows per micro-batch of the `phase` step (0 = the whole batch at once)."""
+  if phase == "sft":
+    return config_lib.micro_batch_rows(config.sft.micro_batch_per_device, config.sft.batch_size, data_parallel)
+  rl = config.rl
+  return config_lib.micro_batch_rows(rl.micro_batch_per_device, rl.prompts_per_step * rl.group_size, data_parallel)
+
+
+def step_config(config, phase: str, data_parallel: int) -> step_lib.StepConfig:
+  """The static settings of the `phase` ("sft" / "rl") train step."""
+  if phase == "sft":
+    return step_lib.StepConfig(objective="sft", num_mc_samples=config.sft.num_mc_samples,
+                               micro_batch_size=micro_rows(config, "sft", data_parallel),
+                               gen_length=config.rollout.gen_length)
+  rl = config.rl
+  clip_eps, dual_clip = config_lib.resolved_clip(rl)
+  # config.rl keys the objective's Hparams reads beyond the step's own knobs (a registered
+  # objective may add its own keys to config.rl).
+  knobs = {f.name for f in dataclasses.fields(step_lib.StepConfig)}
+  hp_fields = dataclasses.fields(objectives.get(rl.objective).Hparams)
+  extra = tuple((f.name, rl[f.name]) for f in hp_fields if f.name not in knobs and f.name in rl)
+  return step_lib.StepConfig(
+      objective=rl.objective, num_mc_samples=rl.num_mc_samples,
+      micro_batch_size=micro_rows(config, "rl", data_parallel), gen_length=config.rollout.gen_length,
+      normalize_length=rl.normalize_length, off_policy=rl.updates_per_batch > 1,
+      clip_eps=clip_eps, dual_clip=dual_clip, kl_beta=float(rl.kl_beta),
+      prompt_mask_prob=rl.prompt_mask_prob, extra=extra)
+
+
+def make_optimizer(config, phases: Phases) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (config.optim) with one schedule over the run: SFT at the sft.* learning rate, warmup
+  and schedule, then RL at optim.* over the RL phase's updates."""
+  sft_optim = config.optim.copy_and_resolve_references()
+  with sft_optim.unlocked():
+    sft_optim.learning_rate = config.sft.learning_rate
+    sft_optim.schedule = config.sft.schedule
+    sft_optim.final_lr_fraction = config.sft.final_lr_fraction
+    sft_optim.warmup_steps = config.sft.warmup_steps
+  if config.mode == "sft":
+    schedule = optim_lib.make_schedule(sft_optim, phases.total)
+    return optim_lib.make_optimizer(sft_optim, phases.total, schedule), schedule
+  optim = config.optim
+  if phases.sft_steps and phases.rl_steps:
+    sft_lr = optim_lib.make_schedule(sft_optim, phases.sft_steps)
+    rl_lr = optim_lib.make_schedule(optim, phases.rl_updates)
+    schedule = optax.join_schedules([sft_lr, rl_lr], [phases.sft_steps])
+    return optim_lib.make_optimizer(optim, phases.sft_steps + phases.rl_updates, schedule), schedule
+  schedule = optim_lib.make_schedule(optim, phases.rl_updates)
+  return optim_lib.make_optimizer(optim, phases.rl_updates, schedule), schedule
+
+
+@dataclasses.dataclass
+class Run:
+  """The pieces of one training run; the loop updates `state`, `start_step` and `last_eval`."""
+  config: Any
+  workdir: str
+  mesh: Any
+  data_parallel: int
+  is_main: bool
+  phases: Phases
+  rng: RngStreams
+  task: Any  # tasks.Task: prompts, SFT batches, evaluation sets, tokenizer
+  model_cfg: Any
+  state: state_lib.TrainState
+  shardings: state_lib.TrainState
+  steps: compiled_lib.CompiledSteps
+  reference: ReferencePolicy
+  nonfinite: nonfinite_lib.NonFiniteCounter
+  ckpt: ckpt_lib.Checkpointer
+  writer: metrics_lib.MetricsWriter
+  sampler: Any  # rollout.RolloutSampler of the RL rollouts (config.rollout)
+  eval_sampler: Any  # ... of the evaluation (config.eval), one response per prompt
+  start_step: int = 0
+  last_eval: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def tokenizer(self):
+    return self.task.tokenizer
+
+
+def _prepare_workdir(config, workdir: str, is_main: bool) -> None:
+  ckpt_lib.ensure_workdir(workdir)  # one line when it is a file
+  # A resume with other settings (seed, lr, ...) would silently continue the old run: refused.
+  ckpt_lib.check_run_config(workdir, json.loads(config.to_json_best_effort()),
+                            resuming=ckpt_lib.has_checkpoints(workdir), write=is_main)
+  tasks_lib.enable_compilation_cache(config, workdir)
+
+
+def build_run(config, workdir: str) -> Run:
+  """Every piece of the run of `config` in `workdir`, resumed from its latest checkpoint."""
+  mesh_lib.maybe_initialize_distributed(config.distributed)
+  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  dp = mesh_lib.data_parallel_size(mesh)
+  config_lib.validate(config, data_parallel_size=dp)
+  is_main = jax.process_index() == 0
+  _prepare_workdir(config, workdir, is_main)
+  task = tasks_lib.build_task(config, workdir)
+  model_cfg, init_params = tasks_lib.build_model(config, task.tokenizer, mesh)
+  if is_main:  # what `bgpo_jax.evaluate --checkpoint=WORKDIR` needs besides the weights
+    kind, tok_path = tasks_lib.tokenizer_source(config)
+    ckpt_lib.write_run_record(workdir, model_hf=model_cfg.to_hf_dict(), tokenizer_kind=kind, tokenizer_path=tok_path)
+  rng = RngStreams(int(config.seed))
+  phases = Phases.of(config)
+  optimizer, schedule = make_optimizer(config, phases)
+  state, shardings = state_lib.create_train_state(model_cfg, optimizer, mesh, rng=rng.key("init"), params=init_params)
+  reference = ReferencePolicy(workdir, config.rl.reference_dtype, shardings.params,
+                              needed=config.mode == "rl" and config.rl.kl_beta > 0)
+  if not phases.sft_steps:
+    reference.start(state.params)  # the initial weights, before a checkpoint is restored over them
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  nonfinite = nonfinite_lib.NonFiniteCounter(int(config.optim.get("max_nonfinite_steps", 0) or 0), workdir)
+  start_step, restored = 0, ckpt.restore_latest(state)  # damaged newer steps are moved aside
+  if restored is not None:
+    state, host = restored
+    start_step = int(host["step"])
+    nonfinite.total = int(host.get("nonfinite_steps", 0))
+    logging.info("resumed from %s at step %d", ckpt.directory, start_step)
+  if reference.needed and reference.params is None and start_step > phases.sft_steps:
+    reference.restore(state.params)
+  for line in objectives.get(config.rl.objective).warnings(config):
+    logging.warning("%s", line)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main,
+                                     resume_step=start_step if restored is not None else None)
+  samplers = [tasks_lib.build_rollout_sampler(config, model_cfg, task.tokenizer, mesh, s) for s in ("rollout", "eval")]
+  steps = compiled_lib.CompiledSteps(model_cfg, mesh, optimizer, schedule, shardings,
+                                     lambda phase: step_config(config, phase, dp))
+  return Run(config=config, workdir=workdir, mesh=mesh, data_parallel=dp, is_main=is_main, phases=phases, rng=rng,
+             task=task, model_cfg=model_cfg, state=state, shardings=shardings, steps=steps, reference=reference,
+             nonfinite=nonfinite, ckpt=ckpt, writer=writer, sampler=samplers[0], eval_sampler=samplers[1],
+             start_step=start_step)
