@@ -83,8 +83,8 @@ def test_custom_objective_train_step_matches_its_gradient():
   masks, weights = masking.sample_masks(jax.random.key(1), B, L, n)
   batch = {"tokens": tokens, "attention_mask": jnp.ones((B, P + L), jnp.int32),
            "advantages": jnp.asarray(rng.normal(size=B), jnp.float32), "mc_masks": masks, "mc_weights": weights}
-  scfg = step_lib.StepConfig(objective="test_reinforce_elbo", num_mc_samples=n, gen_length=L,
-                             extra=(("reinforce_scale", 2.0),))
+  hp = objectives.get("test_reinforce_elbo").hparams({"reinforce_scale": 2.0})
+  scfg = step_lib.StepConfig(objective="test_reinforce_elbo", num_mc_samples=n, gen_length=L, hparams=hp)
   assert scfg.hparams.reinforce_scale == 2.0
   obj, grads, _ = jax.jit(lambda p, b: step_lib.accumulate_gradients(cfg, scfg, p, b))(params, batch)
 

@@ -15,10 +15,12 @@ from bgpo_jax import objectives
 from bgpo_jax.config import base_config
 from bgpo_jax.diffusion import elbo, masking
 from bgpo_jax.models import llada
+from bgpo_jax.objectives.bgpo import ElboHparams
+from bgpo_jax.objectives.diffu_grpo import DiffuGRPOHparams
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train import optimizer as optim_lib
-from bgpo_jax.train import state as state_lib
 from bgpo_jax.train import rl_batch as rl_batch_lib
+from bgpo_jax.train import state as state_lib
 from bgpo_jax.train import step as step_lib
 
 B, P, L, N = 8, 6, 16, 4
@@ -101,7 +103,7 @@ def test_micro_batch_must_divide_batch(setup):
 def test_old_terms_pass_and_off_policy_step(setup):
   cfg, params, batch = setup
   scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=N, gen_length=L, micro_batch_size=4,
-                             off_policy=True, clip_eps=0.2, dual_clip=3.0)
+                             off_policy=True, hparams=ElboHparams(clip_eps=0.2, dual_clip=3.0))
   old = jax.jit(lambda p, b: step_lib.compute_old_terms(cfg, scfg, p, b))(params, batch)
   chex.assert_shape(old, (N, B))
   chex.assert_trees_all_close(old, _elbo_stack(cfg, params, batch), rtol=1e-5, atol=1e-5)
@@ -313,7 +315,7 @@ def test_normalize_length_divides_by_the_canvas_length(setup):
   shift = 3.0
   b = dict(batch, old_elbo=old - shift)  # l_theta - l_old = shift for every sample
   for normalize, expect in ((True, shift / L), (False, shift)):
-    c = dataclasses.replace(scfg, normalize_length=normalize)
+    c = dataclasses.replace(scfg, hparams=ElboHparams(normalize_length=normalize))
     _, _, aux = jax.jit(lambda p, bb: step_lib.accumulate_gradients(cfg, c, p, bb))(params, b)
     np.testing.assert_allclose(float(aux["abs_d"]), expect, rtol=1e-3)
 
@@ -328,12 +330,12 @@ def test_dual_clip_is_honoured_by_every_objective(setup, objective):
   if objective == "diffu_grpo":
     b = dict(b, response_mask=jnp.ones((B, L), jnp.float32), row_seeds=jnp.arange(B, dtype=jnp.uint32))
   scfg = step_lib.StepConfig(objective=objective, num_mc_samples=N, gen_length=L, off_policy=True,
-                             normalize_length=False)
+                             hparams=objectives.get(objective).hparams({"normalize_length": False}))
   old = jax.jit(lambda p, bb: step_lib.compute_old_terms(cfg, scfg, p, bb))(params, b)
   b = dict(b, **{("old_logps" if objective == "diffu_grpo" else "old_elbo"): old - 5.0})
   f = lambda c: jax.jit(lambda p, bb: step_lib.accumulate_gradients(cfg, c, p, bb)[:2])(params, b)
   o_free, _ = f(scfg)
-  o_dual, g_dual = f(dataclasses.replace(scfg, dual_clip=3.0))
+  o_dual, g_dual = f(dataclasses.replace(scfg, hparams=dataclasses.replace(scfg.hparams, dual_clip=3.0)))
   assert float(o_free) < -3.0 - 1e-3  # unclipped: exp(5) * A
   np.testing.assert_allclose(float(o_dual), -3.0, rtol=1e-5)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_dual)) == 0.0
@@ -358,6 +360,6 @@ def test_diffu_grpo_prompt_masks_are_per_row_and_per_seed(setup):
   out = {}
   for mb in (0, 2):
     scfg = step_lib.StepConfig(objective="diffu_grpo", num_mc_samples=1, gen_length=L, micro_batch_size=mb,
-                               prompt_mask_prob=0.5)
+                               hparams=DiffuGRPOHparams(prompt_mask_prob=0.5))
     out[mb] = np.asarray(jax.jit(lambda p, bb: step_lib.compute_old_terms(cfg, scfg, p, bb))(params, b))
   np.testing.assert_allclose(out[2], out[0], rtol=1e-5, atol=1e-5)

@@ -100,7 +100,7 @@ class Objective:
   # ---------------------------------------------------------------- configuration
 
   def hparams(self, values: Mapping[str, Any]) -> Any:
-    """Hparams from `values` (a StepConfig's knobs and extras), each field by its name; missing
+    """Hparams from `values` (e.g. config.rl as a dict), each field by its name; missing
     ones keep the dataclass default."""
     names = {f.name for f in dataclasses.fields(self.Hparams)}
     return self.Hparams(**{k: v for k, v in values.items() if k in names})

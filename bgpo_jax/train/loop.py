@@ -74,12 +74,9 @@ def rl_step(run: Run, step: int) -> dict:
   m["time/rollout_s"] = time.time() - t0 - reward_s
   m["time/reward_s"] = reward_s
   t1 = time.time()
-  skip = rl.skip_zero_advantage and rl.kl_beta == 0 and objectives.get(rl.objective).exact_group_skipping
-  unit = rl_batch_lib.live_group_unit(rl.group_size, run.data_parallel, jax.process_count(),
-                                      micro_rows(c, "rl", run.data_parallel)) if skip else None
   batch, lengths, batch_metrics = rl_batch_lib.make_rl_batch(
       rollout.tokens, rollout.attention_mask, rollout.prompt_len, rollout.response_lengths, rewards, correct,
-      group_size=rl.group_size, eos_id=run.tokenizer.eos_id, advantage_std=rl.advantage_std, live_unit=unit)
+      eos_id=run.tokenizer.eos_id, **rl_batch_settings(c, run.data_parallel))
   m.update(batch_metrics)
   sms, mem = _apply(run, step, "rl", rl_updates(run, step, batch, lengths))
   m.update(sms[-1])
@@ -88,6 +85,17 @@ def rl_step(run: Run, step: int) -> dict:
   m["mem/step_temp_bytes"] = mem.get("temp_bytes", 0)
   m["mem/step_total_bytes"] = mem.get("total_bytes", 0)
   return m
+
+
+def rl_batch_settings(config, data_parallel: int) -> dict:
+  """`make_rl_batch`'s settings from config.rl: group size, advantage normalization, and live
+  groups only (rl.skip_zero_advantage) where that leaves the update exact (no KL term, an
+  objective linear in A)."""
+  rl = config.rl
+  skip = rl.skip_zero_advantage and rl.kl_beta == 0 and objectives.get(rl.objective).exact_group_skipping
+  unit = rl_batch_lib.live_group_unit(rl.group_size, data_parallel, jax.process_count(),
+                                      micro_rows(config, "rl", data_parallel)) if skip else None
+  return dict(group_size=rl.group_size, advantage_std=rl.advantage_std, live_unit=unit)
 
 
 def rl_updates(run: Run, step: int, batch: dict, lengths: np.ndarray) -> list[dict]:
@@ -135,6 +143,17 @@ def save(run: Run, step: int, metrics: dict | None = None) -> None:
   run.ckpt.save(step, run.state, host, metrics=metrics)
 
 
+def before_step(run: Run, step: int) -> None:
+  """At the SFT -> RL hand-over: fresh AdamW moments (rl.reset_optimizer); before each RL step:
+  the KL reference made (the policy at the hand-over) when the run has one. Functions of the
+  step, so a run resumed at the boundary does the same."""
+  phases = run.phases
+  if step == phases.sft_steps and phases.sft_steps and run.config.rl.reset_optimizer:
+    run.state = run.state.replace(opt_state=optim_lib.reset_moments(run.state.opt_state))
+  if phases.phase(step) == "rl":
+    run.reference.at_rl_step(step, phases.sft_steps, run.state.params)
+
+
 def _log(run: Run, step: int, m: dict, phase: str, progress: console.Progress) -> None:
   row = run.writer.write(step, m)
   info = " ".join(f"{k.split('/')[-1]}={row[k]:.3g}" for k in
@@ -162,11 +181,7 @@ def train(run: Run, stop_at: int | None = None) -> dict:
   try:
     while step < phases.total:
       phase = phases.phase(step)
-      if step == phases.sft_steps and phases.sft_steps and c.rl.reset_optimizer:
-        # A function of the step, so a run resumed at the boundary does the same.
-        run.state = run.state.replace(opt_state=optim_lib.reset_moments(run.state.opt_state))
-      if phase == "rl":
-        run.reference.at_rl_step(step, phases.sft_steps, run.state.params)
+      before_step(run, step)
       m = sft_step(run, step) if phase == "sft" else rl_step(run, step)
       step += 1
       run.ckpt.poll()  # a failed asynchronous save stops the run now, not one save later

@@ -70,17 +70,15 @@ def step_config(config, phase: str, data_parallel: int) -> step_lib.StepConfig:
                                gen_length=config.rollout.gen_length)
   rl = config.rl
   clip_eps, dual_clip = config_lib.resolved_clip(rl)
-  # config.rl keys the objective's Hparams reads beyond the step's own knobs (a registered
-  # objective may add its own keys to config.rl).
-  knobs = {f.name for f in dataclasses.fields(step_lib.StepConfig)}
-  hp_fields = dataclasses.fields(objectives.get(rl.objective).Hparams)
-  extra = tuple((f.name, rl[f.name]) for f in hp_fields if f.name not in knobs and f.name in rl)
+  # The objective's hyper-parameters are the config.rl keys its Hparams names (a registered
+  # objective may add its own keys to config.rl), with the clip resolved for off-policy runs.
+  obj = objectives.get(rl.objective)
+  values = {f.name: rl[f.name] for f in dataclasses.fields(obj.Hparams) if f.name in rl}
+  values.update({k: v for k, v in (("clip_eps", clip_eps), ("dual_clip", dual_clip)) if k in values})
   return step_lib.StepConfig(
       objective=rl.objective, num_mc_samples=rl.num_mc_samples,
       micro_batch_size=micro_rows(config, "rl", data_parallel), gen_length=config.rollout.gen_length,
-      normalize_length=rl.normalize_length, off_policy=rl.updates_per_batch > 1,
-      clip_eps=clip_eps, dual_clip=dual_clip, kl_beta=float(rl.kl_beta),
-      prompt_mask_prob=rl.prompt_mask_prob, extra=extra)
+      off_policy=rl.updates_per_batch > 1, kl_beta=float(rl.kl_beta), hparams=obj.hparams(values))
 
 
 def make_optimizer(config, phases: Phases) -> tuple[optax.GradientTransformation, optax.Schedule]:

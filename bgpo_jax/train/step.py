@@ -49,10 +49,9 @@ BATCH_AXIS = objectives.BATCH_AXIS
 class StepConfig:
   """Static settings of one train step (hashable: part of the compiled program).
 
-  normalize_length, clip_eps, dual_clip, prompt_mask_prob and `extra` are the values the
-  objective's hyper-parameters are built from (`hparams`: each objective takes the ones its
-  Hparams names); `extra` holds (key, value) pairs of config.rl that a registered objective's
-  Hparams adds.
+  The step's own knobs, and `hparams`: the objective's hyper-parameters, an instance of its
+  frozen `Hparams` dataclass (None = its defaults; `objectives.get(name).hparams(values)` fills
+  one by field name, as the run builder does from config.rl).
   """
   objective: str = "bgpo"
   num_mc_samples: int = 16
@@ -60,26 +59,21 @@ class StepConfig:
   gen_length: int = 256
   off_policy: bool = False  # old terms come from the batch instead of stop_gradient
   kl_beta: float = 0.0  # k3 KL weight (needs the objective's reference terms in the batch)
-  normalize_length: bool = True  # d_j = (l_new - l_old) / L, L = gen_length (SPEC section 2)
-  clip_eps: float | None = None  # PPO clip (resolved by config.resolved_clip; None = off)
-  dual_clip: float | None = None  # dual clip for A < 0 (None = off)
-  prompt_mask_prob: float = 0.15  # diffu_grpo
-  extra: tuple[tuple[str, Any], ...] = ()
+  hparams: Any = None
 
   def __post_init__(self):
-    objectives.get(self.objective)  # unknown names fail here, listing the registered ones
+    impl = objectives.get(self.objective)  # unknown names fail here, listing the registered ones
     if self.num_mc_samples < 1:
       raise ValueError(f"num_mc_samples {self.num_mc_samples} must be >= 1")
+    if self.hparams is None:
+      object.__setattr__(self, "hparams", impl.Hparams())
+    elif not isinstance(self.hparams, impl.Hparams):
+      raise TypeError(f"hparams of objective {self.objective!r} must be a {impl.Hparams.__name__}, "
+                      f"got {type(self.hparams).__name__}; build it with objectives.get(name).hparams(values)")
 
   @property
   def impl(self) -> objectives.Objective:
     return objectives.get(self.objective)
-
-  @functools.cached_property
-  def hparams(self):
-    values = {"normalize_length": self.normalize_length, "clip_eps": self.clip_eps,
-              "dual_clip": self.dual_clip, "prompt_mask_prob": self.prompt_mask_prob, **dict(self.extra)}
-    return self.impl.hparams(values)
 
 
 def _split_micro(x: jax.Array, axis: int, num_micro: int) -> jax.Array:
