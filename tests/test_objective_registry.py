@@ -133,10 +133,24 @@ def test_remat_auto_is_the_objectives_choice(tmp_path):
   assert config_lib.resolved_remat_policy(c) == "none"
 
 
-def test_vrpo_ol_on_a_shipped_config_validates(tmp_path):
-  """The task configs say remat "auto": vrpo_ol resolves to "full" instead of stopping."""
-  c = memory.load_config_file(str(ROOT / "configs" / "countdown.py"), ["--config.rl.objective=vrpo_ol"])
-  with c.unlocked():
-    c.task.data_dir = c.tokenizer.path = str(tmp_path)  # validated, not read
-  config_lib.validate(c, data_parallel_size=8)
-  assert config_lib.resolved_remat_policy(c) == "full"
+SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("config_file", SHIPPED)
+def test_every_registered_objective_runs_on_every_shipped_config(config_file, tmp_path):
+  """`--config.rl.objective=NAME` validates on each shipped config for each registered RL
+  objective: the task configs say remat "auto", which resolves to the objective's own choice
+  (vrpo_ol "full", the others "activations") instead of stopping with a config error."""
+  for name in objectives.names():
+    obj = objectives.get(name)
+    if not obj.rl:
+      continue
+    c = memory.load_config_file(str(ROOT / "configs" / config_file), [f"--config.rl.objective={name}"])
+    with c.unlocked():  # validated, not read
+      c.task.data_dir = c.tokenizer.path = str(tmp_path)
+      if c.task.name == "code":
+        c.task.train_file = str(tmp_path / "train.jsonl")
+        (tmp_path / "train.jsonl").touch()
+    config_lib.validate(c, data_parallel_size=8)
+    if c.model.remat_policy == "auto":
+      assert config_lib.resolved_remat_policy(c) == obj.remat_policy, (config_file, name)
