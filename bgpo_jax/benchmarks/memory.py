@@ -573,29 +573,77 @@ def config_batch(config, mesh, scfg, *, rows: int, prompt_len: int) -> dict:
   return _sharded(mesh, objectives.abstract_batch(scfg, rows=rows, prompt_len=prompt_len))
 
 
-def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | None = None,
-                        n_layers: int | None = None) -> list[dict]:
-  """Per-device memory of what `config` runs on this process's devices, with the family's full
-  size model (config.model.family: LLaDA-8B or Dream-7B): its train step and its rollout sampler,
-  compiled ahead of time on abstract arrays. n_layers: a shallower model (quick checks; the
-  shipped numbers use all layers)."""
-  import types
-
+def _plan_model(config, n_layers: int | None):
+  """The family's full-size preset under config.model's precision and memory knobs -> (preset
+  name, the resolved remat policy, model config); n_layers: a shallower model."""
   from bgpo_jax import config as config_lib
-  from bgpo_jax import tasks as tasks_lib
-  from bgpo_jax.train import run as run_lib
-
   from bgpo_jax.models import family
 
-  mesh = mesh_lib.make_mesh(config.mesh.shape)
-  dp = mesh_lib.data_parallel_size(mesh)
   m = config.model
   big = BIG_PRESETS[family.family_of(m.family)]
   remat = config_lib.resolved_remat_policy(config)
   model_cfg = family.preset(m.family, big, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
                             remat_policy=remat, scan_unroll=m.scan_unroll,
                             logits_chunk=m.logits_chunk, **({"n_layers": n_layers} if n_layers else {}))
-  rl = config.rl
+  return big, remat, model_cfg
+
+
+def _reference_bytes(rl, params) -> int:
+  """Per-device bytes of the frozen KL reference (rl.reference_dtype, sharded like the abstract
+  `params`): with rl.kl_beta > 0 it stays resident through the whole RL phase, beside every
+  program planned here; 0 without a KL."""
+  if rl.kl_beta > 0:
+    ref_dtype = jnp.dtype(rl.reference_dtype)
+    return _shard_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype, sharding=x.sharding),
+                                     params))
+  return 0
+
+
+def _old_terms_memory(model_cfg, scfg, mesh, abstract, shardings, batch: dict) -> tuple[dict, float]:
+  """The no-gradient pass storing the old policy's (mu > 1) or the reference's terms before the
+  first update, compiled on the batch without the fields it stores -> (memory report, seconds)."""
+  stored = {f.name for f in (scfg.impl.old_field, scfg.impl.ref_field) if f is not None}
+  terms_batch = {k: v for k, v in batch.items() if k not in stored}
+  t0 = time.perf_counter()
+  fn = step_lib.jit_old_terms(model_cfg, scfg, mesh, shardings.params, terms_batch)
+  mem = step_lib.memory_report(fn.lower(abstract.params, terms_batch).compile())
+  return mem, time.perf_counter() - t0
+
+
+def _sampler_memory(config, model_cfg, mesh, params, *, rows: int, prompt_len: int
+                    ) -> tuple[int, dict, float]:
+  """The trainer's rollout sampler compiled on the abstract `params` (a stub tokenizer: only the
+  special ids matter) -> (rows per call, memory report, seconds)."""
+  import types
+
+  from bgpo_jax import tasks as tasks_lib
+  from bgpo_jax.models import family
+
+  stub_tok = types.SimpleNamespace(mask_id=model_cfg.mask_token_id, eos_id=model_cfg.eos_token_id,
+                                   eot_id=EOT_IDS[family.family_of(config.model.family)])
+  sampler = tasks_lib.build_rollout_sampler(config, model_cfg, stub_tok, mesh, "rollout")
+  call_rows = config.rollout.batch_size or rows
+  tok = jax.ShapeDtypeStruct((call_rows, prompt_len), jnp.int32, sharding=sampler._batch_sharding)
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = sampler._generate.lower(params, tok, tok, jax.random.key(0)).compile()
+  mem = step_lib.memory_report(compiled)
+  return call_rows, mem, time.perf_counter() - t0
+
+
+def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | None = None,
+                        n_layers: int | None = None) -> list[dict]:
+  """Per-device memory of what `config` runs on this process's devices, with the family's full
+  size model (config.model.family: LLaDA-8B or Dream-7B): its train step and its rollout sampler,
+  compiled ahead of time on abstract arrays. n_layers: a shallower model (quick checks; the
+  shipped numbers use all layers)."""
+  from bgpo_jax import config as config_lib
+  from bgpo_jax.train import run as run_lib
+
+  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  dp = mesh_lib.data_parallel_size(mesh)
+  m, rl = config.model, config.rl
+  big, remat, model_cfg = _plan_model(config, n_layers)
   rows = rl.prompts_per_step * rl.group_size  # every group kept: the largest batch a step trains on
   prompt_len = plan_prompt_len(config)
   # The trainer's own step settings (objective, n, micro-batch rows, off-policy, KL ...).
@@ -618,13 +666,7 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
 
   batch = config_batch(config, mesh, scfg, rows=rows, prompt_len=prompt_len)
   micro_rows = config_lib.micro_batch_rows(rl.micro_batch_per_device, rows, dp) or rows
-  # rl.kl_beta > 0: the frozen reference (rl.reference_dtype, sharded like the params) stays
-  # resident through the whole RL phase, beside every program below.
-  reference = 0
-  if rl.kl_beta > 0:
-    ref_dtype = jnp.dtype(rl.reference_dtype)
-    reference = _shard_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ref_dtype, sharding=x.sharding),
-                                          abstract.params))
+  reference = _reference_bytes(rl, abstract.params)
   t0 = time.perf_counter()
   fn = step_lib.jit_train_step(model_cfg, scfg, optimizer, schedule, mesh, shardings, batch)
   mem = step_lib.memory_report(fn.lower(abstract, batch).compile())
@@ -634,31 +676,19 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
 
   resident = _shard_bytes(abstract.opt_state)
   if scfg.off_policy or scfg.kl_beta > 0:
-    # The no-gradient pass storing the old policy's (mu > 1) or the reference's terms before the
-    # first update: the train state (optimizer included) and the reference stay resident.
-    stored = {f.name for f in (scfg.impl.old_field, scfg.impl.ref_field) if f is not None}
-    terms_batch = {k: v for k, v in batch.items() if k not in stored}
-    t0 = time.perf_counter()
-    fn = step_lib.jit_old_terms(model_cfg, scfg, mesh, shardings.params, terms_batch)
-    mem = step_lib.memory_report(fn.lower(abstract.params, terms_batch).compile())
+    # The train state (optimizer included) and the reference stay resident through that pass.
+    mem, seconds = _old_terms_memory(model_cfg, scfg, mesh, abstract, shardings, batch)
     add({**common_fields, "what": "old_terms", "rows": rows, "micro_batch_rows": micro_rows, **mem,
          "resident_opt_state_bytes": resident, "resident_reference_bytes": reference,
-         "peak_bytes": mem["total_bytes"] + resident + reference, "compile_s": time.perf_counter() - t0})
+         "peak_bytes": mem["total_bytes"] + resident + reference, "compile_s": seconds})
 
   # The rollout sampler runs from the train state's params; the optimizer state stays resident.
-  stub_tok = types.SimpleNamespace(mask_id=model_cfg.mask_token_id, eos_id=model_cfg.eos_token_id,
-                                   eot_id=EOT_IDS[family.family_of(m.family)])
-  sampler = tasks_lib.build_rollout_sampler(config, model_cfg, stub_tok, mesh, "rollout")
-  call_rows = config.rollout.batch_size or rows
-  tok = jax.ShapeDtypeStruct((call_rows, prompt_len), jnp.int32, sharding=sampler._batch_sharding)
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = sampler._generate.lower(abstract.params, tok, tok, jax.random.key(0)).compile()
-  mem = step_lib.memory_report(compiled)
+  call_rows, mem, seconds = _sampler_memory(config, model_cfg, mesh, abstract.params, rows=rows,
+                                            prompt_len=prompt_len)
   add({**common_fields, "what": "sampler", "rows": call_rows, "steps": config.rollout.steps,
        "cache": config.rollout.cache, **mem, "resident_opt_state_bytes": resident,
        "resident_reference_bytes": reference, "peak_bytes": mem["total_bytes"] + resident + reference,
-       "compile_s": time.perf_counter() - t0})
+       "compile_s": seconds})
   return out
 
 

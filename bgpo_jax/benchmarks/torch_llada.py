@@ -25,13 +25,14 @@ import sys
 import time
 
 
-def main(spec: dict) -> dict:
+def _build_model(spec: dict):
+  """The LLaDA-shaped torch model for `spec` (d_model, n_layers, n_heads, mlp, vocab, rope_theta):
+  tokens [B, S] int64, attention_mask [B, S] (1 = real key) -> logits float32 [B, S, vocab].
+  Matrices ~ N(0, 0.02^2) from torch's global generator (seeded by the caller)."""
   import torch
   import torch.nn.functional as F
   from torch import nn
 
-  torch.manual_seed(0)
-  torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
   D, L, H, M, V = spec["d_model"], spec["n_layers"], spec["n_heads"], spec["mlp"], spec["vocab"]
   hd = D // H
   theta, eps = spec.get("rope_theta", 10000.0), 1e-5
@@ -95,6 +96,55 @@ def main(spec: dict) -> dict:
   for p in model.parameters():
     if p.dim() > 1:
       nn.init.normal_(p, std=0.02)
+  return model
+
+
+def _generate(model, prompt, gen_length: int, steps: int, mask_id: int):
+  """The reference loop (one block): every step a full forward, softmax, argmax candidates, the
+  `k` most confident masked positions committed; k from the even schedule. prompt [B, P] ->
+  [B, P + gen_length]."""
+  import torch
+  import torch.nn.functional as F
+
+  Bp = prompt.shape[0]
+  x = torch.full((Bp, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+  x[:, :prompt.shape[1]] = prompt
+  am = torch.ones_like(x)
+  base, rem = divmod(gen_length, steps)
+  with torch.no_grad():
+    for i in range(steps):
+      k = base + (1 if i < rem else 0)
+      is_mask = x == mask_id
+      logits = model(x, am)
+      x0 = logits.argmax(-1)
+      conf = torch.gather(F.softmax(logits, -1), -1, x0[..., None])[..., 0]
+      conf = torch.where(is_mask, conf, torch.tensor(-math.inf))
+      x0 = torch.where(is_mask, x0, x)
+      for b in range(Bp):
+        idx = torch.topk(conf[b], k).indices
+        x[b, idx] = x0[b, idx]
+  return x
+
+
+def _best(fn, repeats: int) -> tuple[float, list[float]]:
+  """(fastest, all) wall seconds of `repeats` calls of fn after one warm-up call."""
+  fn()  # warm-up
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t0)
+  return min(ts), ts
+
+
+def main(spec: dict) -> dict:
+  import torch
+  import torch.nn.functional as F
+
+  torch.manual_seed(0)
+  torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+  model = _build_model(spec)
+  V = spec["vocab"]
   B, S, pad = spec["batch"], spec["seq"], spec.get("pad", 0)
   g = torch.Generator().manual_seed(0)
   tokens = torch.randint(0, V, (B, S), generator=g)
@@ -121,53 +171,23 @@ def main(spec: dict) -> dict:
     loss.backward()
     return loss
 
-  def generate(prompt, gen_length, steps):
-    # The reference loop (one block): every step a full forward, softmax, argmax candidates,
-    # the `k` most confident masked positions committed; k from the even schedule.
-    Bp = prompt.shape[0]
-    x = torch.full((Bp, prompt.shape[1] + gen_length), spec["mask_id"], dtype=torch.long)
-    x[:, :prompt.shape[1]] = prompt
-    am = torch.ones_like(x)
-    base, rem = divmod(gen_length, steps)
-    with torch.no_grad():
-      for i in range(steps):
-        k = base + (1 if i < rem else 0)
-        is_mask = x == spec["mask_id"]
-        logits = model(x, am)
-        x0 = logits.argmax(-1)
-        conf = torch.gather(F.softmax(logits, -1), -1, x0[..., None])[..., 0]
-        conf = torch.where(is_mask, conf, torch.tensor(-math.inf))
-        x0 = torch.where(is_mask, x0, x)
-        for b in range(Bp):
-          idx = torch.topk(conf[b], k).indices
-          x[b, idx] = x0[b, idx]
-    return x
-
-  def best(fn, repeats):
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t0)
-    return min(ts), ts
-
   out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
   r = spec.get("repeats", 3)
   # The same peak measurement as bgpo_jax.benchmarks.common.matmul_peak_flops (1024^2 float32,
   # fastest of 25 after 5 warm-ups, once more after the timed runs, the faster kept), through
   # torch's GEMM library (MKL / oneDNN on x86).
   a = torch.ones(1024, 1024)
-  peak = lambda: 2.0 * 1024**3 / best(lambda: a @ a, 25)[0]  # noqa: E731
+  peak = lambda: 2.0 * 1024**3 / _best(lambda: a @ a, 25)[0]  # noqa: E731
   for _ in range(4):
     a @ a
   out["matmul_peak_flops"] = peak()
-  out["fwd_s"], out["fwd_all_s"] = best(fwd, r)
-  out["fwd_bwd_s"], out["fwd_bwd_all_s"] = best(fwd_bwd, r)
+  out["fwd_s"], out["fwd_all_s"] = _best(fwd, r)
+  out["fwd_bwd_s"], out["fwd_bwd_all_s"] = _best(fwd_bwd, r)
   if spec.get("gen_length"):
     prompt = torch.randint(6, V, (spec["gen_batch"], spec["gen_prompt"]), generator=g)
-    out["gen_s"], out["gen_all_s"] = best(
-        lambda: generate(prompt, spec["gen_length"], spec["gen_steps"]), spec.get("gen_repeats", 2))
+    out["gen_s"], out["gen_all_s"] = _best(
+        lambda: _generate(model, prompt, spec["gen_length"], spec["gen_steps"], spec["mask_id"]),
+        spec.get("gen_repeats", 2))
   out["matmul_peak_flops"] = max(out["matmul_peak_flops"], peak())
   return out
 

@@ -37,14 +37,13 @@ padding; RoPE only sees relative offsets between (unmasked) keys and queries, so
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping
 
 from bgpo_jax.models import transformer
 # The shared model under Dream's names (family.ModelFamily).
 from bgpo_jax.models.transformer import (  # noqa: F401
-  Params, compute_weight_axes, forward, forward_flops, hidden_states, init_params, lm_head,
-  param_logical_axes, param_shapes, shift_right)
+  Params, compute_weight_axes, forward, forward_flops, hf_tensor_map, hidden_states, init_params,
+  lm_head, param_logical_axes, param_shapes, shift_right)
 
 FAMILY = "dream"
 HF_MODEL_TYPE = "Dream"
@@ -75,6 +74,44 @@ _HF_TEMPLATE: dict[str, Any] = {
   "use_mrope": False,
   "use_sliding_window": False,
 }
+
+_HF_SCHEMA = transformer.HFSchema(
+  name="Dream",
+  template=_HF_TEMPLATE,
+  unsupported=_UNSUPPORTED_HF,
+  keys={
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "mlp_hidden_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+    "rope_theta": "rope_theta",
+    "rms_norm_eps": "rms_norm_eps",
+    "max_sequence_length": "max_position_embeddings",
+    "mask_token_id": "mask_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+    "bos_token_id": "bos_token_id",
+  },
+  top={"model.embed_tokens.weight": ("wte", False), "model.norm.weight": ("ln_f", False),
+       "lm_head.weight": ("ff_out", True)},
+  layer_prefix="model.layers.{i}.",
+  block={
+    "attn_norm": "input_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_proj": "self_attn.k_proj.weight",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_proj": "self_attn.v_proj.weight",
+    "v_bias": "self_attn.v_proj.bias",
+    "attn_out": "self_attn.o_proj.weight",
+    "ff_norm": "post_attention_layernorm.weight",
+    "ff_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "ff_out": "mlp.down_proj.weight",
+  },
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +146,7 @@ class DreamConfig(transformer.ModelConfig):
   family = FAMILY  # class attributes, not fields
   qkv_bias = True
   shifted = True
+  hf_schema = _HF_SCHEMA
 
   @property
   def embedding_size(self) -> int:
@@ -133,18 +171,12 @@ class DreamConfig(transformer.ModelConfig):
     return cls(**{**presets[name], **overrides})
 
   @classmethod
-  def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> "DreamConfig":
-    """Reads a Dream HF config (a dict, a config.json path, or a checkpoint dir).
-
-    param_dtype and compute_dtype follow `torch_dtype` (bfloat16 or float32) unless overridden.
-    Raises ValueError naming every architecture feature we do not implement.
-    """
-    hf = transformer.read_hf_config(path_or_dict)
-    transformer.check_hf_features(hf, _UNSUPPORTED_HF, "Dream")
+  def fields_from_hf(cls, hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture fields of a Dream HF config dict (pad / bos_token_id fall back to
+    eos_token_id)."""
     n_heads = int(hf["num_attention_heads"])
-    dtype = transformer.hf_dtype(hf)
     eos = int(hf.get("eos_token_id", 151643))
-    ours = dict(
+    return dict(
       d_model=int(hf["hidden_size"]),
       n_layers=int(hf["num_hidden_layers"]),
       n_heads=n_heads,
@@ -158,58 +190,4 @@ class DreamConfig(transformer.ModelConfig):
       eos_token_id=eos,
       pad_token_id=eos if hf.get("pad_token_id") is None else int(hf["pad_token_id"]),
       bos_token_id=eos if hf.get("bos_token_id") is None else int(hf["bos_token_id"]),
-      param_dtype=dtype,
-      compute_dtype=dtype,
     )
-    hf_keys = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "intermediate_size", "vocab_size", "rope_theta", "rms_norm_eps",
-               "max_position_embeddings", "mask_token_id", "eos_token_id", "pad_token_id",
-               "bos_token_id", "torch_dtype"}
-    extra = transformer.hf_extra(hf, hf_keys)
-    ours.update(overrides)
-    return cls(**ours, hf_extra=extra)
-
-  def to_hf_dict(self) -> dict[str, Any]:
-    """The HF config.json dict: Dream's defaults, then the original extra keys, then our values."""
-    return transformer.to_hf_dict(_HF_TEMPLATE, self.hf_extra, dict(
-      hidden_size=self.d_model,
-      num_hidden_layers=self.n_layers,
-      num_attention_heads=self.n_heads,
-      num_key_value_heads=self.n_kv_heads,
-      intermediate_size=self.mlp_hidden_size,
-      vocab_size=self.vocab_size,
-      rope_theta=self.rope_theta,
-      rms_norm_eps=self.rms_norm_eps,
-      max_position_embeddings=self.max_sequence_length,
-      mask_token_id=self.mask_token_id,
-      eos_token_id=self.eos_token_id,
-      pad_token_id=self.pad_token_id,
-      bos_token_id=self.bos_token_id,
-      torch_dtype=self.param_dtype,
-    ))
-
-
-# -----------------------------------------------------------------------------------------------
-# Hugging Face tensor names (hf.py)
-
-_HF_TOP = {"model.embed_tokens.weight": ("wte", False), "model.norm.weight": ("ln_f", False),
-           "lm_head.weight": ("ff_out", True)}
-_HF_BLOCK = {
-  "attn_norm": "input_layernorm.weight",
-  "q_proj": "self_attn.q_proj.weight",
-  "q_bias": "self_attn.q_proj.bias",
-  "k_proj": "self_attn.k_proj.weight",
-  "k_bias": "self_attn.k_proj.bias",
-  "v_proj": "self_attn.v_proj.weight",
-  "v_bias": "self_attn.v_proj.bias",
-  "attn_out": "self_attn.o_proj.weight",
-  "ff_norm": "post_attention_layernorm.weight",
-  "ff_proj": "mlp.gate_proj.weight",
-  "up_proj": "mlp.up_proj.weight",
-  "ff_out": "mlp.down_proj.weight",
-}
-
-
-def hf_tensor_map(config: DreamConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
-  """HF tensor name -> (path in our param tree, layer index or None, transposed?)."""
-  return transformer.hf_tensor_map(config, _HF_TOP, "model.layers.{i}.", _HF_BLOCK)

@@ -94,6 +94,15 @@ def _weight_map(path: str) -> dict[str, str]:
   raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {path}")
 
 
+def _by_file(weight_map: dict[str, str], wanted) -> dict[str, list[str]]:
+  """Shard file name -> the names in `wanted` stored there (weight_map: HF name -> file)."""
+  by_file: dict[str, list[str]] = {}
+  for name, file in weight_map.items():
+    if name in wanted:
+      by_file.setdefault(file, []).append(name)
+  return by_file
+
+
 def _check_checkpoint(config: llada.LLaDAConfig, path: str, weight_map: dict[str, str],
                       strict: bool) -> None:
   """Reads only the safetensors headers; raises one CheckpointError listing every problem."""
@@ -106,11 +115,7 @@ def _check_checkpoint(config: llada.LLaDAConfig, path: str, weight_map: dict[str
   if unexpected and strict:
     problems.append(f"{len(unexpected)} unexpected tensors (pass strict=False to ignore): "
                     f"{', '.join(unexpected)}")
-  by_file: dict[str, list[str]] = {}
-  for name, file in weight_map.items():
-    if name in expected:
-      by_file.setdefault(file, []).append(name)
-  for file, names in sorted(by_file.items()):
+  for file, names in sorted(_by_file(weight_map, expected).items()):
     fpath = os.path.join(path, file)
     if not os.path.exists(fpath):
       problems.append(f"shard {file} (holding {names[0]}, ...) is missing")
@@ -159,6 +164,96 @@ def _placer(out_sharding: NamedSharding | None, transposed: bool, stacked: bool)
   return jax.jit(prepare, static_argnums=1, **kwargs)
 
 
+def _local_dir(path: str | os.PathLike) -> str:
+  """The checkpoint directory as a local path (a gs:// (epath) one copied down first: safetensors
+  maps local files); raises FileNotFoundError without a config.json."""
+  path = os.fspath(path)
+  if "://" in path:
+    from bgpo_jax.checkpoint import copy_tree
+    local = tempfile.mkdtemp(prefix="bgpo_hf_")
+    copy_tree(path, local)
+    path = local
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+  return path
+
+
+def _param_shardings(config, shapes: dict[str, Any], mesh: Mesh | None,
+                     logical_rules: Sequence[tuple[str, Any]] | None) -> dict[str, Any]:
+  """NamedSharding per parameter on `mesh` (same tree as `shapes`), or None leaves without one."""
+  if mesh is None:
+    return jax.tree.map(lambda _: None, shapes, is_leaf=lambda x: isinstance(x, tuple))
+  return logical_to_sharding(family.module_for(config).param_logical_axes(config), mesh,
+                             logical_rules or DEFAULT_LOGICAL_RULES, shapes=shapes)
+
+
+def _preallocate(shapes: dict[str, Any], shardings: dict[str, Any], dtype) -> dict[str, Any]:
+  """The params tree to fill: zeros for the stacked block arrays (written layer by layer), None
+  for the top-level ones (placed whole)."""
+  params: dict[str, Any] = {}
+  for leaf_path, shape in jax.tree_util.tree_flatten_with_path(
+      shapes, is_leaf=lambda x: isinstance(x, tuple))[0]:
+    keys = tuple(p.key for p in leaf_path)
+    sh = _get(shardings, keys)
+    if keys[0] == "blocks":
+      fn = _zeros if sh is None else jax.jit(_zeros, static_argnames=("shape", "dtype"),
+                                             out_shardings=sh)
+      _set(params, keys, fn(shape=tuple(shape), dtype=dtype))
+    else:
+      _set(params, keys, None)
+  return params
+
+
+def _put_on_device(value: np.ndarray, mesh: Mesh | None, sh: NamedSharding | None, param_ndim: int,
+                   stacked: bool, transposed: bool) -> jax.Array:
+  """One HF tensor (host, [out, in] for a Linear) on device: straight onto the per-layer, HF
+  layout version of its parameter's sharding `sh` on `mesh` (param_ndim: the parameter's rank),
+  or onto the default device without one."""
+  if sh is None:
+    return jax.device_put(value)
+  spec = tuple(sh.spec) + (None,) * (param_ndim - len(sh.spec))
+  spec = spec[1:] if stacked else spec
+  spec = tuple(reversed(spec)) if transposed else spec
+  return jax.device_put(value, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
+def _fill_params(config, path: str, weight_map: dict[str, str], params: dict[str, Any],
+                 shapes: dict[str, Any], mesh: Mesh | None, shardings: dict[str, Any]) -> list[tuple]:
+  """Streams every HF tensor of the checkpoint into `params` (one on the host at a time); returns
+  (name, NaN/Inf count on device, size) per tensor, to be checked once at the end (no host
+  sync per tensor)."""
+  tmap = hf_tensor_map(config)
+  pdtype = config.param_jnp_dtype
+  nonfinite = []
+  for file, names in sorted(_by_file(weight_map, tmap).items()):
+    with safe_open(os.path.join(path, file), framework="np") as f:
+      for name in sorted(names):
+        keys, layer, transposed = tmap[name]
+        sh = _get(shardings, keys)
+        stacked = layer is not None
+        value = _put_on_device(f.get_tensor(name), mesh, sh, len(_get(shapes, keys)), stacked, transposed)
+        nonfinite.append((name, _nonfinite_count(value), int(np.prod(value.shape))))
+        place = _placer(sh, transposed, stacked)
+        if stacked:
+          _set(params, keys, place(_get(params, keys), value, jnp.int32(layer)))
+        else:
+          _set(params, keys, place(value, pdtype))
+        del value
+  return nonfinite
+
+
+def _refuse_nonfinite(path: str, nonfinite: list[tuple]) -> None:
+  """A NaN/Inf weight would make every loss NaN (each update skipped): refuse the import instead
+  (CheckpointError naming the tensors)."""
+  counts = jax.device_get([c for _, c, _ in nonfinite])
+  bad = [(name, int(c), size) for (name, _, size), c in zip(nonfinite, counts) if c]
+  if bad:
+    listed = ", ".join(f"{name} ({c} of {size} values)" for name, c, size in bad[:5])
+    what = (f"{bad[0][0]} holds NaN/Inf ({bad[0][1]} of {bad[0][2]} values)" if len(bad) == 1 else
+            f"{len(bad)} tensors hold NaN/Inf: {listed}{', ...' if len(bad) > 5 else ''}")
+    raise CheckpointError(f"checkpoint {path}: {what}; refusing to import it (re-download or re-export it)")
+
+
 def load(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh: Mesh | None = None,
          logical_rules: Sequence[tuple[str, Any]] | None = None, strict: bool = True,
          **config_overrides) -> tuple[llada.LLaDAConfig, dict[str, Any]]:
@@ -169,77 +264,16 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, mesh: Mesh | Non
   logical_rules, default DEFAULT_LOGICAL_RULES); None = default device. strict: unexpected
   tensors are an error. config_overrides: LLaDAConfig fields (e.g. compute_dtype, remat_policy).
   """
-  path = os.fspath(path)
-  if "://" in path:  # safetensors maps local files: copy a gs:// (epath) dir down first
-    from bgpo_jax.checkpoint import copy_tree
-    local = tempfile.mkdtemp(prefix="bgpo_hf_")
-    copy_tree(path, local)
-    path = local
-  if not os.path.isfile(os.path.join(path, "config.json")):
-    raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+  path = _local_dir(path)
   if dtype is not None:
     config_overrides.setdefault("param_dtype", jnp.dtype(dtype).name)
   config = family.config_from_hf(path, **config_overrides)  # model_type: LLaDA or Dream
   weight_map = _weight_map(path)
   _check_checkpoint(config, path, weight_map, strict)
-
   shapes = family.module_for(config).param_shapes(config)
-  pdtype = config.param_jnp_dtype
-  if mesh is not None:
-    shardings = logical_to_sharding(family.module_for(config).param_logical_axes(config), mesh,
-                                    logical_rules or DEFAULT_LOGICAL_RULES, shapes=shapes)
-  else:
-    shardings = jax.tree.map(lambda _: None, shapes, is_leaf=lambda x: isinstance(x, tuple))
-
-  # Preallocate every parameter (stacked arrays filled layer by layer below).
-  params: dict[str, Any] = {}
-  for leaf_path, shape in jax.tree_util.tree_flatten_with_path(
-      shapes, is_leaf=lambda x: isinstance(x, tuple))[0]:
-    keys = tuple(p.key for p in leaf_path)
-    sh = _get(shardings, keys)
-    if keys[0] == "blocks":
-      fn = _zeros if sh is None else jax.jit(_zeros, static_argnames=("shape", "dtype"),
-                                             out_shardings=sh)
-      _set(params, keys, fn(shape=tuple(shape), dtype=pdtype))
-    else:
-      _set(params, keys, None)
-
-  tmap = hf_tensor_map(config)
-  by_file: dict[str, list[str]] = {}
-  for name, file in weight_map.items():
-    if name in tmap:
-      by_file.setdefault(file, []).append(name)
-  nonfinite = []  # (name, count on device): checked once at the end, no host sync per tensor
-  for file, names in sorted(by_file.items()):
-    with safe_open(os.path.join(path, file), framework="np") as f:
-      for name in sorted(names):
-        keys, layer, transposed = tmap[name]
-        sh = _get(shardings, keys)
-        stacked = layer is not None
-        value = f.get_tensor(name)  # host: this one tensor
-        if sh is not None:
-          # Put the HF tensor directly onto the matching (per-layer, [out, in]) sharding.
-          spec = tuple(sh.spec) + (None,) * (len(_get(shapes, keys)) - len(sh.spec))
-          spec = spec[1:] if stacked else spec
-          spec = tuple(reversed(spec)) if transposed else spec
-          value = jax.device_put(value, NamedSharding(mesh, PartitionSpec(*spec)))
-        else:
-          value = jax.device_put(value)
-        nonfinite.append((name, _nonfinite_count(value), int(np.prod(value.shape))))
-        place = _placer(sh, transposed, stacked)
-        if stacked:
-          _set(params, keys, place(_get(params, keys), value, jnp.int32(layer)))
-        else:
-          _set(params, keys, place(value, pdtype))
-        del value
-  # A NaN/Inf weight would make every loss NaN (each update skipped): refuse the import instead.
-  counts = jax.device_get([c for _, c, _ in nonfinite])
-  bad = [(name, int(c), size) for (name, _, size), c in zip(nonfinite, counts) if c]
-  if bad:
-    listed = ", ".join(f"{name} ({c} of {size} values)" for name, c, size in bad[:5])
-    what = (f"{bad[0][0]} holds NaN/Inf ({bad[0][1]} of {bad[0][2]} values)" if len(bad) == 1 else
-            f"{len(bad)} tensors hold NaN/Inf: {listed}{', ...' if len(bad) > 5 else ''}")
-    raise CheckpointError(f"checkpoint {path}: {what}; refusing to import it (re-download or re-export it)")
+  shardings = _param_shardings(config, shapes, mesh, logical_rules)
+  params = _preallocate(shapes, shardings, config.param_jnp_dtype)
+  _refuse_nonfinite(path, _fill_params(config, path, weight_map, params, shapes, mesh, shardings))
   return config, params
 
 
@@ -302,6 +336,75 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def _save_entries(config, params: dict[str, Any], tmap: dict[str, tuple], dtype: Any
+                  ) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+  """(HF name, HF shape, file dtype) per tensor of `tmap`, in its order; raises when a param's
+  shape does not match the config or its dtype has no safetensors name."""
+  entries = []
+  for name in tmap:
+    keys, _, _ = tmap[name]
+    dt = np.dtype(dtype) if dtype is not None else np.dtype(_get(params, keys).dtype)
+    if dt not in _NP_TO_ST:
+      raise ValueError(f"cannot save {name} as {dt}; use one of {sorted(map(str, _NP_TO_ST))}")
+    expected = _get(family.module_for(config).param_shapes(config), keys)
+    got = tuple(_get(params, keys).shape)
+    if got != tuple(expected):
+      raise CheckpointError(f"param {'/'.join(keys)}: shape {got} does not match the config's "
+                            f"{tuple(expected)}")
+    entries.append((name, hf_shape(config, name), dt))
+  return entries
+
+
+def _shard_groups(entries: Sequence[tuple], max_shard_bytes: int) -> list[list[tuple]]:
+  """Greedy shards in the entries' (canonical) order: embedding, layer 0, 1, ..., ln_f, head; a
+  shard holds at most max_shard_bytes unless one tensor is larger."""
+  groups: list[list[tuple]] = [[]]
+  size = 0
+  for e in entries:
+    n = int(np.prod(e[1])) * e[2].itemsize
+    if groups[-1] and size + n > max_shard_bytes:
+      groups.append([])
+      size = 0
+    groups[-1].append(e)
+    size += n
+  return groups
+
+
+def _write_shards(path: str, files: Sequence[str], groups: Sequence[list[tuple]],
+                  get: Callable[[str], np.ndarray], writer: bool) -> tuple[dict[str, str], int]:
+  """Writes each group's shard file (writer only; the other processes still fetch every tensor
+  to join its all-gathers) -> (HF name -> file, total bytes)."""
+  weight_map = {}
+  total = 0
+  for file, group in zip(files, groups):
+    if writer:
+      write_safetensors(os.path.join(path, file), group, get, metadata={"format": "pt"})
+    else:
+      for name, _, _ in group:  # everyone joins the all-gathers
+        get(name)
+    for name, shape, dt in group:
+      weight_map[name] = file
+      total += int(np.prod(shape)) * dt.itemsize
+  return weight_map, total
+
+
+def _write_index_and_config(path: str, config, weight_map: dict[str, str], total: int,
+                            saved: set) -> None:
+  """model.safetensors.index.json and config.json (torch_dtype = the files' dtype when they hold
+  one, `saved` being the set of dtypes written)."""
+  with open(os.path.join(path, INDEX_FILE), "w") as f:
+    json.dump({"metadata": {"total_size": total},
+               "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    f.write("\n")
+  hf = config.to_hf_dict()
+  if len(saved) == 1:
+    hf["torch_dtype"] = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
+                         np.dtype(np.float64): "float64"}.get(saved.pop(), "bfloat16")
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+    f.write("\n")
+
+
 def save(config: llada.LLaDAConfig, params: dict[str, Any], path: str | os.PathLike, *,
          max_shard_bytes: int = 5 * 2**30, dtype: Any = None) -> list[str]:
   """Exports params as an HF LLaDA or Dream checkpoint dir (the config's family); returns the
@@ -322,33 +425,10 @@ def save(config: llada.LLaDAConfig, params: dict[str, Any], path: str | os.PathL
       copy_tree(local, path)
     return files
   tmap = hf_tensor_map(config)
-  names = list(tmap)
-  entries = []
-  for name in names:
-    keys, _, _ = tmap[name]
-    dt = np.dtype(dtype) if dtype is not None else np.dtype(_get(params, keys).dtype)
-    if dt not in _NP_TO_ST:
-      raise ValueError(f"cannot save {name} as {dt}; use one of {sorted(map(str, _NP_TO_ST))}")
-    expected = _get(family.module_for(config).param_shapes(config), keys)
-    got = tuple(_get(params, keys).shape)
-    if got != tuple(expected):
-      raise CheckpointError(f"param {'/'.join(keys)}: shape {got} does not match the config's "
-                            f"{tuple(expected)}")
-    entries.append((name, hf_shape(config, name), dt))
-
-  # Greedy shards in canonical order (embedding, layer 0, 1, ..., ln_f, head).
-  groups: list[list[tuple]] = [[]]
-  size = 0
-  for e in entries:
-    n = int(np.prod(e[1])) * e[2].itemsize
-    if groups[-1] and size + n > max_shard_bytes:
-      groups.append([])
-      size = 0
-    groups[-1].append(e)
-    size += n
+  entries = _save_entries(config, params, tmap, dtype)
+  groups = _shard_groups(entries, max_shard_bytes)
   n_shards = len(groups)
   files = [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
-
   dtypes = {e[0]: e[2] for e in entries}
 
   def get(name: str) -> np.ndarray:
@@ -359,30 +439,9 @@ def save(config: llada.LLaDAConfig, params: dict[str, Any], path: str | os.PathL
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(path, exist_ok=True)
-  weight_map = {}
-  total = 0
-  for file, group in zip(files, groups):
-    if writer:
-      write_safetensors(os.path.join(path, file), group, get, metadata={"format": "pt"})
-    else:
-      for name, _, _ in group:  # everyone joins the all-gathers
-        get(name)
-    for name, shape, dt in group:
-      weight_map[name] = file
-      total += int(np.prod(shape)) * dt.itemsize
+  weight_map, total = _write_shards(path, files, groups, get, writer)
   if writer:
-    with open(os.path.join(path, INDEX_FILE), "w") as f:
-      json.dump({"metadata": {"total_size": total},
-                 "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-      f.write("\n")
-    hf = config.to_hf_dict()
-    saved = {e[2] for e in entries}
-    if len(saved) == 1:
-      hf["torch_dtype"] = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
-                           np.dtype(np.float64): "float64"}.get(saved.pop(), "bfloat16")
-    with open(os.path.join(path, "config.json"), "w") as f:
-      json.dump(hf, f, indent=2)
-      f.write("\n")
+    _write_index_and_config(path, config, weight_map, total, {e[2] for e in entries})
   return files
 
 

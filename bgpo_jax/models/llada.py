@@ -29,7 +29,6 @@ RMSNorm, RoPE and softmax run in float32; logits are float32. Sharding: transfor
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping
 
 import jax
@@ -44,8 +43,8 @@ from bgpo_jax.models.layers import (  # noqa: F401
   ACTIVATION_NAMES, REMAT_POLICIES, apply_rope, dense, norm_dense, rms_norm, rope_tables, swiglu_dense)
 from bgpo_jax.models.layers import CHECKPOINT_POLICIES as _REMAT_POLICIES  # noqa: F401
 from bgpo_jax.models.transformer import (  # noqa: F401
-  Params, compute_weight_axes, forward, forward_flops, hidden_states, init_params, lm_head,
-  param_logical_axes, param_shapes, read_hf_config)
+  Params, compute_weight_axes, forward, forward_flops, hf_tensor_map, hidden_states, init_params,
+  lm_head, param_logical_axes, param_shapes, read_hf_config)
 
 FAMILY = "llada"
 
@@ -109,6 +108,25 @@ _HF_TEMPLATE: dict[str, Any] = {
   "weight_tying": False,
 }
 
+_HF_PREFIX = "model.transformer."
+_HF_SCHEMA = transformer.HFSchema(
+  name="LLaDA",
+  template=_HF_TEMPLATE,
+  unsupported=_UNSUPPORTED_HF,
+  # LLaDA's config.json keys are our field names.
+  keys={k: k for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size",
+                       "embedding_size", "rope_theta", "rms_norm_eps", "max_sequence_length",
+                       "mask_token_id", "eos_token_id", "pad_token_id")},
+  # mlp_ratio: mlp_hidden_size's fallback (and written from it); our dtype field names are never
+  # carried as extras either.
+  also_read=("mlp_ratio", "param_dtype", "compute_dtype"),
+  top={_HF_PREFIX + "wte.weight": ("wte", False), _HF_PREFIX + "ln_f.weight": ("ln_f", False),
+       _HF_PREFIX + "ff_out.weight": ("ff_out", True)},
+  layer_prefix=_HF_PREFIX + "blocks.{i}.",
+  block={k: f"{k}.weight" for k in ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm",
+                                    "ff_proj", "up_proj", "ff_out")},
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class LLaDAConfig(transformer.ModelConfig):
@@ -146,6 +164,8 @@ class LLaDAConfig(transformer.ModelConfig):
   init_std: float = 0.02
   hf_extra: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
+  hf_schema = _HF_SCHEMA  # a class attribute, not a field
+
   # ---------------------------------------------------------------------------------------------
   @classmethod
   def preset(cls, name: str, **overrides) -> "LLaDAConfig":
@@ -170,20 +190,14 @@ class LLaDAConfig(transformer.ModelConfig):
     return cls(**{**presets[name], **overrides})
 
   @classmethod
-  def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> "LLaDAConfig":
-    """Reads a LLaDA HF config (a dict, a config.json path, or a checkpoint dir).
-
-    param_dtype and compute_dtype follow `torch_dtype` (bfloat16 or float32) unless overridden.
-    Raises ValueError naming every architecture feature we do not implement.
-    """
-    hf = read_hf_config(path_or_dict)
-    transformer.check_hf_features(hf, _UNSUPPORTED_HF, "LLaDA")
+  def fields_from_hf(cls, hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture fields of a LLaDA HF config dict (mlp_hidden_size falls back to
+    mlp_ratio * d_model, embedding_size to vocab_size, pad_token_id to eos_token_id)."""
     d = int(hf["d_model"])
     n_heads = int(hf["n_heads"])
     mlp = hf.get("mlp_hidden_size") or int(hf.get("mlp_ratio", 4) * d)
     vocab = int(hf["vocab_size"])
-    dtype = transformer.hf_dtype(hf)
-    ours = dict(
+    return dict(
       d_model=d,
       n_layers=int(hf["n_layers"]),
       n_heads=n_heads,
@@ -197,47 +211,12 @@ class LLaDAConfig(transformer.ModelConfig):
       mask_token_id=int(hf.get("mask_token_id", 126336)),
       eos_token_id=int(hf.get("eos_token_id", 126081)),
       pad_token_id=int(hf.get("pad_token_id", hf.get("eos_token_id", 126081))),
-      param_dtype=dtype,
-      compute_dtype=dtype,
     )
-    extra = transformer.hf_extra(hf, set(ours) | {"torch_dtype", "mlp_ratio"})
-    ours.update(overrides)
-    return cls(**ours, hf_extra=extra)
 
-  def to_hf_dict(self) -> dict[str, Any]:
-    """The HF config.json dict: LLaDA's defaults, then the original extra keys, then our values."""
-    return transformer.to_hf_dict(_HF_TEMPLATE, self.hf_extra, dict(
-      d_model=self.d_model,
-      n_layers=self.n_layers,
-      n_heads=self.n_heads,
-      n_kv_heads=self.n_kv_heads,
-      mlp_hidden_size=self.mlp_hidden_size,
-      mlp_ratio=max(1, self.mlp_hidden_size // self.d_model),
-      vocab_size=self.vocab_size,
-      embedding_size=self.embedding_size,
-      rope_theta=self.rope_theta,
-      rms_norm_eps=self.rms_norm_eps,
-      max_sequence_length=self.max_sequence_length,
-      mask_token_id=self.mask_token_id,
-      eos_token_id=self.eos_token_id,
-      pad_token_id=self.pad_token_id,
-      torch_dtype=self.param_dtype,
-    ))
-
-
-# -----------------------------------------------------------------------------------------------
-# Hugging Face tensor names (hf.py)
-
-_HF_PREFIX = "model.transformer."
-_HF_TOP = {_HF_PREFIX + "wte.weight": ("wte", False), _HF_PREFIX + "ln_f.weight": ("ln_f", False),
-           _HF_PREFIX + "ff_out.weight": ("ff_out", True)}
-_HF_BLOCK = {k: f"{k}.weight" for k in ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out",
-                                         "ff_norm", "ff_proj", "up_proj", "ff_out")}
-
-
-def hf_tensor_map(config: LLaDAConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
-  """HF tensor name -> (path in our param tree, layer index or None, transposed?)."""
-  return transformer.hf_tensor_map(config, _HF_TOP, _HF_PREFIX + "blocks.{i}.", _HF_BLOCK)
+  def hf_values(self) -> dict[str, Any]:
+    """Our values under their config.json keys, plus mlp_ratio (LLaDA's config.json carries it
+    beside mlp_hidden_size)."""
+    return dict(super().hf_values(), mlp_ratio=max(1, self.mlp_hidden_size // self.d_model))
 
 
 def _block(config: LLaDAConfig, x: jax.Array, p: Mapping[str, jax.Array], cos, sin,

@@ -4,7 +4,8 @@ vocabulary head and the KV-cached forwards, written once over a family's config.
 A family (llada.py, dream.py) is a frozen dataclass of its fields that subclasses `ModelConfig`
 and says how it differs through two class attributes: `qkv_bias` (q / k / v projections carry
 biases: Dream) and `shifted` (the token at i is predicted from the output at i - 1: Dream). The
-rest of a family file is its Hugging Face schema (config keys, tensor names) and its presets.
+rest of a family file is its Hugging Face schema (`hf_schema`: config keys, tensor names; its
+`fields_from_hf` for the config keys' defaults and fallbacks) and its presets.
 
 Parameter tree (L layers stacked on a leading axis; Linear weights [in, out]):
 
@@ -48,16 +49,45 @@ _NORMS = ("attn_norm", "ff_norm", "ln_f")
 _BIASES = ("q_bias", "k_bias", "v_bias")
 
 
+@dataclasses.dataclass(frozen=True)
+class HFSchema:
+  """A family's Hugging Face names: its config.json keys and its tensor names.
+
+  name: the family in error messages.
+  template: the released config.json minus the keys we write; `to_hf_dict` starts from it so
+    that an exported checkpoint loads in the reference PyTorch code.
+  unsupported: config.json key -> the values we implement, the first the supported setting.
+  keys: our field -> its config.json key, for the fields written one to one (read by the
+    family's `fields_from_hf`, with its own defaults and fallbacks).
+  also_read: further config.json keys never kept as extras (besides `keys` and "torch_dtype").
+  top: HF tensor name -> (our top-level key, transposed?).
+  layer_prefix: a layer's tensor name prefix, e.g. "model.layers.{i}.".
+  block: our block key -> HF name inside a layer, in the checkpoint's order.
+  """
+
+  name: str
+  template: Mapping[str, Any]
+  unsupported: Mapping[str, tuple]
+  keys: Mapping[str, str]
+  top: Mapping[str, tuple[str, bool]]
+  layer_prefix: str
+  block: Mapping[str, str]
+  also_read: tuple[str, ...] = ()
+
+
 class ModelConfig:
-  """The checks and derived sizes of every family's config (a frozen dataclass subclassing this).
+  """The checks, derived sizes and Hugging Face config.json reading / writing of every family's
+  config (a frozen dataclass subclassing this, with a `hf_schema` class attribute).
 
   Fields read here: d_model, n_layers, n_heads, n_kv_heads, mlp_hidden_size, vocab_size,
   embedding_size (a field or a property), rope_theta, rms_norm_eps, the *_token_id fields,
-  param_dtype, compute_dtype, remat_policy, scan_unroll, attention_impl, logits_chunk, init_std.
+  param_dtype, compute_dtype, remat_policy, scan_unroll, attention_impl, logits_chunk, init_std,
+  hf_extra (the original HF config's other keys as sorted (key, json) pairs).
   """
 
   qkv_bias = False  # q / k / v projections carry biases (class attributes, not fields)
   shifted = False  # feature i is the model's output at i - 1 (position 0: its own)
+  hf_schema: HFSchema  # set by each family (a class attribute: no dataclass field here)
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -102,6 +132,40 @@ class ModelConfig:
     n = sum(math.prod(s) for s in shapes)
     return n if embeddings else n - 2 * self.embedding_size * self.d_model
 
+  @classmethod
+  def fields_from_hf(cls, hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture fields of an HF config dict (the family's defaults and fallbacks)."""
+    raise NotImplementedError
+
+  @classmethod
+  def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides):
+    """Reads the family's HF config (a dict, a config.json path, or a checkpoint dir).
+
+    param_dtype and compute_dtype follow `torch_dtype` (bfloat16 or float32) unless overridden.
+    Raises ValueError naming every architecture feature we do not implement.
+    """
+    schema = cls.hf_schema
+    hf = read_hf_config(path_or_dict)
+    check_hf_features(hf, schema.unsupported, schema.name)
+    dtype = hf_dtype(hf)
+    ours = dict(cls.fields_from_hf(hf), param_dtype=dtype, compute_dtype=dtype)
+    extra = hf_extra(hf, {*schema.keys.values(), "torch_dtype", *schema.also_read})
+    ours.update(overrides)
+    return cls(**ours, hf_extra=extra)
+
+  def hf_values(self) -> dict[str, Any]:
+    """Our values under their config.json keys (a family adds the keys it derives)."""
+    values = {key: getattr(self, name) for name, key in self.hf_schema.keys.items()}
+    values["torch_dtype"] = self.param_dtype
+    return values
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The HF config.json dict: the family's template, then the original extra keys, then our values."""
+    out = dict(self.hf_schema.template)
+    out.update({k: json.loads(v) for k, v in self.hf_extra})
+    out.update(self.hf_values())
+    return dict(sorted(out.items()))
+
 
 # -----------------------------------------------------------------------------------------------
 # Hugging Face config.json helpers (each family maps its own key names)
@@ -139,26 +203,16 @@ def hf_extra(hf: Mapping[str, Any], known) -> tuple:
   return tuple(sorted((k, json.dumps(v)) for k, v in hf.items() if k not in known))
 
 
-def to_hf_dict(template: Mapping[str, Any], extra: tuple, values: Mapping[str, Any]) -> dict[str, Any]:
-  """An HF config.json dict: the family's template, then the original extra keys, then ours."""
-  out = dict(template)
-  out.update({k: json.loads(v) for k, v in extra})
-  out.update(values)
-  return dict(sorted(out.items()))
-
-
-def hf_tensor_map(config, top: Mapping[str, tuple[str, bool]], layer_prefix: str,
-                  block_names: Mapping[str, str]) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
-  """HF tensor name -> (path in our param tree, layer index or None, transposed?).
-
-  top: HF name -> (our top-level key, transposed?); layer_prefix: e.g. "model.layers.{i}.";
-  block_names: our block key -> HF name inside a layer, in the checkpoint's order. A block
-  tensor is transposed when it is a matrix (HF Linear weights are [out, in], ours [in, out])."""
-  out = {name: ((key,), None, transposed) for name, (key, transposed) in top.items()}
+def hf_tensor_map(config) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
+  """HF tensor name -> (path in our param tree, layer index or None, transposed?), from the
+  config's `hf_schema`, in the checkpoint's order. A block tensor is transposed when it is a
+  matrix (HF Linear weights are [out, in], ours [in, out])."""
+  schema = config.hf_schema
+  out = {name: ((key,), None, transposed) for name, (key, transposed) in schema.top.items()}
   blocks = param_shapes(config)["blocks"]
   for i in range(config.n_layers):
-    for k, name in block_names.items():
-      out[layer_prefix.format(i=i) + name] = (("blocks", k), i, len(blocks[k]) == 3)
+    for k, name in schema.block.items():
+      out[schema.layer_prefix.format(i=i) + name] = (("blocks", k), i, len(blocks[k]) == 3)
   return out
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from bgpo_jax.objectives.base import ElboObjective, register
 from bgpo_jax.objectives.common import _capped_exp, _check_clip, _dual_clip, _float, _log_ratios, _ppo_clip, k3
-from bgpo_jax.objectives.common import log_ratio
+from bgpo_jax.objectives.common import log_ratio, ref_log_ratio
 
 
 def bgpo_sample_terms(
@@ -78,10 +78,7 @@ def elbo_kl_sample_terms(elbo_new: jax.Array, elbo_ref: jax.Array, *, num_sample
   Returns:
     [..., B] terms; summing over the sample axis gives the KL estimate.
   """
-  x = jax.lax.stop_gradient(_float(elbo_ref)) - _float(elbo_new)
-  if lengths is not None:
-    x = x / jnp.asarray(lengths, x.dtype)
-  return k3(x) / num_samples
+  return k3(ref_log_ratio(elbo_new, elbo_ref, lengths)) / num_samples
 
 
 def bgpo_objective(

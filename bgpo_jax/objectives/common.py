@@ -1,5 +1,6 @@
 """Math every objective shares: the capped exp, PPO and dual clips, the k3 KL estimate, group
-advantages and the ELBO log-ratio d = (l_new - l_old) [/ L]. Notation: bgpo_jax/objectives/__init__.py."""
+advantages, the ELBO log-ratio d = (l_new - l_old) [/ L] and the reference's x = (l_ref - l_new)
+[/ L]. Notation: bgpo_jax/objectives/__init__.py."""
 
 from __future__ import annotations
 
@@ -130,3 +131,11 @@ def log_ratio(new: jax.Array, old: jax.Array, length=None) -> jax.Array:
   return d
 
 
+def ref_log_ratio(elbo_new: jax.Array, elbo_ref: jax.Array, lengths=None) -> jax.Array:
+  """x_j = (stop_gradient(l_ref(j)) - l_new(j)) [/ L]: the log-ratio inside the k3 KL to the frozen
+  reference, per MC sample. elbo_new / elbo_ref [..., B]; lengths [B], a scalar or None -> [..., B]
+  (float32 or wider)."""
+  x = jax.lax.stop_gradient(_float(elbo_ref)) - _float(elbo_new)
+  if lengths is not None:
+    x = x / jnp.asarray(lengths, x.dtype)
+  return x

@@ -11,15 +11,8 @@ import jax.numpy as jnp
 
 from bgpo_jax.objectives.base import ElboObjective, register
 from bgpo_jax.objectives.bgpo import ElboHparams
-from bgpo_jax.objectives.common import _capped_exp, _check_clip, _dual_clip, _float, _log_ratios, _ppo_clip, k3
-
-
-def _ref_log_ratio(elbo_new: jax.Array, elbo_ref: jax.Array, lengths) -> jax.Array:
-  """x_j = (l_ref(j) - l_new(j)) [/ L] -> [n, B], the log-ratio inside the k3 KL."""
-  x = jax.lax.stop_gradient(_float(elbo_ref)) - _float(elbo_new)
-  if lengths is not None:
-    x = x / jnp.asarray(lengths, x.dtype)
-  return x
+from bgpo_jax.objectives.common import (
+  _capped_exp, _check_clip, _dual_clip, _log_ratios, _ppo_clip, k3, ref_log_ratio)
 
 
 def vrpo_objective(
@@ -58,7 +51,7 @@ def vrpo_objective(
   adv = jnp.asarray(advantages, d.dtype)
   r = _dual_clip(_ppo_clip(ratio, adv, clip_eps), adv, dual_clip)
   if elbo_ref is not None and kl_beta:
-    r = r - kl_beta * k3(jnp.mean(_ref_log_ratio(elbo_new, elbo_ref, lengths), axis=0))
+    r = r - kl_beta * k3(jnp.mean(ref_log_ratio(elbo_new, elbo_ref, lengths), axis=0))
   return jnp.mean(r)
 
 
@@ -90,7 +83,7 @@ class VRPO_OL(ElboObjective):
                          dual_clip=hp.dual_clip, elbo_ref=ref, kl_beta=cfg.kl_beta)
     l_ = jax.lax.stop_gradient(l)
     d = _log_ratios(l_, old, mb["advantages"], lengths)
-    kl = jnp.zeros(()) if ref is None else jnp.sum(k3(jnp.mean(_ref_log_ratio(l_, ref, lengths), axis=0)))
+    kl = jnp.zeros(()) if ref is None else jnp.sum(k3(jnp.mean(ref_log_ratio(l_, ref, lengths), axis=0)))
     return obj * l.shape[1], {"elbo": jnp.sum(l_) / n, "abs_d": jnp.sum(jnp.abs(d)) / n, "kl": kl}
 
 
