@@ -41,10 +41,6 @@ def _save_fused_attention_forward(prim, *_, **__) -> bool:
 
 CHECKPOINT_POLICIES = {
   "full": None,
-  "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-  "dots_saveable": jax.checkpoint_policies.dots_saveable,
-  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  "everything_saveable": jax.checkpoint_policies.everything_saveable,
   # Keeps q, k, v and the attention context (small: [B,S,D] each), recomputes the MLP.
   "save_attn": jax.checkpoint_policies.save_only_these_names(*_SAVE_ATTN_NAMES),
   # Keeps every activation the block's backward reads and recomputes no matmul: only the norms'
