@@ -1,9 +1,9 @@
 """Host-side rollout sampler: chat prompts -> G sampled responses per prompt.
 
 Tokenization, padding and decoding stay on the host; the whole reverse process is one jitted
-call (`diffusion.sampler.generate`, or `generate_cached` with a KV cache / threshold decoding)
-that takes the params as an argument, so a run compiles one program per prompt-length bucket and
-never per step. The params it runs from are a compute-dtype copy made once per call of
+call (`diffusion.sampler.generate`, with the KV cache / parallel decoding its settings name) that
+takes the params as an argument, so a run compiles one program per prompt-length bucket and never
+per step. The params it runs from are a compute-dtype copy made once per call of
 `inference_params` (once per RL step / eval pass), gathered over FSDP when they fit.
 
 Prompt lengths are bucketed: a batch is left-padded to the smallest bucket >= its longest
@@ -29,23 +29,8 @@ BATCH_MESH_AXES = ("data", "fsdp")
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-  """Reverse-process settings (SPEC section 4); defaults = the paper's training rollouts for
-  sudoku / countdown."""
-
-  gen_length: int = 256
-  steps: int = 128
-  block_length: int = 32
-  temperature: float = 0.6
-  remasking: str = "low_confidence"
-  cfg_scale: float = 0.0
-  suppress_eos: bool = False
-  suppress_eos_confidence: bool = False
-  # SPEC section 4b: "none" = `sampler.generate`, "prefix" / "dual" = Fast-dLLM's KV caches;
-  # threshold = confidence-threshold parallel decoding (None = the fixed schedule of `steps`).
-  cache: str = "none"
-  threshold: float | None = None
+# Reverse-process settings (SPEC sections 4 and 4b); they live with the sampler.
+SamplerSettings = sampler.SamplerSettings
 
 
 class InferenceParams:
@@ -142,14 +127,9 @@ class RolloutSampler:
     buckets = sorted({int(b) for b in prompt_buckets})
     if not buckets or buckets[0] < 1:
       raise ValueError(f"prompt_buckets must be positive ints, got {prompt_buckets!r}")
-    s = settings
-    sampler.check_settings(gen_length=s.gen_length, steps=s.steps, block_length=s.block_length,
-                           temperature=s.temperature, remasking=s.remasking,
-                           cfg_scale=s.cfg_scale, mask_id=config.mask_token_id,
-                           eos_id=config.eos_token_id, suppress_eos=s.suppress_eos,
-                           eot_id=tokenizer.eot_id,
-                           suppress_eos_confidence=s.suppress_eos_confidence)
-    sampler.check_cached_settings(cache=s.cache, threshold=s.threshold, factor=None)
+    # The settings checked themselves when built; here the EOS options against the ids.
+    self.ids = sampler.TokenIds.of(config, eot_id=tokenizer.eot_id)
+    settings.check_ids(self.ids)
     if gather_weights not in ("auto", "on", "off"):
       raise ValueError(f"gather_weights {gather_weights!r} is not one of auto / on / off")
     self.gather_weights = gather_weights
@@ -172,26 +152,8 @@ class RolloutSampler:
   # -- device side ------------------------------------------------------------------------------
   def _generate_impl(self, params: Any, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                      rng: jax.Array) -> jax.Array:
-    cfg, s = self.config, self.settings
-
-    if s.cache != "none" or s.threshold is not None:
-      return sampler.generate_cached(
-          cfg, params, prompt_tokens, prompt_mask, cache=s.cache, rng=rng,
-          gen_length=s.gen_length, steps=s.steps, block_length=s.block_length,
-          temperature=s.temperature, remasking=s.remasking, mask_id=cfg.mask_token_id,
-          threshold=s.threshold, cfg_scale=s.cfg_scale, eos_id=cfg.eos_token_id,
-          suppress_eos=s.suppress_eos, eot_id=self.tokenizer.eot_id,
-          suppress_eos_confidence=s.suppress_eos_confidence)
-    # Hidden states from the model, the vocab head on the current block only (generate slices):
-    # ~4% of an LLaDA-8B step at gen_length 256 that response-wide logits would spend.
-    return sampler.generate(
-        lambda tokens, attn: family.module_for(cfg).hidden_states(cfg, params, tokens, attn),
-        prompt_tokens, prompt_mask, rng=rng, gen_length=s.gen_length, steps=s.steps,
-        block_length=s.block_length, temperature=s.temperature, remasking=s.remasking,
-        cfg_scale=s.cfg_scale, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
-        suppress_eos=s.suppress_eos, eot_id=self.tokenizer.eot_id,
-        suppress_eos_confidence=s.suppress_eos_confidence,
-        head_fn=lambda hidden: family.module_for(cfg).lm_head(cfg, params, hidden))
+    return sampler.generate(self.config, params, prompt_tokens, prompt_mask, self.settings, rng,
+                            ids=self.ids)
 
   # -- inference weights -------------------------------------------------------------------------
   def weight_layout(self) -> str:

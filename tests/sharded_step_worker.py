@@ -128,9 +128,9 @@ def splash_steps() -> dict:
     out[f"{impl}_loss"] = float(step(state, batch)[1]["train/loss"])
   step, state, batch, mcfg = step_for("splash", "bfloat16")
   # The task configs' rollout sampler (dual cache) runs the kernel in its prefill, under the mesh.
-  gen_fn = jax.jit(lambda p, t, m, r: sampler.generate_cached(
-    mcfg, p, t, m, cache="dual", rng=r, gen_length=gen, steps=gen, block_length=gen,
-    mask_id=cfg.mask_token_id))
+  settings = sampler.SamplerSettings(gen_length=gen, steps=gen, block_length=gen, temperature=0.0,
+                                     cache="dual")
+  gen_fn = jax.jit(lambda p, t, m, r: sampler.generate(mcfg, p, t, m, settings, r))
   prompts = jax.device_put(tokens[:, :prompt], batch["tokens"].sharding)
   pmask = jax.device_put(attn[:, :prompt], batch["tokens"].sharding)
   lowerings = {"step": lambda: step.trace(state, batch),

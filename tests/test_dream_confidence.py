@@ -62,8 +62,10 @@ def _committed_first(rule, base_logits, delta, temperature=0.0):
     return lg
 
   prompt = jnp.full((1, 2), 7, jnp.int32)
-  out = sampler.generate(logits_fn, prompt, jnp.ones_like(prompt), rng=jax.random.key(0), gen_length=L,
-                         steps=2, block_length=L, temperature=temperature, remasking=rule, mask_id=mask_id)
+  settings = sampler.SamplerSettings(gen_length=L, steps=2, block_length=L, temperature=temperature,
+                                     remasking=rule)
+  out = sampler.generate(logits_fn, None, prompt, jnp.ones_like(prompt), settings, jax.random.key(0),
+                         ids=sampler.TokenIds(mask_id))
   resp = np.asarray(out[0, 2:])
   assert set(resp.tolist()) <= {5, 6}, resp
   return set(np.flatnonzero(resp == 5).tolist())

@@ -144,9 +144,9 @@ def test_rollout_sampler_equals_generate_on_full_logits(both, remasking):
   out = rs.sample(params, msgs, jax.random.key(0))
   ptoks, pmask = out.tokens[:, :out.prompt_len], out.prompt_mask
   mod = family.module_for(cfg)
-  ref = sampler.generate(lambda t, a: mod.forward(cfg, params, t, a), jnp.asarray(ptoks), jnp.asarray(pmask),
-                         rng=jax.random.key(0), gen_length=8, steps=4, block_length=4, temperature=0.0,
-                         remasking=remasking, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id)
+  ref = sampler.generate(lambda t, a: mod.forward(cfg, params, t, a), None, jnp.asarray(ptoks),
+                         jnp.asarray(pmask), settings, jax.random.key(0),
+                         ids=sampler.TokenIds(cfg.mask_token_id, cfg.eos_token_id))
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref))
   assert not (np.asarray(out.tokens)[:, out.prompt_len:] == cfg.mask_token_id).any()
 

@@ -95,9 +95,8 @@ def test_mesh_sharded_rollout_matches_plain_generate():
   np.testing.assert_array_equal(rollout.local_rows(dev), out.tokens)
   # Same tokens as sampler.generate on full-sequence llada.forward logits with the same key.
   ref = jax.jit(lambda p, t, m, k: sampler.generate(
-      lambda x, a: llada.forward(CFG, p, x, a), t, m, rng=k, gen_length=16, steps=8,
-      block_length=8, temperature=0.8, mask_id=CFG.mask_token_id))(params(), toks, mask,
-                                                                     jax.random.key(1))
+      lambda x, a: llada.forward(CFG, p, x, a), None, t, m, SETTINGS, k,
+      ids=sampler.TokenIds(CFG.mask_token_id)))(params(), toks, mask, jax.random.key(1))
   np.testing.assert_array_equal(out.tokens, np.asarray(ref))
 
 

@@ -1,8 +1,8 @@
-"""generate() against a plain NumPy implementation of SPEC section 4, plus schedule, jit, sharding."""
+"""generate() with a logits function against a plain NumPy implementation of SPEC section 4, plus
+schedule, jit, sharding."""
 
 from __future__ import annotations
 
-import functools
 
 import chex
 import jax
@@ -96,16 +96,26 @@ def prompts(batch=3, plen=6, pad=(0, 2, 4), seed=1):
 
 
 _JITTED: dict = {}
+_IDS = ("mask_id", "eos_id", "eot_id")
 
 
-def run_jit(logits_fn, toks, mask, rng=None, **kw):
+def settings(**kw):
+  """SamplerSettings for these tests: greedy unless told."""
+  kw.setdefault("temperature", 0.0)
+  return sampler.SamplerSettings(**kw)
+
+
+def run_jit(logits_fn, toks, mask, rng=None, head_fn=None, **kw):
   kw.setdefault("mask_id", MASK)
-  key = (logits_fn, tuple(sorted(kw.items())))  # one compile per settings, not per call
+  key = (logits_fn, head_fn, tuple(sorted(kw.items())))  # one compile per settings, not per call
   if key not in _JITTED:
-    _JITTED[key] = jax.jit(functools.partial(sampler.generate, logits_fn, **kw))
+    ids = sampler.TokenIds(**{k: kw.pop(k) for k in _IDS if k in kw})
+    model = sampler.LogitsModel(logits_fn, head_fn)
+    s = settings(**kw)
+    _JITTED[key] = jax.jit(lambda t, m, r: sampler.generate(model, None, t, m, s, r, ids=ids))
   fn = _JITTED[key]
   rng = jax.random.key(0) if rng is None else rng
-  return np.asarray(fn(jnp.asarray(toks), jnp.asarray(mask), rng=rng))
+  return np.asarray(fn(jnp.asarray(toks), jnp.asarray(mask), rng))
 
 
 @pytest.mark.parametrize("gen_length,block_length,steps", [
@@ -218,9 +228,9 @@ def test_jit_no_recompile_and_sharded_inputs():
   @jax.jit
   def gen(params_scale, toks, mask, rng):
     traces.append(1)
-    return sampler.generate(lambda t, a: fn(t, a) * params_scale, toks, mask, rng=rng,
-                            gen_length=8, steps=4, block_length=4, temperature=0.7,
-                            mask_id=MASK)
+    return sampler.generate(lambda t, a: fn(t, a) * params_scale, None, toks, mask,
+                            settings(gen_length=8, steps=4, block_length=4, temperature=0.7), rng,
+                            ids=sampler.TokenIds(MASK))
 
   toks, mask = prompts(batch=4, pad=(0, 1, 2, 3))
   a = gen(jnp.float32(1.0), toks, mask, jax.random.key(0))
@@ -260,20 +270,21 @@ def test_response_only_logits_and_block_head():
     (dict(suppress_eos=True), "needs eos_id"),
 ])
 def test_argument_errors(kw, msg):
-  args = dict(gen_length=8, steps=4, block_length=4, mask_id=MASK)
+  args = dict(gen_length=8, steps=4, block_length=4)
   args.update(kw)
   toks, mask = prompts()
   with pytest.raises(ValueError, match=msg):
-    sampler.generate(make_toy_logits_fn(), jnp.asarray(toks), jnp.asarray(mask),
-                     rng=jax.random.key(0), **args)
+    sampler.generate(make_toy_logits_fn(), None, jnp.asarray(toks), jnp.asarray(mask),
+                     settings(**args), jax.random.key(0), ids=sampler.TokenIds(MASK))
 
 
 def test_mask_token_in_prompt_is_rejected():
   toks, mask = prompts()
   toks[1, 4] = MASK
   with pytest.raises(ValueError, match="holds the mask id"):
-    sampler.generate(make_toy_logits_fn(), toks, mask, rng=jax.random.key(0), gen_length=8,
-                     steps=4, block_length=4, mask_id=MASK)
+    sampler.generate(make_toy_logits_fn(), None, toks, mask,
+                     settings(gen_length=8, steps=4, block_length=4), jax.random.key(0),
+                     ids=sampler.TokenIds(MASK))
   toks[1, 4] = 5
   toks[1, 0] = MASK  # a padded position may hold anything
   sampler.check_prompt(toks, mask, MASK)

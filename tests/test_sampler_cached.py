@@ -1,4 +1,4 @@
-"""generate_cached (SPEC section 4b) against a NumPy reference of the prefix / dual caches and the
+"""generate with a KV cache (SPEC section 4b) against a NumPy reference of the prefix / dual caches and the
 threshold and factor rules on a tiny random LLaDA and Dream (QKV biases, GQA, shifted
 predictions); the KV-cached forwards; compile counts; config."""
 
@@ -198,14 +198,21 @@ def ref_generate(prompt, pmask, *, cache, gen_length, steps, block_length, rule=
 _JITTED: dict = {}
 
 
-def run(toks, mask, rng=None, fam="llada", **kw):
-  kw.setdefault("mask_id", MASK)
+def settings(**kw):
+  """SamplerSettings for these tests: greedy unless told."""
+  kw.setdefault("temperature", 0.0)
+  return sampler.SamplerSettings(**kw)
+
+
+def run(toks, mask, rng=None, fam="llada", return_nfe=False, **kw):
   cfg, params, _ = FAMILIES[fam]
-  key = (fam,) + tuple(sorted(kw.items()))  # one compile per settings
+  key = (fam, return_nfe) + tuple(sorted(kw.items()))  # one compile per settings
   if key not in _JITTED:
-    _JITTED[key] = jax.jit(functools.partial(sampler.generate_cached, cfg, **kw))
+    _JITTED[key] = jax.jit(functools.partial(sampler.generate, cfg, settings=settings(**kw),
+                                             return_nfe=return_nfe))
   rng = jax.random.key(0) if rng is None else rng
-  return jax.tree.map(np.asarray, _JITTED[key](params, jnp.asarray(toks), jnp.asarray(mask), rng=rng))
+  return jax.tree.map(np.asarray, _JITTED[key](params, jnp.asarray(toks), jnp.asarray(mask),
+                                               rng=rng))
 
 
 @pytest.mark.parametrize("fam", ["llada", "dream"])
@@ -261,8 +268,9 @@ def _generate(toks, mask, rng, fam="llada", **kw):
   cfg, params, _ = FAMILIES[fam]
   model = family.module_for(cfg)
   fn = jax.jit(lambda p, t, m, r: sampler.generate(
-      lambda a, b: model.hidden_states(cfg, p, a, b), t, m, rng=r, mask_id=MASK,
-      head_fn=lambda h: model.lm_head(cfg, p, h), **kw))
+      sampler.LogitsModel(lambda a, b: model.hidden_states(cfg, p, a, b),
+                          lambda h: model.lm_head(cfg, p, h)),
+      None, t, m, settings(**kw), r, ids=sampler.TokenIds(MASK)))
   return np.asarray(fn(params, jnp.asarray(toks), jnp.asarray(mask), rng))
 
 
@@ -384,8 +392,9 @@ def test_one_compile_per_settings():
 
   def fn(p, t, m, r):
     traces.append(1)
-    return sampler.generate_cached(CFG, p, t, m, cache="prefix", rng=r, gen_length=8, steps=4,
-                                   block_length=4, temperature=0.5, mask_id=MASK, threshold=0.4)
+    return sampler.generate(CFG, p, t, m, settings(cache="prefix", gen_length=8, steps=4,
+                                                   block_length=4, temperature=0.5,
+                                                   threshold=0.4), r)
 
   f = jax.jit(fn)
   toks, mask = prompts()
@@ -407,8 +416,8 @@ def test_one_compile_per_settings():
 def test_argument_errors(kw, msg):
   toks, mask = prompts()
   with pytest.raises(ValueError, match=msg):
-    sampler.generate_cached(CFG, PARAMS, toks, mask, rng=jax.random.key(0), gen_length=8,
-                            steps=4, block_length=4, mask_id=MASK, **kw)
+    sampler.generate(CFG, PARAMS, toks, mask, settings(gen_length=8, steps=4, block_length=4, **kw),
+                     jax.random.key(0))
 
 
 def test_config_keys_validated():
@@ -457,9 +466,8 @@ def test_rollout_sampler_cached_threshold_and_inference_params(fam):
   again = rs.sample_ids(params, ids, jax.random.key(2))  # raw params are cast inside
   assert rs.num_compiled == 1
   np.testing.assert_array_equal(out.tokens, again.tokens)  # T = 0: the key does not matter
-  want = jax.jit(lambda p, t, m: sampler.generate_cached(
-      cfg, p, t, m, cache="dual", rng=jax.random.key(0), gen_length=8, steps=4, block_length=8,
-      mask_id=cfg.mask_token_id, threshold=0.5, eos_id=cfg.eos_token_id, eot_id=tok.eot_id))(
+  want = jax.jit(lambda p, t, m: sampler.generate(
+      cfg, p, t, m, settings, jax.random.key(0), ids=sampler.TokenIds.of(cfg, tok.eot_id)))(
           ready.tree, out.tokens[:, :40], out.prompt_mask)
   np.testing.assert_array_equal(out.tokens, np.asarray(want))
 

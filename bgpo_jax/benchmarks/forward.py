@@ -254,16 +254,15 @@ def bench_sampler(config: llada.LLaDAConfig, impls: list[str], prompt: int, gen:
   params = llada.init_params(config, jax.random.key(0))
   toks = jax.random.randint(jax.random.key(1), (1, prompt), 6, config.vocab_size).astype(jnp.int32)
   mask = jnp.ones((1, prompt), jnp.int32)
+  settings = sampler_lib.SamplerSettings(gen_length=gen, steps=steps, block_length=gen,
+                                         temperature=0.0)
   calls = []
   for impl in impls:
     c = dataclasses.replace(config, attention_impl=impl)
 
     @jax.jit
-    def gen_fn(params, toks, mask, c=c):
-      return sampler_lib.generate(
-          lambda t, a: llada.hidden_states(c, params, t, a), toks, mask, rng=jax.random.key(2),
-          gen_length=gen, steps=steps, block_length=gen, temperature=0.0,
-          mask_id=c.mask_token_id, head_fn=lambda h: llada.lm_head(c, params, h))
+    def gen_fn(params, toks, mask, c=c):  # as the rollouts call it: the head on the current block
+      return sampler_lib.generate(c, params, toks, mask, settings, jax.random.key(2))
     calls.append((gen_fn, (params, toks, mask)))
   times = common.interleaved(calls, repeats)
   return [{"impl": f"jax {impl}", "pass": f"generate {gen} tok / {steps} steps", "batch": 1,

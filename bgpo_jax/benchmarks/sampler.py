@@ -1,9 +1,10 @@
 """Sampler throughput: tokens/s of `generate` and its overhead over bare forwards.
 
-generate runs as the rollout does: hidden states from the model, the vocab head on the current
-block only (`head_fn`). The floor is a jitted `lax.fori_loop` of `steps` bare forwards of the same
+generate runs as the rollout does: from the model config, so hidden states from the model and
+the vocab head on the current block only. The floor is a jitted `lax.fori_loop` of `steps` bare forwards of the same
 shape with the head on the current block, each writing its argmax back so XLA cannot hoist it.
-fullhead_s: generate with the head on all response positions every step, for comparison.
+fullhead_s: generate from a logits function with the head on all response positions every step,
+for comparison.
 overhead = generate time / floor time - 1 (target: < 10%). The programs are timed round-robin
 and the fastest run of each is kept (robust to a shared, loaded machine).
 
@@ -12,8 +13,8 @@ and the fastest run of each is kept (robust to a shared, loaded machine).
 On a CPU the default shrinks "small" (batch 1, 16 steps) to keep the run to a few minutes; pass
 --small-batch / --small-steps to override (the overhead ratio is per step, so it still reads).
 
---caches: the cached samplers instead (SPEC section 4b, `sampler.generate_cached`): none / prefix
-/ dual, each on the fixed schedule and (with --threshold) with threshold decoding, at every
+--caches: the cached samplers instead (SPEC section 4b, `sampler.generate` with settings.cache):
+none / prefix / dual, each on the fixed schedule and (with --threshold) with threshold decoding, at every
 --gen-lengths value, block --block-length and steps = gen_length * --steps-ratio, timed
 round-robin like the rest. Models: tiny, "small8" (d_model 512, 8 layers, 8 heads, MLP 1536,
 vocab 32000) or any preset. Columns: seconds, tokens/s, model calls (nfe), MFU (model FLOPs of
@@ -63,17 +64,18 @@ def bench_model(name: str, *, batch: int, plen: int, gen_length: int, block_leng
   toks = r.astype(jnp.int32)
   mask = jnp.ones((batch, plen), jnp.int32)
 
+  settings = sampler.SamplerSettings(gen_length=gen_length, steps=steps,
+                                     block_length=block_length, temperature=temperature)
+
   def make_gen(block_head: bool):
     @jax.jit
     def gen(params, toks, mask, rng):
-      hidden, head = _hidden_fn(config, params), _head_fn(config, params)
       if block_head:  # the rollout's path: head on the current block only
-        fn, head_fn = hidden, head
-      else:  # logits for the whole response every step
-        fn, head_fn = (lambda t, a: head(hidden(t, a)[:, -gen_length:])), None
-      return sampler.generate(fn, toks, mask, rng=rng, gen_length=gen_length, steps=steps,
-                              block_length=block_length, temperature=temperature,
-                              mask_id=config.mask_token_id, head_fn=head_fn)
+        return sampler.generate(config, params, toks, mask, settings, rng)
+      # logits for the whole response every step
+      hidden, head = _hidden_fn(config, params), _head_fn(config, params)
+      return sampler.generate(lambda t, a: head(hidden(t, a)[:, -gen_length:]), None, toks, mask,
+                              settings, rng, ids=sampler.TokenIds.of(config))
     return gen
 
   @jax.jit
@@ -138,7 +140,7 @@ def window_flops(config: llada.LLaDAConfig, batch: int, width: int, keys: int,
 
 def cached_flops(config, cache: str, batch: int, plen: int, gen_length: int, block_length: int,
                  steps: int, nfe: int) -> float:
-  """Model FLOPs of a generate_cached call of `nfe` model calls (each block: one full forward,
+  """Model FLOPs of a cached generate call of `nfe` model calls (each block: one full forward,
   the rest windows; the calls of a threshold run are spread evenly over the blocks)."""
   S = plen + gen_length
   nb = gen_length // block_length
@@ -165,13 +167,13 @@ def bench_caches(name: str, *, batch: int, plen: int, gen_length: int, block_len
     runs += [(c, threshold) for c in sampler.CACHES]
 
   def make(cache, thr):
+    settings = sampler.SamplerSettings(gen_length=gen_length, steps=steps,
+                                       block_length=block_length, temperature=temperature,
+                                       cache=cache, threshold=thr)
+
     @jax.jit
     def gen(params, toks, mask, rng):
-      return sampler.generate_cached(config, params, toks, mask, cache=cache, rng=rng,
-                                     gen_length=gen_length, steps=steps,
-                                     block_length=block_length, temperature=temperature,
-                                     mask_id=config.mask_token_id, threshold=thr,
-                                     return_nfe=True)
+      return sampler.generate(config, params, toks, mask, settings, rng, return_nfe=True)
     return gen
 
   args = (params, toks, mask, jax.random.key(2))
