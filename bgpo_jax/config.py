@@ -44,9 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.family = "llada"
   c.model.param_dtype = "float32"  # master weights (float32 keeps small updates exact)
   c.model.compute_dtype = "bfloat16"  # matmul dtype; norms, RoPE, softmax and logits stay float32
-  # Per-block rematerialization (llada.REMAT_POLICIES): full = save each layer's input only and
+  # Per-block rematerialization (models.layers.REMAT_POLICIES): full = save each layer's input only and
   # recompute its forward in the backward; activations = save what the backward reads and
-  # recompute no matmul; none = plain autodiff; save_attn, dots_saveable; auto = the objective's
+  # recompute no matmul; none = plain autodiff; save_attn = q, k, v and context only; auto = the objective's
   # choice (`remat_policy`: bgpo / diffu_grpo / sft activations, vrpo_ol full; the task configs').
   c.model.remat_policy = "full"
   c.model.scan_unroll = 1  # layers per layer-scan iteration (n_layers = fully unrolled; small models)
@@ -305,8 +305,8 @@ def paper_config(task: str, *, gen_length: int, train_steps: int, eval_steps: in
 # (run.sh: "NUM_ITERS = (8 12 12 8)" for countdown, gsm8k, math, sudoku). d1's KL reference is the
 # base model (LoRA adapters disabled), i.e. the policy at RL start, as here.
 # Not reproduced: d1 trains LoRA adapters (r 128, alpha 64) on a 4-bit base; this trainer
-# updates all weights, so its lr 3e-6 may need lowering for full fine-tuning.
-D1_INNER_UPDATES = {"gsm8k": 12, "math": 12, "countdown": 8, "sudoku": 8}
+# updates all weights, so its lr 3e-6 may need lowering for full fine-tuning. Each task's mu is
+# its spec's `d1_inner_updates` (bgpo_jax/tasks/builtin.py).
 
 
 def d1_diffu_grpo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -317,7 +317,10 @@ def d1_diffu_grpo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """
   c.rl.objective = "diffu_grpo"
   c.rl.kl_beta = 0.04
-  c.rl.updates_per_batch = D1_INNER_UPDATES.get(c.task.name, 12)
+  from bgpo_jax.tasks import registry  # each task's spec holds its mu
+
+  spec = registry.find(c.task.name)  # None for the demo
+  c.rl.updates_per_batch = spec.d1_inner_updates if spec else registry.D1_DEFAULT_INNER_UPDATES
   c.rl.clip_eps = 0.5
   c.rl.dual_clip = 0.0  # d1 has no dual clip
   c.rl.prompt_mask_prob = 0.15
@@ -381,8 +384,6 @@ FAMILY_PRESETS = {"llada": PRESETS, "dream": ("tiny", "small", "dream_7b")}
 DTYPES = ("float32", "bfloat16")
 CACHES = ("none", "prefix", "dual")  # = diffusion.sampler.CACHES
 GATHER_WEIGHTS = ("auto", "on", "off")
-# Test splits task.eval_tasks can name (math500 = the math task's test_math500 files).
-EVAL_SETS = ("gsm8k", "math", "math500", "countdown", "sudoku", "humaneval", "mbpp")
 
 
 def _ge(lo):
@@ -545,6 +546,52 @@ def _check_sampler(c, section: str) -> None:
       raise ConfigError(f"{key}.gather_weights {s.gather_weights!r} is unknown; use one of {GATHER_WEIGHTS}")
 
 
+def _check_task(c) -> None:
+  """config.task: its files, its names and the reward recipes against the task registry
+  (bgpo_jax.tasks, which owns them: built-in tasks and any a config file registers), and its
+  prompt limit against the prompt pipeline and the rollout buckets."""
+  from bgpo_jax.data.dataset import TRUNCATION  # the prompt pipeline owns the modes
+  from bgpo_jax.tasks import registry
+
+  # URIs (gs://, s3://, ...) are read through epath later; only local paths are checked here.
+  if c.task.data_dir and "://" not in c.task.data_dir and not os.path.isdir(c.task.data_dir):
+    raise ConfigError(f"config.task.data_dir {c.task.data_dir!r} is not a directory")
+  if c.task.train_file and "://" not in c.task.train_file and not os.path.isfile(c.task.train_file):
+    raise ConfigError(f"config.task.train_file {c.task.train_file!r} does not exist")
+  spec = registry.find(c.task.name)
+  if c.task.name != "demo" and (spec is None or not spec.is_train_task):
+    raise ConfigError(f"config.task.name {c.task.name!r} is unknown; use one of "
+                      f"{registry.names('train')} or demo")
+  if c.mode == "rl" and spec is not None and spec.train_file and not c.task.train_file:
+    raise ConfigError(f"config.task.name {c.task.name!r} trains on {spec.train_file}: set "
+                      "--config.task.train_file=/path/train.jsonl")
+  if c.task.name not in ("demo",) and not c.task.data_dir and not c.task.train_file:
+    raise ConfigError(f"config.task.name {c.task.name!r} reads data: set --config.task.data_dir to a folder of "
+                      "train_*/test_* parquet or JSONL files (or use configs/demo.py, which needs none)")
+  if c.task.name == "demo" and c.task.demo_task not in registry.names("demo"):
+    raise ConfigError(f"config.task.demo_task {c.task.demo_task!r} is unknown; use "
+                      f"{' or '.join(registry.names('demo'))}")
+  for s in registry.specs():  # rewards.<task>: the recipe of a task that offers several
+    if s.is_grader and s.recipes and s.name in c.rewards and c.rewards[s.name] not in s.recipes:
+      raise ConfigError(f"config.rewards.{s.name} {c.rewards[s.name]!r} is unknown; use one of {s.recipes}")
+  eval_sets = registry.names("grader")
+  bad_evals = [n.strip() for n in c.task.eval_tasks.split(",") if n.strip() and n.strip() not in eval_sets]
+  if bad_evals and c.task.name != "demo":
+    raise ConfigError(f"config.task.eval_tasks {c.task.eval_tasks!r} names unknown test sets {bad_evals}; "
+                      f"use a comma-separated list of {eval_sets}")
+  if c.task.truncation not in TRUNCATION:
+    raise ConfigError(f"config.task.truncation {c.task.truncation!r} is unknown; use one of {TRUNCATION}")
+  buckets, limit = tuple(c.rollout.prompt_buckets), c.task.max_prompt_tokens
+  if max(buckets) < limit:
+    # The samplers pad each prompt to a bucket: a prompt the data keeps (up to max_prompt_tokens)
+    # but longer than every bucket is cut again (truncation left) or stops the run (drop / error).
+    raise ConfigError(f"config.rollout.prompt_buckets {buckets}: the largest bucket {max(buckets)} is below "
+                      f"config.task.max_prompt_tokens {limit}, so longer prompts would not fit a bucket; "
+                      f"add a bucket >= {limit} (e.g. --config.rollout.prompt_buckets="
+                      f"'{tuple(sorted(set(buckets) | {limit}))}') "
+                      f"or set --config.task.max_prompt_tokens={max(buckets)}")
+
+
 def validate(c, *, data_parallel_size: int | None = None) -> None:
   """Checks a whole config before anything compiles; raises ConfigError naming the key and the fix."""
   def one_of(key, value, options):
@@ -623,38 +670,7 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
                       "(a directory with tokenizer.json); or use --config.tokenizer.kind=char")
   if c.tokenizer.path and "://" not in c.tokenizer.path and not os.path.isdir(c.tokenizer.path):
     raise ConfigError(f"config.tokenizer.path {c.tokenizer.path!r} is not a directory")
-  if c.task.data_dir and "://" not in c.task.data_dir and not os.path.isdir(c.task.data_dir):
-    raise ConfigError(f"config.task.data_dir {c.task.data_dir!r} is not a directory")
-  if c.task.train_file and "://" not in c.task.train_file and not os.path.isfile(c.task.train_file):
-    raise ConfigError(f"config.task.train_file {c.task.train_file!r} does not exist")
-  if c.mode == "rl" and c.task.name == "code" and not c.task.train_file:
-    raise ConfigError("config.task.name 'code' trains on a JSONL of {prompt, tests}: set "
-                      "--config.task.train_file=/path/train.jsonl")
-  if c.task.name not in ("demo",) and not c.task.data_dir and not c.task.train_file:
-    raise ConfigError(f"config.task.name {c.task.name!r} reads data: set --config.task.data_dir to a folder of "
-                      "train_*/test_* parquet or JSONL files (or use configs/demo.py, which needs none)")
-  if c.task.name == "demo" and c.task.demo_task not in ("countdown", "sudoku"):
-    raise ConfigError(f"config.task.demo_task {c.task.demo_task!r} is unknown; use countdown or sudoku")
-  from bgpo_jax.rewards import RECIPES as _RECIPES  # the reward module owns the names
-
-  one_of("rewards.countdown", c.rewards.countdown, _RECIPES["countdown"])
-  one_of("rewards.sudoku", c.rewards.sudoku, _RECIPES["sudoku"])
-  bad_evals = [n.strip() for n in c.task.eval_tasks.split(",") if n.strip() and n.strip() not in EVAL_SETS]
-  if bad_evals and c.task.name != "demo":
-    raise ConfigError(f"config.task.eval_tasks {c.task.eval_tasks!r} names unknown test sets {bad_evals}; "
-                      f"use a comma-separated list of {EVAL_SETS}")
-  from bgpo_jax.data.dataset import TRUNCATION  # the prompt pipeline owns the modes
-
-  one_of("task.truncation", c.task.truncation, TRUNCATION)
-  buckets, limit = tuple(c.rollout.prompt_buckets), c.task.max_prompt_tokens
-  if max(buckets) < limit:
-    # The samplers pad each prompt to a bucket: a prompt the data keeps (up to max_prompt_tokens)
-    # but longer than every bucket is cut again (truncation left) or stops the run (drop / error).
-    raise ConfigError(f"config.rollout.prompt_buckets {buckets}: the largest bucket {max(buckets)} is below "
-                      f"config.task.max_prompt_tokens {limit}, so longer prompts would not fit a bucket; "
-                      f"add a bucket >= {limit} (e.g. --config.rollout.prompt_buckets="
-                      f"'{tuple(sorted(set(buckets) | {limit}))}') "
-                      f"or set --config.task.max_prompt_tokens={max(buckets)}")
+  _check_task(c)
 
 
 # ------------------------------------------------------------------------------ command line

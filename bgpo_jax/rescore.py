@@ -31,10 +31,18 @@ import sys
 from typing import Any, Iterable
 
 from bgpo_jax import rewards
+from bgpo_jax.tasks import registry
 
-# Task names in eval files / d1 file names -> grader.
-_GRADER = {"gsm8k": "gsm8k", "gsm": "gsm8k", "math": "math500", "math500": "math500",
-           "countdown": "countdown", "sudoku": "sudoku", "humaneval": "humaneval", "mbpp": "mbpp"}
+
+def _d1_names() -> dict[str, str]:
+  """d1's names for the eval sets (its file names and labels) -> grader: TaskSpec.d1_names."""
+  return {alias: s.name for s in registry.specs() for alias in s.d1_names}
+
+
+def _grader(task: str) -> str:
+  """The grader of a task name in a saved file: a d1 name ("gsm", "math" = MATH500) or the
+  name itself."""
+  return _d1_names().get(task, task)
 
 
 def _text(prompt: Any) -> str:
@@ -45,32 +53,19 @@ def _text(prompt: Any) -> str:
   return str(prompt or "")
 
 
-def _puzzle(question: str) -> str | None:
-  m = re.search(r"[Ss]udoku puzzle:\s*([0-9]{16})", question) or re.search(r"(?<!\d)([0-4]{16})(?!\d)", question)
-  return m.group(1) if m else None
-
-
-def _numbers(question: str) -> list[int] | None:
-  m = re.search(r"Numbers:\s*\[([\d,\s]+)\]", question, re.I) or re.search(r"\[([\d,\s]+)\]", question)
-  return [int(x) for x in re.findall(r"\d+", m.group(1))] if m else None
-
-
 def _row(task: str, completion: str, ground_truth: Any, question: str, extra: dict | None,
          **more) -> dict:
-  """One normalized row: grader, completion, ground_truth (str), extra, + passthrough keys."""
-  grader = _GRADER.get(task, task)
+  """One normalized row: grader, completion, ground_truth (str but for code), extra (what the
+  grader's spec recovers from the question when the file has none), + passthrough keys."""
+  grader = _grader(task)
+  spec = registry.find(grader)
   extra = dict(extra or {})
   gt = ground_truth
-  if grader == "countdown" and isinstance(gt, (list, tuple)) and len(gt) == 2:
-    extra.setdefault("numbers", list(gt[0]))
-    gt = gt[1]
-  if grader == "countdown" and "numbers" not in extra and _numbers(question):
-    extra["numbers"] = _numbers(question)
-  if grader == "sudoku" and "puzzle" not in extra and _puzzle(question):
-    extra["puzzle"] = _puzzle(question)
+  if spec is not None and spec.recover_extra is not None:
+    gt, extra = spec.recover_extra(gt, question, extra)
   if isinstance(gt, float) and gt.is_integer():
     gt = int(gt)
-  if grader in ("gsm8k", "math500", "countdown", "sudoku"):
+  if spec is not None and spec.is_grader and not spec.code:
     gt = str(gt)
   return {"task": task, "grader": grader, "completion": completion or "", "ground_truth": gt,
           "extra": extra, **more}
@@ -102,7 +97,7 @@ def load(path: str, task: str | None = None) -> tuple[list[dict], list[str]]:
   """(normalized rows, problems): every row of FILE that could be read, and one message per row
   that could not (line number and why)."""
   base = os.path.basename(path).lower()
-  hint = task or next((_GRADER[k] for k in ("countdown", "sudoku", "math", "gsm") if k in base), None)
+  hint = task or next((g for name, g in _d1_names().items() if name in base), None)
   m = re.search(r"_(\d+)_generations\.json$", base)
   gen_length = int(m.group(1)) if m else None
   rows, problems = [], []
@@ -131,7 +126,7 @@ def load(path: str, task: str | None = None) -> tuple[list[dict], list[str]]:
   for i, obj in objs:
     try:
       r = _from_obj(obj, hint, gen_length)
-      if r["grader"] not in rewards.TASKS:
+      if r["grader"] not in rewards.graders():
         raise ValueError(f"unknown task {r['grader']!r}")
       rows.append(r)
     except (KeyError, TypeError, ValueError) as e:
@@ -176,7 +171,7 @@ def table(rows: list[dict]) -> list[dict]:
            "reward_mean": sum(r["reward"] for r in rs) / n}
     refs = [r for r in rs if "ref_correct" in r]
     if refs:
-      partial = rs[0]["grader"] == "sudoku"
+      partial = registry.get(rs[0]["grader"]).partial_score
       same = [(abs(r["score"] - r["ref_score"]) < 1e-6) if partial else (r["correct"] == r["ref_correct"])
               for r in refs]
       rec.update(ref=refs[0]["ref"], ref_accuracy=sum(r["ref_correct"] for r in refs) / len(refs),

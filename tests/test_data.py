@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
 import operator
@@ -126,7 +127,7 @@ def test_tfds_build_and_read_back_from_local_files(tmp_path):
 
 def test_tfds_generated_task_matches_in_memory(tmp_path):
   from bgpo_jax.data import tfds_builder
-  gen = {"train": 40, "test": 10, "seed": 3, **procedural.DEMO_PRESETS["sudoku"]}
+  gen = {"train": 40, "test": 10, "seed": 3, **procedural.SUDOKU_PRESETS["demo"]}
   builder = tfds_builder.build_tfds("sudoku", data_dir=tmp_path, generate=gen)
   src = dataset.TfdsSource(builder.as_data_source(split="train"))
   mem = procedural.demo_examples("sudoku", "train", n=40, seed=3)
@@ -286,9 +287,9 @@ def _leaves(expr: str) -> list[int]:
                 if isinstance(n, ast.Constant))
 
 
-@pytest.mark.parametrize("preset", ["DEMO_PRESETS", "D1_PRESETS"])
+@pytest.mark.parametrize("preset", ["demo", "d1"])
 def test_countdown_generator(preset):
-  knobs = getattr(procedural, preset)["countdown"]
+  knobs = procedural.COUNTDOWN_PRESETS[preset]
   train = procedural.generate_countdown(600, seed=7, split="train", **knobs)
   test = procedural.generate_countdown(100, seed=7, split="test", **knobs)
   assert train == procedural.generate_countdown(600, seed=7, split="train", **knobs)
@@ -312,7 +313,7 @@ def test_countdown_generator(preset):
   other = procedural.generate_countdown(100, seed=99, split="test", **knobs)
   assert not keys["train"] & {procedural.countdown_key(
       json.loads(e["extra_json"])["numbers"], int(e["ground_truth"])) for e in other}
-  if preset == "DEMO_PRESETS":
+  if preset == "demo":
     assert max(len(json.loads(e["prompt_json"])[0]["content"]) for e in train) < 40
 
 
@@ -324,9 +325,9 @@ def test_countdown_solver():
   assert procedural.solve_countdown([6, 4], 2, ops="+*") is None
 
 
-@pytest.mark.parametrize("preset", ["DEMO_PRESETS", "D1_PRESETS"])
+@pytest.mark.parametrize("preset", ["demo", "d1"])
 def test_sudoku_generator(preset):
-  knobs = getattr(procedural, preset)["sudoku"]
+  knobs = procedural.SUDOKU_PRESETS[preset]
   grids = procedural.all_sudoku_grids()
   assert grids.shape == (288, 16) and len({g.tobytes() for g in grids}) == 288
   train = procedural.generate_sudoku(800, seed=1, split="train", **knobs)
@@ -550,3 +551,77 @@ def test_evaluate_pads_batches_scores_only_real_rows_and_walks_the_kept_examples
   sampler.calls.clear()
   res = tasks_lib.evaluate(sampler, task, None, rng=jax.random.key(0), num_examples=3, batch_size=4)
   assert sampler.calls == [4] and res["eval/gsm8k/num_examples"] == 3
+
+
+# ----------------------------------------------------------------------------- task registry
+
+
+@pytest.fixture
+def own_registry(monkeypatch):
+  """The task registry with the built-in specs, restored after the test."""
+  from bgpo_jax.tasks import registry
+  registry.names()  # the built-in specs in first
+  monkeypatch.setattr(registry, "_SPECS", dict(registry._SPECS))
+  return registry
+
+
+def _echo_spec(registry):
+  """A task of one spec: repeat the word in the prompt (rows check, grader, SFT target)."""
+  def check_row(answer, extra):
+    if not answer.isalpha():
+      raise records.BadRow(f"ground_truth: not a word: {answer!r}")
+    return extra
+
+  def grade(completion, answer, extra, *, recipe, **_):
+    ok = completion.strip() == answer
+    loose = answer in completion
+    return ok, float(ok), 1.0 if ok else (0.5 if loose and recipe == "loose" else 0.0)
+
+  return registry.TaskSpec(
+      name="echo", stems={"test": ("echo_eval",)}, check_row=check_row,
+      instruction="Repeat: {prompt}", grade=grade, recipes=("strict", "loose"),
+      train_on=("echo",), eval_sets=("echo",), sft_target=lambda ex: ex["ground_truth"])
+
+
+def test_a_registered_task_flows_through_data_rewards_and_config(own_registry, tmp_path):
+  from bgpo_jax import config as config_lib
+  from bgpo_jax import rewards
+  from bgpo_jax import tasks as tasks_lib
+  registry = own_registry
+  registry.register(_echo_spec(registry))
+  assert "echo" in registry.names("train") and "echo" in rewards.graders()
+  # rows: the spec's check and file stems
+  exs, stats = records.normalize_rows([_row("cat", "cat"), _row("dog", "d0g")], "echo", "train")
+  assert len(exs) == 1 and stats.reasons == Counter({"ground_truth": 1})
+  _write_jsonl(tmp_path / "test_echo_eval.jsonl", [_row("owl", "owl")])
+  assert [p.name for p in records.find_task_files(tmp_path, "echo", "test")] == ["test_echo_eval.jsonl"]
+  # prompts: the spec's instruction; rewards: its grader, recipes and the default format score
+  ex = dataset.TaskDataset(exs, batch_size=1).example(0)
+  assert ex["messages"][-1]["content"] == "Repeat: cat"
+  graders, truths, extras = dataset.reward_inputs([ex])
+  assert graders == ["echo"] and rewards.grade("echo", "cat", "cat").correct
+  assert rewards.grade("echo", "a cat", "cat", recipes={"echo": "loose"}).reward == 0.5
+  assert rewards.grade("echo", "a cat", "cat").reward == 0.0  # the default recipe: strict
+  assert rewards.format_score("echo", "<answer>cat</answer>") == 0.5
+  assert tasks_lib.sft_target(ex) == "cat"
+  # config: a train task and an eval set, with d1's default mu
+  c = config_lib.base_config()
+  c.task.name, c.task.eval_tasks, c.task.data_dir = "echo", "echo,gsm8k", str(tmp_path)
+  c.tokenizer.kind = "char"
+  config_lib.validate(c, data_parallel_size=1)
+  assert config_lib.d1_diffu_grpo(c).rl.updates_per_batch == 12
+
+
+def test_registry_errors_name_the_known_tasks(own_registry):
+  registry = own_registry
+  with pytest.raises(ValueError, match=r"unknown task 'chess'; known tasks: gsm8k, math, .*code"):
+    registry.get("chess")
+  with pytest.raises(ValueError, match="'gsm8k' is already registered"):
+    registry.register(registry.TaskSpec(name="gsm8k"))
+  with pytest.raises(ValueError, match="lacks the '{prompt}' placeholder"):
+    registry.register(registry.TaskSpec(name="bad", instruction="Answer."))
+  spec = registry.register(dataclasses.replace(registry.get("gsm8k"), instruction="Q: {prompt}"),
+                           replace=True)
+  assert dataset.default_instruction("gsm8k") == spec.instruction == "Q: {prompt}"
+  with pytest.raises(ValueError, match="unknown task 'chess'; expected one of"):
+    records.load_examples("chess", "train", source_dir=".")

@@ -269,7 +269,7 @@ def test_clip_defaults_follow_spec_when_off_policy():
   assert config_lib.resolved_clip(rl) == (0.1, None)  # set values win; 0 = off
   c = tiny("diffu_grpo", mu=3, kl=0.0)
   trainer_cfg = run_lib.step_config(c, "rl", data_parallel=1)
-  assert (trainer_cfg.clip_eps, trainer_cfg.dual_clip, trainer_cfg.off_policy) == (0.2, 3.0, True)
+  assert (trainer_cfg.hparams.clip_eps, trainer_cfg.hparams.dual_clip, trainer_cfg.off_policy) == (0.2, 3.0, True)
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -9,9 +9,9 @@ needed) or a concatenation of sources (ConcatSource, e.g. GSM8K + MATH train). T
 `order.batch_indices`, a pure function of (seed, step), so resuming at step s replays it.
 
 Instructions are per-task templates in which the literal "{prompt}" stands for the last user
-message (DEFAULT_INSTRUCTIONS, overridable per task). A final assistant message is a prefill
-(mbpp's "[BEGIN]"): the chat template renders the turns before it with the generation prompt
-and the prefill's text is appended as plain tokens.
+message (the task spec's `instruction`, overridable per task). A final assistant message is a
+prefill (mbpp's "[BEGIN]"): the chat template renders the turns before it with the generation
+prompt and the prefill's text is appended as plain tokens.
 
 Truncation (max_prompt_tokens): "left" keeps the last max_prompt_tokens tokens (the
 generation prompt stays intact); "drop" removes too-long examples from the index space once,
@@ -27,19 +27,10 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 
 from bgpo_jax.data import order, records
+from bgpo_jax.tasks import registry
 
 logger = logging.getLogger(__name__)
 
-# "{prompt}" is replaced by the last user message (literal replace: LaTeX braces are safe).
-DEFAULT_INSTRUCTIONS: dict[str, str] = {
-    "gsm8k": "{prompt}\nThink step by step, then write only the final number inside "
-             "<answer></answer>.",
-    "math": "{prompt}\nThink step by step, then write the final answer inside \\boxed{}.",
-    # countdown / sudoku rows (shared parquet and generated) carry their own answer format;
-    # humaneval / mbpp / code prompts are completion-style.
-    "countdown": "{prompt}", "sudoku": "{prompt}", "humaneval": "{prompt}", "mbpp": "{prompt}",
-    "code": "{prompt}",
-}
 TRUNCATION = ("left", "drop", "error")
 
 
@@ -153,8 +144,16 @@ def _get_many(source: PromptSource, indices: Sequence[int]) -> list[Mapping[str,
 # ----------------------------------------------------------------------------- prompts
 
 
+def default_instruction(task: str) -> str:
+  """The task spec's instruction template; "{prompt}" (the row as it is) for a task no spec
+  names."""
+  spec = registry.find(task)
+  return spec.instruction if spec is not None else registry.PROMPT
+
+
 def apply_instruction(messages: list[dict], template: str) -> list[dict]:
-  """Copy of messages with the last user message put through template ("{prompt}" = it)."""
+  """Copy of messages with the last user message put through template ("{prompt}" = it, a
+  literal replace, so LaTeX braces in the template are safe)."""
   if template == "{prompt}":
     return [dict(m) for m in messages]
   if "{prompt}" not in template:
@@ -208,22 +207,27 @@ class PromptBatch:
     return [e["task"] for e in self.examples]
 
   def reward_inputs(self) -> tuple[list[str], list[str], list[dict]]:
-    """(tasks, ground_truths, extras) in bgpo_jax.rewards' terms, for score_batch.
+    """(graders, ground_truths, extras) of the batch's examples (`reward_inputs`)."""
+    return reward_inputs(self.examples)
 
-    A "code" row grades as "humaneval" (check(candidate) tests) or "mbpp" (assert list); a
-    check-format row's extra gains "prompt" (its messages), where the grader finds the
-    function stub.
-    """
-    tasks, extras = [], []
-    for e in self.examples:
-      extra = dict(e["extra"])
-      fmt = extra.get("test_format")
-      task = e["task"] if e["task"] != "code" else ("humaneval" if fmt == "check" else "mbpp")
-      if fmt == "check":
-        extra.setdefault("prompt", e["messages"])
-      tasks.append(task)
-      extras.append(extra)
-    return tasks, self.ground_truth, extras
+
+def reward_inputs(examples: Sequence[dict]) -> tuple[list[str], list[str], list[dict]]:
+  """(graders, ground_truths, extras) of decoded examples in bgpo_jax.rewards' terms, for
+  grade_batch.
+
+  A row grades as its task's grader (TaskSpec.grader_of: a "code" row as "humaneval" for
+  check(candidate) tests, "mbpp" for an assert list); a check-format row's extra gains
+  "prompt" (its messages), where the grader finds the function stub.
+  """
+  graders, extras = [], []
+  for e in examples:
+    extra = dict(e["extra"])
+    spec = registry.find(e["task"])
+    graders.append(spec.grader_of(extra) if spec is not None else e["task"])
+    if extra.get("test_format") == "check":
+      extra.setdefault("prompt", e["messages"])
+    extras.append(extra)
+  return graders, [e["ground_truth"] for e in examples], extras
 
 
 class TaskDataset:
@@ -235,7 +239,7 @@ class TaskDataset:
     batch_size: GLOBAL prompts per step; this host gets batch_size // process_count.
     seed: order seed (order.batch_indices).
     shuffle: False walks examples in order (evaluation).
-    instructions: per-task templates overriding DEFAULT_INSTRUCTIONS ("{prompt}" = question).
+    instructions: per-task templates overriding the specs' ("{prompt}" = question).
     max_prompt_tokens: None = no limit.
     truncation: "left" | "drop" | "error" (module docstring).
     pad_length: P of tokens; default max_prompt_tokens when set (static shapes for jit), else
@@ -263,7 +267,7 @@ class TaskDataset:
     self.batch_size = batch_size
     self.seed = seed
     self.shuffle = shuffle
-    self.instructions = {**DEFAULT_INSTRUCTIONS, **(instructions or {})}
+    self.instructions = dict(instructions or {})
     self.max_prompt_tokens = max_prompt_tokens
     self.truncation = truncation
     self.pad_length = pad_length if pad_length is not None else max_prompt_tokens
@@ -300,7 +304,9 @@ class TaskDataset:
   def example(self, i: int, raw: Mapping[str, Any] | None = None) -> dict:
     """Decoded example at source index i, instruction applied to its messages."""
     ex = records.decode_example(raw if raw is not None else self.source[int(i)])
-    template = self.instructions.get(ex["task"], "{prompt}")
+    template = self.instructions.get(ex["task"])
+    if template is None:
+      template = default_instruction(ex["task"])
     ex["messages"] = apply_instruction(ex["messages"], template)
     return ex
 

@@ -11,8 +11,9 @@ in-memory source or fed to the TFDS builder. Guarantees, by construction:
   (`hash_split`), and each split keeps only puzzles that hash to it.
 
 Difficulty knobs: sudoku min_blanks/max_blanks; countdown num_numbers, number range, target
-range and allowed ops. `DEMO_PRESETS` holds settings a ~1M-param char-level model can learn,
-with prompts under 40 characters (prompt_style="short").
+range and allowed ops. Each generator's presets (`SUDOKU_PRESETS`, `COUNTDOWN_PRESETS`, which
+the task specs carry): "demo", settings a ~1M-param char-level model can learn, with prompts
+under 40 characters (prompt_style="short"); "d1", d1-like ones.
 """
 
 from __future__ import annotations
@@ -23,26 +24,29 @@ import itertools
 import json
 import random
 from fractions import Fraction
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from bgpo_jax.tasks import registry
+
 PROMPT_STYLES = ("short", "long")
 _STALL_ATTEMPTS = 50_000
-# Small, learnable variants for the embedded demo (char tokenizer, tiny model, 2-core CPU).
-DEMO_PRESETS: dict[str, dict] = {
+# "demo": small, learnable variants for the embedded demo (char tokenizer, tiny model, 2-core
+# CPU); "d1": d1-like settings.
+SUDOKU_PRESETS: dict[str, dict] = {
     # 1-2 blanks: each blank is forced by its row/column; 4608 + 34560 unique puzzles exist.
-    "sudoku": {"min_blanks": 1, "max_blanks": 2, "prompt_style": "short"},
+    "demo": {"min_blanks": 1, "max_blanks": 2, "prompt_style": "short"},
+    "d1": {"min_blanks": 8, "max_blanks": 10, "prompt_style": "long"},
+}
+COUNTDOWN_PRESETS: dict[str, dict] = {
     # 3 numbers 1..20 with + and -: answers like "17+5-3"; about 5000 unique train and 550
     # unique test puzzles exist (one-digit numbers would allow only ~500).
-    "countdown": {"num_numbers": 3, "min_number": 1, "max_number": 20, "min_target": 1,
-                  "max_target": 50, "ops": "+-", "prompt_style": "short"},
-}
-# d1-like settings (3 numbers 1..100, targets 1..100; 4x4 sudoku with 8-10 blanks).
-D1_PRESETS: dict[str, dict] = {
-    "sudoku": {"min_blanks": 8, "max_blanks": 10, "prompt_style": "long"},
-    "countdown": {"num_numbers": 3, "min_number": 1, "max_number": 100, "min_target": 1,
-                  "max_target": 100, "ops": "+-*/", "prompt_style": "long"},
+    "demo": {"num_numbers": 3, "min_number": 1, "max_number": 20, "min_target": 1,
+             "max_target": 50, "ops": "+-", "prompt_style": "short"},
+    # 3 numbers 1..100, targets 1..100, all four operations.
+    "d1": {"num_numbers": 3, "min_number": 1, "max_number": 100, "min_target": 1,
+           "max_target": 100, "ops": "+-*/", "prompt_style": "long"},
 }
 
 
@@ -64,6 +68,40 @@ def _rng(seed: int, task: str, split: str) -> random.Random:
   # random.Random (string seeds are hashed with SHA-512, stable across Python versions) is
   # ~10x cheaper per draw than numpy's Generator for these scalar draws.
   return random.Random(f"bgpo_jax/{task}/{split}/{int(seed)}")
+
+
+def _unique(n: int, draw: Callable[[], tuple | None], *, task: str, split: str,
+            test_fraction: float, max_attempts: int | None, knobs: str, widen: str
+            ) -> list[dict]:
+  """n examples of distinct `task` puzzles of `split`, drawn until found.
+
+  draw() -> None (no puzzle this attempt) or (identity key, make), where make(index) is the
+  example, or None when the puzzle turns out unusable. A key is used once, and only when it
+  hashes to `split`. Raises ValueError (naming the `knobs` and what to `widen`) once
+  max_attempts (default 200 n + 10000) are spent or new puzzles stop turning up: the knobs
+  allow too few.
+  """
+  max_attempts = max_attempts or 200 * n + 10_000
+  seen: set[str] = set()
+  out: list[dict] = []
+  attempts = last_new = 0
+  while len(out) < n:
+    if attempts >= max_attempts or attempts - last_new > _STALL_ATTEMPTS:
+      raise ValueError(f"found only {len(out)} of {n} unique {split} {task} puzzles with {knobs} "
+                       f"after {attempts} attempts; widen {widen} or ask for fewer")
+    attempts += 1
+    drawn = draw()
+    if drawn is None:
+      continue
+    key, make = drawn
+    if key in seen or hash_split(task, key, test_fraction) != split:
+      continue
+    seen.add(key)
+    last_new = attempts
+    ex = make(len(out))
+    if ex is not None:
+      out.append(ex)
+  return out
 
 
 def _example(task: str, split: str, index: int, prompt: str, ground_truth: str,
@@ -156,33 +194,25 @@ def generate_sudoku(n: int, *, seed: int = 0, split: str = "train", min_blanks: 
     raise ValueError(f"prompt_style {prompt_style!r} not in {PROMPT_STYLES}")
   rng = _rng(seed, "sudoku", split)
   grids = [list("".join(map(str, g))) for g in all_sudoku_grids()]
-  max_attempts = max_attempts or 200 * n + 10_000
-  seen: set[str] = set()
-  out: list[dict] = []
-  attempts = last_new = 0
-  while len(out) < n:
-    # Give up early once new puzzles stop turning up: the knobs allow too few.
-    if attempts >= max_attempts or attempts - last_new > _STALL_ATTEMPTS:
-      raise ValueError(
-          f"found only {len(out)} of {n} unique {split} sudoku puzzles with {min_blanks}-"
-          f"{max_blanks} blanks after {attempts} attempts; widen the blanks range or ask for "
-          "fewer")
-    attempts += 1
+
+  def draw():
     p = list(grids[rng.randrange(len(grids))])
     k = rng.randint(min_blanks, max_blanks)
     for b in rng.sample(range(16), k):
       p[b] = "0"
     puzzle = "".join(p)
-    if puzzle in seen or hash_split("sudoku", puzzle, test_fraction) != split:
-      continue
-    seen.add(puzzle)
-    last_new = attempts
-    sols = sudoku_solutions(puzzle)
-    if len(sols) != 1:
-      continue
-    out.append(_example("sudoku", split, len(out), _sudoku_prompt(puzzle, prompt_style),
-                        sols[0], {"puzzle": puzzle, "blanks": k}))
-  return out
+
+    def make(index):
+      sols = sudoku_solutions(puzzle)
+      if len(sols) != 1:
+        return None
+      return _example("sudoku", split, index, _sudoku_prompt(puzzle, prompt_style), sols[0],
+                      {"puzzle": puzzle, "blanks": k})
+    return puzzle, make
+
+  return _unique(n, draw, task="sudoku", split=split, test_fraction=test_fraction,
+                 max_attempts=max_attempts, knobs=f"{min_blanks}-{max_blanks} blanks",
+                 widen="the blanks range")
 
 
 # ----------------------------------------------------------------------------- countdown
@@ -261,62 +291,61 @@ def generate_countdown(n: int, *, seed: int = 0, split: str = "train", num_numbe
   if prompt_style not in PROMPT_STYLES:
     raise ValueError(f"prompt_style {prompt_style!r} not in {PROMPT_STYLES}")
   rng = _rng(seed, "countdown", split)
-  max_attempts = max_attempts or 200 * n + 10_000
-  seen: set[str] = set()
-  out: list[dict] = []
-  attempts = last_new = 0
-  while len(out) < n:
-    # Give up early once new puzzles stop turning up: the knobs allow too few.
-    if attempts >= max_attempts or attempts - last_new > _STALL_ATTEMPTS:
-      raise ValueError(
-          f"found only {len(out)} of {n} unique {split} countdown puzzles after {attempts} "
-          f"attempts with numbers [{min_number}, {max_number}], targets [{min_target}, "
-          f"{max_target}], ops {ops!r}; widen the ranges or ask for fewer")
-    attempts += 1
+
+  def draw():
     numbers = [rng.randint(min_number, max_number) for _ in range(num_numbers)]
-    pool = [(x, str(x)) for x in numbers]
-    ok = True
-    while len(pool) > 1:
-      i, j = rng.sample(range(len(pool)), 2)
-      op = ops[rng.randrange(len(ops))]
-      (a, ea), (b, eb) = pool[i], pool[j]
-      if op == "/" and (b == 0 or a % b):
-        ok = False
-        break
-      v = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if op == "/" else 0}[op]
-      pool = [pool[k] for k in range(len(pool)) if k not in (i, j)]
-      # Parenthesize when this is not the last combination (keeps precedence explicit).
-      expr = f"{ea}{op}{eb}"
-      pool.append((v, expr if not pool else f"({expr})"))
-    if not ok:
-      continue
-    target, solution = pool[0]
-    if not min_target <= target <= max_target:
-      continue
-    key = countdown_key(numbers, target)
-    if key in seen or hash_split("countdown", key, test_fraction) != split:
-      continue
-    seen.add(key)
-    last_new = attempts
-    out.append(_example("countdown", split, len(out),
-                        _countdown_prompt(numbers, target, prompt_style), str(target),
-                        {"numbers": numbers, "solution": solution}))
-  return out
+    found = _random_expression(numbers, ops, rng)
+    if found is None or not min_target <= found[0] <= max_target:
+      return None
+    target, solution = found
+    return countdown_key(numbers, target), lambda index: _example(
+        "countdown", split, index, _countdown_prompt(numbers, target, prompt_style), str(target),
+        {"numbers": numbers, "solution": solution})
+
+  knobs = (f"numbers [{min_number}, {max_number}], targets [{min_target}, {max_target}], ops "
+           f"{ops!r}")
+  return _unique(n, draw, task="countdown", split=split, test_fraction=test_fraction,
+                 max_attempts=max_attempts, knobs=knobs, widen="the ranges")
 
 
-GENERATORS = {"sudoku": generate_sudoku, "countdown": generate_countdown}
+def _random_expression(numbers: Sequence[int], ops: str, rng: random.Random
+                       ) -> tuple[int, str] | None:
+  """(value, expression) of the numbers combined pairwise in a random order with random ops,
+  every intermediate value an integer; None when a draw divides inexactly (or by zero)."""
+  pool = [(x, str(x)) for x in numbers]
+  while len(pool) > 1:
+    i, j = rng.sample(range(len(pool)), 2)
+    op = ops[rng.randrange(len(ops))]
+    (a, ea), (b, eb) = pool[i], pool[j]
+    if op == "/" and (b == 0 or a % b):
+      return None
+    v = {"+": a + b, "-": a - b, "*": a * b, "/": a // b if op == "/" else 0}[op]
+    pool = [pool[k] for k in range(len(pool)) if k not in (i, j)]
+    # Parenthesize when this is not the last combination (keeps precedence explicit).
+    expr = f"{ea}{op}{eb}"
+    pool.append((v, expr if not pool else f"({expr})"))
+  return pool[0]
+
+
+def generator(task: str) -> Callable[..., list[dict]]:
+  """The task spec's generator (TaskSpec.generate); ValueError naming the generated tasks."""
+  spec = registry.find(task)
+  if spec is None or spec.generate is None:
+    generated = sorted(s.name for s in registry.specs() if s.generate is not None)
+    raise ValueError(f"no generator for task {task!r}; generated tasks: {generated}")
+  return spec.generate
 
 
 def generate(task: str, n: int, *, seed: int = 0, split: str = "train", **knobs) -> list[dict]:
-  """generate_sudoku / generate_countdown by task name."""
-  if task not in GENERATORS:
-    raise ValueError(f"no generator for task {task!r}; generated tasks: {sorted(GENERATORS)}")
-  return GENERATORS[task](n, seed=seed, split=split, **knobs)
+  """The task's generator (generate_sudoku, generate_countdown, ...) by task name."""
+  return generator(task)(n, seed=seed, split=split, **knobs)
 
 
 def demo_examples(task: str = "sudoku", split: str = "train", n: int = 2000, seed: int = 0,
                   **overrides) -> list[dict]:
-  """The embedded demo's built-in task: DEMO_PRESETS[task] updated with overrides."""
-  if task not in DEMO_PRESETS:
-    raise ValueError(f"no demo preset for task {task!r}; choose one of {sorted(DEMO_PRESETS)}")
-  return generate(task, n, seed=seed, split=split, **{**DEMO_PRESETS[task], **overrides})
+  """The embedded demo's task: its spec's "demo" preset updated with overrides."""
+  if task not in registry.names("demo"):
+    raise ValueError(f"no demo preset for task {task!r}; choose one of "
+                     f"{sorted(registry.names('demo'))}")
+  knobs = registry.get(task).presets["demo"]
+  return generate(task, n, seed=seed, split=split, **{**knobs, **overrides})

@@ -3,7 +3,7 @@
 Every example, whatever the task or backend (in-memory list or TFDS array_record), is a flat
 dict of plain values:
 
-  task:         str  one of TASKS (the builder / prompt-instruction key)
+  task:         str  a data task of bgpo_jax.tasks.registry (the builder / instruction key)
   data_source:  str  the row's own data_source (e.g. "math500" for task "math")
   split:        str  "train" | "test"
   index:        int  the row's extra_info.index when given, else its row number in its file
@@ -15,8 +15,10 @@ dict of plain values:
                      ints; code tasks add "test_format" ("check" | "asserts") and, for "check",
                      "entry_point"; generated puzzles add "solution"
 
-Bad rows are skipped, counted per reason and the first few are reported (`RowStats`); a file
-that cannot be read raises `DataFileError` naming the path.
+What differs between tasks (file stems, the answer check, whether the truth is test code)
+comes from the task's spec (bgpo_jax.tasks.registry). Bad rows are skipped, counted per reason
+and the first few are reported (`RowStats`); a file that cannot be read raises `DataFileError`
+naming the path.
 """
 
 from __future__ import annotations
@@ -33,22 +35,13 @@ from typing import Any, Iterable, Sequence
 
 from etils import epath
 
+from bgpo_jax.tasks import registry
+
 logger = logging.getLogger(__name__)
 
-TASKS = ("gsm8k", "math", "countdown", "sudoku", "humaneval", "mbpp", "code")
-# Which verifier family grades each task (rewards/ keys on this).
-REWARD_KIND = {
-    "gsm8k": "gsm8k", "math": "math", "countdown": "countdown", "sudoku": "sudoku",
-    "humaneval": "code", "mbpp": "code", "code": "code",
-}
 EXAMPLE_FIELDS = ("task", "data_source", "split", "index", "prompt_json", "ground_truth",
                   "extra_json")
 SPLITS = ("train", "test")
-# File-name stems searched per (task, split), first stem with files wins: the layout of
-# shared/datasets is <split>_<stem>[-suffix].{parquet,jsonl}, e.g. train_countdown-n20000.parquet.
-_STEMS: dict[str, dict[str, tuple[str, ...]]] = {
-    "math": {"train": ("math",), "test": ("math500", "math")},
-}
 _EXTS = (".parquet", ".jsonl")
 _ROLES = ("system", "user", "assistant")
 
@@ -97,14 +90,16 @@ class RowStats:
 def find_task_files(source_dir: str | Path, task: str, split: str) -> list[Path]:
   """Files for (task, split) in source_dir: <split>_<stem>.{parquet,jsonl} or <split>_<stem>-*.
 
+  Stems are the task spec's (TaskSpec.file_stems), the first with files wins: the layout of
+  shared/datasets is <split>_<stem>[-suffix].{parquet,jsonl}, e.g. train_countdown-n20000.parquet.
   Returns [] when none match (the caller decides whether a missing split is an error).
   """
-  _check_task(task)
+  spec = check_task(task)
   source_dir = epath.Path(source_dir)  # epath: a gs:// data folder too
   if not source_dir.is_dir():
     raise DataFileError(f"source_dir {source_dir} is not a directory; point it at a folder "
                         f"holding files like train_{task}.parquet")
-  for stem in _STEMS.get(task, {}).get(split, (task,)):
+  for stem in spec.file_stems(split):
     # The stem must end at '.', '-' or '_' so "math" does not pick up "math500".
     pat = re.compile(rf"^{split}_{re.escape(stem)}([-_.].*)?$")
     hits = sorted(p for p in source_dir.iterdir()
@@ -211,9 +206,12 @@ class _Unparsed:
 # ----------------------------------------------------------------------------- rows
 
 
-def _check_task(task: str) -> None:
-  if task not in TASKS:
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+def check_task(task: str) -> registry.TaskSpec:
+  """The spec of a data task (one whose rows files or generators hold); ValueError otherwise."""
+  spec = registry.find(task)
+  if spec is None or not spec.is_data_task:
+    raise ValueError(f"unknown task {task!r}; expected one of {registry.names('data')}")
+  return spec
 
 
 def _messages(prompt: Any) -> list[dict]:
@@ -234,7 +232,8 @@ def _messages(prompt: Any) -> list[dict]:
   return msgs
 
 
-def _number(text: str) -> float:
+def parse_number(text: str) -> float:
+  """A numeric answer (commas allowed) as a finite float; BadRow otherwise."""
   try:
     v = float(text.replace(",", "").strip())
   except (ValueError, AttributeError):
@@ -302,16 +301,32 @@ def _code_ground_truth(tests: Any, messages: list[dict], extra: dict, *,
   return json.dumps(list(tests))
 
 
-_SUDOKU_PUZZLE = re.compile(r"^[0-4]{16}$")
-_SUDOKU_SOLUTION = re.compile(r"^[1-4]{16}$")
+def _ground_truth(row: dict, spec: registry.TaskSpec, extra: dict) -> tuple[Any, bool]:
+  """(the row's raw ground truth, whether it came from the user code layout's `tests`)."""
+  if "reward_model" in row:
+    rm = row["reward_model"]
+    if not isinstance(rm, dict) or rm.get("ground_truth") is None:
+      raise BadRow("missing: reward_model.ground_truth")
+    if rm.get("style") is not None:
+      extra.setdefault("style", rm["style"])
+    return rm["ground_truth"], False
+  if "tests" in row and spec.code:
+    if row.get("entry_point"):
+      extra["entry_point"] = str(row["entry_point"])
+    return row["tests"], True
+  if "ground_truth" in row:
+    return row["ground_truth"], False
+  raise BadRow("missing: reward_model.ground_truth" + (" or tests" if spec.code else ""))
 
 
 def normalize_row(row: Any, task: str, split: str, row_number: int) -> dict:
   """One raw row -> uniform example dict (see module docstring); raises BadRow with the reason.
 
   Accepts the shared/datasets layout {data_source, prompt, reward_model{ground_truth},
-  extra_info} and, for code tasks, the user layout {prompt, tests[, entry_point]}.
+  extra_info} and, for code tasks, the user layout {prompt, tests[, entry_point]}. The task's
+  spec checks the answer (TaskSpec.check_row); a code task's tests are checked here.
   """
+  spec = check_task(task)
   if isinstance(row, _Unparsed):
     raise BadRow(f"{row.kind}: {row.error}")
   if not isinstance(row, dict):
@@ -322,48 +337,15 @@ def normalize_row(row: Any, task: str, split: str, row_number: int) -> dict:
   if not isinstance(row.get("extra_info") or {}, dict):
     raise BadRow("extra_info: not an object")
   extra = dict(row.get("extra_info") or {})
-  allow_script = False
-  if "reward_model" in row:
-    rm = row["reward_model"]
-    if not isinstance(rm, dict) or rm.get("ground_truth") is None:
-      raise BadRow("missing: reward_model.ground_truth")
-    gt = rm["ground_truth"]
-    if rm.get("style") is not None:
-      extra.setdefault("style", rm["style"])
-  elif "tests" in row and REWARD_KIND[task] == "code":
-    gt = row["tests"]
-    allow_script = True
-    if row.get("entry_point"):
-      extra["entry_point"] = str(row["entry_point"])
-  elif "ground_truth" in row:
-    gt = row["ground_truth"]
+  gt, from_tests = _ground_truth(row, spec, extra)
+  if spec.code:
+    gt = _code_ground_truth(gt, messages, extra, allow_script=from_tests)
   else:
-    raise BadRow("missing: reward_model.ground_truth" + (" or tests" if REWARD_KIND[task] ==
-                                                        "code" else ""))
-  if REWARD_KIND[task] != "code":
     if not isinstance(gt, (str, int, float)) or isinstance(gt, bool) or not str(gt).strip():
       raise BadRow("ground_truth: empty")
     gt = str(gt).strip()
-
-  if task == "gsm8k":
-    _number(gt)
-  elif task == "countdown":
-    if "numbers" not in extra:
-      raise BadRow("missing: extra_info.numbers")
-    extra["numbers"] = parse_numbers(extra["numbers"])
-    if _number(gt) != int(_number(gt)):
-      raise BadRow(f"ground_truth: countdown target {gt!r} is not an integer")
-  elif task == "sudoku":
-    puzzle = str(extra.get("puzzle", ""))
-    if not _SUDOKU_PUZZLE.match(puzzle):
-      raise BadRow(f"puzzle: expected 16 digits 0-4, got {puzzle[:20]!r}")
-    if not _SUDOKU_SOLUTION.match(gt):
-      raise BadRow(f"ground_truth: expected 16 digits 1-4, got {gt[:20]!r}")
-    if any(p != "0" and p != s for p, s in zip(puzzle, gt)):
-      raise BadRow("ground_truth: solution contradicts the puzzle's givens")
-  elif REWARD_KIND[task] == "code":
-    gt = _code_ground_truth(gt, messages, extra, allow_script=allow_script)
-
+    if spec.check_row is not None:
+      extra = spec.check_row(gt, extra)
   index = extra.get("index")
   if isinstance(index, bool) or not isinstance(index, int):
     index = row_number
@@ -381,7 +363,7 @@ def normalize_row(row: Any, task: str, split: str, row_number: int) -> dict:
 def normalize_rows(rows: Iterable[Any], task: str, split: str, *, where: str = "rows",
                    stats: RowStats | None = None) -> tuple[list[dict], RowStats]:
   """Normalizes rows, skipping bad ones into `stats` (created when None; not reported here)."""
-  _check_task(task)
+  check_task(task)
   stats = stats or RowStats(source=f"{task}/{split}")
   out = []
   for i, row in enumerate(rows):
@@ -402,7 +384,7 @@ def load_examples(task: str, split: str, *, source_dir: str | Path | None = None
   Returns (examples in file order, stats); bad rows are skipped and logged with a warning.
   Raises DataFileError when no file matches or a file cannot be read.
   """
-  _check_task(task)
+  spec = check_task(task)
   if split not in SPLITS:
     raise ValueError(f"split {split!r} is not one of {SPLITS}")
   if files is None:
@@ -412,7 +394,7 @@ def load_examples(task: str, split: str, *, source_dir: str | Path | None = None
     if not files:
       raise DataFileError(
           f"no {split} files for task {task!r} in {source_dir}: expected "
-          f"{split}_{_STEMS.get(task, {}).get(split, (task,))[0]}[-*].parquet or .jsonl")
+          f"{split}_{spec.file_stems(split)[0]}[-*].parquet or .jsonl")
   stats = RowStats(source=f"{task}/{split}", max_examples=max_bad_examples)
   examples: list[dict] = []
   for path in files:

@@ -96,13 +96,10 @@ def make_config(task: str, *, source_dir: str | Path | None = None,
 
   generate: {"train": n, "test": n, "seed": s, **knobs of procedural.generate_<task>}.
   """
-  if task not in records.TASKS:
-    raise ValueError(f"unknown task {task!r}; expected one of {records.TASKS}")
+  records.check_task(task)
   fp: dict[str, Any] = {"task": task, "schema": SCHEMA_VERSION}
   if generate is not None:
-    if task not in procedural.GENERATORS:
-      raise ValueError(f"task {task!r} has no generator; generated tasks: "
-                       f"{sorted(procedural.GENERATORS)}")
+    procedural.generator(task)  # a task without one is an error naming those with one
     if not any(generate.get(s) for s in records.SPLITS):
       raise ValueError(f"generate {dict(generate)} asks for no examples; set 'train' and/or "
                        "'test' counts")

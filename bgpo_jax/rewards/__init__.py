@@ -6,9 +6,10 @@
     score / score_batch / submit_batch: the same, returning the training rewards only (floats)
     format_score(task, completion) -> float in [0, 1]
 
-Tasks: gsm8k, math, math500, countdown, sudoku, humaneval, mbpp. `extra` is the row's
-`extra_info` (countdown: `numbers`; sudoku: `puzzle`) plus, for humaneval, `prompt` (see
-`rewards.code`).
+Tasks: the graders of bgpo_jax.tasks.registry (`graders()`: gsm8k, math, math500, countdown,
+sudoku, humaneval, mbpp, and any registered since); each grades with its spec's `grade` (or,
+for code, `code_case` in the sandbox) and `format_score`. `extra` is the row's `extra_info`
+(countdown: `numbers`; sudoku: `puzzle`) plus, for humaneval, `prompt` (see `rewards.code`).
 
 A `Grade` keeps apart what training and evaluation need:
 - `correct`: the answer is fully correct (a sudoku grid completely and validly filled). Evaluation
@@ -16,7 +17,8 @@ A `Grade` keeps apart what training and evaluation need:
 - `score`: the task's published per-example evaluation score (d1's protocol): 1.0 / 0.0, and for
   sudoku the fraction of originally empty cells filled correctly.
 - `reward`: the training reward: the task's recipe (`recipes`, config `rewards.countdown` /
-  `rewards.sudoku`; `DEFAULT_RECIPES` are the published d1 ones) plus the format bonus.
+  `rewards.sudoku`; each task's default, the first of its spec's `recipes`, is the published
+  d1 one) plus the format bonus.
   countdown "d1": 1.0 correct, 0.1 well-formed but wrong, 0.0 no answer; "binary": 1 / 0.
   sudoku "fraction": the fraction of empty cells solved; "binary": 1 / 0. Other tasks: 1 / 0.
 
@@ -44,34 +46,24 @@ import re
 import threading
 from typing import Any, Sequence
 
-from bgpo_jax.rewards import code as _code
 from bgpo_jax.rewards import judge as _judge
 from bgpo_jax.rewards.code_tests import Unrewritable
-from bgpo_jax.rewards import countdown as _countdown
-from bgpo_jax.rewards import sudoku as _sudoku
 from bgpo_jax.rewards.countdown import countdown_grade, countdown_reward
 from bgpo_jax.rewards.extract import answer_tag, code_blocks, end_of_response, last_boxed
 from bgpo_jax.rewards.math_reward import MathVerifier, default_verifier, gsm8k_reward, math_reward
 from bgpo_jax.rewards.sandbox import SandboxError, SandboxPool, SandboxResult, run_program
 from bgpo_jax.rewards.sudoku import sudoku_grade, sudoku_reward
-
-TASKS = ("gsm8k", "math", "math500", "countdown", "sudoku", "humaneval", "mbpp")
-CODE_TASKS = ("humaneval", "mbpp")
-MATH_TASKS = ("math", "math500")
+from bgpo_jax.tasks import registry
 
 DEFAULT_CODE_TIMEOUT_S = 5.0
 DEFAULT_CODE_MEMORY_MB = 1024
 
-# Training reward recipes per task (config rewards.countdown / rewards.sudoku) and the published
-# (d1 / TinyZero) choice, used when none is given.
-RECIPES = {"countdown": _countdown.RECIPES, "sudoku": _sudoku.RECIPES}
-DEFAULT_RECIPES = {"countdown": "d1", "sudoku": "fraction"}
-
 __all__ = [
-    "TASKS", "Grade", "grade", "grade_batch", "submit_grades", "score", "score_batch",
-    "submit_batch", "format_score", "code_result", "RECIPES", "DEFAULT_RECIPES",
-    "SandboxError", "SandboxPool", "SandboxResult", "run_program", "MathVerifier",
-    "default_pool", "default_verifier", "flag_counts", "FLAGS", "Unrewritable",
+    "graders", "Grade", "grade", "grade_batch", "submit_grades", "score", "score_batch",
+    "submit_batch", "format_score", "answer_format_score", "code_result", "recipe_names",
+    "default_recipes", "check_recipes", "SandboxError", "SandboxPool", "SandboxResult",
+    "run_program", "MathVerifier", "default_pool", "default_verifier", "flag_counts", "FLAGS",
+    "Unrewritable",
 ]
 
 # Grade.flag values, each counted as metric rewards/<flag> (flag_counts).
@@ -93,22 +85,42 @@ def flag_counts(grades: Sequence[Grade], prefix: str = "rewards/") -> dict[str, 
   """{prefix + flag: how many grades carry it} for every flag in FLAGS (zeros included)."""
   return {prefix + f: float(sum(g.flag == f for g in grades)) for f in FLAGS}
 
-def check_recipes(recipes: dict | None) -> dict:
-  """`recipes` merged over DEFAULT_RECIPES; unknown tasks or recipe names are an error."""
-  out = dict(DEFAULT_RECIPES)
-  for task, name in (recipes or {}).items():
-    if task not in RECIPES:
-      raise ValueError(f"no reward recipes for task {task!r}; tasks with recipes: {sorted(RECIPES)}")
-    if name not in RECIPES[task]:
-      raise ValueError(f"{task} reward recipe {name!r} is unknown; use one of {RECIPES[task]}")
+def graders() -> tuple[str, ...]:
+  """The task names `grade` takes (registered graders, registration order)."""
+  return registry.names("grader")
+
+
+def recipe_names() -> dict[str, tuple[str, ...]]:
+  """{task: its training reward recipes, the default first} for the graders that offer some
+  (config rewards.countdown / rewards.sudoku)."""
+  return {s.name: tuple(s.recipes) for s in registry.specs() if s.is_grader and s.recipes}
+
+
+def default_recipes() -> dict[str, str]:
+  """{task: the published (d1 / TinyZero) recipe}, used where none is chosen."""
+  return {task: names[0] for task, names in recipe_names().items()}
+
+
+def check_recipes(chosen: dict | None) -> dict:
+  """`chosen` merged over default_recipes(); unknown tasks or recipe names are an error."""
+  offered = recipe_names()
+  out = {task: names[0] for task, names in offered.items()}
+  for task, name in (chosen or {}).items():
+    if task not in offered:
+      raise ValueError(f"no reward recipes for task {task!r}; tasks with recipes: {sorted(offered)}")
+    if name not in offered[task]:
+      raise ValueError(f"{task} reward recipe {name!r} is unknown; use one of {offered[task]}")
     out[task] = name
   return out
 
 
-def _check_task(task: str) -> str:
-  if task not in TASKS:
-    raise ValueError(f"unknown reward task {task!r}; known tasks: {', '.join(TASKS)}")
-  return task
+def _grader(task: str) -> registry.TaskSpec:
+  """The spec of a grader; any other name (a task graded as others, like "code") is an error
+  naming the graders."""
+  spec = registry.find(task)
+  if spec is None or not spec.is_grader:
+    raise ValueError(f"unknown reward task {task!r}; known tasks: {', '.join(graders())}")
+  return spec
 
 
 def _extra(extra: Any) -> dict:
@@ -123,46 +135,33 @@ _REASONING_ANSWER_RE = re.compile(
     r"<reasoning>.+?</reasoning>\s*<answer>.+?</answer>", re.DOTALL | re.IGNORECASE)
 
 
-def format_score(task: str, completion: str) -> float:
-  """Well-formedness of the answer layout in [0, 1] (see the module docstring)."""
-  _check_task(task)
-  completion = end_of_response(completion)
-  if task in CODE_TASKS:
-    if code_blocks(completion) or ("[DONE]" in completion and task == "mbpp"):
-      return 1.0
-    return 0.0
-  tag = answer_tag(completion)
-  full = _REASONING_ANSWER_RE.search(completion) is not None
-  if task in MATH_TASKS:
-    boxed_in_tag = tag is not None and last_boxed(tag) is not None
-    if full and boxed_in_tag:
-      return 1.0
-    return 0.5 if (tag is not None or last_boxed(completion) is not None) else 0.0
-  if full:
+def has_answer_layout(completion: str) -> bool:
+  """Whether the completion holds d1's `<reasoning>...</reasoning>` then `<answer>...</answer>`."""
+  return _REASONING_ANSWER_RE.search(completion) is not None
+
+
+def answer_format_score(completion: str) -> float:
+  """d1's layout: 1.0 for reasoning then answer tags, 0.5 for an answer tag alone, else 0 (the
+  format score of a task whose spec gives none)."""
+  if has_answer_layout(completion):
     return 1.0
-  return 0.5 if tag is not None else 0.0
+  return 0.5 if answer_tag(completion) is not None else 0.0
 
 
-def _grade(task: str, completion: str, ground_truth: Any, extra: dict,
-           verifier: MathVerifier | None, recipes: dict) -> tuple[bool, float, float]:
-  """(correct, published score, recipe reward) of a non-code row."""
-  if task == "gsm8k":
-    ok = bool(gsm8k_reward(completion, ground_truth))
-    return ok, float(ok), float(ok)
-  if task in MATH_TASKS:
-    ok = bool(math_reward(completion, ground_truth, verifier))
-    return ok, float(ok), float(ok)
-  if task == "countdown":
-    if "numbers" not in extra:
-      raise ValueError("countdown needs extra['numbers'] (e.g. '[30, 100, 93]')")
-    ok, formed = countdown_grade(completion, ground_truth, extra["numbers"])
-    reward = 1.0 if ok else (_countdown.FORMAT_SCORE if formed and recipes["countdown"] == "d1"
-                             else 0.0)
-    return ok, float(ok), reward
-  if task == "sudoku":
-    ok, frac = sudoku_grade(completion, ground_truth, extra.get("puzzle"))
-    return ok, frac, frac if recipes["sudoku"] == "fraction" else float(ok)
-  raise ValueError(f"{task!r} is graded in the sandbox")
+def format_score(task: str, completion: str) -> float:
+  """Well-formedness of the answer layout in [0, 1] (see the module docstring): the task
+  spec's format_score of the completion cut at its end of response."""
+  spec = _grader(task)
+  return (spec.format_score or answer_format_score)(end_of_response(completion))
+
+
+def _grade(spec: registry.TaskSpec, completion: str, ground_truth: Any, extra: dict,
+           verifier: MathVerifier | None, chosen: dict) -> tuple[bool, float, float]:
+  """(correct, published score, recipe reward) of a row an answer grader grades here."""
+  if spec.grade is None:
+    raise ValueError(f"{spec.name!r} is graded in the sandbox")
+  return spec.grade(completion, ground_truth, extra, recipe=chosen.get(spec.name, ""),
+                    verifier=verifier)
 
 
 def _make(task: str, completion: str, parts: tuple[bool, float, float],
@@ -178,13 +177,13 @@ def grade(task: str, completion: str, ground_truth: Any, extra: dict | None = No
           code_timeout_s: float = DEFAULT_CODE_TIMEOUT_S,
           code_memory_mb: int = DEFAULT_CODE_MEMORY_MB) -> Grade:
   """The Grade of one completion (code tasks run in a one-off sandbox, no pool self-test)."""
-  _check_task(task)
+  spec = _grader(task)
   recipes = check_recipes(recipes)
   if not isinstance(completion, str):
     return Grade(0.0, False, 0.0, "non_string")
-  if task in CODE_TASKS:
+  if spec.code_case is not None:
     try:
-      solution, test = _code.code_case(task, completion, ground_truth, _extra(extra))
+      solution, test = spec.code_case(completion, ground_truth, _extra(extra))
     except Unrewritable:
       return Grade(0.0, False, 0.0, "unrewritable")
     verdict = _judge.judge_isolated(solution, test, code_timeout_s, code_memory_mb)
@@ -193,7 +192,7 @@ def grade(task: str, completion: str, ground_truth: Any, extra: dict | None = No
     ok = verdict.passed
     parts = (ok, float(ok), float(ok))
   else:
-    parts = _grade(task, completion, ground_truth, _extra(extra), None, recipes)
+    parts = _grade(spec, completion, ground_truth, _extra(extra), None, recipes)
   return _make(task, completion, parts, format_reward)
 
 
@@ -211,7 +210,11 @@ def code_result(task: str, completion: str, ground_truth: Any, extra: dict | Non
                 memory_mb: int = DEFAULT_CODE_MEMORY_MB) -> "_judge.Verdict":
   """The judge's full verdict (status, why, the sandbox's stdout/stderr tails) of a code
   completion: for debugging. Raises Unrewritable when the row's test cannot be judged."""
-  solution, test = _code.code_case(_check_task(task), completion, ground_truth, _extra(extra))
+  spec = _grader(task)
+  if spec.code_case is None:
+    code = [s.name for s in registry.specs() if s.code_case is not None]
+    raise ValueError(f"{task!r} is not a code task ({', '.join(code)})")
+  solution, test = spec.code_case(completion, ground_truth, _extra(extra))
   return _judge.judge_isolated(solution, test, timeout_s, memory_mb)
 
 
@@ -247,16 +250,16 @@ def grade_batch(tasks: Sequence[str] | str, completions: Sequence[str],
   if not (len(tasks) == len(ground_truths) == len(extras) == n):
     raise ValueError(f"batch lengths differ: {len(tasks)} tasks, {n} completions, "
                      f"{len(ground_truths)} ground truths, {len(extras)} extras")
-  for t in set(tasks):
-    _check_task(t)
+  specs = {t: _grader(t) for t in set(tasks)}
   recipes = check_recipes(recipes)
   parts: list = [None] * n
   flags = ["non_string" if not isinstance(c, str) else "" for c in completions]
   futures: dict[int, concurrent.futures.Future] = {}
   for i in range(n):
-    if tasks[i] in CODE_TASKS and not flags[i]:
+    code_case = specs[tasks[i]].code_case
+    if code_case is not None and not flags[i]:
       try:
-        solution, test = _code.code_case(tasks[i], completions[i], ground_truths[i], _extra(extras[i]))
+        solution, test = code_case(completions[i], ground_truths[i], _extra(extras[i]))
       except Unrewritable:
         flags[i] = "unrewritable"
         continue
@@ -264,7 +267,7 @@ def grade_batch(tasks: Sequence[str] | str, completions: Sequence[str],
       futures[i] = pool.submit_fn(_judge.judge_isolated, solution, test, code_timeout_s, code_memory_mb)
   for i in range(n):
     if i not in futures and not flags[i]:
-      parts[i] = _grade(tasks[i], completions[i], ground_truths[i], _extra(extras[i]),
+      parts[i] = _grade(specs[tasks[i]], completions[i], ground_truths[i], _extra(extras[i]),
                         verifier, recipes)
   for i, f in futures.items():
     verdict = f.result()
