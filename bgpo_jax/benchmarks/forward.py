@@ -282,7 +282,7 @@ def run_torch(python: str, spec: dict) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> list[dict]:
+def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", default="m30", choices=["m30", "m1b", "tiny", "small", "llada_8b"])
   ap.add_argument("--batch", type=int, default=4)
@@ -306,7 +306,49 @@ def main(argv=None) -> list[dict]:
                        "forward vs forward + backward")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=None, help="write the records as JSON")
-  args = ap.parse_args(argv)
+  return ap
+
+
+def _add_torch_rows(args, rows: list[dict], gen_rows: list[dict]) -> str:
+  """Times benchmarks/torch_llada.py on the same shapes (args.torch_python); appends its rows,
+  adds vs_torch / MFU_best to ours, and returns the peaks line of the table's title."""
+  c = make_config(args.preset)
+  spec = dict(d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads, mlp=c.mlp_hidden_size,
+              vocab=c.vocab_size, rope_theta=c.rope_theta, batch=args.batch, seq=args.seq,
+              pad=args.pad, resp=args.resp, mask_id=c.mask_token_id, repeats=args.repeats)
+  if args.sampler:
+    spec.update(gen_length=64, gen_steps=64, gen_batch=1, gen_prompt=64,
+                gen_repeats=max(2, args.repeats - 1))
+  t = run_torch(args.torch_python, spec)
+  flops = llada.forward_flops(c, args.batch, args.seq)
+  fp32 = common.matmul_peak_flops(jnp.float32)
+  for kind, key, f in (("fwd", "fwd_s", flops), ("fwd+bwd", "fwd_bwd_s", 3 * flops)):
+    rows.append({"impl": f"torch {t['torch']}", "pass": kind, "preset": args.preset,
+                 "compute": "float32", "batch": args.batch, "seq": args.seq, "step_s": t[key],
+                 "tokens_per_s": args.batch * args.seq / t[key], "TFLOP/s": f / t[key] / 1e12,
+                 "MFU": f / t[key] / fp32})
+  # MFU_best: against the faster of the two libraries' measured GEMM peaks (XLA's and torch's
+  # differ by up to 20% on one CPU), the closest this benchmark gets to the hardware's.
+  best_peak = max(fp32, t["matmul_peak_flops"])
+  peaks = f"; float32 matmul peak: XLA {fp32 / 1e12:.3f}, torch {t['matmul_peak_flops'] / 1e12:.3f} TFLOP/s"
+  for r in rows:
+    if r["compute"] == "float32":
+      r["MFU_best"] = r["TFLOP/s"] * 1e12 / best_peak
+  fb = next(r for r in rows if r["impl"].startswith("torch") and r["pass"] == "fwd+bwd")
+  fb["x_fwd"] = t["fwd_bwd_s"] / t["fwd_s"]
+  for r in rows:  # speed relative to torch (> 1 = faster than torch)
+    if r["compute"] == "float32" and not r["impl"].startswith("torch"):
+      r["vs_torch"] = t[{"fwd": "fwd_s", "fwd+bwd": "fwd_bwd_s"}[r["pass"]]] / r["step_s"]
+  if "gen_s" in t:
+    gen_rows.append({"impl": f"torch {t['torch']}", "pass": "generate 64 tok / 64 steps", "batch": 1,
+                     "seq": 128, "step_s": t["gen_s"], "tokens_per_s": 64 / t["gen_s"]})
+    for r in gen_rows[:-1]:
+      r["vs_torch"] = t["gen_s"] / r["step_s"]
+  return peaks
+
+
+def main(argv=None) -> list[dict]:
+  args = _parser().parse_args(argv)
 
   impls = args.impls.split(",")
   load0 = os.getloadavg()[0]
@@ -339,38 +381,7 @@ def main(argv=None) -> list[dict]:
       if r.get("compute") == dt:
         r["MFU"] = r["TFLOP/s"] * 1e12 / peak
   if args.torch_python:
-    c = make_config(args.preset)
-    spec = dict(d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads, mlp=c.mlp_hidden_size,
-                vocab=c.vocab_size, rope_theta=c.rope_theta, batch=args.batch, seq=args.seq,
-                pad=args.pad, resp=args.resp, mask_id=c.mask_token_id, repeats=args.repeats)
-    if args.sampler:
-      spec.update(gen_length=64, gen_steps=64, gen_batch=1, gen_prompt=64,
-                  gen_repeats=max(2, args.repeats - 1))
-    t = run_torch(args.torch_python, spec)
-    flops = llada.forward_flops(c, args.batch, args.seq)
-    fp32 = common.matmul_peak_flops(jnp.float32)
-    for kind, key, f in (("fwd", "fwd_s", flops), ("fwd+bwd", "fwd_bwd_s", 3 * flops)):
-      rows.append({"impl": f"torch {t['torch']}", "pass": kind, "preset": args.preset,
-                   "compute": "float32", "batch": args.batch, "seq": args.seq, "step_s": t[key],
-                   "tokens_per_s": args.batch * args.seq / t[key], "TFLOP/s": f / t[key] / 1e12,
-                   "MFU": f / t[key] / fp32})
-    # MFU_best: against the faster of the two libraries' measured GEMM peaks (XLA's and torch's
-    # differ by up to 20% on one CPU), the closest this benchmark gets to the hardware's.
-    best_peak = max(fp32, t["matmul_peak_flops"])
-    peaks = f"; float32 matmul peak: XLA {fp32 / 1e12:.3f}, torch {t['matmul_peak_flops'] / 1e12:.3f} TFLOP/s"
-    for r in rows:
-      if r["compute"] == "float32":
-        r["MFU_best"] = r["TFLOP/s"] * 1e12 / best_peak
-    fb = next(r for r in rows if r["impl"].startswith("torch") and r["pass"] == "fwd+bwd")
-    fb["x_fwd"] = t["fwd_bwd_s"] / t["fwd_s"]
-    for r in rows:  # speed relative to torch (> 1 = faster than torch)
-      if r["compute"] == "float32" and not r["impl"].startswith("torch"):
-        r["vs_torch"] = t[{"fwd": "fwd_s", "fwd+bwd": "fwd_bwd_s"}[r["pass"]]] / r["step_s"]
-    if "gen_s" in t:
-      gen_rows.append({"impl": f"torch {t['torch']}", "pass": "generate 64 tok / 64 steps", "batch": 1,
-                       "seq": 128, "step_s": t["gen_s"], "tokens_per_s": 64 / t["gen_s"]})
-      for r in gen_rows[:-1]:
-        r["vs_torch"] = t["gen_s"] / r["step_s"]
+    peaks = _add_torch_rows(args, rows, gen_rows)
   load1 = os.getloadavg()[0]
   common.print_table(rows, ["impl", "pass", "family", "preset", "compute", "batch", "seq", "compile_s", "step_s",
                             "x_fwd", "tokens_per_s", "TFLOP/s", "MFU", "MFU_best", "vs_torch", "vs_baseline"],

@@ -81,17 +81,9 @@ def elbo_kl_sample_terms(elbo_new: jax.Array, elbo_ref: jax.Array, *, num_sample
   return k3(ref_log_ratio(elbo_new, elbo_ref, lengths)) / num_samples
 
 
-def bgpo_objective(
-    elbo_new: jax.Array,
-    elbo_old: jax.Array,
-    advantages: jax.Array,
-    *,
-    lengths: jax.Array | None = None,
-    clip_eps: float | None = None,
-    dual_clip: float | None = None,
-    elbo_ref: jax.Array | None = None,
-    kl_beta: float = 0.0,
-) -> jax.Array:
+def bgpo_objective(elbo_new: jax.Array, elbo_old: jax.Array, advantages: jax.Array, *,
+                   lengths: jax.Array | None = None, clip_eps: float | None = None, dual_clip: float | None = None,
+                   elbo_ref: jax.Array | None = None, kl_beta: float = 0.0) -> jax.Array:
   """BGPO objective R_lb = sum_j g_j (see `bgpo_sample_terms`), averaged over responses;
   with elbo_ref and kl_beta, minus kl_beta * sum_j `elbo_kl_sample_terms`.
 

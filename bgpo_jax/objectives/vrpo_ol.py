@@ -15,17 +15,9 @@ from bgpo_jax.objectives.common import (
   _capped_exp, _check_clip, _dual_clip, _log_ratios, _ppo_clip, k3, ref_log_ratio)
 
 
-def vrpo_objective(
-    elbo_new: jax.Array,
-    elbo_old: jax.Array,
-    advantages: jax.Array,
-    *,
-    lengths: jax.Array | None = None,
-    clip_eps: float | None = None,
-    dual_clip: float | None = None,
-    elbo_ref: jax.Array | None = None,
-    kl_beta: float = 0.0,
-) -> jax.Array:
+def vrpo_objective(elbo_new: jax.Array, elbo_old: jax.Array, advantages: jax.Array, *,
+                   lengths: jax.Array | None = None, clip_eps: float | None = None, dual_clip: float | None = None,
+                   elbo_ref: jax.Array | None = None, kl_beta: float = 0.0) -> jax.Array:
   """VRPO-OL objective R = exp(mean_j d_j) * A (optionally PPO-clipped and dual-clipped), minus
   kl_beta * k3(mean_j x_j) with x_j = (l_ref(j) - l_new(j)) [/ L] when elbo_ref is given,
   averaged over responses.

@@ -43,10 +43,10 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import re
-import threading
 from typing import Any, Sequence
 
 from bgpo_jax.rewards import judge as _judge
+from bgpo_jax.rewards._process_wide import process_wide
 from bgpo_jax.rewards.code_tests import Unrewritable
 from bgpo_jax.rewards.countdown import countdown_grade, countdown_reward
 from bgpo_jax.rewards.extract import answer_tag, code_blocks, end_of_response, last_boxed
@@ -218,18 +218,10 @@ def code_result(task: str, completion: str, ground_truth: Any, extra: dict | Non
   return _judge.judge_isolated(solution, test, timeout_s, memory_mb)
 
 
-_DEFAULT_POOL: SandboxPool | None = None
-_BATCH_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
-_LOCK = threading.Lock()
-
-
+@process_wide
 def default_pool() -> SandboxPool:
   """The process-wide sandbox pool (SandboxPool's default size), created on first use."""
-  global _DEFAULT_POOL
-  with _LOCK:
-    if _DEFAULT_POOL is None:
-      _DEFAULT_POOL = SandboxPool()
-    return _DEFAULT_POOL
+  return SandboxPool()
 
 
 def grade_batch(tasks: Sequence[str] | str, completions: Sequence[str],
@@ -286,13 +278,9 @@ def score_batch(tasks: Sequence[str] | str, completions: Sequence[str],
   return [g.reward for g in grade_batch(tasks, completions, ground_truths, extras, **kwargs)]
 
 
+@process_wide
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
-  global _BATCH_EXECUTOR
-  with _LOCK:
-    if _BATCH_EXECUTOR is None:
-      _BATCH_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
-          max_workers=2, thread_name_prefix="bgpo-rewards")
-    return _BATCH_EXECUTOR
+  return concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bgpo-rewards")
 
 
 def _listed(tasks, completions, ground_truths, extras):

@@ -37,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+from bgpo_jax.rewards._process_wide import process_wide
 from bgpo_jax.rewards.extract import answer_tag, boxed_all, end_of_response, last_boxed
 
 log = logging.getLogger(__name__)
@@ -237,17 +238,12 @@ def _readline(stream, deadline: float) -> str | None:
   return buf.decode()
 
 
-_DEFAULT: MathVerifier | None = None
-_DEFAULT_LOCK = threading.Lock()
-
-
+@process_wide
 def default_verifier() -> MathVerifier:
-  global _DEFAULT
-  with _DEFAULT_LOCK:
-    if _DEFAULT is None:
-      _DEFAULT = MathVerifier()
-      atexit.register(_DEFAULT.close)
-    return _DEFAULT
+  """The process-wide verifier (its worker process is closed at exit)."""
+  verifier = MathVerifier()
+  atexit.register(verifier.close)
+  return verifier
 
 
 def math_reward(completion: str, ground_truth: str, verifier: MathVerifier | None = None,
