@@ -31,7 +31,7 @@ Parameter tree (ours <- Hugging Face tensor name; HF Linear weights are [out, in
 
 Positions: Dream's reference generation uses position ids cumsum(attention_mask) - 1 under left
 padding; RoPE only sees relative offsets between (unmasked) keys and queries, so positions
-0..S-1 give the real positions the same outputs (tests/test_dream.py checks this).
+0..S-1 give the real positions the same outputs (tests/models/test_dream.py checks this).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from bgpo_jax.rewards import code_tests, judge
 from bgpo_jax.rewards.code_tests import Unrewritable
 from bgpo_jax.rewards.sandbox import run_program
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _judge(solution, asserts, **kw):

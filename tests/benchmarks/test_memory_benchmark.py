@@ -102,7 +102,7 @@ def test_plan_a_task_config_cli(tmp_path):
   import sys
   from pathlib import Path
 
-  root = Path(__file__).resolve().parents[1]
+  root = Path(__file__).resolve().parents[2]
   out = tmp_path / "plan.json"
   p = subprocess.run([sys.executable, "-m", "bgpo_jax.benchmarks.memory", "--plan-8b",
                       "--config=configs/sudoku.py", "--devices", "4", "--plan-n-layers", "2",
@@ -150,7 +150,7 @@ def test_plan_dream_config_plans_dream_7b(tmp_path):
 
   from bgpo_jax.models import dream
 
-  root = Path(__file__).resolve().parents[1]
+  root = Path(__file__).resolve().parents[2]
   out = tmp_path / "plan.json"
   p = subprocess.run([sys.executable, "-m", "bgpo_jax.benchmarks.memory", "--plan-8b",
                       "--config=configs/dream_math.py", "--devices", "4", "--plan-n-layers", "2",

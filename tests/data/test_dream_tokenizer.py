@@ -9,7 +9,7 @@ import pytest
 
 from bgpo_jax.tokenizer import DreamTokenizer, HFTokenizer, load_tokenizer
 
-REF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "dream-v0-instruct-7b")
+REF = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "dream-v0-instruct-7b")
 pytestmark = pytest.mark.skipif(not os.path.isdir(REF), reason=f"reference files not found at {REF} (../shared absent)")
 
 CONVERSATIONS = [

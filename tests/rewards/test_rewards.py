@@ -17,7 +17,7 @@ from bgpo_jax.rewards.extract import answer_tag, boxed_all, code_blocks, last_bo
 from bgpo_jax.rewards.math_reward import MathVerifier, math_reward
 from bgpo_jax.rewards.sudoku import extract_grid
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 
 
 def _rows(name: str):

@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 # Rewards per group member for global prompt k: k % 4 in (2, 3) are live, the rest all-equal.

@@ -14,7 +14,7 @@ import pytest
 
 from bgpo_jax.models import dream, family, hf, llada
 
-REF = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "dream-v0-instruct-7b")
+REF = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "dream-v0-instruct-7b")
 needs_ref = pytest.mark.skipif(not os.path.isdir(REF), reason=f"reference files not found at {REF} (../shared absent)")
 
 

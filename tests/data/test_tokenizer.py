@@ -11,7 +11,7 @@ import pytest
 from bgpo_jax.models import llada
 from bgpo_jax.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer, read_special_ids
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 REF_TOKENIZER_CONFIG = SHARED / "reference" / "llada-8b-instruct" / "tokenizer_config.json"
 
 # LLaDA-8B-Instruct ids (SPEC section 1); the test tokenizer places its specials at these ids.

@@ -20,8 +20,8 @@ import pytest
 from bgpo_jax import distributed as dist
 
 WORKER = Path(__file__).with_name("multihost_trainer_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "train"))
 import multihost_trainer_worker as worker  # noqa: E402
 
 VOLATILE = ("time/", "perf/", "mem/")

@@ -19,7 +19,7 @@ import pytest
 from bgpo_jax.data import dataset, order, procedural, records
 from bgpo_jax.tokenizer import CharTokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 DATASETS = SHARED / "datasets"
 needs_shared = pytest.mark.skipif(
     not (DATASETS / "README.md").is_file(),

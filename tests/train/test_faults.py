@@ -26,7 +26,7 @@ from bgpo_jax.train.nonfinite import NonFiniteError
 from bgpo_jax.train.run import build_run
 from bgpo_jax.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from configs import demo  # noqa: E402
 

@@ -14,7 +14,7 @@ from bgpo_jax.models import hf, llada
 from bgpo_jax.tokenizer import HFTokenizer
 from bgpo_jax.tools import tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHAT = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "What is 2+2?"}]
 
 

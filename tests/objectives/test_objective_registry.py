@@ -20,7 +20,7 @@ from bgpo_jax.train.loop import train
 from bgpo_jax.models import llada
 from bgpo_jax.train import step as step_lib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from configs import demo  # noqa: E402
 

@@ -202,7 +202,7 @@ def test_config_validation_of_family_preset_and_remasking():
 def test_dream_math_config_validates(tmp_path):
   import importlib
   import sys
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
   c = importlib.import_module("configs.dream_math").get_config()
   assert (c.model.family, c.model.preset, c.rollout.remasking) == ("dream", "dream_7b", "entropy")
   assert (c.rollout.cache, c.eval.cache) == ("dual", "none")  # the KV cache works for Dream

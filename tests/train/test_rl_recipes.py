@@ -24,7 +24,7 @@ from bgpo_jax.train import run as run_lib
 from bgpo_jax.train import step as step_lib
 from bgpo_jax.train.loop import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from configs import demo  # noqa: E402
 

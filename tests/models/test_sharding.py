@@ -17,7 +17,7 @@ import pytest
 from bgpo_jax.models import sharding
 
 WORKER = Path(__file__).with_name("sharded_step_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(devices: int) -> dict:

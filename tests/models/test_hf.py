@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 from bgpo_jax.models import hf, llada
 from bgpo_jax.models.sharding import logical_to_sharding, make_mesh
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 REF = SHARED / "reference" / "llada-8b-instruct"
 
 # Tiny, GQA (4 heads, 2 kv heads), 2 layers: keeps every test well under a second.

@@ -141,7 +141,7 @@ def _demo_config():
   import importlib.util
   from pathlib import Path
   spec = importlib.util.spec_from_file_location(
-      "demo_cfg", Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+      "demo_cfg", Path(__file__).resolve().parents[2] / "configs" / "demo.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config()
