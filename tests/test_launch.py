@@ -346,6 +346,7 @@ def test_slurm_submit_writes_script_and_calls_sbatch(fakes, tmp_path):
   assert 'JAX_COORDINATOR_ADDRESS="${head_node}:12345"' in text
 
 
+@pytest.mark.slow  # two jax.distributed subprocesses
 def test_slurm_env_contract_initializes_jax_distributed(tmp_path):
   """What the job body exports + what srun sets per task is enough for the trainer's
   mesh.maybe_initialize_distributed(): two local processes join one jax.distributed cluster."""

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # one 8-device subprocess training every shipped config
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 EVAL_ROWS = 12  # eval.num_examples: not a multiple of eval.batch_size 8 (one padded batch)

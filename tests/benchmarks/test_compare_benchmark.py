@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from bgpo_jax.benchmarks import compare
 from bgpo_jax.metrics import read_metrics
@@ -21,6 +22,7 @@ def _shrink(c):
   c.eval.batch_size = 8
 
 
+@pytest.mark.slow  # SFT, then two objectives x two seeds of RL and evaluation, end to end
 def test_compare_records_and_summary(tmp_path):
   records = compare.run([0, 1], rl_steps=1, sft_steps=2, workdir=str(tmp_path),
                         objectives={"bgpo": 2, "diffu_grpo": 1}, sft_seed=1, overrides=_shrink)

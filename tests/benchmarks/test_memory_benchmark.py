@@ -23,6 +23,7 @@ def rows():
   return cfg, out
 
 
+@pytest.mark.slow  # the benchmark itself: 4 step compiles and timed steps (shared fixture)
 def test_time_rows_run_and_report(rows):
   cfg, r = rows
   for n in (2, 8):
@@ -34,6 +35,7 @@ def test_time_rows_run_and_report(rows):
     assert t["timed_total_bytes"] > t["timed_temp_bytes"] > 0
 
 
+@pytest.mark.slow  # the benchmark itself: 4 step compiles and timed steps (shared fixture)
 def test_bgpo_memory_flat_vrpo_grows(rows):
   _, r = rows
   b2, b8 = r["bgpo", 2]["timed_temp_bytes"], r["bgpo", 8]["timed_temp_bytes"]
@@ -94,6 +96,7 @@ def test_extrapolate_layers_is_affine():
   assert out["extrapolated_from"] == [4, 8]
 
 
+@pytest.mark.slow  # a subprocess compiling on 4 fake devices
 def test_plan_a_task_config_cli(tmp_path):
   """`--plan-8b --config=FILE --devices N --out FILE` plans the config's own mesh and batch, train
   step and sampler (a 2-layer LLaDA-8B on 4 fake devices here, to stay quick)."""
@@ -140,6 +143,7 @@ def test_plan_a_task_config_cli(tmp_path):
   assert "as each config runs it" in p.stdout and recs[0]["model"] == "llada_8b"
 
 
+@pytest.mark.slow  # a subprocess compiling on 4 fake devices
 def test_plan_dream_config_plans_dream_7b(tmp_path):
   """configs/dream_math.py plans Dream-7B (model.family=dream: its preset, QKV biases, GQA 28/4,
   152k vocab), dual-cache sampler included; a 2-layer Dream-7B on 4 fake devices."""

@@ -520,6 +520,7 @@ print("RESULT " + json.dumps(res))
 """
 
 
+@pytest.mark.slow  # an 8-device subprocess
 def test_mesh_gathered_inference_weights():
   """On a (1, 4, 2) mesh of 8 CPU devices (a subprocess): with gather_weights on, the inference
   copy is replicated over fsdp (tensor split kept) and the compiled sampler all-gathers fewer

@@ -446,10 +446,10 @@ def test_key_length_attention_matches_einsum():
   chex.assert_tree_all_finite(out)
   chex.assert_trees_all_close(out[:3], jax.jit(ref)(q, k, v), rtol=1e-5, atol=1e-6)
   loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)[:3]))  # noqa: E731
-  chex.assert_trees_all_close(jax.grad(loss(got), argnums=(0, 1, 2))(q, k, v),
-                              jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(jax.jit(jax.grad(loss(got), argnums=(0, 1, 2)))(q, k, v),
+                              jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v), rtol=1e-5, atol=1e-6)
   window = q[:, 2:5]  # the cached sampler's queries: a window shorter than the keys
-  chex.assert_trees_all_close(got(window, k, v)[:3], ref(window, k, v), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(jax.jit(got)(window, k, v)[:3], jax.jit(ref)(window, k, v), rtol=1e-5, atol=1e-6)
 
 
 def _saved_residual_lines(config, capsys, B=2, S=128):

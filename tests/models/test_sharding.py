@@ -42,6 +42,7 @@ def meshes():
   return _result(p.stdout)
 
 
+@pytest.mark.slow  # 8-device / multi-process subprocesses
 @pytest.mark.parametrize("shape", ["(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)"])
 def test_meshes_match_single_device(meshes, shape):
   ref, got = meshes["single"], meshes[shape]
@@ -51,6 +52,7 @@ def test_meshes_match_single_device(meshes, shape):
   np.testing.assert_allclose(got["abs_sums"], ref["abs_sums"], rtol=1e-5)
 
 
+@pytest.mark.slow  # 8-device / multi-process subprocesses
 def test_fsdp_mesh_splits_activations(meshes):
   """On (1, 8, 1) the step runs as FSDP: each device computes its own row of the micro-batch
   (no matmul over the global micro-batch's tokens, which is what XLA picks when it keeps the
@@ -64,6 +66,7 @@ def test_fsdp_mesh_splits_activations(meshes):
   assert ratio < 0.35, (ratio, m["fsdp"]["temp_bytes"], m["single"]["temp_bytes"])
 
 
+@pytest.mark.slow  # 8-device / multi-process subprocesses
 def test_splash_step_on_a_mesh_runs_and_lowers_for_tpu(meshes):
   """The TPU path of a task config (attention_impl auto = splash) on a (2, 2, 2) mesh: interpreted,
   the step's loss is the bmm attention's; lowered for a TPU with the real kernel, the train step
@@ -95,6 +98,7 @@ def _spec(spec, ndim):
   return list(spec) + [None] * (ndim - len(spec))
 
 
+@pytest.mark.slow  # 8-device / multi-process subprocesses
 def test_parameter_shardings_follow_rules(meshes):
   fsdp = meshes["(1, 8, 1)"]["specs"]
   assert _spec(fsdp["blocks"]["q_proj"], 3) == [None, "fsdp", None]
@@ -129,6 +133,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 8-device / multi-process subprocesses
 def test_two_processes_reproduce_single_process(meshes):
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, str(WORKER), "distributed", str(i), "2", port], env=_env(1),

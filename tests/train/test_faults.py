@@ -408,6 +408,7 @@ def test_a_resume_may_change_the_free_keys_and_survives_a_deleted_metrics_file(s
 # ----------------------------------------------------------------------------- workdir
 
 
+@pytest.mark.slow  # a trainer subprocess
 def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
   f = tmp_path / "notes.txt"
   f.write_text("not a run\n")

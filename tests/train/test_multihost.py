@@ -76,6 +76,7 @@ def _stable(rows):
   return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
+@pytest.mark.slow  # three trainer subprocesses (the shared fixture)
 def test_two_processes_reproduce_the_one_process_run(runs):
   single, (p0, p1), _, _ = runs
   assert (single["process_count"], single["local_devices"]) == (1, 8)
@@ -92,6 +93,7 @@ def test_two_processes_reproduce_the_one_process_run(runs):
   assert p1["metrics"] is None  # (read by process 0; only process 0 writes metrics.jsonl)
 
 
+@pytest.mark.slow  # three trainer subprocesses (the shared fixture)
 def test_evaluation_is_split_between_the_processes(runs):
   single, (p0, p1), single_dir, multi_dir = runs
   # 16 eval examples: one generate call of 16 rows on one process, 8 rows on each of two (at the
@@ -106,6 +108,7 @@ def test_evaluation_is_split_between_the_processes(runs):
   assert multi_lines == Path(single_dir, "eval.jsonl").read_text().splitlines()
 
 
+@pytest.mark.slow  # three trainer subprocesses (the shared fixture)
 def test_group_skipping_on_two_processes_keeps_the_same_rows(runs):
   single, (p0, _), _, _ = runs
   # The worker's rewards make groups 2 and 3 (process 1's prompts) the only live ones: both
@@ -119,6 +122,7 @@ def test_group_skipping_on_two_processes_keeps_the_same_rows(runs):
       assert g["train/grad_norm"] > 0
 
 
+@pytest.mark.slow  # three trainer subprocesses (the shared fixture)
 def test_checkpoints_are_written_once_per_step_by_both_processes(runs):
   _, _, _, multi_dir = runs
   ckpts = sorted(int(d) for d in os.listdir(os.path.join(multi_dir, "checkpoints")) if d.isdigit())
@@ -166,6 +170,7 @@ def memory_bucket(monkeypatch, tmp_path):
   fs.rm(root.split("/run")[0], recursive=True)
 
 
+@pytest.mark.slow  # train, resume and evaluate end to end
 def test_remote_workdir_metrics_checkpoint_resume_plot_eval(memory_bucket):
   from etils import epath
 
@@ -201,6 +206,7 @@ def test_remote_workdir_metrics_checkpoint_resume_plot_eval(memory_bucket):
   assert fs.exists(f"{root}/metrics.jsonl")
 
 
+@pytest.mark.slow  # train and resume end to end
 def test_kl_reference_is_staged_to_a_remote_workdir_and_restored_on_resume(memory_bucket):
   """rl.kl_beta > 0 after an SFT warm-up: the frozen reference saved at the hand-over goes through
   the staging folder (marker last) and a resume restores exactly it."""

@@ -141,6 +141,7 @@ def bgpo_run(tmp_path_factory, record_rl_batches):
   return run, workdir, summary, reads, params_at_init, batches
 
 
+@pytest.mark.slow  # an RL run per objective; BGPO's mu 2 + KL run stays fast (below)
 @pytest.mark.parametrize("objective", ["vrpo_ol", "diffu_grpo"])
 def test_mu2_with_kl_runs_for_every_objective(objective, tmp_path, monkeypatch, record_rl_batches):
   c = tiny(objective, mu=2, kl=0.1)

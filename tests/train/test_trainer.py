@@ -118,6 +118,7 @@ def test_exact_resume(straight_run, tmp_path):
   assert _strip(read_metrics(half)) == _strip(read_metrics(workdir))
 
 
+@pytest.mark.slow  # a trainer subprocess, signalled mid-run
 def test_sigterm_saves_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   args = [sys.executable, "-m", "bgpo_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
