@@ -286,7 +286,7 @@ def test_tokenizer_from_a_remote_folder(memory_bucket, tmp_path):
   from bgpo_jax.checkpoint import copy_tree
   from bgpo_jax.config import base_config
   from bgpo_jax.tokenizer import load_tokenizer
-  from tests.test_tokenizer import _write_tokenizer
+  from tests.data.test_tokenizer import _write_tokenizer
 
   root, _, cwd = memory_bucket
   _write_tokenizer(tmp_path / "tok")
