@@ -210,7 +210,11 @@ def test_tpu_ctrl_c_without_a_terminal_leaves_the_slice_up(fakes):
   env, log = fakes
   proc = subprocess.Popen(["bash", str(TPU), *TPU_ARGS, "--skip-create", "--skip-install"],
                           env=dict(env, FAKE_BLOCK="1"), cwd=ROOT, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          # A terminal's shell starts with Ctrl-C's default action; a test runner's
+                          # worker (pytest-xdist) may ignore SIGINT, which bash would then inherit
+                          # and could not trap.
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.time() + 15
     while not any("tail -n" in " ".join(c) for c in _calls(log)):

@@ -44,7 +44,7 @@ def test_runs_with_an_interpreter_from_a_venv_under_tmp(tmp_venv):
 def test_sandbox_suite_in_a_venv_under_tmp(tmp_venv):
   python, env = tmp_venv
   out = subprocess.run(
-      [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(REPO / "tests" / "rewards" / "test_sandbox.py")],
+      [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", str(REPO / "tests" / "rewards" / "test_sandbox.py")],
       env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
   assert " passed" in out.stdout and "failed" not in out.stdout
