@@ -1,13 +1,11 @@
 """The model interface over both families: ELBO terms, the train step, the samplers, the trainer's
 model building and config validation run on LLaDA and on Dream (parametrized)."""
 
-import dataclasses
 import os
 
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
