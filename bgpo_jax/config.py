@@ -172,6 +172,14 @@ def base_config() -> ml_collections.ConfigDict:
   # 0.5 for an answer tag or box alone). 0 = off (the paper's rewards have none). Never counted in
   # accuracy: evaluation uses the grade's correctness flag, not the reward.
   c.rl.format_reward = 0.0
+  # Each registered objective with its own hyper-parameters: config.rl.<objective>.<field>, the
+  # defaults of its Hparams dataclass (its authors' published values; docs/objectives.md).
+  from bgpo_jax import objectives
+
+  for name in objectives.names():
+    section = objectives.config_section(objectives.get(name))
+    if section is not None:
+      c.rl[name] = ml_collections.ConfigDict(section)
 
   # --- optimizer
   c.optim = ml_collections.ConfigDict()
@@ -342,13 +350,17 @@ def d1_diffu_grpo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def task_config(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """A task config's `--config=configs/<task>.py:<variant>`: "" = BGPO (the paper), "diffu_grpo" = d1."""
-  if variant in ("", "bgpo"):
+  """A task config's `--config=configs/<task>.py:<variant>`: "" = BGPO (the paper); any registered
+  objective's name = that objective's published recipe (`Objective.recipe`: "diffu_grpo" is d1's,
+  "espo" ESPO's authors', ...). Evaluation settings and the run length stay the task's."""
+  from bgpo_jax import objectives
+
+  if variant == "":
     return c
-  if variant == "diffu_grpo":
-    return d1_diffu_grpo(c)
-  raise ValueError(f"config variant {variant!r} is unknown; use configs/<task>.py (BGPO) or "
-                   "configs/<task>.py:diffu_grpo (d1's diffu-GRPO recipe)")
+  if variant not in objectives.names():
+    raise ValueError(f"config variant {variant!r} is unknown; use configs/<task>.py (BGPO) or "
+                     f"configs/<task>.py:<objective> with one of {objectives.names()} (its authors' recipe)")
+  return objectives.get(variant).recipe(c)
 
 
 def resolved_remat_policy(c) -> str:
@@ -612,7 +624,13 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   from bgpo_jax.models.llada import ATTENTION_IMPLS, REMAT_POLICIES
   one_of("model.attention_impl", c.model.attention_impl, ATTENTION_IMPLS)
   one_of("model.remat_policy", c.model.remat_policy, REMAT_POLICIES + ("auto",))
-  objectives.get(c.rl.objective).check_config(c)  # e.g. vrpo_ol refuses an explicit "activations"
+  objective = objectives.get(c.rl.objective)
+  try:
+    objective.hparams_from_config(c.rl)  # the Hparams dataclass checks its own ranges
+  except (TypeError, ValueError) as e:
+    where = "config.rl" if objective.flat_hparams else f"config.rl.{objective.name}"
+    raise ConfigError(f"{where}: {e}") from None
+  objective.check_config(c)  # e.g. vrpo_ol refuses an explicit "activations"
   if resolved_remat_policy(c) not in REMAT_POLICIES:
     raise ConfigError(f"config.model.remat_policy 'auto' resolves to {resolved_remat_policy(c)!r} (the "
                       f"objective's remat_policy), which is not one of {REMAT_POLICIES}")

@@ -23,7 +23,7 @@ Adding an objective: a module with an `Objective` subclass and `register(...)` o
 (see sft.py, the smallest); import it before the trainer starts (a config file may).
 """
 
-from bgpo_jax.objectives.base import (BATCH_AXIS, COMMON_FIELDS, MC_FIELDS, BatchField, ElboObjective,
+from bgpo_jax.objectives.base import (BATCH_AXIS, COMMON_FIELDS, MC_FIELDS, BatchField, ElboObjective, config_section,
                                       NoHparams, Objective, RolloutInputs, abstract_batch, batch_layout, describe_layout,
                                       get, names, register)
 from bgpo_jax.objectives.common import (LOG_RATIO_CAP, _capped_exp, _check_clip, _dual_clip, _float,

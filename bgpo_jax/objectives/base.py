@@ -82,7 +82,11 @@ class Objective:
     rl: False for the SFT loss (not a choice of config.rl.objective).
     exact_group_skipping: rows with A = 0 add nothing and a positive scale of A scales the
       update (without KL), so rl.skip_zero_advantage may drop all-equal-reward groups.
-    Hparams: frozen dataclass of its hyper-parameters; `hparams` fills it by field name.
+    Hparams: frozen dataclass of its hyper-parameters; `hparams` fills it by field name. Its
+      `__post_init__` may raise ValueError for a bad value (config validation reports it).
+    flat_hparams: the Hparams fields are keys of config.rl itself (the objectives that came
+      first: bgpo, vrpo_ol, diffu_grpo); otherwise config.rl.<name> holds them, made from the
+      dataclass defaults (`config_section`), so a new objective's knobs are config keys for free.
     fields: the batch arrays besides COMMON_FIELDS.
     old_field / ref_field: the stored old-policy (rl.updates_per_batch > 1) / reference
       (rl.kl_beta > 0) terms, computed by `old_terms` on the same batch.
@@ -93,6 +97,7 @@ class Objective:
   rl: bool = True
   exact_group_skipping: bool = True
   Hparams: type = NoHparams
+  flat_hparams: bool = False
   fields: tuple[BatchField, ...] = ()
   old_field: BatchField | None = None
   ref_field: BatchField | None = None
@@ -104,6 +109,22 @@ class Objective:
     ones keep the dataclass default."""
     names = {f.name for f in dataclasses.fields(self.Hparams)}
     return self.Hparams(**{k: v for k, v in values.items() if k in names})
+
+  def hparams_from_config(self, rl) -> Any:
+    """Hparams from a config's rl section: config.rl.<name> (or the flat config.rl keys) by field
+    name; raises ValueError (from the dataclass's own checks) for a bad value."""
+    if self.flat_hparams:
+      values = {f.name: rl[f.name] for f in dataclasses.fields(self.Hparams) if f.name in rl}
+    else:
+      values = dict(rl[self.name]) if self.name in rl else {}
+    return self.hparams(values)
+
+  def recipe(self, config):
+    """Applies this objective's published recipe to a task config in place and returns it
+    (`--config=configs/<task>.py:<name>`). Subclasses set their authors' settings, each sourced;
+    this base only selects the objective."""
+    config.rl.objective = self.name
+    return config
 
   def check_config(self, config) -> None:
     """Raises config.ConfigError for settings this objective cannot run (called by validate)."""
@@ -166,6 +187,29 @@ def register(objective: Objective) -> Objective:
     raise ValueError(f"objective {objective.name!r} is already registered ({type(old).__qualname__})")
   _REGISTRY[objective.name] = objective
   return objective
+
+
+def config_section(objective: Objective) -> dict | None:
+  """config.rl.<name>'s keys and defaults for an objective whose Hparams are not flat config.rl
+  keys: {field: default}, or None. A field whose default is None must be typed `float | None` (or
+  int / str / bool): the config then holds a placeholder of that type."""
+  if objective.flat_hparams or not dataclasses.fields(objective.Hparams):
+    return None
+  from ml_collections import config_dict
+  import typing
+
+  hints = typing.get_type_hints(objective.Hparams)
+  out = {}
+  for f in dataclasses.fields(objective.Hparams):
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if default is None:
+      kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
+      if len(kinds) != 1 or kinds[0] not in (bool, int, float, str):
+        raise TypeError(f"{type(objective).__name__}.Hparams.{f.name} defaults to None: type it "
+                        "`float | None` (or int / str / bool) so the config can hold it")
+      default = config_dict.placeholder(kinds[0])
+    out[f.name] = default
+  return out
 
 
 def names(rl_only: bool = True) -> tuple[str, ...]:

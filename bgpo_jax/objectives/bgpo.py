@@ -122,6 +122,7 @@ class BGPO(ElboObjective):
   # One sample's graph at a time: saving its activations (no matmul recomputed) stays small.
   remat_policy = "activations"
   Hparams = ElboHparams
+  flat_hparams = True  # config.rl.normalize_length / clip_eps / dual_clip
 
   def unit_terms(self, model_cfg, cfg, params, mb: dict, u: jax.Array):
     """Sample u's terms g_u (minus kl_beta times its k3 KL) summed over the micro-batch rows."""

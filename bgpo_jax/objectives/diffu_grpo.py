@@ -107,6 +107,7 @@ class DiffuGRPO(Objective):
   name = "diffu_grpo"
   remat_policy = "activations"  # one forward per row, no MC samples: the activations are small
   Hparams = DiffuGRPOHparams
+  flat_hparams = True  # config.rl.clip_eps / dual_clip / prompt_mask_prob
   fields = (BatchField("response_mask", ("B", "L"), jnp.float32),
             BatchField("row_seeds", ("B",), jnp.uint32))
   old_field = BatchField("old_logps", ("B", "L"), jnp.float32)
@@ -117,6 +118,11 @@ class DiffuGRPO(Objective):
       return ("diffu_grpo with rl.kl_beta=0 and rl.updates_per_batch=1 is not d1's recipe; d1's settings: "
               "--config=configs/<task>.py:diffu_grpo (bgpo_jax.config.d1_diffu_grpo)",)
     return ()
+
+  def recipe(self, config):
+    """d1's published diffu-GRPO settings (bgpo_jax.config.d1_diffu_grpo, sourced there)."""
+    from bgpo_jax.config import d1_diffu_grpo
+    return d1_diffu_grpo(config)
 
   def _logps(self, model_cfg, cfg, params, mb: dict) -> jax.Array:
     """[mb, L] token log-probs; one key per row, so a row's prompt mask is its own (not its

@@ -52,6 +52,7 @@ class VRPO_OL(ElboObjective):
   # Every sample's graph is alive until the end of the step: save only each layer's input.
   remat_policy = "full"
   Hparams = ElboHparams
+  flat_hparams = True
 
   def check_config(self, config) -> None:
     if config.model.remat_policy == "activations" and config.rl.num_mc_samples > 1:

@@ -70,15 +70,18 @@ def step_config(config, phase: str, data_parallel: int) -> step_lib.StepConfig:
                                gen_length=config.rollout.gen_length)
   rl = config.rl
   clip_eps, dual_clip = config_lib.resolved_clip(rl)
-  # The objective's hyper-parameters are the config.rl keys its Hparams names (a registered
-  # objective may add its own keys to config.rl), with the clip resolved for off-policy runs.
+  # The objective's hyper-parameters: config.rl.<objective> (or, for the first objectives, the flat
+  # config.rl keys its Hparams names, with the clip resolved for off-policy runs).
   obj = objectives.get(rl.objective)
-  values = {f.name: rl[f.name] for f in dataclasses.fields(obj.Hparams) if f.name in rl}
-  values.update({k: v for k, v in (("clip_eps", clip_eps), ("dual_clip", dual_clip)) if k in values})
+  hparams = obj.hparams_from_config(rl)
+  if obj.flat_hparams:
+    names = {f.name for f in dataclasses.fields(obj.Hparams)}
+    hparams = dataclasses.replace(hparams, **{k: v for k, v in (("clip_eps", clip_eps), ("dual_clip", dual_clip))
+                                              if k in names})
   return step_lib.StepConfig(
       objective=rl.objective, num_mc_samples=rl.num_mc_samples,
       micro_batch_size=micro_rows(config, "rl", data_parallel), gen_length=config.rollout.gen_length,
-      off_policy=rl.updates_per_batch > 1, kl_beta=float(rl.kl_beta), hparams=obj.hparams(values))
+      off_policy=rl.updates_per_batch > 1, kl_beta=float(rl.kl_beta), hparams=hparams)
 
 
 def make_optimizer(config, phases: Phases) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -29,7 +29,12 @@ TRACED = []  # names of the objectives whose terms the step traced
 
 @dataclasses.dataclass(frozen=True)
 class _Hparams:
-  reinforce_scale: float = 1.0  # a key this objective adds to config.rl (read by its name)
+  reinforce_scale: float = 1.0  # config.rl.test_reinforce_elbo.reinforce_scale, made from this default
+  clip: float | None = None  # a None default is a typed placeholder in the config
+
+  def __post_init__(self):
+    if not self.reinforce_scale > 0:
+      raise ValueError(f"reinforce_scale {self.reinforce_scale} must be > 0")
 
 
 class ReinforceElbo(objectives.ElboObjective):
@@ -105,10 +110,10 @@ def test_short_rl_run_with_a_registered_objective(tmp_path, monkeypatch, record_
                "--config.model.n_layers=1", "--config.task.demo_train_size=64", "--config.task.demo_test_size=8",
                "--config.sft.steps=0", "--config.total_steps=1", "--config.rl.prompts_per_step=2",
                "--config.rl.group_size=4", "--config.rl.num_mc_samples=2", "--config.rl.micro_batch_per_device=0",
-               "--config.rl.skip_zero_advantage=False", "--config.eval_every=0", "--config.plot_at_end=False"]
+               "--config.rl.skip_zero_advantage=False", "--config.eval_every=0", "--config.plot_at_end=False",
+               "--config.rl.test_reinforce_elbo.reinforce_scale=3.0"]  # the objective's own section
   c = memory.load_config_file(str(ROOT / "configs" / "demo.py"), overrides)
-  with c.unlocked():
-    c.rl.reinforce_scale = 3.0  # the objective's own key (a config file would add it the same way)
+  assert c.rl.test_reinforce_elbo.clip is None
   assert config_lib.resolved_remat_policy(c) == "save_attn"
   TRACED.clear()
   run = run_lib.build_run(c, str(tmp_path / "run"))
@@ -118,6 +123,25 @@ def test_short_rl_run_with_a_registered_objective(tmp_path, monkeypatch, record_
   summary = train(run)
   assert summary["step"] == 1 and "test_reinforce_elbo" in TRACED
   assert set(batches[-1]["updates"][0]) == {"tokens", "attention_mask", "advantages", "mc_masks", "mc_weights"}
+
+
+def test_objective_section_is_validated_by_its_hparams():
+  c = demo.get_config()
+  c.rl.objective = "test_reinforce_elbo"
+  config_lib.validate(c)
+  c.rl.test_reinforce_elbo.reinforce_scale = -1.0
+  with pytest.raises(config_lib.ConfigError, match=r"config.rl.test_reinforce_elbo: reinforce_scale -1.0 must be > 0"):
+    config_lib.validate(c)
+  c.rl.objective = "bgpo"  # a section of an objective not in use is not checked
+  config_lib.validate(c)
+
+
+def test_variant_is_an_objectives_recipe():
+  from configs import math as math_config
+  assert math_config.get_config("test_reinforce_elbo").rl.objective == "test_reinforce_elbo"
+  assert math_config.get_config("diffu_grpo").rl.kl_beta == 0.04  # d1's recipe
+  with pytest.raises(ValueError, match="config variant 'ppo' is unknown"):
+    math_config.get_config("ppo")
 
 
 def test_remat_auto_is_the_objectives_choice(tmp_path):
