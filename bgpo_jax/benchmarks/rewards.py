@@ -4,6 +4,11 @@ and, with --d1, agreement with d1's published evaluation labels on real LLaDA ge
   python -m bgpo_jax.benchmarks.rewards                       # ~1 minute on 2 CPU cores
   python -m bgpo_jax.benchmarks.rewards --n 64 --workers 1,2,4,8 --out rewards.json
   python -m bgpo_jax.benchmarks.rewards --d1 ../shared/reference/d1-llada-generations/generations.jsonl
+  python -m bgpo_jax.benchmarks.rewards --humaneval HumanEval.jsonl.gz   # github:openai/human-eval data/
+
+--humaneval grades HumanEval's canonical solutions through `rewards.grade_batch` twice: as the
+whole function (prompt + solution in a code block) and as the body alone after the prompt's stub
+(the prompt passed as `extra["prompt"]`, as the loader does); every one must pass.
 
 --d1 grades every completion with `rewards.grade_batch` and compares with d1's label per task and
 generation length (sudoku: the same fraction of empty cells; other tasks: the same correctness).
@@ -169,6 +174,29 @@ def bench_d1(path: str, examples: int = 0) -> list[dict]:
   return out
 
 
+def bench_humaneval(path: str) -> list[dict]:
+  """HumanEval's canonical solutions through the grader: [{form, n, passed, failed_ids}]."""
+  import gzip
+
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    problems = [json.loads(line) for line in f if line.strip()]
+  out = []
+  for form in ("function", "body"):
+    completions = [f"```python\n{p['prompt']}{p['canonical_solution']}```" if form == "function"
+                   else p["canonical_solution"] for p in problems]
+    extras = [{"prompt": [{"role": "user", "content": f"```python\n{p['prompt']}```"}],
+               "entry_point": p["entry_point"]} for p in problems]
+    t0 = time.time()
+    grades = rewards.grade_batch("humaneval", completions, [p["test"] for p in problems], extras)
+    failed = [p["task_id"] for p, g in zip(problems, grades) if not g.correct]
+    out.append({"form": form, "n": len(problems), "passed": len(problems) - len(failed),
+                "wall_s": time.time() - t0, "failed_ids": " ".join(failed)})
+  common.print_table(out, ["form", "n", "passed", "wall_s", "failed_ids"],
+                     title="HumanEval canonical solutions through rewards.grade_batch")
+  return out
+
+
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,7 +210,13 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--d1", default=None, help="JSONL of d1-labelled generations: print the "
                   "agreement table instead of the throughput benchmark")
   ap.add_argument("--examples", type=int, default=2, help="--d1: example rows per d1 fault")
+  ap.add_argument("--humaneval", default=None, help="HumanEval.jsonl(.gz) with canonical solutions: "
+                  "grade them all instead of the throughput benchmark")
   args = ap.parse_args(argv)
+  if args.humaneval:
+    rows = bench_humaneval(args.humaneval)
+    common.write_json(args.out, rows, meta={"argv": argv, "file": args.humaneval})
+    return rows
   if args.d1:
     rows = bench_d1(args.d1, args.examples)
     common.write_json(args.out, rows, meta={"argv": argv, "file": args.d1})
