@@ -154,12 +154,11 @@ def before_step(run: Run, step: int) -> None:
     run.reference.at_rl_step(step, phases.sft_steps, run.state.params)
 
 
-def _log(run: Run, step: int, m: dict, phase: str, progress: console.Progress) -> None:
-  row = run.writer.write(step, m)
-  info = " ".join(f"{k.split('/')[-1]}={row[k]:.3g}" for k in
-                  ("train/loss", "train/reward_mean", "eval/accuracy") if isinstance(row.get(k), float))
+def _log(run: Run, step: int, m: dict, phase: str, progress: console.Progress, show: bool) -> None:
+  """Writes the metrics row of a logged (`show`) step; every step's time feeds the progress ETA."""
+  row = run.writer.write(step, m) if show else m
   if run.is_main:
-    progress.update(step, f"{phase} {info}", phase)
+    progress.update(step, phase, row, show=show)
 
 
 def train(run: Run, stop_at: int | None = None) -> dict:
@@ -176,7 +175,8 @@ def train(run: Run, stop_at: int | None = None) -> dict:
     if not phases.sft_steps:
       summary["before_rl"] = dict(run.last_eval)
   label = "sft+rl" if phases.sft_steps and phases.rl_steps else c.mode
-  progress = console.Progress(phases.total, run.start_step, label, sft_end=phases.sft_steps if phases.rl_steps else 0)
+  progress = console.Progress(phases.total, run.start_step, label, sft_end=phases.sft_steps if phases.rl_steps else 0,
+                              eval_every=(c.sft.eval_every or c.eval_every, c.eval_every) if eval_on else (0, 0))
   step = run.start_step
   try:
     while step < phases.total:
@@ -191,8 +191,7 @@ def train(run: Run, stop_at: int | None = None) -> dict:
         m.update(evaluate(run, step))
         if step == phases.sft_steps and phases.rl_steps:
           summary["before_rl"] = dict(run.last_eval)
-      if step % c.log_every == 0 or is_eval or run.nonfinite.stop:
-        _log(run, step, m, phase, progress)
+      _log(run, step, m, phase, progress, show=step % c.log_every == 0 or is_eval or run.nonfinite.stop)
       run.nonfinite.raise_if_stopped()
       stop = preempt.agreed() or step == stop_at
       if step % c.checkpoint_every == 0 or step == phases.total or stop:
@@ -210,9 +209,11 @@ def train(run: Run, stop_at: int | None = None) -> dict:
   run.writer.close()
   summary.update(step=step, **run.last_eval)
   if c.plot_at_end and run.is_main and step >= phases.total:
-    from bgpo_jax.plot import plot_run
+    from bgpo_jax import plot as plot_lib
     try:
-      summary["plot"] = plot_run(run.workdir)
+      title = plot_lib.config_title(c, plot_lib.command_line_config_name())
+      summary["plot"] = plot_lib.plot_run(run.workdir, title=title, sft_steps=phases.sft_steps,
+                                          total_steps=phases.total)
     except ValueError as e:
       logging.warning("no plot: %s", e)
   return summary

@@ -197,31 +197,3 @@ def test_shipped_configs_validate(name, tmp_path):
     c.task.data_dir = ""
     with pytest.raises(config_lib.ConfigError, match="set --config.task.data_dir"):
       config_lib.validate(c)
-
-
-def test_progress_eta_uses_the_current_phases_rate(monkeypatch, capsys):
-  from bgpo_jax.train import console
-  clock = iter([0.0, 10.0, 20.0, 120.0])  # init; SFT steps 10, 20 at 1 s/step; RL step 30 at 10 s/step
-  monkeypatch.setattr(console.time, "time", lambda: next(clock))
-  p = console.Progress(total=40, start=0, label="sft+rl")
-  p.tty = False
-  p.update(10, "a", "sft")
-  p.update(20, "b", "sft")
-  p.update(30, "c", "rl")
-  lines = capsys.readouterr().out.splitlines()
-  assert "eta    20s" in lines[1]  # 20 SFT-rate steps left
-  assert "eta   100s" in lines[2]  # 10 steps left at the RL rate, not the average
-
-
-def test_progress_during_the_warm_up_does_not_guess_the_rl_time(monkeypatch, capsys):
-  from bgpo_jax.train import console
-  clock = iter([0.0, 10.0, 20.0, 40.0])  # init; SFT steps 10, 20 at 1 s/step; RL step 21 at 20 s/step
-  monkeypatch.setattr(console.time, "time", lambda: next(clock))
-  p = console.Progress(total=40, start=0, label="sft+rl", sft_end=20)
-  p.tty = False
-  p.update(10, "a", "sft")
-  p.update(20, "b", "sft")
-  p.update(21, "c", "rl")
-  lines = capsys.readouterr().out.splitlines()
-  assert "sft eta    10s, then 20 rl steps" in lines[0]  # the warm-up's 10 steps left only
-  assert "eta   380s" in lines[2]  # RL: 19 steps at 20 s
