@@ -494,6 +494,11 @@ def restore_tree(path: str, abstract: Any) -> Any:
     shutil.rmtree(str(local), ignore_errors=True)
 
 
+def checkpoint_step(path: str) -> int:
+  """The step of the checkpoint `path` names (a workdir or its checkpoints/ folder: the latest)."""
+  return int(_find_state_dir(path).parent.name)
+
+
 def _find_state_dir(path: str) -> epath.Path:
   for directory in (epath.Path(path), epath.Path(path) / "checkpoints"):
     if (directory / "state").is_dir():
@@ -556,10 +561,11 @@ def find_run_record(path: str) -> tuple[dict, str] | None:
 
 
 # ------------------------------------------------------------------------------ run config
-# WORKDIR/run_config.json: the config a run started with (not config.json: that name marks a
-# Hugging Face checkpoint directory, and a workdir is a valid init.checkpoint). A resume whose
-# config differs in a key outside RESUME_FREE_KEYS is refused: it would continue the old run's
-# checkpoints and data position with other settings, silently.
+# WORKDIR/run_config.json: the whole config of the run's latest start, overrides applied (not
+# config.json: that name marks a Hugging Face checkpoint directory, and a workdir is a valid
+# init.checkpoint). `bgpo_jax.evaluate --checkpoint=WORKDIR` reads it when no --config is given.
+# A resume whose config differs in a key outside RESUME_FREE_KEYS is refused: it would continue
+# the old run's checkpoints and data position with other settings, silently.
 RUN_CONFIG = "run_config.json"
 
 # Keys that may change between a run's start and a resume: how long it runs (a non-constant
@@ -620,7 +626,16 @@ def check_run_config(workdir: str, config: dict, *, resuming: bool, write: bool 
           f"continue that run's checkpoints with the new values. Start the new config in a new --workdir, or "
           f"resume this run with its values: {flags}")
   if write:
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Through a temporary file and a rename: a run killed mid-write never leaves a truncated record.
+    tmp = path.parent / f".{RUN_CONFIG}.tmp"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def read_run_config(workdir: str) -> dict | None:
+  """The config dict WORKDIR/run_config.json records (None when there is none)."""
+  path = epath.Path(workdir) / RUN_CONFIG
+  return json.loads(path.read_text()) if path.is_file() else None
 
 
 def has_checkpoints(workdir: str) -> bool:

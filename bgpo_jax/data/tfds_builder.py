@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -147,6 +148,18 @@ class BgpoPrompts(tfds.core.GeneratorBasedBuilder):
     with _quiet_custom_config_warning():
       super().__init__(config=config, data_dir=str(data_dir), **kwargs)
 
+  # TFDS prints "Downloading and preparing dataset Unknown size (download: Unknown size, ...)" before
+  # and "... downloaded and prepared" after every build straight to stdout: nothing here downloads,
+  # and no size is known, so those lines only mislead. Kept when absl's logger shows INFO
+  # (`--verbose` of bgpo_jax.main / bgpo_jax.evaluate).
+  def _log_download_bytes(self) -> None:
+    if logging.getLogger("absl").isEnabledFor(logging.INFO):
+      super()._log_download_bytes()
+
+  def _log_download_done(self) -> None:
+    if logging.getLogger("absl").isEnabledFor(logging.INFO):
+      super()._log_download_done()
+
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
     return tfds.core.DatasetInfo(
@@ -195,6 +208,10 @@ def build_tfds(task: str, *, data_dir: str | Path, source_dir: str | Path | None
   Exactly one of source_dir / files / generate is used (files over source_dir).
   """
   config = make_config(task, source_dir=source_dir, files=files, generate=generate)
+  if not sys.stderr.isatty():
+    # TFDS's tqdm bars redraw with carriage returns and cursor-up escapes: in a log file or a
+    # pipe each redraw is kept, as garbage. A terminal still gets them.
+    tfds.disable_progress_bar()
   builder = BgpoPrompts(config=config, data_dir=data_dir)
   builder.download_and_prepare(
       download_dir=str(epath.Path(data_dir) / "downloads"),  # epath: gs:// stays gs://

@@ -16,12 +16,14 @@ from typing import Any
 
 import jax
 import optax
+from etils import epath
 
 from bgpo_jax import checkpoint as ckpt_lib
 from bgpo_jax import config as config_lib
 from bgpo_jax import metrics as metrics_lib
 from bgpo_jax import objectives
 from bgpo_jax import tasks as tasks_lib
+from bgpo_jax.models import family as family_lib
 from bgpo_jax.train import compiled as compiled_lib
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train import nonfinite as nonfinite_lib
@@ -138,6 +140,8 @@ class Run:
 def _prepare_workdir(config, workdir: str, is_main: bool) -> None:
   ckpt_lib.ensure_workdir(workdir)  # one line when it is a file
   # A resume with other settings (seed, lr, ...) would silently continue the old run: refused.
+  # Then WORKDIR/run_config.json (re)records the whole config: `bgpo_jax.evaluate --checkpoint=WORKDIR`
+  # reads it, and a user sees what the run used after every override.
   ckpt_lib.check_run_config(workdir, json.loads(config.to_json_best_effort()),
                             resuming=ckpt_lib.has_checkpoints(workdir), write=is_main)
   tasks_lib.enable_compilation_cache(config, workdir)
@@ -185,3 +189,55 @@ def build_run(config, workdir: str) -> Run:
              task=task, model_cfg=model_cfg, state=state, shardings=shardings, steps=steps, reference=reference,
              nonfinite=nonfinite, ckpt=ckpt, writer=writer, sampler=samplers[0], eval_sampler=samplers[1],
              start_step=start_step)
+
+
+def _count(n: int) -> str:
+  return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def startup_summary(run: Run) -> list[str]:
+  """A few lines printed before the first step: where it runs, what it trains, how much, and where
+  the results go; enough to catch a wrong override before an hour of compute."""
+  c, p = run.config, run.phases
+  devices = jax.devices()
+  mesh = " ".join(f"{k}={v}" for k, v in run.mesh.shape.items())
+  procs = jax.process_count()
+  total = sum(int(x.size) for x in jax.tree.leaves(run.state.params))
+  trainable = total  # the optimizer updates every parameter (the KL reference is a separate copy)
+  m = run.model_cfg
+  lines = [
+      f"devices: {len(devices)} x {devices[0].device_kind} ({procs} process{'es' if procs > 1 else ''}); "
+      f"mesh {mesh} (data-parallel {run.data_parallel})",
+      f"model: {family_lib.family_of(m)}, {m.n_layers} layer{'s' if m.n_layers > 1 else ''}, d_model {m.d_model}, "
+      f"vocab {m.vocab_size}; parameters {_count(total)} total, {_count(trainable)} trainable "
+      f"({m.param_dtype} weights, {m.compute_dtype} compute)",
+  ]
+  if p.rl_steps:
+    rl = c.rl
+    rows = rl.prompts_per_step * rl.group_size
+    lines.append(f"objective: {rl.objective}, n={rl.num_mc_samples} MC samples per response, G={rl.group_size} "
+                 f"responses x {rl.prompts_per_step} prompts = {rows} rows per RL step"
+                 + (f", {rl.updates_per_batch} updates each" if rl.updates_per_batch > 1 else "")
+                 + (f"; SFT warm-up {c.sft.batch_size} rows per step" if p.sft_steps else ""))
+  else:
+    lines.append(f"objective: masked-diffusion SFT, {c.sft.batch_size} rows per step, n={c.sft.num_mc_samples} "
+                 "MC samples per row")
+  buckets = ", ".join(str(b) for b in c.rollout.prompt_buckets)
+  buckets = f"one of {buckets}" if len(c.rollout.prompt_buckets) > 1 else buckets
+  lines.append(f"lengths: prompts up to {c.task.max_prompt_tokens} tokens (padded to {buckets}), "
+               f"responses {c.rollout.gen_length} tokens (eval {c.eval.gen_length})")
+  start = f"resuming at step {run.start_step}" if run.start_step else "from step 0"
+  sft_every = c.sft.eval_every or c.eval_every  # as the loop reads them: eval_every 0 turns both off
+  if not c.eval_every:
+    evals = "no periodic eval"
+  elif p.sft_steps and p.rl_steps and sft_every != c.eval_every:
+    evals = f"eval every {sft_every} SFT / {c.eval_every} RL steps"
+  else:
+    evals = f"eval every {c.eval_every if p.rl_steps else sft_every} steps"
+  lines.append(f"steps: {p.sft_steps} SFT + {p.rl_steps} RL = {p.total}, {start}; {evals}, checkpoint every "
+               f"{c.checkpoint_every} steps")
+  wd = epath.Path(run.workdir)
+  curves = f"{wd / 'curves.png'} (at the end)" if c.plot_at_end else f"python -m bgpo_jax.plot {wd}"
+  lines.append(f"workdir: {wd} (config: {ckpt_lib.RUN_CONFIG}); metrics: {wd / 'metrics.jsonl'}; "
+               f"curves: {curves}")
+  return lines
