@@ -675,7 +675,7 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
        "compile_s": time.perf_counter() - t0})
 
   resident = _shard_bytes(abstract.opt_state)
-  if scfg.off_policy or scfg.kl_beta > 0:
+  if (scfg.off_policy and scfg.impl.old_field is not None) or (scfg.kl_beta > 0 and scfg.impl.ref_field is not None):
     # The train state (optimizer included) and the reference stay resident through that pass.
     mem, seconds = _old_terms_memory(model_cfg, scfg, mesh, abstract, shardings, batch)
     add({**common_fields, "what": "old_terms", "rows": rows, "micro_batch_rows": micro_rows, **mem,

@@ -33,3 +33,4 @@ from bgpo_jax.objectives.bgpo import (BGPO, ElboHparams, bgpo_objective, bgpo_sa
 from bgpo_jax.objectives.vrpo_ol import VRPO_OL, vrpo_objective
 from bgpo_jax.objectives.diffu_grpo import DiffuGRPO, DiffuGRPOHparams, diffu_grpo_objective, sequence_means
 from bgpo_jax.objectives.sft import SFT
+from bgpo_jax.objectives.wd1 import WD1

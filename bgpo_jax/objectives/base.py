@@ -68,6 +68,9 @@ class RolloutInputs:
   rl: Any  # the config's rl section
   masks: Callable[[int, str], tuple[np.ndarray, np.ndarray]]
   row_seeds: Callable[[int], np.ndarray]
+  # [rows] the advantages the step trains on, in group order: rows g*G .. g*G+G-1 answer prompt g
+  # (wd1 weights each row by softmaxes over its group).
+  advantages: np.ndarray | None = None
 
 
 class Objective:

@@ -108,6 +108,7 @@ def rl_updates(run: Run, step: int, batch: dict, lengths: np.ndarray) -> list[di
   obj, mu, rows = objectives.get(rl.objective), rl.updates_per_batch, batch["tokens"].shape[0]
   inputs = objectives.RolloutInputs(
       step=step, rows=rows, gen_length=gen_length, updates=mu, lengths=lengths, rl=rl,
+      advantages=batch["advantages"],
       masks=lambda n, estimator: rng_lib.mc_masks(run.rng, step, rows, n, estimator, gen_length),
       row_seeds=lambda u: rng_lib.prompt_mask_seeds(run.rng, step, u, rows))
   fields = obj.host_fields(inputs)
@@ -119,7 +120,7 @@ def rl_updates(run: Run, step: int, batch: dict, lengths: np.ndarray) -> list[di
       # Only the arrays that differ from the first update's move to the devices again.
       changed = {k: v for k, v in f.items() if v is not first.get(k)}
       b = dict(gbatch, **(_to_global(run, changed) if changed else {}))
-      if mu > 1:
+      if mu > 1 and obj.old_field is not None:  # a ratio-free objective (wd1) stores none
         b[obj.old_field.name] = run.steps.terms(run.state.params, b)
       if rl.kl_beta > 0:
         b[obj.ref_field.name] = run.steps.terms(run.reference.params, b)

@@ -153,7 +153,7 @@ def compute_old_terms(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, bat
 
   _, out = jax.lax.scan(micro_body, None, micro)
   # Undo the interleaved split: out[k] holds rows k, k+M, ... of its micro-batch axis.
-  axis = cfg.impl.old_field.batch_axis
+  axis = (cfg.impl.old_field or cfg.impl.ref_field).batch_axis  # laid out alike where both exist
   out = jnp.moveaxis(out, 0, axis + 1)  # [..., mb, M, ...]
   return out.reshape(out.shape[:axis] + (B,) + out.shape[axis + 2:])
 
@@ -229,7 +229,7 @@ def jit_train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer, sch
 def jit_old_terms(model_cfg: llada.LLaDAConfig, cfg: StepConfig, mesh: Mesh, param_shardings,
                   batch_example: dict):
   fn = functools.partial(compute_old_terms, model_cfg, cfg, constrain=_micro_constraint(mesh))
-  field = cfg.impl.old_field
+  field = cfg.impl.old_field or cfg.impl.ref_field
   out = mesh_lib.batch_sharding(mesh, len(field.dims), field.batch_axis)
   return jax.jit(sharding_lib.under_mesh(fn, mesh), in_shardings=(param_shardings, batch_shardings(mesh, batch_example)),
                  out_shardings=out)
