@@ -39,8 +39,8 @@ class CompiledSteps:
       t0 = time.time()
       compiled = fn.lower(state, batch).compile()
       mem = step_lib.memory_report(compiled)
-      logging.info("compiled %s step in %.1fs; per-device memory: %s", phase, time.time() - t0,
-                   {k: f"{v / 2**20:.1f} MiB" for k, v in mem.items()})
+      logging.info("compiled the %s step in %.1f s; per device: %.1f MiB (temporaries %.1f MiB)", phase,
+                   time.time() - t0, mem.get("total_bytes", 0) / 2**20, mem.get("temp_bytes", 0) / 2**20)
       self._cache[key] = (compiled, mem)
     return self._cache[key]
 
