@@ -168,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
   # inner update (d1: p_mask_prompt 0.15).
   c.rl.prompt_mask_prob = 0.15
   c.rl.advantage_std = True  # divide group advantages by the group std (False: d1 style)
+  # The group baseline subtracted from each reward: "mean" (GRPO, d1, BGPO) or "leave_one_out", the
+  # mean of the other G - 1 rewards (DiffuCoder's coupled-GRPO, ESPO): G / (G - 1) times "mean".
+  c.rl.advantage_baseline = "mean"
   # Bonus weight w: reward += w * format_score (1 for <reasoning>..</reasoning><answer>..</answer>,
   # 0.5 for an answer tag or box alone). 0 = off (the paper's rewards have none). Never counted in
   # accuracy: evaluation uses the grade's correctness flag, not the reward.
@@ -388,6 +391,7 @@ class ConfigError(ValueError):
 
 MODES = ("rl", "sft")
 ESTIMATORS = ("stratified", "continuous")
+ADVANTAGE_BASELINES = ("mean", "leave_one_out")  # rl.advantage_baseline
 REMASKING = ("low_confidence", "random", "maskgit_plus", "topk_margin", "entropy")
 FAMILIES = ("llada", "dream")
 TOKENIZERS = ("hf", "char")
@@ -616,6 +620,7 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
 
   one_of("rl.objective", c.rl.objective, objectives.names())
   one_of("rl.mc_estimator", c.rl.mc_estimator, ESTIMATORS)
+  one_of("rl.advantage_baseline", c.rl.advantage_baseline, ADVANTAGE_BASELINES)
   one_of("sft.mc_estimator", c.sft.mc_estimator, ESTIMATORS)
   one_of("tokenizer.kind", c.tokenizer.kind, TOKENIZERS)
   one_of("model.param_dtype", c.model.param_dtype, DTYPES)

@@ -72,6 +72,7 @@ def group_advantages(
     eps: float = 1e-6,
     *,
     ddof: int = 1,
+    leave_one_out: bool = False,
 ) -> jax.Array:
   """Group-relative advantages, one group of G responses per prompt.
 
@@ -86,6 +87,9 @@ def group_advantages(
     normalize_std: divide by the group std (+ eps).
     eps: added to the std before dividing.
     ddof: std degrees of freedom (1 = unbiased, torch default; 0 = population).
+    leave_one_out: baseline each reward by the mean of the OTHER G - 1 rewards of its group
+      (DiffuCoder's coupled-GRPO, ESPO): r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(r)),
+      then the std division if normalize_std.
 
   Returns:
     [num_prompts, G] advantages (float32 or wider).
@@ -101,6 +105,10 @@ def group_advantages(
   # Exact test for constant groups: max == min, immune to rounding in the mean.
   constant = jnp.max(r, axis=1, keepdims=True) == jnp.min(r, axis=1, keepdims=True)
   centered = r - jnp.mean(r, axis=1, keepdims=True)
+  if leave_one_out:
+    if group < 2:
+      raise ValueError(f"group size G={group} has no other responses for a leave-one-out baseline; use G > 1")
+    centered = centered * (group / (group - 1))
   if normalize_std:
     centered = centered / (jnp.std(r, axis=1, keepdims=True, ddof=ddof) + eps)
   return jnp.where(constant, 0.0, centered)

@@ -95,7 +95,8 @@ def rl_batch_settings(config, data_parallel: int) -> dict:
   skip = rl.skip_zero_advantage and rl.kl_beta == 0 and objectives.get(rl.objective).exact_group_skipping
   unit = rl_batch_lib.live_group_unit(rl.group_size, data_parallel, jax.process_count(),
                                       micro_rows(config, "rl", data_parallel)) if skip else None
-  return dict(group_size=rl.group_size, advantage_std=rl.advantage_std, live_unit=unit)
+  return dict(group_size=rl.group_size, advantage_std=rl.advantage_std,
+              leave_one_out=rl.advantage_baseline == "leave_one_out", live_unit=unit)
 
 
 def rl_updates(run: Run, step: int, batch: dict, lengths: np.ndarray) -> list[dict]:

@@ -69,7 +69,7 @@ def live_group_unit(group_size: int, data_parallel: int, processes: int, micro_r
 
 def make_rl_batch(tokens: np.ndarray, attention_mask: np.ndarray, prompt_len: int, lengths: np.ndarray,
                   rewards: np.ndarray, correct: np.ndarray, *, group_size: int, eos_id: int,
-                  advantage_std: bool, live_unit: int | None = None,
+                  advantage_std: bool, leave_one_out: bool = False, live_unit: int | None = None,
                   gather: Callable = dist.allgather_rows,
                   host_slice: Callable[[int], slice] = dist.host_slice) -> tuple[dict, np.ndarray, dict]:
   """The RL batch of this host's rollouts.
@@ -78,6 +78,7 @@ def make_rl_batch(tokens: np.ndarray, attention_mask: np.ndarray, prompt_len: in
     tokens: [N, P+L] prompts and sampled responses (N = this host's P_h * G rows, group order).
     attention_mask: [N, P+L]; lengths: [N] response lengths up to the first stop token.
     rewards, correct: [N] each row's reward and whether its answer is fully correct.
+    advantage_std / leave_one_out: `objectives.group_advantages`'s std division and baseline.
     live_unit: train only the groups with a non-zero advantage, in multiples of this many groups
       (`live_group_unit`); None trains every row.
     gather / host_slice: every process's rows concatenated / this process's share of global rows.
@@ -87,7 +88,8 @@ def make_rl_batch(tokens: np.ndarray, attention_mask: np.ndarray, prompt_len: in
     the global batch: the same on every host).
   """
   r = np.asarray(rewards, np.float32).reshape(-1, group_size)
-  adv = np.asarray(objectives.group_advantages(jnp.asarray(r), normalize_std=advantage_std)).reshape(-1)
+  adv = np.asarray(objectives.group_advantages(jnp.asarray(r), normalize_std=advantage_std,
+                                               leave_one_out=leave_one_out)).reshape(-1)
   r_all, adv_all, len_all, ok_all = gather((r, adv, np.asarray(lengths), np.asarray(correct, np.float32)))
   # accuracy = fully correct answers (never a reward >= 1: a format bonus or partial credit is not one).
   m = {"train/reward_mean": float(r_all.mean()), "train/reward_std": float(r_all.std()),

@@ -44,6 +44,15 @@ def test_advantages_fill_and_metrics():
   assert m["train/response_len"] == pytest.approx(lengths.mean())
 
 
+def test_leave_one_out_baseline_is_the_mean_of_the_others():
+  tokens, attn, lengths = _rollouts(2)
+  rewards = np.array([1, 0, 0, 0, 1, 1, 0, 0], np.float32)
+  batch, _, _ = rl_batch.make_rl_batch(tokens, attn, P, lengths, rewards, rewards > 0, group_size=G, eos_id=EOS,
+                                       advantage_std=False, leave_one_out=True)
+  others = (rewards.reshape(-1, G).sum(1, keepdims=True) - rewards.reshape(-1, G)) / (G - 1)
+  np.testing.assert_allclose(batch["advantages"], (rewards.reshape(-1, G) - others).reshape(-1), rtol=1e-6)
+
+
 def test_live_groups_only_and_the_scale_that_keeps_the_update():
   tokens, attn, lengths = _rollouts(4)
   rewards = np.zeros(16, np.float32)
