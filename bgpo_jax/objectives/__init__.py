@@ -34,3 +34,4 @@ from bgpo_jax.objectives.vrpo_ol import VRPO_OL, vrpo_objective
 from bgpo_jax.objectives.diffu_grpo import DiffuGRPO, DiffuGRPOHparams, diffu_grpo_objective, sequence_means
 from bgpo_jax.objectives.sft import SFT
 from bgpo_jax.objectives.wd1 import WD1
+from bgpo_jax.objectives.coupled_grpo import CoupledGRPO, coupled_grpo_objective
