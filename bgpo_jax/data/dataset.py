@@ -355,10 +355,14 @@ class TaskDataset:
         p = p[len(p) - self.max_prompt_tokens:]
       ids.append(p)
     if n_cut:
+      # Warn at the first truncation only (then every step would repeat it); the counts go on in
+      # `stats` and in each batch (PromptBatch.truncated / tokens_cut).
+      if not self.truncated_total:
+        logger.warning("step %d: left-truncated %d of %d prompts (%d tokens) to max_prompt_tokens=%d; later "
+                       "truncations are counted, not logged (raise task.max_prompt_tokens to keep whole prompts)",
+                       step, n_cut, len(ids), cut, self.max_prompt_tokens)
       self.truncated_total += n_cut
       self.tokens_cut_total += cut
-      logger.warning("step %d: left-truncated %d prompts (%d tokens) to max_prompt_tokens=%d",
-                     step, n_cut, cut, self.max_prompt_tokens)
     tokens, mask = self.tokenizer.pad_left(ids, self.pad_length)
     return PromptBatch(step, idx, examples, ids, np.asarray(tokens, np.int32),
                        np.asarray(mask, np.int32), n_cut, cut)

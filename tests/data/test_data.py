@@ -446,7 +446,11 @@ def test_truncation_policies_count_what_they_cut(caplog):
   assert b.tokens.shape == (4, limit) and b.attention_mask.sum() == lens[0] + lens[2] + 2 * limit
   full = tok.apply_chat_template(json.loads(exs[3]["prompt_json"]))
   assert b.prompt_ids[3] == full[-limit:]  # left-truncated: the generation header survives
-  assert left.stats["truncated"] == 2 and "left-truncated 2 prompts" in caplog.text
+  assert left.stats["truncated"] == 2 and "left-truncated 2 of 4 prompts" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="bgpo_jax.data.dataset"):
+    assert left.batch(1).num_truncated == 2  # counted again, not logged again
+  assert left.stats["truncated"] == 4 and "left-truncated" not in caplog.text
   drop = dataset.TaskDataset(exs, tok, batch_size=2, seed=0, instructions=instr,
                              max_prompt_tokens=limit, truncation="drop")
   assert len(drop) == 2 and drop.stats["dropped"] == 2 and drop.stats["dropped_first"] == [1, 3]
