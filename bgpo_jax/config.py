@@ -373,7 +373,7 @@ def resolved_remat_policy(c) -> str:
   if c.model.remat_policy != "auto":
     return c.model.remat_policy
   from bgpo_jax import objectives
-  return objectives.get(c.rl.objective if c.mode == "rl" else "sft").remat_policy
+  return objectives.get(c.rl.objective if c.mode == "rl" else "sft").remat_for(c)
 
 
 def resolved_clip(rl) -> tuple[float | None, float | None]:

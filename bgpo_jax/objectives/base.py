@@ -129,6 +129,11 @@ class Objective:
     config.rl.objective = self.name
     return config
 
+  def remat_for(self, config) -> str:
+    """What model.remat_policy="auto" resolves to for this config (`remat_policy`; an objective
+    whose memory depends on its hyper-parameters, e.g. ESPO's per-sample bound, overrides it)."""
+    return self.remat_policy
+
   def check_config(self, config) -> None:
     """Raises config.ConfigError for settings this objective cannot run (called by validate)."""
 
