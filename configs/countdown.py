@@ -2,7 +2,8 @@
 
 python -m bgpo_jax.main --config=configs/countdown.py --workdir=DIR \
     --config.init.checkpoint=/path/LLaDA-8B-Instruct --config.task.data_dir=/path/datasets
-`--config=configs/countdown.py:diffu_grpo`: d1's diffu-GRPO recipe instead (bgpo_jax.config.d1_diffu_grpo).
+`--config=configs/countdown.py:<objective>`: that objective's published recipe instead (`diffu_grpo` d1's,
+`espo`, `spg`, `coupled_grpo`, `wd1` their authors'; docs/objectives.md).
 """
 
 from bgpo_jax.config import paper_config, task_config

@@ -2,6 +2,8 @@
 
 python -m bgpo_jax.main --config=configs/dream_math.py --workdir=DIR \
     --config.init.checkpoint=/path/Dream-v0-Instruct-7B --config.task.data_dir=/path/datasets
+`--config=configs/dream_math.py:<objective>`: that objective's published recipe instead (as for
+configs/math.py; a recipe's sampler settings, remasking included, replace the ones below).
 
 Settings and where they come from:
 - The objective budget is the BGPO paper's math setting (configs/math.py, SPEC section 3): 512
@@ -20,10 +22,10 @@ Settings and where they come from:
 Not taken over: Dream's README nucleus sampling (top_p 0.95): our sampler has no top-p.
 """
 
-from bgpo_jax.config import paper_config
+from bgpo_jax.config import paper_config, task_config
 
 
-def get_config():
+def get_config(variant: str = ""):
   c = paper_config("math", gen_length=512, train_steps=256, eval_steps=512, num_mc_samples=16,
                    eval_tasks="gsm8k,math500")
   c.model.family = "dream"
@@ -31,4 +33,4 @@ def get_config():
   c.rollout.remasking = "entropy"  # also the eval sampler's rule (greedy candidates at T = 0)
   # rollout.cache stays paper_config's "dual" (Fast-dLLM's dual KV cache; Dream's cached window
   # starts one position early for its shifted predictions, models/dream_cache.py); eval exact.
-  return c
+  return task_config(c, variant)

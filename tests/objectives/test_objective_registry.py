@@ -178,3 +178,25 @@ def test_every_registered_objective_runs_on_every_shipped_config(config_file, tm
     config_lib.validate(c, data_parallel_size=8)
     if c.model.remat_policy == "auto":
       assert config_lib.resolved_remat_policy(c) == obj.remat_policy, (config_file, name)
+
+
+# The task configs take a variant (base.py and the demo do not: the demo's lengths are its own).
+TASK_CONFIGS = [f for f in SHIPPED if f not in ("base.py", "demo.py")]
+
+
+@pytest.mark.parametrize("config_file", TASK_CONFIGS)
+def test_every_objectives_recipe_validates_on_every_task_config(config_file, tmp_path):
+  """`--config=configs/<task>.py:<objective>` applies that objective's published recipe (its own
+  config.rl.<objective> section included) and the result validates on 8 devices."""
+  for name in objectives.names():
+    if name.startswith("test_"):
+      continue
+    c = memory.load_config_file(f"{ROOT / 'configs' / config_file}:{name}", [])
+    assert c.rl.objective == name, (config_file, name)
+    with c.unlocked():  # validated, not read
+      c.task.data_dir = c.tokenizer.path = str(tmp_path)
+      if c.task.name == "code":
+        c.task.train_file = str(tmp_path / "train.jsonl")
+        (tmp_path / "train.jsonl").touch()
+    config_lib.validate(c, data_parallel_size=8)
+    objectives.get(name).hparams_from_config(c.rl)  # the section fills the objective's Hparams
