@@ -635,6 +635,9 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   except (TypeError, ValueError) as e:
     where = "config.rl" if objective.flat_hparams else f"config.rl.{objective.name}"
     raise ConfigError(f"{where}: {e}") from None
+  if c.mode == "rl" and c.rl.kl_beta > 0 and objective.ref_field is None:
+    raise ConfigError(f"config.rl.kl_beta {c.rl.kl_beta} needs reference terms, which rl.objective "
+                      f"{objective.name!r} does not define (its authors' loss has no KL); set --config.rl.kl_beta=0")
   objective.check_config(c)  # e.g. vrpo_ol refuses an explicit "activations"
   if resolved_remat_policy(c) not in REMAT_POLICIES:
     raise ConfigError(f"config.model.remat_policy 'auto' resolves to {resolved_remat_policy(c)!r} (the "

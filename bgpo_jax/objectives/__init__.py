@@ -36,3 +36,4 @@ from bgpo_jax.objectives.sft import SFT
 from bgpo_jax.objectives.wd1 import WD1
 from bgpo_jax.objectives.coupled_grpo import CoupledGRPO, coupled_grpo_objective
 from bgpo_jax.objectives.espo import ESPO, espo_bound_objective, espo_objective
+from bgpo_jax.objectives.spg import SPG, spg_objective

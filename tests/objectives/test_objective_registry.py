@@ -157,6 +157,11 @@ def test_remat_auto_is_the_objectives_choice(tmp_path):
   assert config_lib.resolved_remat_policy(c) == "none"
 
 
+# What an objective needs beyond `--config.rl.objective=NAME` on some shipped config (its
+# check_config says so in one line): SPG masks one distinct block per MC sample, so n <= the
+# number of blocks, and its blocks must tile the demo's 16-token responses.
+OBJECTIVE_NEEDS = {"spg": ("--config.rl.num_mc_samples=2", "--config.rl.spg.block_length=8")}
+
 SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
 
 
@@ -169,7 +174,8 @@ def test_every_registered_objective_runs_on_every_shipped_config(config_file, tm
     obj = objectives.get(name)
     if not obj.rl:
       continue
-    c = memory.load_config_file(str(ROOT / "configs" / config_file), [f"--config.rl.objective={name}"])
+    c = memory.load_config_file(str(ROOT / "configs" / config_file),
+                                [f"--config.rl.objective={name}", *OBJECTIVE_NEEDS.get(name, ())])
     with c.unlocked():  # validated, not read
       c.task.data_dir = c.tokenizer.path = str(tmp_path)
       if c.task.name == "code":
