@@ -132,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- RL
   c.rl = ml_collections.ConfigDict()
-  c.rl.objective = "bgpo"  # bgpo / vrpo_ol / diffu_grpo, or one registered by bgpo_jax.objectives.register
+  c.rl.objective = "bgpo"  # bgpo / vrpo_ol / diffu_grpo / espo / spg / coupled_grpo / wd1, or a registered one
   c.rl.num_mc_samples = 16  # n: MC samples of the ELBO per response
   c.rl.mc_estimator = "stratified"  # stratified (mask counts L/l_j) / continuous (t ~ U, 1/t)
   c.rl.group_size = 8  # G responses per prompt

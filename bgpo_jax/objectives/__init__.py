@@ -1,5 +1,6 @@
-"""RL objectives for masked diffusion LLMs: group advantages, BGPO, VRPO-OL and diffu-GRPO, each
-an `Objective` in the registry (base.py), one module per objective.
+"""RL objectives for masked diffusion LLMs: group advantages, BGPO, VRPO-OL, diffu-GRPO (d1), ESPO,
+SPG, coupled-GRPO (DiffuCoder) and wd1, each an `Objective` in the registry (base.py), one module
+per objective.
 
 Every objective is a value to MAXIMIZE (the loss is its negative), averaged over the batch of
 responses. The math, and how each line here follows from it, is in docs/objectives.md
