@@ -165,6 +165,33 @@ def test_mu2_with_kl_runs_for_every_objective(objective, tmp_path, monkeypatch, 
     assert len({r.tobytes() for r in group0}) > 1
 
 
+@pytest.mark.slow  # an RL run per objective
+@pytest.mark.parametrize("objective", ["espo", "spg", "coupled_grpo", "wd1"])
+def test_peer_objectives_train_through_the_loop(objective, tmp_path, monkeypatch, record_rl_batches):
+  """The peers' objectives as a user runs them: mu = 2 inner updates (and a KL where the objective
+  has reference terms) through the real loop; finite metrics, two applied updates, moved weights."""
+  from bgpo_jax import objectives
+  kl = 0.1 if objectives.get(objective).ref_field is not None else 0.0
+  c = tiny(objective, mu=2, kl=kl)
+  if objective == "spg":
+    c.rl.spg.block_length = 8  # 4 blocks of the 32-token responses, one per MC sample at most
+  run = run_lib.build_run(c, str(tmp_path))
+  _inject_stops(monkeypatch, run.tokenizer.eot_id)
+  batches = record_rl_batches(monkeypatch)
+  initial = jax.tree.map(np.asarray, run.state.params)
+  train(run)
+  rows = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+  assert len(rows) == 1 and all(np.isfinite(rows[0][k]) for k in ("train/loss", "train/grad_norm", "train/kl"))
+  assert int(run.state.step) == 2  # both inner updates applied (a skipped one does not count)
+  if kl:
+    assert rows[0]["train/kl"] > 0  # the second update's policy left the reference
+  moved = max(float(np.abs(np.asarray(a, np.float32) - b).max())
+              for a, b in zip(jax.tree.leaves(run.state.params), jax.tree.leaves(initial)))
+  assert moved > 0
+  updates = batches[-1]["updates"]
+  assert len(updates) == 2 and set(updates[0]) >= {f.name for f in objectives.get(objective).fields}
+
+
 def _check_mu2_run(trainer, b, workdir, initial):
   """b: the host batch the RL step trained on."""
   c = trainer.config
@@ -253,6 +280,10 @@ def test_every_base_config_key_is_read(bgpo_run, tmp_path):
     for schedule in config_lib.SCHEDULES:  # final_lr_fraction is read by the decaying ones
       files.optim.schedule = schedule
       optim_lib.make_schedule(files.optim, 10)
+    from bgpo_jax import objectives
+    for name in objectives.names():  # each objective's step reads its own config.rl.<name> section
+      files.rl.objective = name
+      run_lib.step_config(files, "rl", 1)
   reads |= more
   keys = set(config_lib.flat_keys(config_lib.base_config()))
   unread = sorted(keys - reads - KNOWN_UNREAD)
