@@ -72,6 +72,11 @@ class RolloutInputs:
   # (wd1 weights each row by softmaxes over its group).
   advantages: np.ndarray | None = None
 
+  def response_mask(self) -> np.ndarray:
+    """[rows, gen_length] float32: 1 on each response's tokens up to and including its first stop
+    token (`lengths`), 0 on the EOS fill after it: the tokens a token-level loss counts."""
+    return (np.arange(self.gen_length)[None] < np.asarray(self.lengths)[:, None]).astype(np.float32)
+
 
 class Objective:
   """An RL (or SFT) objective to MAXIMIZE; subclass it and `register` an instance.

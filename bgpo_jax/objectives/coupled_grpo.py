@@ -41,11 +41,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bgpo_jax.objectives.base import BatchField, Objective, RolloutInputs, register
 from bgpo_jax.objectives.common import _capped_exp, _dual_clip, _float, k3
-from bgpo_jax.objectives.diffu_grpo import sequence_means
+from bgpo_jax.objectives.diffu_grpo import sequence_means, token_aux
 
 TOKEN_AVERAGES = ("sequence", "batch")
 
@@ -285,19 +284,13 @@ class CoupledGRPO(Objective):
     obj = coupled_grpo_objective(logp, old, ref, mb["advantages"], rmask, clip_low=hp.clip_low,
                                  clip_high=hp.clip_high, beta=cfg.kl_beta, token_average=hp.token_average,
                                  dual_clip=hp.dual_clip)
-    lp = jax.lax.stop_gradient(logp)
-    kl = jnp.zeros(()) if ref is None else jnp.sum(sequence_means(k3(ref - lp), rmask))
-    rows = logp.shape[0]
-    return obj * rows, {"elbo": jnp.sum(lp * rmask),
-                        "abs_d": jnp.sum(jnp.abs(lp - old) * rmask) / jnp.maximum(jnp.sum(rmask), 1.0) * rows,
-                        "kl": kl}
+    return obj * logp.shape[0], token_aux(logp, old, ref, rmask)
 
   def old_terms(self, model_cfg, cfg, params, mb: dict) -> jax.Array:
     return self._logps(model_cfg, cfg, params, mb)
 
   def host_fields(self, inputs: RolloutInputs) -> list[dict]:
-    L = inputs.gen_length
-    rmask = (np.arange(L)[None] < np.asarray(inputs.lengths)[:, None]).astype(np.float32)
+    rmask = inputs.response_mask()
     hp = self.hparams_from_config(inputs.rl)
     if hp.resample_masks:
       return [{"response_mask": rmask, "row_seeds": inputs.row_seeds(u)} for u in range(inputs.updates)]

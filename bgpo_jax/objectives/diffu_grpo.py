@@ -9,7 +9,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bgpo_jax.objectives.base import BatchField, Objective, RolloutInputs, register
 from bgpo_jax.objectives.common import _capped_exp, _check_clip, _dual_clip, _float, _ppo_clip, k3
@@ -82,6 +81,17 @@ def diffu_grpo_objective(
   return jnp.mean(sequence_means(per_token, response_mask))
 
 
+def token_aux(logp: jax.Array, old: jax.Array, ref: jax.Array | None, response_mask: jax.Array) -> dict:
+  """The step's aux sums of a token-level objective on [rows, L] log-probs (stop-gradiented here):
+  "elbo" the counted tokens' log-prob sum, "abs_d" mean |logp - old| per counted token times rows,
+  "kl" the per-response mean k3 to the reference (0 without one), all summed over rows."""
+  lp = jax.lax.stop_gradient(logp)
+  kl = jnp.zeros(()) if ref is None else jnp.sum(sequence_means(k3(ref - lp), response_mask))
+  rows = lp.shape[0]
+  abs_d = jnp.sum(jnp.abs(lp - old) * response_mask) / jnp.maximum(jnp.sum(response_mask), 1.0) * rows
+  return {"elbo": jnp.sum(lp * response_mask), "abs_d": abs_d, "kl": kl}
+
+
 def sequence_means(per_token: jax.Array, response_mask: jax.Array) -> jax.Array:
   """[B, L] token values -> [B] means over each row's masked-in tokens (0 for a row with none)."""
   mask = jnp.asarray(response_mask).astype(bool)
@@ -141,20 +151,14 @@ class DiffuGRPO(Objective):
     rmask = mb["response_mask"]
     obj = diffu_grpo_objective(logp, old, ref, mb["advantages"], rmask, clip_eps=hp.clip_eps,
                                beta=cfg.kl_beta, dual_clip=hp.dual_clip)
-    lp = jax.lax.stop_gradient(logp)
-    kl = jnp.zeros(()) if ref is None else jnp.sum(sequence_means(k3(ref - lp), rmask))
-    rows = logp.shape[0]
-    return obj * rows, {"elbo": jnp.sum(lp * rmask),
-                        "abs_d": jnp.sum(jnp.abs(lp - old) * rmask) / jnp.maximum(jnp.sum(rmask), 1.0) * rows,
-                        "kl": kl}
+    return obj * logp.shape[0], token_aux(logp, old, ref, rmask)
 
   def old_terms(self, model_cfg, cfg, params, mb: dict) -> jax.Array:
     return self._logps(model_cfg, cfg, params, mb)
 
   def host_fields(self, inputs: RolloutInputs) -> list[dict]:
     # d1: fresh prompt masks for every inner update (and here for every row).
-    L = inputs.gen_length
-    rmask = (np.arange(L)[None] < np.asarray(inputs.lengths)[:, None]).astype(np.float32)
+    rmask = inputs.response_mask()
     return [{"response_mask": rmask, "row_seeds": inputs.row_seeds(u)} for u in range(inputs.updates)]
 
 

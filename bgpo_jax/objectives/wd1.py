@@ -230,8 +230,7 @@ class WD1(Objective):
     hp = self.hparams_from_config(inputs.rl)
     weights = G * np.asarray(wd1_group_weights(adv.reshape(-1, G), psi=hp.psi,
                                                negative_weight=hp.negative_weight)).reshape(-1)
-    L = inputs.gen_length
-    rmask = (np.arange(L)[None] < np.asarray(inputs.lengths)[:, None]).astype(np.float32)
+    rmask = inputs.response_mask()
     weights = weights.astype(np.float32)
     # Fresh prompt masks for every inner update (wd1: random_masking, rev_grpo_trainer.py:548-550).
     return [{"response_mask": rmask, "row_seeds": inputs.row_seeds(u), "wd1_weights": weights}
