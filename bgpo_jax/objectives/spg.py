@@ -354,9 +354,8 @@ class SPG(Objective):
       raise ConfigError(f"config.rl.num_mc_samples {n} exceeds the {L // bl} blocks of "
                         f"config.rl.spg.block_length {bl} in gen_length {L}: each SPG sample masks a distinct "
                         f"block; use num_mc_samples <= {L // bl} (the authors' recipe: 2)")
-    if config.rl.kl_beta:
-      raise ConfigError(f"config.rl.kl_beta {config.rl.kl_beta}: SPG has no KL term (the authors' trainer "
-                        "raises for beta != 0); set --config.rl.kl_beta=0")
+    # rl.kl_beta > 0 is refused by config.validate: SPG has no reference terms (the authors' trainer
+    # raises for beta != 0 too).
 
   def warnings(self, config) -> tuple[str, ...]:
     hp = self.hparams_from_config(config.rl)

@@ -352,7 +352,7 @@ def test_config_checks_and_recipe():
   config_lib.validate(c)
   assert any("block_length 4 differs" in w for w in objectives.get("spg").warnings(c))
   c.rl.kl_beta = 0.04
-  with pytest.raises(config_lib.ConfigError, match="SPG has no KL term"):
+  with pytest.raises(config_lib.ConfigError, match="needs reference terms, which rl.objective .spg. does not define"):
     config_lib.validate(c)
   c.rl.kl_beta = 0.0
   c.rl.spg.eubo_beta = -1.0

@@ -2,10 +2,12 @@
 loss (apple/ml-diffucoder, src/open_r1/coupled_grpo.py) on small seeded cases and writes their
 inputs and outputs as JSON.
 
-Runs under a torch environment (torch + numpy; no jax, no bgpo_jax):
+Runs under a torch environment (torch + numpy, no jax; of bgpo_jax only parity/authors.py):
 
   python bgpo_jax/tools/parity/coupled_grpo.py --repo /path/to/ml-diffucoder \
       --out tests/objectives/fixtures/coupled_grpo.json
+
+(or `python -m bgpo_jax.tools.parity.coupled_grpo ...`), from the repository root.
 
 `--repo` is a checkout (or an exported tree) of the authors' repository. Their module-level
 `selective_log_softmax` and the methods `compute_loss`, `forward_process`, `get_logits` and
@@ -31,56 +33,31 @@ compares with the formulas our JAX mask draw implements.
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import json
 import random
 import subprocess
+import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+if not __package__:  # run as a file: the repository root, for the shared helpers below
+  sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from bgpo_jax.tools.parity import authors
 
 _FILE = Path("src") / "open_r1" / "coupled_grpo.py"
 _METHODS = ("compute_loss", "forward_process", "get_logits", "_get_per_token_logps")
 MASK_ID = 99  # any id outside the toy vocabulary's targets
 
 
-def _set_seed(seed) -> None:
-  """accelerate.utils.set_seed on a CPU-only machine."""
-  seed = int(seed)
-  random.seed(seed)
-  np.random.seed(seed)
-  torch.manual_seed(seed)
-
-
-def _nanmin(t):
-  return torch.min(t[~torch.isnan(t)]) if (~torch.isnan(t)).any() else torch.tensor(float("nan"))
-
-
-def _nanmax(t):
-  return torch.max(t[~torch.isnan(t)]) if (~torch.isnan(t)).any() else torch.tensor(float("nan"))
-
-
 def load_authors_class(repo: Path):
   """The authors' DiffuGRPOTrainer methods (`_METHODS`) and `selective_log_softmax` as a plain
   class, executed from their source."""
-  path = repo / _FILE
-  tree = ast.parse(path.read_text())
-  sls = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "selective_log_softmax")
-  cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DiffuGRPOTrainer")
-  funcs = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in _METHODS]
-  missing = set(_METHODS) - {f.name for f in funcs}
-  if missing:
-    raise SystemExit(f"{path} has no DiffuGRPOTrainer.{sorted(missing)}")
-  for f in funcs:
-    f.decorator_list = []  # TRL's profiling_decorator: timing only
-  module = ast.Module(body=[sls] + funcs, type_ignores=[])
-  ns = {"torch": torch, "F": F, "np": np, "random": random, "set_seed": _set_seed,
-        "nanmin": _nanmin, "nanmax": _nanmax}
-  exec(compile(ast.fix_missing_locations(module), str(path), "exec"), ns)
+  ns = authors.load(repo / _FILE, functions=("selective_log_softmax",), cls="DiffuGRPOTrainer", methods=_METHODS,
+                    extra={"random": random, "nanmin": authors.nanmin, "nanmax": authors.nanmax})
   return type("AuthorsCoupledGRPO", (), {name: ns[name] for name in _METHODS})
 
 

@@ -1,9 +1,11 @@
 """ESPO parity fixture: runs the authors' own ELBO, forward process and loss (ML-GSAI/ESPO,
 espo/espo_trainer.py) on small seeded cases and writes their inputs and outputs as JSON.
 
-Runs under a torch environment (torch + numpy; no jax, no bgpo_jax):
+Runs under a torch environment (torch + numpy, no jax; of bgpo_jax only parity/authors.py):
 
   python bgpo_jax/tools/parity/espo.py --repo /path/to/ESPO --out tests/objectives/fixtures/espo.json
+
+(or `python -m bgpo_jax.tools.parity.espo ...`), from the repository root.
 
 `--repo` is a checkout (or an exported tree) of the authors' repository. Their module functions
 `forward_process` and `compute_approx_kl` and the `ESPOTrainer` methods `compute_loss`, `_get_elbo`,
@@ -26,11 +28,10 @@ with the formulas of our mask draw.
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import json
-import random
 import subprocess
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -39,43 +40,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+if not __package__:  # run as a file: the repository root, for the shared helpers below
+  sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from bgpo_jax.tools.parity import authors
+
 _METHODS = ("compute_loss", "_get_elbo", "_get_elbo_mc", "get_logits")
 _FUNCTIONS = ("forward_process", "compute_approx_kl")
 MASK_ID = 1000  # outside the stand-in vocabulary
 
 
-def _set_seed(seed) -> None:
-  """accelerate.utils.set_seed on a CPU-only machine."""
-  seed = int(seed)
-  random.seed(seed)
-  np.random.seed(seed)
-  torch.manual_seed(seed)
-
-
-def _nanmin(t):
-  return torch.min(t[~torch.isnan(t)]) if (~torch.isnan(t)).any() else torch.tensor(float("nan"))
-
-
-def _nanmax(t):
-  return torch.max(t[~torch.isnan(t)]) if (~torch.isnan(t)).any() else torch.tensor(float("nan"))
-
-
 def load_authors(repo: Path) -> dict:
   """The authors' functions and ESPOTrainer methods, executed from their source: a namespace."""
-  path = repo / "espo" / "espo_trainer.py"
-  tree = ast.parse(path.read_text())
-  funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in _FUNCTIONS]
-  cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ESPOTrainer")
-  methods = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in _METHODS]
-  missing = (set(_FUNCTIONS) - {f.name for f in funcs}) | (set(_METHODS) - {f.name for f in methods})
-  if missing:
-    raise SystemExit(f"{path} lacks {sorted(missing)}")
-  for f in methods:
-    f.decorator_list = []  # TRL's profiling_decorator: timing only
-  module = ast.Module(body=funcs + methods, type_ignores=[])
-  ns = {"torch": torch, "F": F, "np": np, "set_seed": _set_seed, "nanmin": _nanmin, "nanmax": _nanmax}
-  exec(compile(ast.fix_missing_locations(module), str(path), "exec"), ns)
-  return ns
+  return authors.load(repo / "espo" / "espo_trainer.py", functions=_FUNCTIONS, cls="ESPOTrainer", methods=_METHODS,
+                      extra={"nanmin": authors.nanmin, "nanmax": authors.nanmax})
 
 
 class _Model:
@@ -263,18 +240,8 @@ def main() -> None:
          "loss_cases": [run_loss_case(ns, c) for c in LOSS_CASES],
          "elbo_cases": [run_elbo_case(ns, c) for c in ELBO_CASES],
          "mask_stats": mask_statistics(ns)}
-
-  def rounded(o):
-    if isinstance(o, float):
-      return float(f"{o:.9g}")
-    if isinstance(o, list):
-      return [rounded(v) for v in o]
-    if isinstance(o, dict):
-      return {k: rounded(v) for k, v in o.items()}
-    return o
-
   a.out.parent.mkdir(parents=True, exist_ok=True)
-  a.out.write_text(json.dumps(rounded(out), separators=(",", ":")) + "\n")
+  a.out.write_text(json.dumps(authors.rounded(out), separators=(",", ":")) + "\n")
   print(f"wrote {a.out} ({a.out.stat().st_size} bytes; {len(out['loss_cases'])} loss, "
         f"{len(out['elbo_cases'])} ELBO cases; authors' commit {commit})")
 

@@ -1,9 +1,11 @@
 """SPG parity fixture: runs the authors' own loss and forward process (facebookresearch/SPG,
 spg/spg_trainer.py) on small seeded cases and writes their inputs and outputs as JSON.
 
-Runs under a torch environment (torch + numpy; no jax, no bgpo_jax):
+Runs under a torch environment (torch + numpy, no jax; of bgpo_jax only parity/authors.py):
 
   python bgpo_jax/tools/parity/spg.py --repo /path/to/SPG --out tests/objectives/fixtures/spg.json
+
+(or `python -m bgpo_jax.tools.parity.spg ...`), from the repository root.
 
 `--repo` is a checkout (or an exported tree) of the authors' repository. The methods
 `compute_loss`, `forward_process`, `get_logits` and `_get_per_seq_logps` of their `SPGTrainer`
@@ -24,10 +26,9 @@ the test compares with the formulas our JAX mask draw implements.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import random
 import subprocess
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -36,31 +37,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+if not __package__:  # run as a file: the repository root, for the shared helpers below
+  sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from bgpo_jax.tools.parity import authors
+
 _METHODS = ("compute_loss", "forward_process", "get_logits", "_get_per_seq_logps")
-
-
-def _set_seed(seed) -> None:
-  """accelerate.utils.set_seed on a CPU-only machine."""
-  seed = int(seed)
-  random.seed(seed)
-  np.random.seed(seed)
-  torch.manual_seed(seed)
 
 
 def load_authors_class(repo: Path):
   """The authors' SPGTrainer methods (`_METHODS`) as a plain class, executed from their source."""
-  src = (repo / "spg" / "spg_trainer.py").read_text()
-  tree = ast.parse(src)
-  cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SPGTrainer")
-  funcs = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in _METHODS]
-  missing = set(_METHODS) - {f.name for f in funcs}
-  if missing:
-    raise SystemExit(f"{repo}/spg/spg_trainer.py has no SPGTrainer.{sorted(missing)}")
-  for f in funcs:
-    f.decorator_list = []  # TRL's profiling_decorator: timing only
-  module = ast.Module(body=funcs, type_ignores=[])
-  ns = {"torch": torch, "F": F, "np": np, "set_seed": _set_seed, "warnings": warnings}
-  exec(compile(ast.fix_missing_locations(module), str(repo / "spg" / "spg_trainer.py"), "exec"), ns)
+  ns = authors.load(repo / "spg" / "spg_trainer.py", cls="SPGTrainer", methods=_METHODS, extra={"warnings": warnings})
   return type("AuthorsSPG", (), {name: ns[name] for name in _METHODS})
 
 
@@ -224,17 +210,7 @@ def main() -> None:
   fixture = {"source": "facebookresearch/SPG spg/spg_trainer.py", "commit": commit, "cases": cases,
              "mask_stats": mask_statistics(cls, draws=args.draws)}
   args.out.parent.mkdir(parents=True, exist_ok=True)
-
-  def compact(o):  # floats rounded to float32 precision keep the file small
-    if isinstance(o, float):
-      return float(f"{o:.9g}")
-    if isinstance(o, list):
-      return [compact(v) for v in o]
-    if isinstance(o, dict):
-      return {k: compact(v) for k, v in o.items()}
-    return o
-
-  args.out.write_text(json.dumps(compact(fixture), separators=(",", ":")) + "\n")
+  args.out.write_text(json.dumps(authors.rounded(fixture), separators=(",", ":")) + "\n")
   print(f"wrote {args.out}: {len(cases)} loss cases, mask statistics over {args.draws} seeds")
 
 

@@ -1,8 +1,10 @@
 """Parity fixture for the wd1 objective, from the authors' own code (github.com/xiaohangt/wd1).
 
-Runs under a plain torch + numpy environment (no jax, no bgpo_jax):
+Runs under a plain torch environment (torch + numpy, no jax; of bgpo_jax only parity/authors.py):
 
   python bgpo_jax/tools/parity/wd1.py --repo /path/to/wd1-checkout --out tests/objectives/fixtures/wd1.json
+
+(or `python -m bgpo_jax.tools.parity.wd1 ...`), from the repository root.
 
 --repo is a checkout (or an exported tree) of the authors' repository. The methods needed are cut
 out of their trainer files with `ast` and run as they are, bound to a stand-in trainer object:
@@ -11,7 +13,8 @@ out of their trainer files with `ast` and run as they are, bound to a stand-in t
     `_get_per_token_logps` replaced by a leaf tensor of given token log-probs, so the loss value and
     its gradient w.r.t. those log-probs come from their code;
   - `forward_process` (the one-step mask: prompt tokens masked w.p. p_mask_prompt, the response
-    always) with accelerate's set_seed replaced by torch.manual_seed: its mask statistics;
+    always; accelerate's set_seed as on CPU, and their draw reads only torch's generator): its mask
+    statistics;
   - `_get_per_token_logps` with a stand-in model returning fixed logits: which positions and which
     log-softmax entries make the token log-probs.
 One compute_loss call holds one prompt's group (per_device_train_batch_size = num_generations = 6 in
@@ -22,42 +25,21 @@ mean of the groups' losses (DDP / DeepSpeed average gradients over devices).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import subprocess
-import textwrap
+import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+if not __package__:  # run as a file: the repository root, for the shared helpers below
+  sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from bgpo_jax.tools.parity import authors
 
 NP_FILE = "wd1/trainers/rev_grpo_trainer.py"
 P_FILE = "wd1/trainers/rev_grpo_trainer_psr.py"
-
-
-def load_methods(path: Path, cls: str, names: tuple[str, ...], namespace: dict) -> dict:
-  """The source of methods `names` of class `cls` in `path`, exec'd as plain functions."""
-  tree = ast.parse(path.read_text())
-  src = path.read_text().splitlines()
-  out = {}
-  for node in tree.body:
-    if isinstance(node, ast.ClassDef) and node.name == cls:
-      for fn in node.body:
-        if isinstance(fn, ast.FunctionDef) and fn.name in names:
-          code = textwrap.dedent("\n".join(src[fn.lineno - 1:fn.end_lineno]))
-          ns = dict(namespace)
-          exec(compile(code, f"{path}:{cls}.{fn.name}", "exec"), ns)
-          out[fn.name] = ns[fn.name]
-  missing = set(names) - set(out)
-  if missing:
-    raise SystemExit(f"{path}: class {cls} has no method(s) {sorted(missing)}; is --repo the wd1 repository?")
-  return out
-
-
-def _namespace() -> dict:
-  return {"torch": torch, "F": F, "np": np, "set_seed": lambda seed: torch.manual_seed(int(seed))}
 
 
 class Stub:
@@ -172,10 +154,11 @@ def main():
   ap.add_argument("--commit", default="", help="the checkout's commit, recorded (default: git rev-parse in --repo)")
   args = ap.parse_args()
   repo = Path(args.repo)
-  ns = _namespace()
-  np_methods = load_methods(repo / NP_FILE, "RevDiffuGRPOTrainer",
-                            ("compute_loss", "forward_process", "get_logits", "_get_per_token_logps"), ns)
-  p_methods = load_methods(repo / P_FILE, "RevPSRDiffuGRPOTrainer", ("compute_loss",), ns)
+  np_names = ("compute_loss", "forward_process", "get_logits", "_get_per_token_logps")
+  ns = authors.load(repo / NP_FILE, cls="RevDiffuGRPOTrainer", methods=np_names)
+  np_methods = {name: ns[name] for name in np_names}
+  p_methods = {"compute_loss": authors.load(repo / P_FILE, cls="RevPSRDiffuGRPOTrainer",
+                                            methods=("compute_loss",))["compute_loss"]}
   commit = args.commit
   if not commit:
     try:
