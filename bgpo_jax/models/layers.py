@@ -5,7 +5,8 @@ and by the KV-cached forwards (llada_cache.py, dream_cache.py).
 Block: `n = RMSNorm(x)`; `x += attn_out(Attention(RoPE(q_proj n + q_b), RoPE(k_proj n + k_b),
 v_proj n + v_b))`; `m = RMSNorm(x)`; `x += ff_out(silu(ff_proj m) * up_proj m)`. The biases exist
 in a family whose parameters hold them (Dream); LLaDA has none. RMSNorm, RoPE and softmax run in
-float32, the matmuls in the compute dtype.
+float32, the matmuls in the compute dtype. With LoRA adapters (models/lora.py) a targeted matmul
+`x @ W` becomes `x @ W + scale * (x @ A) @ B`, unmerged (`lora_dense`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,26 @@ def dense(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
   return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
+# One targeted weight's LoRA factors for a matmul: (A [K, r], scale * B [r, N]) in the compute
+# dtype, or None (no adapter on that weight).
+LoraFactors = tuple[jax.Array, jax.Array] | None
+
+
+def lora_dense(x: jax.Array, w: jax.Array, lora: LoraFactors = None) -> jax.Array:
+  """x [..., K] @ w [K, N] (+ (x @ A) @ B for lora = (A [K, r], B [r, N])) -> [..., N].
+
+  Unmerged: the low-rank path costs 2 r (K + N) FLOPs per row against the matmul's 2 K N, and
+  with a frozen W the backward needs no [K, N] weight gradient (a merged W + A @ B would)."""
+  y = dense(x, w)
+  return y if lora is None else y + dense(dense(x, lora[0]), lora[1])
+
+
+def _project(n: jax.Array, w: jax.Array, b: jax.Array | None = None, lora: LoraFactors = None) -> jax.Array:
+  # The base layer's output (bias included), then the LoRA term: PEFT's order of the sums.
+  y = dense(n, w) if b is None else dense(n, w) + b
+  return y if lora is None else y + dense(dense(n, lora[0]), lora[1])
+
+
 # The block's two halves begin with "rms_norm, then matmuls" and the MLP ends with "SwiGLU, then a
 # matmul". Under plain autodiff each keeps its elementwise intermediates for the backward: the
 # norm's x * rsqrt and its weighted output (two [B, S, D] float32 buffers per norm), one flattened
@@ -105,22 +126,25 @@ def dense(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
 
 @functools.partial(jax.checkpoint, static_argnums=(3, 4), prevent_cse=False)
 def norm_dense(x: jax.Array, norm_weight: jax.Array, weights: tuple, eps: float, cdt) -> tuple:
-  """rms_norm(x) @ w (+ b) for each (w, b) in weights, from one flattened copy of the normalised
-  activations. x [B,S,D]; w [D,N_i]; b [N_i] or None -> tuple of [B*S, N_i] in cdt."""
+  """rms_norm(x) @ w (+ b) (+ the LoRA term) for each (w, b) or (w, b, lora) in weights, from one
+  flattened copy of the normalised activations. x [B,S,D]; w [D,N_i]; b [N_i] or None; lora
+  (A [D, r], B [r, N_i]) or None (LoraFactors) -> tuple of [B*S, N_i] in cdt."""
   n = rms_norm(x, norm_weight, eps).astype(cdt).reshape(-1, x.shape[-1])
-  return tuple(dense(n, w) if b is None else dense(n, w) + b for w, b in weights)
+  return tuple(_project(n, *entry) for entry in weights)
 
 
-def swiglu_dense(gate: jax.Array, up: jax.Array, w_out: jax.Array, constrain=None) -> jax.Array:
+def swiglu_dense(gate: jax.Array, up: jax.Array, w_out: jax.Array, constrain=None,
+                 lora: LoraFactors = None) -> jax.Array:
   """(silu(gate) * up) @ w_out with the product recomputed in the backward. gate / up [..., mlp],
-  w_out [mlp, D] -> [..., D]; constrain: applied to the product (its sharding) or None."""
-  return _swiglu_dense(gate, up, w_out, constrain)
+  w_out [mlp, D] -> [..., D]; constrain: applied to the product (its sharding) or None; lora:
+  w_out's LoRA factors (A [mlp, r], B [r, D]) or None."""
+  return _swiglu_dense(gate, up, w_out, constrain, lora)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(3,), prevent_cse=False)
-def _swiglu_dense(gate, up, w_out, constrain):
+def _swiglu_dense(gate, up, w_out, constrain, lora):
   h = jax.nn.silu(gate) * up
-  return dense(h if constrain is None else constrain(h), w_out)
+  return lora_dense(h if constrain is None else constrain(h), w_out, lora)
 
 
 # (k, v) -> (keys, values): how a block's fresh K / V [B,W,KV,hd] become the keys and values its
@@ -128,17 +152,29 @@ def _swiglu_dense(gate, up, w_out, constrain):
 KVUpdate = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
+def _lora_factors(ab: Mapping[str, jax.Array], axes: tuple, compute_axes: tuple, scale, cdt) -> LoraFactors:
+  """One layer's adapter {"a": [in, r], "b": [r, out]} of a weight with logical axes (in, out) ->
+  (A, scale * B) in cdt, laid out like the weight's compute copy (A keeps its input axis, B its
+  output axis; FSDP's "embed" gathered). The scale multiplies B before the cast: one rounding."""
+  a = sharding.gather_weight(ab["a"], (axes[0], None), (compute_axes[0], None), cdt)
+  b = sharding.gather_weight(ab["b"] * scale, (None, axes[1]), (None, compute_axes[1]), cdt)
+  return a, b
+
+
 def block(config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin, key_mask, *,
           param_axes: Mapping[str, tuple], compute_axes: Mapping[str, tuple],
-          update_kv: KVUpdate | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+          update_kv: KVUpdate | None = None, lora: Mapping[str, Mapping[str, jax.Array]] | None = None,
+          lora_scale: float = 1.0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """One pre-norm block on W positions, for every family.
 
   x [B,W,D] compute dtype; p this layer's (unstacked) weights, q / k / v biases added when p
   holds them ("q_bias", ...); cos / sin [W, hd] the positions' RoPE tables; key_mask bool [B,S]
   or None; param_axes / compute_axes: the family's logical axes of the stacked block weights and
   of their compute copies; update_kv: None (the window is the whole sequence, S = W: the keys are
-  its own) or the KV cache's update (KVUpdate). Returns (x [B,W,D], this block's fresh (k, v)
-  [B,W,KV,hd] after RoPE, for a cache)."""
+  its own) or the KV cache's update (KVUpdate); lora: this layer's LoRA adapters {weight key:
+  {"a": [in, r], "b": [r, out]}} (models/lora.py) or None, each targeted matmul adding
+  lora_scale * (x @ A) @ B. Returns (x [B,W,D], this block's fresh (k, v) [B,W,KV,hd] after
+  RoPE, for a cache)."""
   cdt = config.compute_jnp_dtype
   B, S, D = x.shape
   H, KV, hd = config.n_heads, config.n_kv_heads, config.head_dim
@@ -148,9 +184,10 @@ def block(config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin, key_mask, 
   # rollout.RolloutSampler.inference_params: then this is a no-op.)
   w = {k: sharding.gather_weight(v, param_axes[k][1:], compute_axes[k], cdt)
        for k, v in p.items() if k in compute_axes}
+  lw = {k: _lora_factors(ab, param_axes[k][1:], compute_axes[k], lora_scale, cdt) for k, ab in (lora or {}).items()}
 
-  def projections(names: tuple, norm: str) -> tuple:  # rms_norm(x) @ W (+ the family's bias)
-    weights = tuple((w[f"{nm}_proj"], w.get(f"{nm}_bias")) for nm in names)
+  def projections(names: tuple, norm: str) -> tuple:  # rms_norm(x) @ W (+ the family's bias, + LoRA)
+    weights = tuple((w[f"{nm}_proj"], w.get(f"{nm}_bias"), lw.get(f"{nm}_proj")) for nm in names)
     return norm_dense(x, p[norm], weights, config.rms_norm_eps, cdt)
 
   x = act(x, "act_embed")
@@ -164,10 +201,11 @@ def block(config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin, key_mask, 
   keys, values = (k, v) if update_kv is None else update_kv(k, v)
   ctx = act(attention.window_attention(config, q, keys, values, key_mask), "act_heads", None)
   ctx = checkpoint_name(ctx.reshape(B, S, H * hd), "attn_ctx")
-  x = checkpoint_name(act(x + dense(ctx, w["attn_out"]).astype(cdt), "act_embed"), "resid_mid")
+  x = checkpoint_name(act(x + lora_dense(ctx, w["attn_out"], lw.get("attn_out")).astype(cdt), "act_embed"),
+                      "resid_mid")
 
   gate, up = projections(("ff", "up"), "ff_norm")  # [B*S, mlp]
   gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
   mlp_act = lambda h: act(h.reshape(B, S, -1), "act_mlp")  # noqa: E731  (-> y [B, S, D])
-  y = swiglu_dense(gate, up, w["ff_out"], mlp_act)
+  y = swiglu_dense(gate, up, w["ff_out"], mlp_act, lw.get("ff_out"))
   return act(x + y.astype(cdt), "act_embed"), (k, v)

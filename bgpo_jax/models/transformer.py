@@ -332,25 +332,28 @@ def _write_window(cached: tuple, start, k: jax.Array, v: jax.Array) -> tuple:
 
 
 def run_blocks(config, x: jax.Array, blocks: Params, cos, sin, key_mask, *, remat: bool = False,
-               cache: KVCache | None = None, start=0, keep_kv: bool = False):
+               cache: KVCache | None = None, start=0, keep_kv: bool = False,
+               adapters: Params | None = None, lora_scale: float = 1.0):
   """The layer scan: x [B,W,D] through the L stacked blocks -> (x [B,W,D], fresh (k, v) each
   [L,B,W,KV,hd] with keep_kv, else None). cache: the KV cache (k, v) [L,B,S,KV,hd] whose
   positions [start, start + W) the window's own K / V replace, or None (W = S). remat: each
-  block under config.remat_policy's jax.checkpoint policy."""
+  block under config.remat_policy's jax.checkpoint policy. adapters: LoRA adapters {weight key:
+  {"a": [L,in,r], "b": [L,r,out]}} (models/lora.py), scanned with the blocks, or None."""
   param_axes = param_logical_axes(config)["blocks"]
   compute_axes = compute_weight_axes(config)
 
   def body(carry, layer):
-    p, cached = layer
+    p, cached, lora = layer
     update = None if cached is None else functools.partial(_write_window, cached, start)
     carry, kv = layers.block(config, carry, p, cos, sin, key_mask, param_axes=param_axes,
-                             compute_axes=compute_axes, update_kv=update)
+                             compute_axes=compute_axes, update_kv=update, lora=lora, lora_scale=lora_scale)
     return carry, (kv if keep_kv else None)
 
   if remat:
     # prevent_cse=False is safe (and faster) inside scan.
     body = jax.checkpoint(body, policy=layers.CHECKPOINT_POLICIES[config.remat_policy], prevent_cse=False)
-  return lax.scan(body, x, (blocks, cache), unroll=config.scan_unroll)
+  # adapters=None adds no leaves: the scan (and the program) is the one without LoRA.
+  return lax.scan(body, x, (blocks, cache, adapters), unroll=config.scan_unroll)
 
 
 def _final_norm(config, params: Params, x: jax.Array) -> jax.Array:
@@ -362,8 +365,15 @@ def shift_right(h: jax.Array) -> jax.Array:
   return jnp.concatenate([h[:, :1], h[:, :-1]], axis=1)
 
 
+def _lora_scale(adapters, lora_scale):
+  if adapters is not None and lora_scale is None:
+    raise ValueError("adapters given without lora_scale; pass lora_scale=spec.scale (lora.LoraSpec: alpha / r)")
+  return 1.0 if lora_scale is None else lora_scale
+
+
 def hidden_states(config, params: Params, tokens: jax.Array,
-                  attention_mask: jax.Array | None = None) -> jax.Array:
+                  attention_mask: jax.Array | None = None, *, adapters: Params | None = None,
+                  lora_scale: float | None = None) -> jax.Array:
   """tokens int32 [B,S], attention_mask [B,S] (1 = real key, 0 = padding) or None -> the
   features that predict each position, [B,S,d_model] in compute dtype: the outputs after the
   final norm (ln_f), shifted right by one for a `shifted` family, so lm_head(feature i) scores
@@ -371,11 +381,16 @@ def hidden_states(config, params: Params, tokens: jax.Array,
 
   Positions are 0..S-1 for every row; RoPE only sees relative offsets, so left padding
   (masked keys) leaves the real positions' outputs unchanged.
+
+  adapters: LoRA adapters (models/lora.py: {weight key: {"a": [L,in,r], "b": [L,r,out]}}) applied
+  unmerged, each targeted weight W acting as W + lora_scale * A @ B; None = the base model.
   """
+  scale = _lora_scale(adapters, lora_scale)
   x = embed(config, params, tokens)
   cos, sin = layers.rope_tables(tokens.shape[1], config.head_dim, config.rope_theta)
   key_mask = None if attention_mask is None else attention_mask.astype(bool)
-  x, _ = run_blocks(config, x, params["blocks"], cos, sin, key_mask, remat=config.remat_policy != "none")
+  x, _ = run_blocks(config, x, params["blocks"], cos, sin, key_mask, remat=config.remat_policy != "none",
+                    adapters=adapters, lora_scale=scale)
   h = _final_norm(config, params, x)
   if config.shifted:
     return sharding.constrain(shift_right(h), ("batch", "seq", "act_embed"))
@@ -399,9 +414,12 @@ def lm_head(config, params: Params, hidden: jax.Array) -> jax.Array:
 
 
 def forward(config, params: Params, tokens: jax.Array,
-            attention_mask: jax.Array | None = None) -> jax.Array:
-  """tokens int32 [B,S] -> logits float32 [B,S,vocab_size]; logits[:, i] scores the token at i."""
-  return lm_head(config, params, hidden_states(config, params, tokens, attention_mask))
+            attention_mask: jax.Array | None = None, *, adapters: Params | None = None,
+            lora_scale: float | None = None) -> jax.Array:
+  """tokens int32 [B,S] -> logits float32 [B,S,vocab_size]; logits[:, i] scores the token at i.
+  adapters / lora_scale: LoRA adapters as in `hidden_states`, or None."""
+  hidden = hidden_states(config, params, tokens, attention_mask, adapters=adapters, lora_scale=lora_scale)
+  return lm_head(config, params, hidden)
 
 
 def forward_flops(config, batch: int, seq_len: int) -> float:
