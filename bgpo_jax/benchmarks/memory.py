@@ -1,4 +1,5 @@
-"""Train-step memory and time versus the number of MC samples n: BGPO against VRPO-OL.
+"""Train-step memory and time versus the number of MC samples n: BGPO against VRPO-OL, or any
+registered objectives (`--objectives bgpo,vrpo_ol,espo,espo:bound,spg,spg:...`).
 
   python -m bgpo_jax.benchmarks.memory [--out FILE]          # the default table (~8 min on 2 CPUs)
   python -m bgpo_jax.benchmarks.memory --plan-8b [--out FILE] # LLaDA-8B per-device plan, 8-way FSDP
@@ -11,6 +12,10 @@ row costs one compile. temp = XLA's scratch (activations, gradient accumulator, 
 temporaries); total = temp + arguments + outputs - donated aliases. On a CPU these numbers are a
 proxy for an accelerator's: XLA:CPU fuses and schedules differently, but the scaling in n is the
 same program property.
+
+An objective spec is a registered name, optionally with boolean hyper-parameters switched on after
+a colon, joined by "+": `espo:bound` is ESPO with rl.espo.bound=True (BGPO's per-sample bound).
+`spg:logp_estimation=elbo` sets a field to a value. Each spec's batch is its own layout (objectives.batch_layout), on-policy, without a KL.
 
 Default setting (the training defaults of bgpo_jax.config): model "small" (134M params), float32
 master weights, bfloat16 compute, per-block remat "full", 256 prompt + 256 response tokens, a
@@ -50,6 +55,7 @@ tokens; search by doubling then bisection, one compile per probe.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -109,19 +115,39 @@ def _sharded(mesh, out: dict) -> dict:
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in out.items()}
 
 
-def abstract_batch(mesh, *, batch: int, prompt_len: int, gen_length: int, n: int) -> dict:
-  """The on-policy ELBO objectives' batch (BGPO / VRPO-OL: objectives.batch_layout) as
-  ShapeDtypeStructs with batch shardings (nothing allocated).
+def step_config(spec: str, n: int, *, micro_batch: int = 0, gen_length: int) -> step_lib.StepConfig:
+  """The on-policy step of an objective spec with n MC samples: "bgpo"; "espo:bound" (a boolean
+  Hparams field switched on); "spg:logp_estimation=elbo" (a field set, parsed as its default's
+  type); several joined by "+"."""
+  name, _, flags = spec.partition(":")
+  obj = objectives.get(name)
+  defaults = {f.name: f.default for f in dataclasses.fields(obj.Hparams)}
+  fields = set(defaults)
+  values = {}
+  for flag in filter(None, flags.split("+")):
+    key, eq, raw = flag.partition("=")
+    kind = type(defaults.get(key))
+    values[key] = True if not eq else (raw.lower() in ("1", "true") if kind is bool
+                                       else kind(raw) if kind in (int, float, str) else float(raw))
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f"objective spec {spec!r}: {name} has no hyper-parameter {unknown}; its fields: {sorted(fields)}")
+  return step_lib.StepConfig(objective=name, num_mc_samples=n, micro_batch_size=micro_batch,
+                             gen_length=gen_length, hparams=obj.hparams(values))
 
-  tokens, attention_mask [B, P+L]; advantages [B]; mc_masks [n, B, L] bool; mc_weights [n, B].
-  """
-  scfg = step_lib.StepConfig(objective="bgpo", num_mc_samples=n, gen_length=gen_length)
+
+def abstract_batch(mesh, *, batch: int, prompt_len: int, gen_length: int, n: int, spec: str = "bgpo") -> dict:
+  """The objective spec's on-policy batch (objectives.batch_layout; BGPO / VRPO-OL: tokens,
+  attention_mask [B, P+L], advantages [B], mc_masks [n, B, L] bool, mc_weights [n, B]) as
+  ShapeDtypeStructs with batch shardings (nothing allocated)."""
+  scfg = step_config(spec, n, gen_length=gen_length)
   return _sharded(mesh, objectives.abstract_batch(scfg, rows=batch, prompt_len=prompt_len))
 
 
 def concrete_batch(model_cfg: llada.LLaDAConfig, mesh, *, batch: int, prompt_len: int,
-                   gen_length: int, n: int, seed: int = 0) -> dict:
-  """A random batch of the same layout on the mesh (for timing)."""
+                   gen_length: int, n: int, seed: int = 0, spec: str = "bgpo") -> dict:
+  """A random batch of the same layout on the mesh (for timing): real MC masks, random seeds,
+  every response token counted, unit weights elsewhere."""
   rng = np.random.default_rng(seed)
   S = prompt_len + gen_length
   tokens = rng.integers(0, model_cfg.vocab_size, (batch, S)).astype(np.int32)
@@ -130,7 +156,12 @@ def concrete_batch(model_cfg: llada.LLaDAConfig, mesh, *, batch: int, prompt_len
   host = {"tokens": tokens, "attention_mask": np.ones((batch, S), np.int32),
           "advantages": rng.normal(size=(batch,)).astype(np.float32),
           "mc_masks": np.asarray(masks), "mc_weights": np.asarray(weights)}
-  return mesh_lib.host_batch_to_global(host, mesh, step_lib.BATCH_AXIS)
+  layout = abstract_batch(mesh, batch=batch, prompt_len=prompt_len, gen_length=gen_length, n=n, spec=spec)
+  for name, a in layout.items():
+    if name not in host:
+      host[name] = (rng.integers(0, 2**32, a.shape, dtype=np.uint32) if a.dtype == np.uint32
+                    else np.ones(a.shape, a.dtype))
+  return mesh_lib.host_batch_to_global({k: host[k] for k in layout}, mesh, step_lib.BATCH_AXIS)
 
 
 def single_device_mesh():
@@ -144,9 +175,8 @@ def compile_step(model_cfg: llada.LLaDAConfig, objective: str, n: int, mesh, *, 
   optimizer, schedule = make_optimizer()
   abstract, shardings = state_lib.abstract_train_state(model_cfg, optimizer, mesh)
   b = batch_arrays if batch_arrays is not None else abstract_batch(
-      mesh, batch=batch, prompt_len=prompt_len, gen_length=gen_length, n=n)
-  scfg = step_lib.StepConfig(objective=objective, num_mc_samples=n, micro_batch_size=micro_batch,
-                             gen_length=gen_length)
+      mesh, batch=batch, prompt_len=prompt_len, gen_length=gen_length, n=n, spec=objective)
+  scfg = step_config(objective, n, micro_batch=micro_batch, gen_length=gen_length)
   t0 = time.perf_counter()
   fn = step_lib.jit_train_step(model_cfg, scfg, optimizer, schedule, mesh, shardings, b)
   compiled = fn.lower(state if state is not None else abstract, b).compile()
@@ -185,7 +215,8 @@ def time_rows(model_cfg: llada.LLaDAConfig, objective: str, ns: Sequence[int], *
   runs = []
   for n in ns:
     state, _ = state_lib.create_train_state(model_cfg, optimizer, mesh, rng=jax.random.key(0))
-    b = concrete_batch(model_cfg, mesh, batch=batch, prompt_len=prompt_len, gen_length=gen_length, n=n)
+    b = concrete_batch(model_cfg, mesh, batch=batch, prompt_len=prompt_len, gen_length=gen_length, n=n,
+                       spec=objective)
     compiled, compile_s = compile_step(model_cfg, objective, n, mesh, batch=batch, micro_batch=micro_batch,
                                        prompt_len=prompt_len, gen_length=gen_length, state=state,
                                        batch_arrays=b)
@@ -793,9 +824,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.plan_layers and len(args.plan_layers) != 2:
     ap.error(f"--plan-layers {args.plan_layers} needs two layer counts, e.g. 4,8")
   for obj in args.objectives:
-    # The benchmark's batch is the MC-mask one: RL objectives of the ELBO terms only.
-    if obj not in objectives.names() or objectives.get(obj).fields != objectives.MC_FIELDS:
-      ap.error(f"objective {obj!r} is not benchmarked here; use bgpo and/or vrpo_ol")
+    try:
+      step_config(obj, 1, gen_length=args.gen_len)
+    except ValueError as e:
+      ap.error(str(e))
   return args
 
 
