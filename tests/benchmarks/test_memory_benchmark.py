@@ -168,3 +168,23 @@ def test_plan_dream_config_plans_dream_7b(tmp_path):
   assert step["argument_bytes"] >= 3 * 4 * want / 4  # float32 params + AdamW moments, 1/4 each
   assert sampler["what"] == "sampler" and sampler["total_bytes"] > 0
   assert sampler["cache"] == "dual"  # the Dream config's rollouts use the KV-cached sampler
+
+
+@pytest.mark.slow  # 4 step compiles
+def test_espo_grows_with_n_and_its_bgpo_bound_stays_flat():
+  """The step does what each objective's form needs: ESPO's authors' form (exp of a mean over the
+  samples) holds every sample's graph, its per-sample bound (`espo:bound`) one at a time. A timed
+  batch of each spec's own layout also runs (seeds, masks)."""
+  cfg = memory.model_config("tiny", remat="full", n_layers=2)
+  r = {(spec, n): memory.memory_row(cfg, spec, n, **LENS)["temp_bytes"] for spec in ("espo", "espo:bound")
+       for n in (2, 8)}
+  assert r["espo:bound", 8] <= 1.02 * r["espo:bound", 2]
+  assert r["espo", 8] >= 1.3 * r["espo", 2]
+
+
+def test_objective_specs_parse_their_hyper_parameters():
+  assert memory.step_config("espo:bound", 4, gen_length=32).hparams.bound is True
+  s = memory.step_config("spg:logp_estimation=elbo+block_length=8", 2, gen_length=32)
+  assert (s.hparams.logp_estimation, s.hparams.block_length) == ("elbo", 8)
+  with pytest.raises(ValueError, match="espo has no hyper-parameter"):
+    memory.step_config("espo:bogus", 1, gen_length=32)
