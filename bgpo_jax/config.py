@@ -413,8 +413,8 @@ def task_config(c: ml_collections.ConfigDict, variant: str) -> ml_collections.Co
   names = variant.split("+")
   for name in names:
     if name not in objectives.names() and name not in VARIANTS:
-      raise ValueError(f"config variant {name!r} is unknown; use configs/<task>.py (BGPO), configs/<task>.py:<objective> "
-                       f"with one of {objectives.names()} (its authors' recipe), :lora (d1's LoRA settings), "
+      raise ValueError(f"config variant {name!r} is unknown; use configs/<task>.py (BGPO), "
+                       f"configs/<task>.py:<objective> with one of {objectives.names()} (its authors' recipe), :lora (d1's LoRA settings), "
                        f"or several joined by '+' (e.g. :diffu_grpo+lora)")
   if sum(n in objectives.names() for n in names) > 1 or len(set(names)) != len(names):
     raise ValueError(f"config variant {variant!r} names an objective twice or two objectives; combine at most "

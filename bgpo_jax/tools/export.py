@@ -46,12 +46,18 @@ def lora_spec(record: dict) -> lora.LoraSpec | None:
                                               dropout=r["dropout"])
 
 
+def _on_device(shapes: Any) -> Any:
+  # Restored onto one device (Orbax would otherwise read the saved topology's sharding).
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
+
+
 def latest_adapters(workdir: str, model_cfg, spec: lora.LoraSpec, config: dict) -> Any:
   """The adapters of the latest checkpoint of a LoRA run, in model.param_dtype."""
   dtype = jax.numpy.dtype(config["model"]["param_dtype"])
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), lora.adapter_shapes(model_cfg, spec),
                         is_leaf=lambda s: isinstance(s, tuple))
-  return ckpt_lib.restore_params(workdir, shapes)
+  return ckpt_lib.restore_params(workdir, _on_device(shapes))
 
 
 def lora_base(record: dict, model_cfg, config: dict) -> Any:
@@ -73,7 +79,7 @@ def lora_base(record: dict, model_cfg, config: dict) -> Any:
       params = jax.tree.map(lambda p: p.astype(param_dtype), params)
     else:
       shapes = jax.eval_shape(lambda: module.init_params(model_cfg, jax.random.key(0)))
-      params = ckpt_lib.restore_params(path, shapes)
+      params = ckpt_lib.restore_params(path, _on_device(shapes))
     base = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p))(params)
   else:
     rng = RngStreams(int(info["source"]["seed"])).key("init")
@@ -100,7 +106,8 @@ def export(workdir: str, out: str, fmt: str) -> str:
                         f"use --format=hf")
     shapes = jax.eval_shape(lambda: family.module_for(model_cfg).init_params(model_cfg, jax.random.key(0)))
     dtype = jax.numpy.dtype(config["model"]["param_dtype"])
-    params = ckpt_lib.restore_params(workdir, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes))
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+    params = ckpt_lib.restore_params(workdir, _on_device(shapes))
     from bgpo_jax.models import hf
     hf.save(model_cfg, params, out)
     return f"wrote the step {step} weights of {workdir} as a Hugging Face checkpoint to {out}"

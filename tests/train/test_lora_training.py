@@ -101,6 +101,11 @@ def test_export_peft_and_hf(straight, tmp_path):
   assert jax.tree.structure(_host(adapters)) == jax.tree.structure(want)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(_host(adapters)), jax.tree.leaves(want)))
 
+  c = tiny_lora()
+  c.init.checkpoint = workdir  # a LoRA workdir holds no weights: export them first
+  with pytest.raises(ValueError, match="is a LoRA run.*--format=hf"):
+    build_run(c, str(tmp_path / "from_lora_run"))
+
   out_hf = tmp_path / "hf"
   assert export_lib.main([workdir, str(out_hf), "--format=hf"]) == 0
   _, params = hf.load(str(out_hf), dtype=None)
