@@ -522,8 +522,10 @@ TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def write_run_record(workdir: str, *, model_hf: dict, tokenizer_kind: str, tokenizer_path: str = "") -> dict:
+def write_run_record(workdir: str, *, model_hf: dict, tokenizer_kind: str, tokenizer_path: str = "",
+                     lora: dict | None = None) -> dict:
   """Writes run.json (and copies the tokenizer files into WORKDIR/tokenizer/); returns the record.
+  lora: a LoRA run's adapter settings and base (train.run.LoraBase.record), recorded as "lora".
 
   Process 0 only (the caller decides). Works on any etils path (local or gs://)."""
   root = epath.Path(workdir)
@@ -538,6 +540,8 @@ def write_run_record(workdir: str, *, model_hf: dict, tokenizer_kind: str, token
         (dst / name).write_bytes(src.read_bytes())
     tok["path"] = TOKENIZER_DIR  # relative: the workdir stays valid when moved or copied
   record = {"model": model_hf, "tokenizer": tok}
+  if lora is not None:
+    record["lora"] = lora
   (root / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
   return record
 

@@ -69,6 +69,28 @@ def base_config() -> ml_collections.ConfigDict:
   # A Hugging Face LLaDA directory (config.json + safetensors) or an Orbax checkpoint directory
   # written by this trainer; "" = random init (only sensible with a warm-up SFT, see sft_steps).
   c.init.checkpoint = ""
+  # A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, e.g. d1's) to
+  # start the adapters from, on the base of init.checkpoint; needs lora.rank > 0 and the adapter's
+  # r / alpha / targets equal to config.lora's. "" = fresh adapters (B = 0: the base model).
+  c.init.adapter = ""
+
+  # --- LoRA (docs/lora.md): train low-rank adapters on a frozen base instead of every weight
+  c.lora = ml_collections.ConfigDict()
+  # Adapter rank r; 0 = full fine-tuning (every weight trained, no adapters).
+  c.lora.rank = 0
+  # The adapter's output is scaled by alpha / rank (PEFT's default scaling; no rsLoRA).
+  c.lora.alpha = 64.0
+  # PEFT's lora_dropout on the adapters' input (training forwards only; a fresh mask per step,
+  # micro-batch and MC sample); 0 = none. Rollouts, evaluation and the old / reference terms run
+  # without it, as PEFT in eval mode.
+  c.lora.dropout = 0.0
+  # Comma-separated Hugging Face module names, matched like PEFT's target_modules (a module whose
+  # name equals one or ends with "." + one). d1's list; on LLaDA it selects q / k / v / up_proj only
+  # (LLaDA names its o / gate / down projections attn_out / ff_proj / ff_out), on Dream all seven.
+  c.lora.targets = "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj"
+  # Storage dtype of the frozen base weights (bfloat16 halves their memory; float32 keeps them
+  # exactly as loaded). The adapters and their AdamW moments are model.param_dtype.
+  c.lora.base_dtype = "bfloat16"
 
   # --- tokenizer
   c.tokenizer = ml_collections.ConfigDict()
@@ -315,9 +337,9 @@ def paper_config(task: str, *, gen_length: int, train_steps: int, eval_steps: in
 # (mu, the inner updates per rollout batch) 12 for gsm8k / math and 8 for countdown / sudoku
 # (run.sh: "NUM_ITERS = (8 12 12 8)" for countdown, gsm8k, math, sudoku). d1's KL reference is the
 # base model (LoRA adapters disabled), i.e. the policy at RL start, as here.
-# Not reproduced: d1 trains LoRA adapters (r 128, alpha 64) on a 4-bit base; this trainer
-# updates all weights, so its lr 3e-6 may need lowering for full fine-tuning. Each task's mu is
-# its spec's `d1_inner_updates` (bgpo_jax/tasks/builtin.py).
+# d1 trains LoRA adapters (r 128, alpha 64) on a 4-bit base: `:diffu_grpo+lora` does too (a
+# bfloat16 base, `d1_lora`); plain `:diffu_grpo` updates all weights, so its lr 3e-6 may need
+# lowering there. Each task's mu is its spec's `d1_inner_updates` (bgpo_jax/tasks/builtin.py).
 
 
 def d1_diffu_grpo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -352,18 +374,54 @@ def d1_diffu_grpo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def d1_lora(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Applies d1's LoRA settings to a config, in place; returns it (`--config=configs/<task>.py:lora`,
+  or combined: `:diffu_grpo+lora`): the PEFT LoraConfig of d1's diffu-GRPO training
+  (github.com/dllm-reasoning/d1: r 128, lora_alpha 64, lora_dropout 0.05, task_type CAUSAL_LM and
+  the seven target_modules below)."""
+  # r 128: d1's lora_r; on LLaDA-8B's q / k / v / up_proj (32 layers) 168M weights, 2% of its 8B.
+  c.lora.rank = 128
+  # alpha 64: d1's lora_alpha, so the adapters' scale is alpha / r = 0.5 (PEFT's scaling).
+  c.lora.alpha = 64.0
+  # d1's lora_dropout is 0.05; the training forward here has no dropout on the adapters' input
+  # (config.lora.dropout > 0 is refused), so the variant trains without it.
+  c.lora.dropout = 0.0
+  # d1's target_modules, as written there: on LLaDA PEFT (and models.lora.targets_of) selects only
+  # q / k / v / up_proj of them (LLaDA names its o / gate / down projections attn_out / ff_proj /
+  # ff_out), on Dream all seven; kept as d1 ran it.
+  c.lora.targets = "q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj"
+  # d1 loads the base in 4 bits (bitsandbytes) and computes in bfloat16; a bfloat16 base is the
+  # nearest this trainer has (no quantized base), half the float32 base's memory.
+  c.lora.base_dtype = "bfloat16"
+  return c
+
+
+# Variants a task config takes besides the objectives' recipes.
+VARIANTS = {"lora": d1_lora}
+
+
 def task_config(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """A task config's `--config=configs/<task>.py:<variant>`: "" = BGPO (the paper); any registered
   objective's name = that objective's published recipe (`Objective.recipe`: "diffu_grpo" is d1's,
-  "espo" ESPO's authors', ...). Evaluation settings and the run length stay the task's."""
+  "espo" ESPO's authors', ...); "lora" = d1's LoRA adapters instead of full fine-tuning
+  (`d1_lora`). Several joined by "+" apply left to right (`diffu_grpo+lora`: d1's recipe as d1 ran
+  it). Evaluation settings and the run length stay the task's."""
   from bgpo_jax import objectives
 
   if variant == "":
     return c
-  if variant not in objectives.names():
-    raise ValueError(f"config variant {variant!r} is unknown; use configs/<task>.py (BGPO) or "
-                     f"configs/<task>.py:<objective> with one of {objectives.names()} (its authors' recipe)")
-  return objectives.get(variant).recipe(c)
+  names = variant.split("+")
+  for name in names:
+    if name not in objectives.names() and name not in VARIANTS:
+      raise ValueError(f"config variant {name!r} is unknown; use configs/<task>.py (BGPO), "
+                       f"configs/<task>.py:<objective> with one of {objectives.names()} (its authors' recipe), :lora (d1's LoRA settings), "
+                       f"or several joined by '+' (e.g. :diffu_grpo+lora)")
+  if sum(n in objectives.names() for n in names) > 1 or len(set(names)) != len(names):
+    raise ValueError(f"config variant {variant!r} names an objective twice or two objectives; combine at most "
+                     f"one objective with lora, e.g. :diffu_grpo+lora")
+  for name in names:
+    c = VARIANTS[name](c) if name in VARIANTS else objectives.get(name).recipe(c)
+  return c
 
 
 def resolved_remat_policy(c) -> str:
@@ -472,6 +530,9 @@ NUMERIC_RULES = (
     ("optim.eps", float, _gt(0), "be > 0 (1e-8)"),
     ("optim.grad_clip_norm", float, _ge(0), "be >= 0 (0 = no clipping)"),
     ("optim.max_nonfinite_steps", int, _ge(1), "be >= 1"),
+    ("lora.rank", int, _ge(0), "be >= 0 (0 = full fine-tuning; d1 trains rank 128)"),
+    ("lora.alpha", float, _gt(0), "be > 0 (the adapters are scaled by alpha / rank; d1: 64)"),
+    ("lora.dropout", float, _unit, "lie in [0, 1) (d1: 0.05)"),
     ("sft.steps", int, _ge(0), "be >= 0 (0 = no warm-up SFT)"),
     ("sft.batch_size", int, _ge(1), "be >= 1"),
     ("sft.num_mc_samples", int, _ge(1), "be >= 1"),
@@ -697,6 +758,44 @@ def validate(c, *, data_parallel_size: int | None = None) -> None:
   if c.tokenizer.path and "://" not in c.tokenizer.path and not os.path.isdir(c.tokenizer.path):
     raise ConfigError(f"config.tokenizer.path {c.tokenizer.path!r} is not a directory")
   _check_task(c)
+  _check_lora(c)
+
+
+def lora_targets(c) -> tuple[str, ...]:
+  """config.lora.targets as a tuple of module names ("q_proj, v_proj" -> ("q_proj", "v_proj"))."""
+  return tuple(t.strip() for t in str(c.lora.targets).split(",") if t.strip())
+
+
+def lora_spec(c):
+  """The run's models.lora.LoraSpec, or None for full fine-tuning (lora.rank 0)."""
+  if not c.lora.rank:
+    return None
+  from bgpo_jax.models.lora import LoraSpec
+  return LoraSpec(r=int(c.lora.rank), alpha=float(c.lora.alpha), targets=lora_targets(c),
+                  dropout=float(c.lora.dropout))
+
+
+def _check_lora(c) -> None:
+  """config.lora / init.adapter (ranges: NUMERIC_RULES). Which targets exist depends on the model
+  family; the run builder checks them against the model (models.lora.targets_of)."""
+  if c.lora.base_dtype not in DTYPES:
+    raise ConfigError(f"config.lora.base_dtype {c.lora.base_dtype!r} is unknown; use one of {DTYPES}")
+  if not c.lora.rank:
+    if c.init.adapter:
+      raise ConfigError(f"config.init.adapter {c.init.adapter!r} needs LoRA training: set --config.lora.rank to "
+                        f"the adapter's r (or --config.init.adapter='' for full fine-tuning)")
+    return
+  if c.lora.dropout > 0:
+    raise ConfigError(f"config.lora.dropout {c.lora.dropout} is not implemented (the training forward has no "
+                      f"dropout on the adapters' input); set --config.lora.dropout=0")
+  names = lora_targets(c)
+  if not names or len(set(names)) != len(names) or any(not n.replace(".", "").replace("_", "").isalnum()
+                                                       for n in names):
+    raise ConfigError(f"config.lora.targets {c.lora.targets!r} must be distinct comma-separated module names, "
+                      f"e.g. --config.lora.targets=q_proj,v_proj")
+  if c.init.adapter and "://" not in c.init.adapter and not os.path.isdir(c.init.adapter):
+    raise ConfigError(f"config.init.adapter {c.init.adapter!r} is not a directory; give a PEFT LoRA adapter "
+                      "directory (adapter_config.json + adapter_model.safetensors)")
 
 
 # ------------------------------------------------------------------------------ command line

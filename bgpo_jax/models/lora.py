@@ -35,6 +35,8 @@ import numpy as np
 from bgpo_jax.models import transformer
 
 Params = dict[str, Any]
+# A frozen base + adapters passed to the model as one `params` (transformer.Adapted).
+Adapted = transformer.Adapted
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # The prefix PEFT's PeftModel puts before the base model's own module paths.
@@ -237,6 +239,11 @@ def merge(model_config, params: Params, adapters: Mapping[str, Any], spec: LoraS
                        precision=jax.lax.Precision.HIGHEST)
     blocks[k] = (w.astype(jnp.float32) + spec.scale * delta).astype(w.dtype)
   return dict(params, blocks=blocks)
+
+
+def adapted(base: Params, adapters: Mapping[str, Any], spec: LoraSpec) -> Adapted:
+  """The view the model functions take as `params` for base + adapters (unmerged, scale spec.scale)."""
+  return Adapted(base, adapters, spec.scale)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -365,6 +365,39 @@ def shift_right(h: jax.Array) -> jax.Array:
   return jnp.concatenate([h[:, :1], h[:, :-1]], axis=1)
 
 
+@jax.tree_util.register_pytree_node_class
+class Adapted:
+  """A frozen base and its LoRA adapters passed as one model's `params` (a pytree: base and
+  adapters are its leaves, the scale static), so code that only hands params to the model (the
+  ELBO, the objectives, the old / reference terms) runs a LoRA model unchanged: `hidden_states`,
+  `forward` and `lm_head` read base + adapters from it. models/lora.py builds and merges them.
+
+  base: the params tree; adapters: {weight key: {"a": [L,in,r], "b": [L,r,out]}}; scale: alpha / r.
+  """
+
+  def __init__(self, base: Params, adapters: Params, scale: float):
+    self.base, self.adapters, self.scale = base, adapters, scale
+
+  def tree_flatten(self):
+    return (self.base, self.adapters), self.scale
+
+  @classmethod
+  def tree_unflatten(cls, scale, children):
+    return cls(*children, scale)
+
+  def __repr__(self):
+    return f"Adapted(scale={self.scale}, adapters={sorted(self.adapters) if isinstance(self.adapters, dict) else '?'})"
+
+
+def _unpack(params, adapters, lora_scale):
+  """(base params, adapters, lora_scale) of plain params or an `Adapted` view."""
+  if isinstance(params, Adapted):
+    if adapters is not None:
+      raise ValueError("adapters given twice: params is an Adapted view (base + adapters) and adapters= is set")
+    return params.base, params.adapters, params.scale
+  return params, adapters, lora_scale
+
+
 def _lora_scale(adapters, lora_scale):
   if adapters is not None and lora_scale is None:
     raise ValueError("adapters given without lora_scale; pass lora_scale=spec.scale (lora.LoraSpec: alpha / r)")
@@ -384,7 +417,9 @@ def hidden_states(config, params: Params, tokens: jax.Array,
 
   adapters: LoRA adapters (models/lora.py: {weight key: {"a": [L,in,r], "b": [L,r,out]}}) applied
   unmerged, each targeted weight W acting as W + lora_scale * A @ B; None = the base model.
+  params may also be an `Adapted` view (base + adapters + scale), then adapters= stays None.
   """
+  params, adapters, lora_scale = _unpack(params, adapters, lora_scale)
   scale = _lora_scale(adapters, lora_scale)
   x = embed(config, params, tokens)
   cos, sin = layers.rope_tables(tokens.shape[1], config.head_dim, config.rope_theta)
@@ -398,7 +433,9 @@ def hidden_states(config, params: Params, tokens: jax.Array,
 
 
 def lm_head(config, params: Params, hidden: jax.Array) -> jax.Array:
-  """hidden [..., d_model] -> logits float32 [..., vocab_size] (embedding padding rows dropped)."""
+  """hidden [..., d_model] -> logits float32 [..., vocab_size] (embedding padding rows dropped).
+  params: the params or an `Adapted` view (the head is never adapted)."""
+  params = params.base if isinstance(params, Adapted) else params
   cdt = config.compute_jnp_dtype
   # Vocab-parallel over the FSDP axis too: the micro-batch's hidden states are gathered (small,
   # [B,S,D]) and each device computes all rows for 1/(fsdp*tensor) of the vocabulary, so no

@@ -96,6 +96,9 @@ def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
     if "n_heads" in arch and "n_kv_heads" not in arch:
       arch["n_kv_heads"] = arch["n_heads"]
     found = _run_record(config) if path else None
+    if found is not None and found[0].get("lora"):
+      raise ValueError(f"{path} is a LoRA run (its checkpoints hold adapters, not weights); write its weights "
+                       f"with `python -m bgpo_jax.tools.export {found[1]} OUT --format=hf` and use OUT")
     if found is not None and found[0].get("model"):
       # A run of this trainer: its architecture as recorded (e.g. trained from an HF checkpoint).
       model_cfg = dataclasses.replace(family.config_from_hf(found[0]["model"]), **knobs)

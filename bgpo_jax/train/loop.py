@@ -68,7 +68,7 @@ def rl_step(run: Run, step: int) -> dict:
   prompts = run.task.train_examples(step, rl.prompts_per_step // jax.process_count())
   t0 = time.time()
   rollout, rewards, reward_s, correct = tasks_lib.rollout_and_score(
-      run.sampler, run.task, run.state.params, prompts, run.rng.key("rollout", step), group_size=rl.group_size,
+      run.sampler, run.task, run.sampling_params(), prompts, run.rng.key("rollout", step), group_size=rl.group_size,
       chunk=c.rollout.batch_size // jax.process_count() if c.rollout.batch_size else 0,
       return_correct=True, metrics=m)
   m["time/rollout_s"] = time.time() - t0 - reward_s
@@ -122,7 +122,7 @@ def rl_updates(run: Run, step: int, batch: dict, lengths: np.ndarray) -> list[di
       changed = {k: v for k, v in f.items() if v is not first.get(k)}
       b = dict(gbatch, **(_to_global(run, changed) if changed else {}))
       if mu > 1 and obj.old_field is not None:  # a ratio-free objective (wd1) stores none
-        b[obj.old_field.name] = run.steps.terms(run.state.params, b)
+        b[obj.old_field.name] = run.steps.terms(run.policy(), b)
       if rl.kl_beta > 0:
         b[obj.ref_field.name] = run.steps.terms(run.reference.params, b)
       done[id(f)] = b
@@ -132,7 +132,7 @@ def rl_updates(run: Run, step: int, batch: dict, lengths: np.ndarray) -> list[di
 def evaluate(run: Run, step: int) -> dict:
   """Held-out accuracy per eval set (config.eval) of the current policy."""
   t0 = time.time()
-  result = tasks_lib.evaluate(run.eval_sampler, run.task, run.state.params, rng=run.rng.key("eval", step),
+  result = tasks_lib.evaluate(run.eval_sampler, run.task, run.sampling_params(), rng=run.rng.key("eval", step),
                               num_examples=run.config.eval.num_examples, batch_size=run.config.eval.batch_size)
   result["time/eval_s"] = time.time() - t0
   run.last_eval = result
@@ -142,6 +142,8 @@ def evaluate(run: Run, step: int) -> dict:
 def save(run: Run, step: int, metrics: dict | None = None) -> None:
   host = {"step": step, "seed": int(run.config.seed), "data_position": step,
           "config": json.loads(run.config.to_json_best_effort()), "nonfinite_steps": run.nonfinite.total}
+  if run.lora is not None:  # the base the adapters were trained on: a resume must have the same
+    host["lora_base"] = run.lora.record()
   run.ckpt.save(step, run.state, host, metrics=metrics)
 
 

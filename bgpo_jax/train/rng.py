@@ -23,6 +23,7 @@ STREAMS = {
     "mc_masks": 2,  # the MC masks (and their weights) of each SFT / RL step
     "eval": 3,  # the evaluation sampler at each evaluated step
     "prompt_mask_seeds": 4,  # diffu-GRPO's per-row prompt-mask seeds, per step and inner update
+    "lora": 5,  # fresh LoRA adapters' A (config.lora.rank > 0, no init.adapter)
 }
 
 

@@ -24,6 +24,7 @@ from bgpo_jax import metrics as metrics_lib
 from bgpo_jax import objectives
 from bgpo_jax import tasks as tasks_lib
 from bgpo_jax.models import family as family_lib
+from bgpo_jax.models import lora as lora_lib
 from bgpo_jax.train import compiled as compiled_lib
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train import nonfinite as nonfinite_lib
@@ -69,7 +70,7 @@ def step_config(config, phase: str, data_parallel: int) -> step_lib.StepConfig:
   if phase == "sft":
     return step_lib.StepConfig(objective="sft", num_mc_samples=config.sft.num_mc_samples,
                                micro_batch_size=micro_rows(config, "sft", data_parallel),
-                               gen_length=config.rollout.gen_length)
+                               gen_length=config.rollout.gen_length, lora=config_lib.lora_spec(config))
   rl = config.rl
   clip_eps, dual_clip = config_lib.resolved_clip(rl)
   # The objective's hyper-parameters: config.rl.<objective> (or, for the first objectives, the flat
@@ -83,7 +84,8 @@ def step_config(config, phase: str, data_parallel: int) -> step_lib.StepConfig:
   return step_lib.StepConfig(
       objective=rl.objective, num_mc_samples=rl.num_mc_samples,
       micro_batch_size=micro_rows(config, "rl", data_parallel), gen_length=config.rollout.gen_length,
-      off_policy=rl.updates_per_batch > 1, kl_beta=float(rl.kl_beta), hparams=hparams)
+      off_policy=rl.updates_per_batch > 1, kl_beta=float(rl.kl_beta), hparams=hparams,
+      lora=config_lib.lora_spec(config))
 
 
 def make_optimizer(config, phases: Phases) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -109,6 +111,93 @@ def make_optimizer(config, phases: Phases) -> tuple[optax.GradientTransformation
 
 
 @dataclasses.dataclass
+class LoraBase:
+  """A LoRA run's frozen base (config.lora.rank > 0): the state's params are the adapters.
+
+  params: the base weights in lora.base_dtype on `shardings` (the full fine-tuning layout);
+  spec: models.lora.LoraSpec; source: where the base comes from ({"init.checkpoint": path} or
+  {"seed": seed}) and fingerprint: its bits' checksum, both recorded in every checkpoint so that a
+  resume whose base would differ is refused."""
+  model_cfg: Any
+  spec: Any
+  params: Any
+  shardings: Any
+  source: dict
+  fingerprint: int
+  _merge: Any = None
+
+  def policy(self, adapters: Any) -> Any:
+    """The model the objectives run: base + adapters, unmerged (transformer.Adapted)."""
+    return lora_lib.adapted(self.params, adapters, self.spec)
+
+  def merged(self, adapters: Any) -> Any:
+    """base + scale * A @ B folded into the weights, in the compute dtype on the base's
+    shardings: the sampler's weights, made once per RL step / eval pass."""
+    if self._merge is None:
+      cdt = self.model_cfg.compute_jnp_dtype
+      merge = lambda b, a: jax.tree.map(lambda x: x.astype(cdt), lora_lib.merge(self.model_cfg, b, a, self.spec))
+      self._merge = jax.jit(merge, out_shardings=self.shardings)
+    return self._merge(self.params, adapters)
+
+  def record(self) -> dict:
+    """What the run's metadata (run.json, each checkpoint's host data) says about the base."""
+    s = self.spec
+    return {"source": self.source, "fingerprint": self.fingerprint, "dtype": str(jax.tree.leaves(self.params)[0].dtype),
+            "r": s.r, "alpha": s.alpha, "targets": list(s.targets), "dropout": s.dropout}
+
+  def check_resume(self, host: dict, where: str) -> None:
+    """Refuses a resume whose base differs from the one the checkpoint's adapters were trained on."""
+    saved = host.get("lora_base")
+    if saved is None:
+      raise ckpt_lib.RunError(f"{where} holds a full fine-tuning checkpoint but config.lora.rank is "
+                              f"{self.spec.r}: resume it with --config.lora.rank=0")
+    now = self.record()
+    if saved["source"] != now["source"] or saved["fingerprint"] != now["fingerprint"] or saved["dtype"] != now["dtype"]:
+      raise ckpt_lib.RunError(
+          f"{where}: its adapters were trained on the base {saved['source']} ({saved['dtype']}, fingerprint "
+          f"{saved['fingerprint']}), but this run's base is {now['source']} ({now['dtype']}, fingerprint "
+          f"{now['fingerprint']}); resume with the same init.checkpoint (unchanged files), seed and lora.base_dtype")
+
+
+def base_fingerprint(params: Any) -> int:
+  """One uint32 checksum of every bit of `params` (checkpoint._state_summary's per-leaf sums,
+  combined with odd weights): the same on any sharding or topology."""
+  prints, _ = jax.device_get(ckpt_lib._state_summary(params))
+  total = 0
+  for i, p in enumerate(prints):
+    total = (total + (2 * i + 1) * int(p)) % 2**32
+  return total
+
+
+def _lora_base(config, model_cfg, mesh, rng: RngStreams, init_params) -> LoraBase:
+  spec = config_lib.lora_spec(config)
+  try:
+    lora_lib.targets_of(model_cfg, spec.targets)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.lora.targets {config.lora.targets!r}: {e}") from None
+  base, shardings = state_lib.frozen_base(model_cfg, mesh, config.lora.base_dtype, rng=rng.key("init"),
+                                          params=init_params)
+  source = {"init.checkpoint": config.init.checkpoint} if config.init.checkpoint else {"seed": int(config.seed)}
+  return LoraBase(model_cfg=model_cfg, spec=spec, params=base, shardings=shardings, source=source,
+                  fingerprint=base_fingerprint(base))
+
+
+def _initial_adapters(config, model_cfg, spec) -> Any:
+  """init.adapter's adapters (PEFT directory), checked against config.lora; None = fresh ones."""
+  if not config.init.adapter:
+    return None
+  adapters, file_spec = lora_lib.load_peft(config.init.adapter, model_cfg)
+  want = (spec.r, float(spec.alpha), lora_lib.targets_of(model_cfg, spec.targets))
+  got = (file_spec.r, float(file_spec.alpha), lora_lib.targets_of(model_cfg, file_spec.targets))
+  if want != got:
+    raise config_lib.ConfigError(
+        f"config.init.adapter {config.init.adapter!r} holds r={got[0]}, alpha={got[1]}, weights {list(got[2])}, but "
+        f"config.lora gives r={want[0]}, alpha={want[1]}, weights {list(want[2])}; set --config.lora.rank={got[0]} "
+        f"--config.lora.alpha={got[1]} --config.lora.targets={','.join(file_spec.targets)}")
+  return adapters
+
+
+@dataclasses.dataclass
 class Run:
   """The pieces of one training run; the loop updates `state`, `start_step` and `last_eval`."""
   config: Any
@@ -131,10 +220,21 @@ class Run:
   eval_sampler: Any  # ... of the evaluation (config.eval), one response per prompt
   start_step: int = 0
   last_eval: dict = dataclasses.field(default_factory=dict)
+  lora: LoraBase | None = None  # a LoRA run's frozen base (state.params are the adapters)
 
   @property
   def tokenizer(self):
     return self.task.tokenizer
+
+  def policy(self) -> Any:
+    """The current policy as the objectives' model calls take it (old-policy terms): the params,
+    or a LoRA run's base + adapters view."""
+    return self.state.params if self.lora is None else self.lora.policy(self.state.params)
+
+  def sampling_params(self) -> Any:
+    """The weights the samplers run (rollouts, evaluation): the params, or a LoRA run's merged
+    base + adapters in the compute dtype (made once per call: once per RL step / eval pass)."""
+    return self.state.params if self.lora is None else self.lora.merged(self.state.params)
 
 
 def _prepare_workdir(config, workdir: str, is_main: bool) -> None:
@@ -157,15 +257,27 @@ def build_run(config, workdir: str) -> Run:
   _prepare_workdir(config, workdir, is_main)
   task = tasks_lib.build_task(config, workdir)
   model_cfg, init_params = tasks_lib.build_model(config, task.tokenizer, mesh)
-  if is_main:  # what `bgpo_jax.evaluate --checkpoint=WORKDIR` needs besides the weights
-    kind, tok_path = tasks_lib.tokenizer_source(config)
-    ckpt_lib.write_run_record(workdir, model_hf=model_cfg.to_hf_dict(), tokenizer_kind=kind, tokenizer_path=tok_path)
   rng = RngStreams(int(config.seed))
   phases = Phases.of(config)
   optimizer, schedule = make_optimizer(config, phases)
-  state, shardings = state_lib.create_train_state(model_cfg, optimizer, mesh, rng=rng.key("init"), params=init_params)
-  reference = ReferencePolicy(workdir, config.rl.reference_dtype, shardings.params,
-                              needed=config.mode == "rl" and config.rl.kl_beta > 0)
+  kl_needed = config.mode == "rl" and config.rl.kl_beta > 0
+  lora = None
+  if config.lora.rank:
+    lora = _lora_base(config, model_cfg, mesh, rng, init_params)
+    init_params = None  # donated to the base's cast
+    adapters = _initial_adapters(config, model_cfg, lora.spec)
+    state, shardings = state_lib.create_lora_state(model_cfg, lora.spec, optimizer, mesh, rng=rng.key("lora"),
+                                                   adapters=adapters)
+    reference = ReferencePolicy(workdir, config.rl.reference_dtype, shardings.params, needed=kl_needed,
+                                base=lora.params, spec=lora.spec, fresh_adapters=adapters is None)
+  else:
+    state, shardings = state_lib.create_train_state(model_cfg, optimizer, mesh, rng=rng.key("init"),
+                                                    params=init_params)
+    reference = ReferencePolicy(workdir, config.rl.reference_dtype, shardings.params, needed=kl_needed)
+  if is_main:  # what `bgpo_jax.evaluate --checkpoint=WORKDIR` and the exporter need besides the weights
+    kind, tok_path = tasks_lib.tokenizer_source(config)
+    ckpt_lib.write_run_record(workdir, model_hf=model_cfg.to_hf_dict(), tokenizer_kind=kind, tokenizer_path=tok_path,
+                              lora=lora.record() if lora else None)
   if not phases.sft_steps:
     reference.start(state.params)  # the initial weights, before a checkpoint is restored over them
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -173,6 +285,11 @@ def build_run(config, workdir: str) -> Run:
   start_step, restored = 0, ckpt.restore_latest(state)  # damaged newer steps are moved aside
   if restored is not None:
     state, host = restored
+    if lora is not None:
+      lora.check_resume(host, f"{ckpt.directory}/{host['step']}")
+    elif "lora_base" in host:
+      raise ckpt_lib.RunError(f"{ckpt.directory}/{host['step']} holds LoRA adapters (r={host['lora_base']['r']}) "
+                              f"but config.lora.rank is 0: resume it with --config.lora.rank={host['lora_base']['r']}")
     start_step = int(host["step"])
     nonfinite.total = int(host.get("nonfinite_steps", 0))
     logging.info("resumed from %s at step %d", ckpt.directory, start_step)
@@ -184,11 +301,12 @@ def build_run(config, workdir: str) -> Run:
                                      resume_step=start_step if restored is not None else None)
   samplers = [tasks_lib.build_rollout_sampler(config, model_cfg, task.tokenizer, mesh, s) for s in ("rollout", "eval")]
   steps = compiled_lib.CompiledSteps(model_cfg, mesh, optimizer, schedule, shardings,
-                                     lambda phase: step_config(config, phase, dp))
+                                     lambda phase: step_config(config, phase, dp),
+                                     base=lora and lora.params, base_shardings=lora and lora.shardings)
   return Run(config=config, workdir=workdir, mesh=mesh, data_parallel=dp, is_main=is_main, phases=phases, rng=rng,
              task=task, model_cfg=model_cfg, state=state, shardings=shardings, steps=steps, reference=reference,
              nonfinite=nonfinite, ckpt=ckpt, writer=writer, sampler=samplers[0], eval_sampler=samplers[1],
-             start_step=start_step)
+             start_step=start_step, lora=lora)
 
 
 def _count(n: int) -> str:
@@ -202,8 +320,9 @@ def startup_summary(run: Run) -> list[str]:
   devices = jax.devices()
   mesh = " ".join(f"{k}={v}" for k, v in run.mesh.shape.items())
   procs = jax.process_count()
-  total = sum(int(x.size) for x in jax.tree.leaves(run.state.params))
-  trainable = total  # the optimizer updates every parameter (the KL reference is a separate copy)
+  trainable = sum(int(x.size) for x in jax.tree.leaves(run.state.params))  # what the optimizer updates
+  # A LoRA run trains its adapters only; the frozen base counts in the total.
+  total = trainable + (sum(int(x.size) for x in jax.tree.leaves(run.lora.params)) if run.lora else 0)
   m = run.model_cfg
   lines = [
       f"devices: {len(devices)} x {devices[0].device_kind} ({procs} process{'es' if procs > 1 else ''}); "

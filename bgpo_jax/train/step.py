@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bgpo_jax import objectives
 from bgpo_jax.models import llada
+from bgpo_jax.models import lora as lora_lib
 from bgpo_jax.models import sharding as sharding_lib
 from bgpo_jax.objectives.diffu_grpo import _row_keys  # noqa: F401  (tests draw diffu_grpo's masks)
 from bgpo_jax.train import mesh as mesh_lib
@@ -60,6 +61,9 @@ class StepConfig:
   off_policy: bool = False  # old terms come from the batch instead of stop_gradient
   kl_beta: float = 0.0  # k3 KL weight (needs the objective's reference terms in the batch)
   hparams: Any = None
+  # models.lora.LoraSpec of a LoRA run (state.params are the adapters, the frozen base an argument
+  # of the step), or None: full fine-tuning.
+  lora: Any = None
 
   def __post_init__(self):
     impl = objectives.get(self.objective)  # unknown names fail here, listing the registered ones
@@ -99,10 +103,24 @@ def _num_micro(cfg: StepConfig, batch_size: int) -> int:
   return batch_size // mb
 
 
+def model_params(cfg: StepConfig, params, base=None):
+  """What the objectives hand the model: `params` (full fine-tuning), or for a LoRA run
+  (cfg.lora) the frozen `base` with the adapters `params` as one transformer.Adapted view."""
+  if cfg.lora is None:
+    if base is not None:
+      raise ValueError("a frozen base was given to a full fine-tuning step; set StepConfig.lora to its LoraSpec")
+    return params
+  if base is None:
+    raise ValueError(f"StepConfig.lora={cfg.lora} trains adapters on a frozen base: pass base=<the base params>")
+  return lora_lib.adapted(base, params, cfg.lora)
+
+
 def accumulate_gradients(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, batch: dict,
-                         constrain: Callable[[dict], dict] = lambda mb: mb):
+                         constrain: Callable[[dict], dict] = lambda mb: mb, base=None):
   """Objective and its gradient, summed over micro-batches and MC samples by `lax.scan`.
 
+  params: the trained tree (all weights; the adapters of a LoRA run, cfg.lora, whose frozen base
+  is `base`: no gradient or accumulator for it).
   Returns (objective, grads float32, aux) with objective and grads already divided by the
   global batch size B, i.e. the gradient of the batch-mean objective.
   """
@@ -110,7 +128,8 @@ def accumulate_gradients(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, 
   num_micro = _num_micro(cfg, B)
   micro = {k: _split_micro(v, BATCH_AXIS.get(k, 0), num_micro) for k, v in batch.items()}
   units = cfg.impl.units(cfg)
-  unit_fn = jax.value_and_grad(functools.partial(cfg.impl.unit_terms, model_cfg, cfg), has_aux=True)
+  terms = lambda p, mb, u: cfg.impl.unit_terms(model_cfg, cfg, model_params(cfg, p, base), mb, u)
+  unit_fn = jax.value_and_grad(terms, has_aux=True)
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   init = (zeros, jnp.zeros((), jnp.float32), {"elbo": jnp.zeros(()), "abs_d": jnp.zeros(()), "kl": jnp.zeros(())})
 
@@ -160,9 +179,10 @@ def compute_old_terms(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, bat
 
 def train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer: optax.GradientTransformation,
                schedule: Callable, state: TrainState, batch: dict,
-               constrain: Callable[[dict], dict] = lambda mb: mb):
-  """One optimizer update from one rollout batch. Returns (new_state, metrics)."""
-  objective, grads, aux = accumulate_gradients(model_cfg, cfg, state.params, batch, constrain)
+               constrain: Callable[[dict], dict] = lambda mb: mb, base=None):
+  """One optimizer update from one rollout batch. Returns (new_state, metrics). A LoRA step
+  (cfg.lora) updates the adapters state.params on the frozen `base` (read, never returned)."""
+  objective, grads, aux = accumulate_gradients(model_cfg, cfg, state.params, batch, constrain, base)
   # optax minimizes: descend the loss = -objective.
   grads = jax.tree.map(jnp.negative, grads)
   grad_norm = optax.global_norm(grads)
@@ -214,15 +234,26 @@ def _micro_constraint(mesh: Mesh) -> Callable[[dict], dict]:
 
 
 def jit_train_step(model_cfg: llada.LLaDAConfig, cfg: StepConfig, optimizer, schedule, mesh: Mesh,
-                   shardings: TrainState, batch_example: dict):
+                   shardings: TrainState, batch_example: dict, base_shardings: Any = None):
   """`train_step` compiled with explicit in/out shardings; the state's buffers are donated.
 
   The step is traced under `mesh` (sharding_lib.under_mesh), so the model's constraints lay it out
-  as FSDP: batch-split activations, each layer's weights gathered before use.
+  as FSDP: batch-split activations, each layer's weights gathered before use. A LoRA step
+  (cfg.lora) is called as step(state, batch, base), the frozen base (on `base_shardings`) not
+  donated: it serves every step.
   """
-  fn = functools.partial(train_step, model_cfg, cfg, optimizer, schedule, constrain=_micro_constraint(mesh))
+  constrain = _micro_constraint(mesh)
   rep = NamedSharding(mesh, P())
-  return jax.jit(sharding_lib.under_mesh(fn, mesh), in_shardings=(shardings, batch_shardings(mesh, batch_example)),
+  in_shardings = (shardings, batch_shardings(mesh, batch_example))
+  if cfg.lora is None:
+    fn = functools.partial(train_step, model_cfg, cfg, optimizer, schedule, constrain=constrain)
+  else:
+    if base_shardings is None:
+      raise ValueError("a LoRA step (StepConfig.lora set) needs base_shardings, the frozen base's shardings")
+    fn = lambda state, batch, base: train_step(model_cfg, cfg, optimizer, schedule, state, batch,  # noqa: E731
+                                               constrain=constrain, base=base)
+    in_shardings += (base_shardings,)
+  return jax.jit(sharding_lib.under_mesh(fn, mesh), in_shardings=in_shardings,
                  out_shardings=(shardings, rep), donate_argnums=(0,))
 
 

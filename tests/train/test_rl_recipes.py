@@ -284,6 +284,8 @@ def test_every_base_config_key_is_read(bgpo_run, tmp_path):
     for name in objectives.names():  # each objective's step reads its own config.rl.<name> section
       files.rl.objective = name
       run_lib.step_config(files, "rl", 1)
+    files.lora.rank = 4  # a LoRA run's step reads lora.alpha / targets / dropout (its LoraSpec)
+    run_lib.step_config(files, "rl", 1)
   reads |= more
   keys = set(config_lib.flat_keys(config_lib.base_config()))
   unread = sorted(keys - reads - KNOWN_UNREAD)
