@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 from bgpo_jax.objectives.base import BatchField, Objective, RolloutInputs, register
 from bgpo_jax.objectives.common import _capped_exp, _dual_clip, _float, k3
-from bgpo_jax.objectives.diffu_grpo import sequence_means, token_aux
+from bgpo_jax.objectives.diffu_grpo import sequence_means, token_aux, token_inputs
 
 TOKEN_AVERAGES = ("sequence", "batch")
 
@@ -122,15 +122,7 @@ def coupled_grpo_objective(
   Returns:
     scalar objective to maximize.
   """
-  new = _float(logp_new)
-  if new.ndim != 2 or jnp.shape(logp_old) != new.shape or jnp.shape(response_mask) != new.shape:
-    raise ValueError(f"logp_new {new.shape}, logp_old {jnp.shape(logp_old)} and response_mask "
-                     f"{jnp.shape(response_mask)} must all be [B, L]")
-  if logp_ref is not None and jnp.shape(logp_ref) != new.shape:
-    raise ValueError(f"logp_ref {jnp.shape(logp_ref)} must be [B, L] = {new.shape}")
-  adv = jnp.asarray(advantages, new.dtype)
-  if adv.shape != (new.shape[0],):
-    raise ValueError(f"advantages shape {adv.shape} must be [B] = ({new.shape[0]},)")
+  new, adv = token_inputs(logp_new, logp_old, logp_ref, advantages, response_mask)
   if token_average not in TOKEN_AVERAGES:
     raise ValueError(f"token_average {token_average!r} must be one of {TOKEN_AVERAGES}")
   if isinstance(dual_clip, (int, float)) and not dual_clip > 1.0:

@@ -54,15 +54,7 @@ def diffu_grpo_objective(
     scalar objective to maximize.
   """
   _check_clip(clip_eps, dual_clip)
-  new = _float(logp_new)
-  if new.ndim != 2 or jnp.shape(logp_old) != new.shape or jnp.shape(response_mask) != new.shape:
-    raise ValueError(f"logp_new {new.shape}, logp_old {jnp.shape(logp_old)} and response_mask "
-                     f"{jnp.shape(response_mask)} must all be [B, L]")
-  if logp_ref is not None and jnp.shape(logp_ref) != new.shape:
-    raise ValueError(f"logp_ref {jnp.shape(logp_ref)} must be [B, L] = {new.shape}")
-  adv = jnp.asarray(advantages, new.dtype)
-  if adv.shape != (new.shape[0],):
-    raise ValueError(f"advantages shape {adv.shape} must be [B] = ({new.shape[0]},)")
+  new, adv = token_inputs(logp_new, logp_old, logp_ref, advantages, response_mask)
   if token_average not in ("sequence", "batch"):
     raise ValueError(f"token_average {token_average!r} must be 'sequence' or 'batch'")
 
@@ -79,6 +71,21 @@ def diffu_grpo_objective(
     masked = jnp.where(mask, per_token, 0.0)
     return jnp.sum(masked) / jnp.maximum(jnp.sum(mask.astype(new.dtype)), 1.0)
   return jnp.mean(sequence_means(per_token, response_mask))
+
+
+def token_inputs(logp_new, logp_old, logp_ref, advantages, response_mask) -> tuple[jax.Array, jax.Array]:
+  """Checks a token-level objective's shapes (log-probs and mask [B, L], advantages [B]); returns
+  (logp_new as float32 or wider, advantages in its dtype)."""
+  new = _float(logp_new)
+  if new.ndim != 2 or jnp.shape(logp_old) != new.shape or jnp.shape(response_mask) != new.shape:
+    raise ValueError(f"logp_new {new.shape}, logp_old {jnp.shape(logp_old)} and response_mask "
+                     f"{jnp.shape(response_mask)} must all be [B, L]")
+  if logp_ref is not None and jnp.shape(logp_ref) != new.shape:
+    raise ValueError(f"logp_ref {jnp.shape(logp_ref)} must be [B, L] = {new.shape}")
+  adv = jnp.asarray(advantages, new.dtype)
+  if adv.shape != (new.shape[0],):
+    raise ValueError(f"advantages shape {adv.shape} must be [B] = ({new.shape[0]},)")
+  return new, adv
 
 
 def token_aux(logp: jax.Array, old: jax.Array, ref: jax.Array | None, response_mask: jax.Array) -> dict:
