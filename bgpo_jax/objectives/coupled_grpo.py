@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 from bgpo_jax.objectives.base import BatchField, Objective, RolloutInputs, register
 from bgpo_jax.objectives.common import _capped_exp, _dual_clip, _float, k3
-from bgpo_jax.objectives.diffu_grpo import sequence_means, token_aux, token_inputs
+from bgpo_jax.objectives.diffu_grpo import sequence_means, token_aux, token_inputs, token_terms
 
 TOKEN_AVERAGES = ("sequence", "batch")
 
@@ -270,9 +270,7 @@ class CoupledGRPO(Objective):
     """The micro-batch's objective (u is always 0), summed over its rows."""
     hp = cfg.hparams
     logp = self._logps(model_cfg, cfg, params, mb)
-    old = mb["old_logps"] if cfg.off_policy else jax.lax.stop_gradient(logp)
-    ref = mb["ref_logps"] if cfg.kl_beta > 0 else None
-    rmask = mb["response_mask"]
+    old, ref, rmask = token_terms(cfg, mb, logp)
     obj = coupled_grpo_objective(logp, old, ref, mb["advantages"], rmask, clip_low=hp.clip_low,
                                  clip_high=hp.clip_high, beta=cfg.kl_beta, token_average=hp.token_average,
                                  dual_clip=hp.dual_clip)

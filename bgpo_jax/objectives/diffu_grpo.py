@@ -88,6 +88,15 @@ def token_inputs(logp_new, logp_old, logp_ref, advantages, response_mask) -> tup
   return new, adv
 
 
+def token_terms(cfg, mb: dict, logp: jax.Array) -> tuple:
+  """A token-level objective's (old [mb, L], ref [mb, L] or None, response_mask [mb, L]) for its
+  current log-probs `logp`: the stored old terms off-policy (else logp itself, stop-gradiented)
+  and the reference's when rl.kl_beta > 0."""
+  old = mb["old_logps"] if cfg.off_policy else jax.lax.stop_gradient(logp)
+  ref = mb["ref_logps"] if cfg.kl_beta > 0 else None
+  return old, ref, mb["response_mask"]
+
+
 def token_aux(logp: jax.Array, old: jax.Array, ref: jax.Array | None, response_mask: jax.Array) -> dict:
   """The step's aux sums of a token-level objective on [rows, L] log-probs (stop-gradiented here):
   "elbo" the counted tokens' log-prob sum, "abs_d" mean |logp - old| per counted token times rows,
@@ -153,9 +162,7 @@ class DiffuGRPO(Objective):
     """The micro-batch's objective (u is always 0), summed over its rows."""
     hp = cfg.hparams
     logp = self._logps(model_cfg, cfg, params, mb)
-    old = mb["old_logps"] if cfg.off_policy else jax.lax.stop_gradient(logp)
-    ref = mb["ref_logps"] if cfg.kl_beta > 0 else None
-    rmask = mb["response_mask"]
+    old, ref, rmask = token_terms(cfg, mb, logp)
     obj = diffu_grpo_objective(logp, old, ref, mb["advantages"], rmask, clip_eps=hp.clip_eps,
                                beta=cfg.kl_beta, dual_clip=hp.dual_clip)
     return obj * logp.shape[0], token_aux(logp, old, ref, rmask)

@@ -157,6 +157,17 @@ def test_remat_auto_is_the_objectives_choice(tmp_path):
   assert config_lib.resolved_remat_policy(c) == "none"
 
 
+def _validate_on_8(c, tmp_path) -> None:
+  """Validates a shipped config for 8 devices with its data paths pointed at tmp_path (validated,
+  not read)."""
+  with c.unlocked():
+    c.task.data_dir = c.tokenizer.path = str(tmp_path)
+    if c.task.name == "code":
+      c.task.train_file = str(tmp_path / "train.jsonl")
+      (tmp_path / "train.jsonl").touch()
+  config_lib.validate(c, data_parallel_size=8)
+
+
 # What an objective needs beyond `--config.rl.objective=NAME` on some shipped config (its
 # check_config says so in one line): SPG masks one distinct block per MC sample, so n <= the
 # number of blocks, and its blocks must tile the demo's 16-token responses.
@@ -176,12 +187,7 @@ def test_every_registered_objective_runs_on_every_shipped_config(config_file, tm
       continue
     c = memory.load_config_file(str(ROOT / "configs" / config_file),
                                 [f"--config.rl.objective={name}", *OBJECTIVE_NEEDS.get(name, ())])
-    with c.unlocked():  # validated, not read
-      c.task.data_dir = c.tokenizer.path = str(tmp_path)
-      if c.task.name == "code":
-        c.task.train_file = str(tmp_path / "train.jsonl")
-        (tmp_path / "train.jsonl").touch()
-    config_lib.validate(c, data_parallel_size=8)
+    _validate_on_8(c, tmp_path)
     if c.model.remat_policy == "auto":
       assert config_lib.resolved_remat_policy(c) == obj.remat_policy, (config_file, name)
 
@@ -199,10 +205,5 @@ def test_every_objectives_recipe_validates_on_every_task_config(config_file, tmp
       continue
     c = memory.load_config_file(f"{ROOT / 'configs' / config_file}:{name}", [])
     assert c.rl.objective == name, (config_file, name)
-    with c.unlocked():  # validated, not read
-      c.task.data_dir = c.tokenizer.path = str(tmp_path)
-      if c.task.name == "code":
-        c.task.train_file = str(tmp_path / "train.jsonl")
-        (tmp_path / "train.jsonl").touch()
-    config_lib.validate(c, data_parallel_size=8)
+    _validate_on_8(c, tmp_path)
     objectives.get(name).hparams_from_config(c.rl)  # the section fills the objective's Hparams
