@@ -91,6 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Storage dtype of the frozen base weights (bfloat16 halves their memory; float32 keeps them
   # exactly as loaded). The adapters and their AdamW moments are model.param_dtype.
   c.lora.base_dtype = "bfloat16"
+  # The rollout / evaluation samplers' weights: "merged" (base + scale * A @ B folded into one
+  # compute-dtype copy once per RL step / eval pass: plain matmuls while sampling) or "unmerged"
+  # (base + adapters, each targeted matmul adding its low-rank term: no second copy of the base,
+  # which is what lets LLaDA-8B's rollouts fit one 40 GB device; docs/lora.md).
+  c.lora.sampler_weights = "merged"
 
   # --- tokenizer
   c.tokenizer = ml_collections.ConfigDict()
@@ -778,6 +783,8 @@ def lora_spec(c):
 def _check_lora(c) -> None:
   """config.lora / init.adapter (ranges: NUMERIC_RULES). Which targets exist depends on the model
   family; the run builder checks them against the model (models.lora.targets_of)."""
+  if c.lora.sampler_weights not in ("merged", "unmerged"):
+    raise ConfigError(f"config.lora.sampler_weights {c.lora.sampler_weights!r} is unknown; use merged or unmerged")
   if c.lora.base_dtype not in DTYPES:
     raise ConfigError(f"config.lora.base_dtype {c.lora.base_dtype!r} is unknown; use one of {DTYPES}")
   if not c.lora.rank:

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bgpo_jax.diffusion import sampler
-from bgpo_jax.models import family, llada
+from bgpo_jax.models import family, llada, transformer
 
 BATCH_MESH_AXES = ("data", "fsdp")
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024)
@@ -179,6 +179,9 @@ class RolloutSampler:
     all-gather per layer per step. Call once per RL step / eval pass; idempotent."""
     if isinstance(params, InferenceParams):
       return params
+    if isinstance(params, transformer.Adapted):  # LoRA unmerged: the base as above, adapters as they are
+      base = self.inference_params(params.base).tree
+      return InferenceParams(transformer.Adapted(base, params.adapters, params.scale))
     cdt = self.config.compute_jnp_dtype
     layout = self.weight_layout()
     if layout != "gathered" and all(x.dtype == cdt for x in jax.tree.leaves(params)):

@@ -71,6 +71,7 @@ from bgpo_jax import objectives
 from bgpo_jax.benchmarks import common
 from bgpo_jax.config import base_config
 from bgpo_jax.diffusion import masking
+from bgpo_jax.models import family as family_lib
 from bgpo_jax.models import llada
 from bgpo_jax.train import mesh as mesh_lib
 from bgpo_jax.train import optimizer as optim_lib
@@ -630,14 +631,22 @@ def _reference_bytes(rl, params) -> int:
   return 0
 
 
-def _old_terms_memory(model_cfg, scfg, mesh, abstract, shardings, batch: dict) -> tuple[dict, float]:
+def _old_terms_memory(model_cfg, scfg, mesh, abstract, shardings, batch: dict, base=None,
+                      base_shardings=None) -> tuple[dict, float]:
   """The no-gradient pass storing the old policy's (mu > 1) or the reference's terms before the
-  first update, compiled on the batch without the fields it stores -> (memory report, seconds)."""
+  first update, compiled on the batch without the fields it stores -> (memory report, seconds).
+  base / base_shardings: a LoRA run's frozen base (the pass runs base + adapters)."""
   stored = {f.name for f in (scfg.impl.old_field, scfg.impl.ref_field) if f is not None}
   terms_batch = {k: v for k, v in batch.items() if k not in stored}
+  params, param_shardings, extra = abstract.params, shardings.params, 0
+  if base is not None:
+    from bgpo_jax.models import transformer
+    stand_in, extra = cpu_stand_in(base)
+    params = transformer.Adapted(stand_in, params, scfg.lora.scale)
+    param_shardings = transformer.Adapted(base_shardings, param_shardings, scfg.lora.scale)
   t0 = time.perf_counter()
-  fn = step_lib.jit_old_terms(model_cfg, scfg, mesh, shardings.params, terms_batch)
-  mem = step_lib.memory_report(fn.lower(abstract.params, terms_batch).compile())
+  fn = step_lib.jit_old_terms(model_cfg, scfg, mesh, param_shardings, terms_batch)
+  mem = _less_arguments(step_lib.memory_report(fn.lower(params, terms_batch).compile()), extra)
   return mem, time.perf_counter() - t0
 
 
@@ -681,11 +690,19 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
   scfg = run_lib.step_config(config, "rl", dp)
   optimizer = optim_lib.make_optimizer(config.optim, config.total_steps)
   schedule = optim_lib.make_schedule(config.optim, config.total_steps)
-  abstract, shardings = state_lib.abstract_train_state(model_cfg, optimizer, mesh)
+  lora = config_lib.lora_spec(config)
+  if lora is None:
+    abstract, shardings = state_lib.abstract_train_state(model_cfg, optimizer, mesh)
+    base = base_shardings = None
+  else:
+    abstract, shardings, base, base_shardings = abstract_lora_state(model_cfg, lora, optimizer, mesh,
+                                                                    config.lora.base_dtype)
   common_fields = dict(config=name, devices=int(jax.device_count()), mesh=[int(v) for v in mesh.devices.shape],
                        model=big, n_layers=model_cfg.n_layers, params=model_cfg.num_params(), param_dtype=m.param_dtype,
                        compute_dtype=m.compute_dtype, remat=remat, objective=rl.objective,
-                       n=rl.num_mc_samples, prompt_len=prompt_len, gen_length=config.rollout.gen_length)
+                       n=rl.num_mc_samples, prompt_len=prompt_len, gen_length=config.rollout.gen_length,
+                       lora_rank=lora.r if lora else 0, trainable_params=_count(abstract.params),
+                       base_dtype=config.lora.base_dtype if lora else None)
   out = []
 
   def add(r):
@@ -697,30 +714,104 @@ def plan_config_records(config, name: str, *, emit: Callable[[dict], None] | Non
 
   batch = config_batch(config, mesh, scfg, rows=rows, prompt_len=prompt_len)
   micro_rows = config_lib.micro_batch_rows(rl.micro_batch_per_device, rows, dp) or rows
-  reference = _reference_bytes(rl, abstract.params)
+  if lora is None:
+    reference = _reference_bytes(rl, abstract.params)
+  else:
+    # From fresh adapters without a warm-up the reference is the frozen base itself (no bytes);
+    # otherwise it is a copy of the adapters at RL start.
+    fresh = not config.init.adapter and not config.sft.steps
+    reference = 0 if rl.kl_beta <= 0 or fresh else _shard_bytes(abstract.params)
+  base_bytes = 0 if base is None else _shard_bytes(base)
   t0 = time.perf_counter()
-  fn = step_lib.jit_train_step(model_cfg, scfg, optimizer, schedule, mesh, shardings, batch)
-  mem = step_lib.memory_report(fn.lower(abstract, batch).compile())
+  fn = step_lib.jit_train_step(model_cfg, scfg, optimizer, schedule, mesh, shardings, batch, base_shardings)
+  if base is None:
+    mem = step_lib.memory_report(fn.lower(abstract, batch).compile())
+  else:
+    stand_in, extra = cpu_stand_in(base)
+    mem = _less_arguments(step_lib.memory_report(fn.lower(abstract, batch, stand_in).compile()), extra)
+  # A LoRA step's frozen base is one of its arguments (counted in its total).
   add({**common_fields, "what": "train_step", "rows": rows, "micro_batch_rows": micro_rows,
        **mem, "resident_reference_bytes": reference, "peak_bytes": mem["total_bytes"] + reference,
        "compile_s": time.perf_counter() - t0})
 
   resident = _shard_bytes(abstract.opt_state)
   if (scfg.off_policy and scfg.impl.old_field is not None) or (scfg.kl_beta > 0 and scfg.impl.ref_field is not None):
-    # The train state (optimizer included) and the reference stay resident through that pass.
-    mem, seconds = _old_terms_memory(model_cfg, scfg, mesh, abstract, shardings, batch)
+    # The train state (optimizer included) and the reference stay resident through that pass; a
+    # LoRA run's pass reads base + adapters (its arguments).
+    mem, seconds = _old_terms_memory(model_cfg, scfg, mesh, abstract, shardings, batch, base, base_shardings)
     add({**common_fields, "what": "old_terms", "rows": rows, "micro_batch_rows": micro_rows, **mem,
          "resident_opt_state_bytes": resident, "resident_reference_bytes": reference,
          "peak_bytes": mem["total_bytes"] + resident + reference, "compile_s": seconds})
 
-  # The rollout sampler runs from the train state's params; the optimizer state stays resident.
-  call_rows, mem, seconds = _sampler_memory(config, model_cfg, mesh, abstract.params, rows=rows,
+  # The rollout sampler runs from the train state's params (the optimizer state stays resident), a
+  # LoRA run's from the merged weights in the compute dtype, made once per step (train.run.LoraBase.
+  # merged), while the base and the adapters stay resident.
+  # With lora.sampler_weights="unmerged" it runs base + adapters (its arguments), no merged copy.
+  if base is None:
+    sample_params, resident_lora = abstract.params, 0
+    sample_params, extra = cpu_stand_in(sample_params)
+  elif config.lora.sampler_weights == "unmerged":
+    from bgpo_jax.models import transformer
+    stand_in, extra = cpu_stand_in(base)
+    sample_params, resident_lora = transformer.Adapted(stand_in, abstract.params, lora.scale), 0
+  else:
+    cdt = model_cfg.compute_jnp_dtype
+    sample_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cdt, sharding=x.sharding), base)
+    resident_lora = base_bytes + _shard_bytes(abstract.params)
+    sample_params, extra = cpu_stand_in(sample_params)
+  call_rows, mem, seconds = _sampler_memory(config, model_cfg, mesh, sample_params, rows=rows,
                                             prompt_len=prompt_len)
+  mem = _less_arguments(mem, extra)
   add({**common_fields, "what": "sampler", "rows": call_rows, "steps": config.rollout.steps,
        "cache": config.rollout.cache, **mem, "resident_opt_state_bytes": resident,
-       "resident_reference_bytes": reference, "peak_bytes": mem["total_bytes"] + resident + reference,
-       "compile_s": seconds})
+       "resident_reference_bytes": reference, "resident_lora_bytes": resident_lora,
+       "peak_bytes": mem["total_bytes"] + resident + reference + resident_lora, "compile_s": seconds})
   return out
+
+
+def _count(tree) -> int:
+  return int(sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree.leaves(tree)))
+
+
+def abstract_lora_state(model_cfg, spec, optimizer, mesh, base_dtype: str):
+  """A LoRA run's abstract train state over the adapters (param dtype), its shardings, and the
+  abstract frozen base in `base_dtype` with its shardings: what train.run builds, without memory."""
+  from bgpo_jax.models import lora as lora_lib
+
+  a_shard = state_lib.adapter_shardings(model_cfg, spec, mesh)
+  adapters = jax.eval_shape(lambda: lora_lib.init_adapters(model_cfg, spec, jax.random.key(0),
+                                                           model_cfg.param_jnp_dtype))
+  opt_state = jax.eval_shape(optimizer.init, adapters)
+  shardings = state_lib.state_shardings(optimizer, opt_state, a_shard, mesh)
+  abstract = state_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=adapters, opt_state=opt_state)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  base_shardings = state_lib.param_shardings(model_cfg, mesh)
+  shapes = jax.eval_shape(lambda: family_lib.module_for(model_cfg).init_params(model_cfg, jax.random.key(0)))
+  dtype = jnp.dtype(base_dtype)
+  base = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s), shapes, base_shardings)
+  return abstract, shardings, base, base_shardings
+
+
+def cpu_stand_in(tree):
+  """XLA:CPU has no bfloat16 matmul: for a bf16 weight it upcasts the whole stacked [L, ...] array to
+  float32 outside the layer loop and keeps that copy through the program (a LLaDA-8B bf16 base: 32
+  GB that no accelerator allocates). A plan of bf16 weights therefore compiles them as float32
+  stand-ins (which XLA:CPU's dots read in place; the model still casts each layer to the compute
+  dtype) -> (stand-in tree, bytes to take off the program's arguments: the stand-ins' extra half)."""
+  if jax.default_backend() != "cpu":
+    return tree, 0
+  wide = lambda x: x.dtype == jnp.bfloat16  # noqa: E731
+  out = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding) if wide(x) else x, tree)
+  extra = _shard_bytes(out) - _shard_bytes(tree)
+  return out, extra
+
+
+def _less_arguments(mem: dict, extra: int) -> dict:
+  """A memory report with `extra` argument bytes taken off (cpu_stand_in's float32 widening)."""
+  if not extra:
+    return mem
+  return dict(mem, argument_bytes=mem["argument_bytes"] - extra, total_bytes=mem["total_bytes"] - extra,
+              cpu_stand_in_bytes=extra)
 
 
 def run_config_plan_subprocess(config_path: str, devices: int, timeout_s: float = 3600,

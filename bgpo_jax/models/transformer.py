@@ -480,11 +480,13 @@ def cache_bytes(config, batch: int, seq_len: int) -> int:
 def prefill(config, params: Params, tokens: jax.Array, attention_mask: jax.Array | None, *,
             return_cache: bool = True) -> tuple[jax.Array, KVCache | None]:
   """Full forward: tokens int32 [B,S] -> (outputs after ln_f [B,S,D] in the compute dtype, no
-  shift; cache (k, v) each [L,B,S,KV,hd], or None with return_cache=False)."""
+  shift; cache (k, v) each [L,B,S,KV,hd], or None with return_cache=False). params may be an
+  `Adapted` view (LoRA adapters unmerged)."""
+  params, adapters, scale = _unpack(params, None, None)
   cos, sin = layers.rope_tables(tokens.shape[1], config.head_dim, config.rope_theta)
   key_mask = None if attention_mask is None else attention_mask.astype(bool)
   x, kv = run_blocks(config, embed(config, params, tokens), params["blocks"], cos, sin, key_mask,
-                     keep_kv=return_cache)
+                     keep_kv=return_cache, adapters=adapters, lora_scale=_lora_scale(adapters, scale))
   return _final_norm(config, params, x), kv
 
 
@@ -495,12 +497,14 @@ def window_forward(config, params: Params, window_tokens: jax.Array, start, cach
 
   window_tokens int32 [B, W]; start int or int32 scalar (traced is fine; W is static); cache
   (k, v) each [L, B, S, KV, hd] from `prefill`; attention_mask [B, S] (1 = real key) or None
-  -> outputs after ln_f [B, W, D] in the compute dtype (no shift)."""
+  -> outputs after ln_f [B, W, D] in the compute dtype (no shift). params may be an `Adapted` view."""
+  params, adapters, scale = _unpack(params, None, None)
   W = window_tokens.shape[1]
   cos, sin = layers.rope_tables(cache[0].shape[2], config.head_dim, config.rope_theta)
   cos = lax.dynamic_slice_in_dim(cos, start, W, axis=0)
   sin = lax.dynamic_slice_in_dim(sin, start, W, axis=0)
   key_mask = None if attention_mask is None else attention_mask.astype(bool)
   x, _ = run_blocks(config, embed(config, params, window_tokens), params["blocks"], cos, sin,
-                    key_mask, cache=tuple(cache), start=start)
+                    key_mask, cache=tuple(cache), start=start, adapters=adapters,
+                    lora_scale=_lora_scale(adapters, scale))
   return _final_norm(config, params, x)

@@ -233,8 +233,13 @@ class Run:
 
   def sampling_params(self) -> Any:
     """The weights the samplers run (rollouts, evaluation): the params, or a LoRA run's merged
-    base + adapters in the compute dtype (made once per call: once per RL step / eval pass)."""
-    return self.state.params if self.lora is None else self.lora.merged(self.state.params)
+    base + adapters in the compute dtype (made once per call: once per RL step / eval pass), or
+    with lora.sampler_weights="unmerged" the base + adapters view (no second copy of the base)."""
+    if self.lora is None:
+      return self.state.params
+    if self.config.lora.sampler_weights == "unmerged":
+      return self.lora.policy(self.state.params)
+    return self.lora.merged(self.state.params)
 
 
 def _prepare_workdir(config, workdir: str, is_main: bool) -> None:
