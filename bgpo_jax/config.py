@@ -792,9 +792,6 @@ def _check_lora(c) -> None:
       raise ConfigError(f"config.init.adapter {c.init.adapter!r} needs LoRA training: set --config.lora.rank to "
                         f"the adapter's r (or --config.init.adapter='' for full fine-tuning)")
     return
-  if c.lora.dropout > 0:
-    raise ConfigError(f"config.lora.dropout {c.lora.dropout} is not implemented (the training forward has no "
-                      f"dropout on the adapters' input); set --config.lora.dropout=0")
   names = lora_targets(c)
   if not names or len(set(names)) != len(names) or any(not n.replace(".", "").replace("_", "").isalnum()
                                                        for n in names):

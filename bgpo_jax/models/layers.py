@@ -93,23 +93,42 @@ def dense(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
 
 
 # One targeted weight's LoRA factors for a matmul: (A [K, r], scale * B [r, N]) in the compute
-# dtype, or None (no adapter on that weight).
-LoraFactors = tuple[jax.Array, jax.Array] | None
+# dtype, optionally with a third entry (rate, keys [R]): dropout on the adapter's input, one mask
+# per row key; or None (no adapter on that weight).
+LoraFactors = tuple | None
+
+
+def dropout_rows(x: jax.Array, keys: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout with one independent mask per row: x [R*T, K] or [R, T, K] (rows first),
+  keys [R] -> x with each entry zeroed with probability `rate`, the rest scaled by 1 / (1 - rate).
+  A row's mask depends only on its key, so it is the same on any sharding or micro-batching."""
+  shape = x.shape
+  xr = x.reshape(keys.shape[0], -1, shape[-1])
+  keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, xr.shape[1:]))(keys)
+  return jnp.where(keep, xr / (1.0 - rate), 0).astype(x.dtype).reshape(shape)
+
+
+def _lora_term(x: jax.Array, lora: tuple) -> jax.Array:
+  """(dropout(x) @ A) @ B: the low-rank path (PEFT's lora_B(lora_A(dropout(x))) * scaling)."""
+  if len(lora) == 3:
+    rate, keys = lora[2]
+    x = dropout_rows(x, keys, rate)
+  return dense(dense(x, lora[0]), lora[1])
 
 
 def lora_dense(x: jax.Array, w: jax.Array, lora: LoraFactors = None) -> jax.Array:
-  """x [..., K] @ w [K, N] (+ (x @ A) @ B for lora = (A [K, r], B [r, N])) -> [..., N].
+  """x [..., K] @ w [K, N] (+ (x @ A) @ B for lora = (A [K, r], B [r, N][, dropout])) -> [..., N].
 
   Unmerged: the low-rank path costs 2 r (K + N) FLOPs per row against the matmul's 2 K N, and
   with a frozen W the backward needs no [K, N] weight gradient (a merged W + A @ B would)."""
   y = dense(x, w)
-  return y if lora is None else y + dense(dense(x, lora[0]), lora[1])
+  return y if lora is None else y + _lora_term(x, lora)
 
 
 def _project(n: jax.Array, w: jax.Array, b: jax.Array | None = None, lora: LoraFactors = None) -> jax.Array:
   # The base layer's output (bias included), then the LoRA term: PEFT's order of the sums.
   y = dense(n, w) if b is None else dense(n, w) + b
-  return y if lora is None else y + dense(dense(n, lora[0]), lora[1])
+  return y if lora is None else y + _lora_term(n, lora)
 
 
 # The block's two halves begin with "rms_norm, then matmuls" and the MLP ends with "SwiGLU, then a
@@ -164,7 +183,7 @@ def _lora_factors(ab: Mapping[str, jax.Array], axes: tuple, compute_axes: tuple,
 def block(config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin, key_mask, *,
           param_axes: Mapping[str, tuple], compute_axes: Mapping[str, tuple],
           update_kv: KVUpdate | None = None, lora: Mapping[str, Mapping[str, jax.Array]] | None = None,
-          lora_scale: float = 1.0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+          lora_scale: float = 1.0, lora_dropout: tuple | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """One pre-norm block on W positions, for every family.
 
   x [B,W,D] compute dtype; p this layer's (unstacked) weights, q / k / v biases added when p
@@ -173,8 +192,9 @@ def block(config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin, key_mask, 
   of their compute copies; update_kv: None (the window is the whole sequence, S = W: the keys are
   its own) or the KV cache's update (KVUpdate); lora: this layer's LoRA adapters {weight key:
   {"a": [in, r], "b": [r, out]}} (models/lora.py) or None, each targeted matmul adding
-  lora_scale * (x @ A) @ B. Returns (x [B,W,D], this block's fresh (k, v) [B,W,KV,hd] after
-  RoPE, for a cache)."""
+  lora_scale * (x @ A) @ B; lora_dropout: (rate, keys [B]) for dropout on the adapters' inputs
+  (this layer's keys; each targeted weight folds in its own index) or None. Returns (x [B,W,D],
+  this block's fresh (k, v) [B,W,KV,hd] after RoPE, for a cache)."""
   cdt = config.compute_jnp_dtype
   B, S, D = x.shape
   H, KV, hd = config.n_heads, config.n_kv_heads, config.head_dim
@@ -185,6 +205,10 @@ def block(config, x: jax.Array, p: Mapping[str, jax.Array], cos, sin, key_mask, 
   w = {k: sharding.gather_weight(v, param_axes[k][1:], compute_axes[k], cdt)
        for k, v in p.items() if k in compute_axes}
   lw = {k: _lora_factors(ab, param_axes[k][1:], compute_axes[k], lora_scale, cdt) for k, ab in (lora or {}).items()}
+  if lora_dropout is not None and lora:
+    rate, keys = lora_dropout
+    fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+    lw = {k: f + ((rate, fold(keys, i)),) for i, (k, f) in enumerate(sorted(lw.items()))}
 
   def projections(names: tuple, norm: str) -> tuple:  # rms_norm(x) @ W (+ the family's bias, + LoRA)
     weights = tuple((w[f"{nm}_proj"], w.get(f"{nm}_bias"), lw.get(f"{nm}_proj")) for nm in names)

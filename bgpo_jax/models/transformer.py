@@ -333,27 +333,34 @@ def _write_window(cached: tuple, start, k: jax.Array, v: jax.Array) -> tuple:
 
 def run_blocks(config, x: jax.Array, blocks: Params, cos, sin, key_mask, *, remat: bool = False,
                cache: KVCache | None = None, start=0, keep_kv: bool = False,
-               adapters: Params | None = None, lora_scale: float = 1.0):
+               adapters: Params | None = None, lora_scale: float = 1.0, lora_dropout: tuple | None = None):
   """The layer scan: x [B,W,D] through the L stacked blocks -> (x [B,W,D], fresh (k, v) each
   [L,B,W,KV,hd] with keep_kv, else None). cache: the KV cache (k, v) [L,B,S,KV,hd] whose
   positions [start, start + W) the window's own K / V replace, or None (W = S). remat: each
   block under config.remat_policy's jax.checkpoint policy. adapters: LoRA adapters {weight key:
-  {"a": [L,in,r], "b": [L,r,out]}} (models/lora.py), scanned with the blocks, or None."""
+  {"a": [L,in,r], "b": [L,r,out]}} (models/lora.py), scanned with the blocks, or None.
+  lora_dropout: (rate, keys [B]) for dropout on the adapters' inputs (each layer folds in its
+  index), or None."""
   param_axes = param_logical_axes(config)["blocks"]
   compute_axes = compute_weight_axes(config)
 
   def body(carry, layer):
-    p, cached, lora = layer
+    p, cached, lora, index = layer
     update = None if cached is None else functools.partial(_write_window, cached, start)
+    drop = None
+    if lora_dropout is not None:
+      drop = (lora_dropout[0], jax.vmap(jax.random.fold_in, in_axes=(0, None))(lora_dropout[1], index))
     carry, kv = layers.block(config, carry, p, cos, sin, key_mask, param_axes=param_axes,
-                             compute_axes=compute_axes, update_kv=update, lora=lora, lora_scale=lora_scale)
+                             compute_axes=compute_axes, update_kv=update, lora=lora, lora_scale=lora_scale,
+                             lora_dropout=drop)
     return carry, (kv if keep_kv else None)
 
   if remat:
     # prevent_cse=False is safe (and faster) inside scan.
     body = jax.checkpoint(body, policy=layers.CHECKPOINT_POLICIES[config.remat_policy], prevent_cse=False)
   # adapters=None adds no leaves: the scan (and the program) is the one without LoRA.
-  return lax.scan(body, x, (blocks, cache, adapters), unroll=config.scan_unroll)
+  index = None if lora_dropout is None else jnp.arange(config.n_layers)
+  return lax.scan(body, x, (blocks, cache, adapters, index), unroll=config.scan_unroll)
 
 
 def _final_norm(config, params: Params, x: jax.Array) -> jax.Array:
@@ -372,18 +379,27 @@ class Adapted:
   ELBO, the objectives, the old / reference terms) runs a LoRA model unchanged: `hidden_states`,
   `forward` and `lm_head` read base + adapters from it. models/lora.py builds and merges them.
 
-  base: the params tree; adapters: {weight key: {"a": [L,in,r], "b": [L,r,out]}}; scale: alpha / r.
+  base: the params tree; adapters: {weight key: {"a": [L,in,r], "b": [L,r,out]}}; scale: alpha / r;
+  dropout: None, or (rate, keys [B]) for a training forward with dropout on the adapters' inputs
+  (PEFT's lora_dropout), one key per row of the batch the forward runs (`with_dropout`).
   """
 
-  def __init__(self, base: Params, adapters: Params, scale: float):
-    self.base, self.adapters, self.scale = base, adapters, scale
+  def __init__(self, base: Params, adapters: Params, scale: float, dropout: tuple | None = None):
+    self.base, self.adapters, self.scale, self.dropout = base, adapters, scale, dropout
+
+  def with_dropout(self, rate: float, keys: jax.Array) -> "Adapted":
+    """This view with dropout `rate` on the adapters' inputs, row i masked from keys[i]."""
+    return Adapted(self.base, self.adapters, self.scale, (float(rate), keys))
 
   def tree_flatten(self):
-    return (self.base, self.adapters), self.scale
+    rate, keys = self.dropout if self.dropout is not None else (None, None)
+    return (self.base, self.adapters, keys), (self.scale, rate)
 
   @classmethod
-  def tree_unflatten(cls, scale, children):
-    return cls(*children, scale)
+  def tree_unflatten(cls, aux, children):
+    scale, rate = aux
+    base, adapters, keys = children
+    return cls(base, adapters, scale, None if rate is None else (rate, keys))
 
   def __repr__(self):
     return f"Adapted(scale={self.scale}, adapters={sorted(self.adapters) if isinstance(self.adapters, dict) else '?'})"
@@ -419,13 +435,16 @@ def hidden_states(config, params: Params, tokens: jax.Array,
   unmerged, each targeted weight W acting as W + lora_scale * A @ B; None = the base model.
   params may also be an `Adapted` view (base + adapters + scale), then adapters= stays None.
   """
+  dropout = params.dropout if isinstance(params, Adapted) else None
   params, adapters, lora_scale = _unpack(params, adapters, lora_scale)
   scale = _lora_scale(adapters, lora_scale)
   x = embed(config, params, tokens)
   cos, sin = layers.rope_tables(tokens.shape[1], config.head_dim, config.rope_theta)
   key_mask = None if attention_mask is None else attention_mask.astype(bool)
+  if dropout is not None and dropout[1].shape != (tokens.shape[0],):
+    raise ValueError(f"LoRA dropout keys {dropout[1].shape} must be one per row of tokens {tokens.shape}")
   x, _ = run_blocks(config, x, params["blocks"], cos, sin, key_mask, remat=config.remat_policy != "none",
-                    adapters=adapters, lora_scale=scale)
+                    adapters=adapters, lora_scale=scale, lora_dropout=dropout)
   h = _final_norm(config, params, x)
   if config.shifted:
     return sharding.constrain(shift_right(h), ("batch", "seq", "act_embed"))

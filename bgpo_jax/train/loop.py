@@ -53,7 +53,7 @@ def sft_step(run: Run, step: int) -> dict:
   masks, weights = rng_lib.mc_masks(run.rng, step, tokens.shape[0], c.sft.num_mc_samples, c.sft.mc_estimator,
                                     c.rollout.gen_length)
   batch = {"tokens": tokens, "attention_mask": attn, "advantages": np.zeros(tokens.shape[0], np.float32),
-           "mc_masks": masks, "mc_weights": weights}
+           "mc_masks": masks, "mc_weights": weights, **_dropout_seeds(run, step, 0, tokens.shape[0])}
   (m,), mem = _apply(run, step, "sft", [_to_global(run, batch)])
   m["time/train_s"] = time.time() - t0
   m["perf/tokens_per_s"] = tokens.size * jax.process_count() / m["time/train_s"]
@@ -126,7 +126,17 @@ def rl_updates(run: Run, step: int, batch: dict, lengths: np.ndarray) -> list[di
       if rl.kl_beta > 0:
         b[obj.ref_field.name] = run.steps.terms(run.reference.params, b)
       done[id(f)] = b
-  return [done[id(f)] for f in fields]
+  out = [done[id(f)] for f in fields]
+  # Dropout masks are fresh every inner update (after the old / reference terms: those run without).
+  return [dict(b, **_to_global(run, seeds)) if (seeds := _dropout_seeds(run, step, u, rows)) else b
+          for u, b in enumerate(out)]
+
+
+def _dropout_seeds(run: Run, step: int, update: int, rows: int) -> dict:
+  """{step.DROPOUT_SEEDS: [rows] uint32} for a LoRA run with lora.dropout > 0, else {}."""
+  if run.lora is None or run.config.lora.dropout <= 0:
+    return {}
+  return {step_lib.DROPOUT_SEEDS: rng_lib.lora_dropout_seeds(run.rng, step, update, rows)}
 
 
 def evaluate(run: Run, step: int) -> dict:

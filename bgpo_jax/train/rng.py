@@ -24,6 +24,7 @@ STREAMS = {
     "eval": 3,  # the evaluation sampler at each evaluated step
     "prompt_mask_seeds": 4,  # diffu-GRPO's per-row prompt-mask seeds, per step and inner update
     "lora": 5,  # fresh LoRA adapters' A (config.lora.rank > 0, no init.adapter)
+    "lora_dropout": 6,  # per-row seeds of the adapters' dropout masks, per step and inner update
 }
 
 
@@ -61,5 +62,14 @@ def prompt_mask_seeds(streams: RngStreams, step: int, update: int, rows: int) ->
   """[rows] uint32 prompt-mask seeds (diffu-GRPO): distinct per row, inner update and step; drawn
   for the global rows (every host trains the same count) and sliced like `mc_masks`."""
   key = streams.key("prompt_mask_seeds", step, update)
+  seeds = np.asarray(jax.random.bits(key, (rows * jax.process_count(),), jnp.uint32))
+  return seeds[dist.host_slice(len(seeds))]
+
+
+def lora_dropout_seeds(streams: RngStreams, step: int, update: int, rows: int) -> np.ndarray:
+  """[rows] uint32 seeds of the LoRA dropout masks (config.lora.dropout > 0): distinct per row,
+  inner update and step; drawn for the global rows and sliced like `mc_masks`, so a row's masks
+  are the same on any topology or micro-batching."""
+  key = streams.key("lora_dropout", step, update)
   seeds = np.asarray(jax.random.bits(key, (rows * jax.process_count(),), jnp.uint32))
   return seeds[dist.host_slice(len(seeds))]

@@ -44,6 +44,8 @@ if __doc__:  # None under python -OO
   __doc__ += objectives.describe_layout()
 # Arrays whose batch axis is not the first one (every registered objective's fields).
 BATCH_AXIS = objectives.BATCH_AXIS
+# A LoRA run with lora.dropout > 0: [B] uint32, each row's dropout seed for this update.
+DROPOUT_SEEDS = "lora_dropout_seeds"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +130,18 @@ def accumulate_gradients(model_cfg: llada.LLaDAConfig, cfg: StepConfig, params, 
   num_micro = _num_micro(cfg, B)
   micro = {k: _split_micro(v, BATCH_AXIS.get(k, 0), num_micro) for k, v in batch.items()}
   units = cfg.impl.units(cfg)
-  terms = lambda p, mb, u: cfg.impl.unit_terms(model_cfg, cfg, model_params(cfg, p, base), mb, u)
+  dropout = cfg.lora is not None and cfg.lora.dropout > 0
+  if dropout and DROPOUT_SEEDS not in batch:
+    raise ValueError(f"a LoRA step with dropout {cfg.lora.dropout} needs batch[{DROPOUT_SEEDS!r}], one uint32 "
+                     "seed per row (train.rng.lora_dropout_seeds)")
+
+  def terms(p, mb, u):
+    model = model_params(cfg, p, base)
+    if dropout:  # the trained forward only: fresh masks per row, step, update and unit (MC sample)
+      keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), u))(mb[DROPOUT_SEEDS])
+      model = model.with_dropout(cfg.lora.dropout, keys)
+    return cfg.impl.unit_terms(model_cfg, cfg, model, mb, u)
+
   unit_fn = jax.value_and_grad(terms, has_aux=True)
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   init = (zeros, jnp.zeros((), jnp.float32), {"elbo": jnp.zeros(()), "abs_d": jnp.zeros(()), "kl": jnp.zeros(())})

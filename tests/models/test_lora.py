@@ -323,3 +323,45 @@ def test_adapters_shard_by_logical_axes_on_8_devices():
                           "attn_out": [[None, "tensor", None], [None, None, "fsdp"]],
                           "ff_out": [[None, "tensor", None], [None, None, "fsdp"]]}
   assert got["diff"] < 1e-4 and got["grad_err"] < 1e-4 and got["same"]
+
+
+def test_dropout_rows_masks_each_row_from_its_key():
+  from bgpo_jax.models import layers
+  x = jnp.ones((3 * 50, 40), jnp.float32)  # 3 rows of 50 positions, flattened as norm_dense's
+  keys = jax.random.split(jax.random.key(0), 3)
+  y = np.asarray(layers.dropout_rows(x, keys, 0.25)).reshape(3, 50, 40)
+  assert set(np.unique(y)) == {0.0, np.float32(1 / 0.75)}  # inverted dropout: kept entries scaled
+  assert abs((y == 0).mean() - 0.25) < 0.03
+  # A row's mask is a function of its key alone: row 1 on its own equals row 1 of the batch.
+  alone = np.asarray(layers.dropout_rows(jnp.ones((1, 50, 40)), keys[1:2], 0.25))[0]
+  np.testing.assert_array_equal(alone, y[1])
+  assert not np.array_equal(y[0], y[1])
+
+
+def test_dropout_forward_changes_only_the_adapters_path(model):
+  cfg, params, spec, adapters, tokens, mask, _, adapted = model
+  keys = jax.random.split(jax.random.key(3), tokens.shape[0])
+  view = lora.adapted(params, adapters, spec)
+  fwd = jax.jit(lambda v, t, m: transformer.forward(cfg, v, t, m))
+  drop = fwd(view.with_dropout(0.5, keys), tokens, mask)
+  np.testing.assert_array_equal(np.asarray(fwd(view.with_dropout(0.5, keys), tokens, mask)), np.asarray(drop))
+  assert float(jnp.abs(drop - adapted(params, tokens, mask, adapters)).max()) > 1e-4
+  # With B = 0 the adapters add nothing, dropped or not: the base's logits.
+  fresh = lora.adapted(params, lora.init_adapters(cfg, spec, jax.random.key(5)), spec)
+  chex.assert_trees_all_close(fwd(fresh.with_dropout(0.5, keys), tokens, mask),
+                              transformer.forward(cfg, params, tokens, mask), atol=1e-6)
+  with pytest.raises(ValueError, match="one per row"):
+    fwd(view.with_dropout(0.5, keys[:1]), tokens, mask)
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_unmerged_sampler_gives_the_merged_samplers_tokens(model, cache):
+  from bgpo_jax.diffusion import sampler
+  cfg, params, spec, adapters, tokens, mask, _, _ = model
+  settings = sampler.SamplerSettings(gen_length=8, steps=4, block_length=4, temperature=0.0, cache=cache)
+  gen = jax.jit(lambda p, t, m: sampler.generate(cfg, p, t, m, settings, jax.random.key(0)))
+  prompt = tokens.at[:, -1].set(tokens[:, 0])  # no mask token in the prompt
+  merged = gen(lora.merge(cfg, params, adapters, spec), prompt, mask)
+  unmerged = gen(lora.adapted(params, adapters, spec), prompt, mask)
+  np.testing.assert_array_equal(np.asarray(unmerged), np.asarray(merged))
+  assert (np.asarray(merged)[:, 12:] != cfg.mask_token_id).all()

@@ -141,8 +141,29 @@ def test_init_adapter_starts_from_the_file_and_copies_it_as_the_reference(straig
     build_run(c, str(tmp_path / "other_rank"))
 
 
+def test_dropout_trains_with_masks_keyed_by_row(straight, tmp_path):
+  """lora.dropout > 0: the trained forward drops the adapters' inputs (the loss moves off the
+  dropout-free run's), with masks keyed by row seed, so the micro-batching leaves the run as it was
+  (the whole batch at once vs micro-batches of 2 rows); rollouts run unmerged (sampler_weights)."""
+  runs = {}
+  for name, micro in (("whole", 0), ("micro", 2)):
+    c = tiny_lora(dropout=0.25, sampler_weights="unmerged")
+    c.rl.micro_batch_per_device = micro
+    train(build_run(c, str(tmp_path / name)))
+    runs[name] = read_metrics(str(tmp_path / name))
+  plain = read_metrics(straight[0])
+  for key in ("train/loss", "train/grad_norm"):
+    whole, micro = [np.array([r[key] for r in runs[n]]) for n in ("whole", "micro")]
+    np.testing.assert_allclose(micro, whole, rtol=2e-5, atol=1e-7)
+  # Step 1's rollouts come from the same weights (B = 0, so the loss too): B's gradient,
+  # (dropout(x) @ A)^T dy, differs by the dropout alone.
+  assert runs["whole"][0]["train/reward_mean"] == plain[0]["train/reward_mean"]
+  assert abs(runs["whole"][0]["train/grad_norm"] / plain[0]["train/grad_norm"] - 1) > 1e-3
+
+
 @pytest.mark.parametrize("mutate, message", [
-    (lambda c: setattr(c.lora, "dropout", 0.05), "config.lora.dropout 0.05 is not implemented"),
+    (lambda c: setattr(c.lora, "dropout", 1.0), "config.lora.dropout 1.0 must lie in"),
+    (lambda c: setattr(c.lora, "sampler_weights", "folded"), "config.lora.sampler_weights 'folded' is unknown"),
     (lambda c: setattr(c.lora, "rank", -1), "config.lora.rank -1 must be >= 0"),
     (lambda c: setattr(c.lora, "alpha", 0.0), "config.lora.alpha 0.0 must be > 0"),
     (lambda c: setattr(c.lora, "base_dtype", "float16"), "config.lora.base_dtype 'float16' is unknown"),
