@@ -388,9 +388,9 @@ def d1_lora(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.lora.rank = 128
   # alpha 64: d1's lora_alpha, so the adapters' scale is alpha / r = 0.5 (PEFT's scaling).
   c.lora.alpha = 64.0
-  # d1's lora_dropout is 0.05; the training forward here has no dropout on the adapters' input
-  # (config.lora.dropout > 0 is refused), so the variant trains without it.
-  c.lora.dropout = 0.0
+  # d1's lora_dropout: on the adapters' inputs in the trained forward (not the old / reference
+  # terms or the samplers).
+  c.lora.dropout = 0.05
   # d1's target_modules, as written there: on LLaDA PEFT (and models.lora.targets_of) selects only
   # q / k / v / up_proj of them (LLaDA names its o / gate / down projections attn_out / ff_proj /
   # ff_out), on Dream all seven; kept as d1 ran it.
@@ -398,6 +398,19 @@ def d1_lora(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # d1 loads the base in 4 bits (bitsandbytes) and computes in bfloat16; a bfloat16 base is the
   # nearest this trainer has (no quantized base), half the float32 base's memory.
   c.lora.base_dtype = "bfloat16"
+  # What lets the whole run fit one 40 GB device (LLaDA-8B, configs/math.py:lora; BENCHMARKS.md
+  # "LoRA on one device", `memory --plan-8b --config=configs/math.py:lora --devices 1`):
+  # - the samplers run base + adapters unmerged: a merged copy would add the base again (16 GB;
+  #   the rollout sampler's plan at 16 rows: 57 GB merged, 41 GB unmerged);
+  c.lora.sampler_weights = "unmerged"
+  # - rollouts in calls of 8 rows (the dual KV cache grows with the rows: 30 GB at 8 rows, 41 GB at
+  #   16); on more devices a larger chunk fits (rollout.batch_size is global rows per call);
+  c.rollout.batch_size = 8
+  # - evaluation in batches of as many rows: it runs without a KV cache (eval.cache), so it holds
+  #   less than the rollout sampler at the same rows.
+  c.eval.batch_size = 8
+  # The train step (n = 16, one row per micro-batch, remat) plans at 30 GB: the base 16, the
+  # adapters with their AdamW moments and accumulator 2.7, the rest activations and the head.
   return c
 
 

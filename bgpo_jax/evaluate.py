@@ -177,7 +177,11 @@ def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = T
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   config_lib.validate(config, data_parallel_size=mesh_lib.data_parallel_size(mesh))
   task = tasks_lib.build_task(config, workdir=run_dir or _user_cache())
-  model_cfg, params = tasks_lib.build_model(config, task.tokenizer, mesh)
+  lora_run = _lora_run(config, run_dir)
+  if lora_run is not None:
+    model_cfg, params = lora_run
+  else:
+    model_cfg, params = tasks_lib.build_model(config, task.tokenizer, mesh)
   if params is None:
     logging.warning("no checkpoint given: evaluating a randomly initialized %s model", config.model.preset)
     params = jax.jit(lambda r: family.module_for(model_cfg).init_params(model_cfg, r),
@@ -195,6 +199,31 @@ def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = T
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
   result["out"] = out
   return result
+
+
+def _lora_run(config, run_dir: str | None):
+  """(model config, sampler params) when config.init.checkpoint is a LoRA run's workdir (or one of
+  its checkpoints): the base re-made as the run made it (its recorded fingerprint checked), the
+  checkpoint's adapters on it, merged or unmerged as config.lora.sampler_weights says; else None."""
+  if run_dir is None:
+    return None
+  found = ckpt_lib.find_run_record(run_dir)
+  if found is None or not found[0].get("lora"):
+    return None
+  import dataclasses
+
+  from bgpo_jax.models import lora
+  from bgpo_jax.tools import export
+
+  record, hf_cfg, saved = export.read_run(run_dir)
+  spec = export.lora_spec(record)
+  model_cfg = dataclasses.replace(hf_cfg, **tasks_lib.model_knobs(config))
+  base = export.lora_base(record, hf_cfg, saved)
+  adapters = export.latest_adapters(config.init.checkpoint, hf_cfg, spec, saved)
+  if config.lora.sampler_weights == "unmerged":
+    return model_cfg, lora.adapted(base, adapters, spec)
+  cdt = model_cfg.compute_jnp_dtype
+  return model_cfg, jax.tree.map(lambda x: x.astype(cdt), lora.merge(model_cfg, base, adapters, spec))
 
 
 def _no_config_message(checkpoint: str | None) -> str:

@@ -1,10 +1,10 @@
 """Worker for test_recipes.py (run as one subprocess with 8 forced CPU devices; not collected).
 
 argv[1]: JSON {"entries": [{"name", "config", "overrides": ["--config.k=v", ...]}], "out": FILE,
-"root": DIR, "eval_workdir_of": NAME}. Each entry's config file and overrides are parsed by
+"root": DIR, "eval_workdir_of": [NAME, ...]}. Each entry's config file and overrides are parsed by
 ml_collections' config_flags exactly as `python -m bgpo_jax.main --config=FILE --config.k=v`
 parses them (one flag per entry: --config_<i>), then trained with the trainer in its own
-workdir. For the entry named by eval_workdir_of, `bgpo_jax.evaluate.run_eval` then evaluates the
+workdir. For each entry named in eval_workdir_of, `bgpo_jax.evaluate.run_eval` then evaluates the
 run's WORKDIR (as the README's command does) and the worker compares its per-example completions
 with an evaluation of the trainer's final params in memory. Writes one JSON result per entry.
 """
@@ -54,18 +54,21 @@ def main() -> None:
     try:
       trainer = build_run(config, workdir)
       r["mesh_resolved"] = [int(v) for v in trainer.mesh.devices.shape]
+      if trainer.lora is not None:
+        r["lora"] = {"r": trainer.lora.spec.r, "dropout": trainer.lora.spec.dropout,
+                     "sampler_weights": config.lora.sampler_weights}
       summary = train(trainer)
       r.update(ok=True, summary={k: v for k, v in summary.items() if isinstance(v, (int, float))},
                metrics=read_metrics(workdir), eval_sizes={n: len(ds) for n, ds in trainer.task.evals.items()})
-      if e["name"] == spec.get("eval_workdir_of"):
+      if e["name"] in spec.get("eval_workdir_of", ()):
         mine: list = []
-        tasks_lib.evaluate(trainer.eval_sampler, trainer.task, trainer.state.params, rng=jax.random.key(0),
+        tasks_lib.evaluate(trainer.eval_sampler, trainer.task, trainer.sampling_params(), rng=jax.random.key(0),
                            num_examples=config.eval.num_examples, batch_size=config.eval.batch_size,
                            records=mine)
         ev_cfg = config.copy_and_resolve_references()
         with ev_cfg.unlocked():
           ev_cfg.init.checkpoint = ""
-        out = os.path.join(spec["root"], "eval_of_workdir.jsonl")
+        out = os.path.join(spec["root"], f"eval_of_{e['name']}.jsonl")
         res = run_eval(ev_cfg, workdir, out, progress=False)
         theirs = [json.loads(line) for line in open(out)]
         r["eval_workdir"] = {

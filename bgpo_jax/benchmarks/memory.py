@@ -45,6 +45,11 @@ micro-batch, prompt bucket and lengths; compiles its train step (built by the tr
 train.run.step_config) and its rollout sampler (tasks.build_rollout_sampler) ahead of time on N
 fake CPU devices. Records: `config`, `what` (train_step / sampler), `devices`, per-device bytes;
 a sampler record's `peak_bytes` adds the optimizer state that stays resident while it runs.
+A LoRA config (lora.rank > 0, e.g. `configs/math.py:lora --devices 1`) is planned as the trainer
+runs it: the train state over the adapters, the frozen base in lora.base_dtype as an argument of
+the step (and resident beside a merged sampler), the reference free from fresh adapters. XLA:CPU
+has no bf16 matmul and would hold a float32 copy of every bf16 weight through the program, so bf16
+weights are compiled as float32 stand-ins and counted at 2 bytes (`cpu_stand_in`).
 
 --gpu-fit: on an accelerator, the largest n whose step fits in the device memory
 (memory_stats()["bytes_limit"] times --fit-headroom) for a ~1B LLaDA (d_model 2048, 16 layers,
@@ -849,16 +854,18 @@ def print_config_plan(records: list[dict]) -> None:
            "rows": r["rows"], "n": r["n"], "tokens": r["prompt_len"] + r["gen_length"],
            "arg_GB": r["argument_bytes"] / 1e9, "temp_GB": r["temp_bytes"] / 1e9,
            "total_GB": r["total_bytes"] / 1e9, "peak_GB": r["peak_bytes"] / 1e9,
+           "of_40GB": f"{100 * r['peak_bytes'] / 40e9:.1f}%",
            "H100_80GB": f"{100 * r['peak_bytes'] / H100_BYTES:.1f}%",
            "v5p_95GB": f"{100 * r['peak_bytes'] / TPU_V5P_BYTES:.1f}%",
            "fits": "yes" if r["fits_h100"] else ("v5p only" if r["fits_tpu_v5p"] else "NO"),
            "compile_s": r["compile_s"]} for r in records]
   common.print_table(rows, ["config", "what", "devices", "mesh", "rows", "n", "tokens", "arg_GB", "temp_GB",
-                            "total_GB", "peak_GB", "H100_80GB", "v5p_95GB", "fits", "compile_s"],
+                            "total_GB", "peak_GB", "of_40GB", "H100_80GB", "v5p_95GB", "fits", "compile_s"],
                      title="The config's full-size model (LLaDA-8B / Dream-7B) as each config runs it, per "
                            "device (XLA:CPU analysis of AOT compiles; peak = the program's total + what stays "
                            "resident beside it: the optimizer state for the sampler and old_terms, the KL "
-                           "reference when rl.kl_beta > 0)")
+                           "reference when rl.kl_beta > 0, a LoRA run's base and adapters beside a merged "
+                           "sampler)")
 
 
 # ------------------------------------------------------------------------------ main

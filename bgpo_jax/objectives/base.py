@@ -262,9 +262,18 @@ class _BatchAxes(Mapping):
 BATCH_AXIS = _BatchAxes()
 
 
+# A LoRA step with dropout (StepConfig.lora.dropout > 0) also reads one mask seed per row.
+LORA_DROPOUT_FIELD = BatchField("lora_dropout_seeds", ("B",), jnp.uint32)
+
+
 def batch_layout(cfg) -> tuple[BatchField, ...]:
-  """The batch the train step of StepConfig `cfg` reads (its objective's `batch_fields`)."""
-  return get(cfg.objective).batch_fields(cfg)
+  """The batch the train step of StepConfig `cfg` reads (its objective's `batch_fields`, and a LoRA
+  step's dropout seeds)."""
+  fields = tuple(get(cfg.objective).batch_fields(cfg))
+  lora = getattr(cfg, "lora", None)
+  if lora is not None and lora.dropout > 0:
+    fields += (LORA_DROPOUT_FIELD,)
+  return fields
 
 
 def abstract_batch(cfg, *, rows: int, prompt_len: int) -> dict:

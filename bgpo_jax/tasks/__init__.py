@@ -27,7 +27,7 @@ from bgpo_jax.tasks.registry import TaskSpec, find, get, names, register, specs
 
 # name -> the module (of this package) that defines it
 _LAZY = {
-    "tokenizer_source": "setup", "build_tokenizer": "setup", "build_model": "setup",
+    "tokenizer_source": "setup", "build_tokenizer": "setup", "build_model": "setup", "model_knobs": "setup",
     "build_rollout_sampler": "setup", "enable_compilation_cache": "setup",
     "reward_kwargs": "setup",
     "Task": "prompts", "build_task": "prompts", "sft_target": "prompts",
@@ -39,7 +39,7 @@ __all__ = ["TaskSpec", "find", "get", "names", "register", "specs", *_LAZY]
 if TYPE_CHECKING:
   from bgpo_jax.tasks.evaluation import evaluate, rollout_and_score
   from bgpo_jax.tasks.prompts import Task, build_task, sft_target
-  from bgpo_jax.tasks.setup import (build_model, build_rollout_sampler, build_tokenizer,
+  from bgpo_jax.tasks.setup import (build_model, model_knobs, build_rollout_sampler, build_tokenizer,
                                     enable_compilation_cache, reward_kwargs, tokenizer_source)
 
 

@@ -68,6 +68,15 @@ def build_tokenizer(config):
 # ------------------------------------------------------------------------------------ model
 
 
+def model_knobs(config) -> dict:
+  """The model config's precision and memory settings from config.model (the architecture comes
+  from the preset or the checkpoint)."""
+  m = config.model
+  return dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+              remat_policy=config_lib.resolved_remat_policy(config),
+              scan_unroll=m.scan_unroll, attention_impl=m.attention_impl, logits_chunk=m.logits_chunk)
+
+
 def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
   """(model config, params or None for a random init) from config.init / config.model.
 
@@ -79,9 +88,7 @@ def build_model(config, tokenizer, mesh) -> tuple[llada.LLaDAConfig, Any]:
   from bgpo_jax.train import state as state_lib
 
   m = config.model
-  knobs = dict(param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-               remat_policy=config_lib.resolved_remat_policy(config),
-               scan_unroll=m.scan_unroll, attention_impl=m.attention_impl, logits_chunk=m.logits_chunk)
+  knobs = model_knobs(config)
   path = config.init.checkpoint
   if path and (epath.Path(path) / "config.json").exists():  # epath: gs:// too
     model_cfg, params = hf.load(path, dtype=None, mesh=mesh)

@@ -45,7 +45,7 @@ if __doc__:  # None under python -OO
 # Arrays whose batch axis is not the first one (every registered objective's fields).
 BATCH_AXIS = objectives.BATCH_AXIS
 # A LoRA run with lora.dropout > 0: [B] uint32, each row's dropout seed for this update.
-DROPOUT_SEEDS = "lora_dropout_seeds"
+DROPOUT_SEEDS = objectives.base.LORA_DROPOUT_FIELD.name
 
 
 @dataclasses.dataclass(frozen=True)

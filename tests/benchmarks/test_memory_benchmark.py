@@ -143,6 +143,48 @@ def test_plan_a_task_config_cli(tmp_path):
   assert "as each config runs it" in p.stdout and recs[0]["model"] == "llada_8b"
 
 
+@pytest.mark.slow  # a subprocess compiling on 1 fake device
+def test_plan_a_lora_config_on_one_device(tmp_path):
+  """`--plan-8b --config=configs/math.py:lora --devices 1`: the adapters-only train state, the frozen
+  bf16 base an argument at 2 bytes per weight (compiled as a float32 stand-in: XLA:CPU would
+  otherwise keep a float32 copy of it), the old-terms pass on base + adapters, and the unmerged
+  sampler holding no second copy (a 2-layer LLaDA-8B)."""
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  from bgpo_jax.models import llada, lora
+
+  root = Path(__file__).resolve().parents[2]
+  out = tmp_path / "plan.json"
+  p = subprocess.run([sys.executable, "-m", "bgpo_jax.benchmarks.memory", "--plan-8b",
+                      "--config=configs/math.py:lora", "--devices", "1", "--plan-n-layers", "2",
+                      "--config.rl.updates_per_batch=2", "--out", str(out)],
+                     cwd=root, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  step, terms, sampler = json.loads(out.read_text())
+  assert [r["what"] for r in (step, terms, sampler)] == ["train_step", "old_terms", "sampler"]
+  cfg = llada.LLaDAConfig.preset("llada_8b", n_layers=2)
+  spec = lora.LoraSpec(r=128, alpha=64.0, targets=("q_proj", "k_proj", "v_proj", "up_proj"))
+  adapters = sum(a * b * c for ab in lora.adapter_shapes(cfg, spec).values() for a, b, c in ab.values())
+  base = 2 * cfg.num_params()  # bfloat16
+  for r in (step, terms, sampler):
+    assert r["lora_rank"] == 128 and r["trainable_params"] == adapters and r["params"] == cfg.num_params()
+    assert r["cpu_stand_in_bytes"] == base  # float32 stand-ins, counted at bf16's 2 bytes
+  # The step's arguments: the base, the adapters with both AdamW moments (and the batch).
+  state = base + 3 * 4 * adapters
+  assert state <= step["argument_bytes"] <= state + 2**24
+  # No float32 copy of the base in any temp (it alone would be 2 x base).
+  assert max(r["temp_bytes"] for r in (step, terms, sampler)) < 2 * base
+  assert 0 <= terms["resident_opt_state_bytes"] - 2 * 4 * adapters <= 64  # both moments (+ step counts)
+  # Unmerged (the variant's lora.sampler_weights): base + adapters are its arguments, nothing else
+  # resident but the moments; calls of 8 rows (rollout.batch_size).
+  assert sampler["rows"] == 8 and sampler["resident_lora_bytes"] == 0
+  assert base <= sampler["argument_bytes"] <= base + 4 * adapters + 2**24
+  assert "of_40GB" not in step and "of_40GB" in p.stdout
+
+
 @pytest.mark.slow  # a subprocess compiling on 4 fake devices
 def test_plan_dream_config_plans_dream_7b(tmp_path):
   """configs/dream_math.py plans Dream-7B (model.family=dream: its preset, QKV biases, GQA 28/4,
