@@ -404,8 +404,10 @@ def d1_lora(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   #   the rollout sampler's plan at 16 rows: 57 GB merged, 41 GB unmerged);
   c.lora.sampler_weights = "unmerged"
   # - rollouts in calls of 8 rows (the dual KV cache grows with the rows: 30 GB at 8 rows, 41 GB at
-  #   16); on more devices a larger chunk fits (rollout.batch_size is global rows per call);
-  c.rollout.batch_size = 8
+  #   16); on more devices a larger chunk fits (rollout.batch_size is global rows per call). A call
+  #   holds whole groups and splits over 8 devices: with d1's G = 6 (`:diffu_grpo+lora`), 24 rows of
+  #   its shorter 256-token responses;
+  c.rollout.batch_size = math.lcm(8, c.rl.group_size)
   # - evaluation in batches of as many rows: it runs without a KV cache (eval.cache), so it holds
   #   less than the rollout sampler at the same rows.
   c.eval.batch_size = 8

@@ -177,7 +177,7 @@ def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = T
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   config_lib.validate(config, data_parallel_size=mesh_lib.data_parallel_size(mesh))
   task = tasks_lib.build_task(config, workdir=run_dir or _user_cache())
-  lora_run = _lora_run(config, run_dir)
+  lora_run = _lora_run(config, run_dir, mesh)
   if lora_run is not None:
     model_cfg, params = lora_run
   else:
@@ -201,7 +201,7 @@ def run_eval(config, checkpoint: str | None, out: str | None, progress: bool = T
   return result
 
 
-def _lora_run(config, run_dir: str | None):
+def _lora_run(config, run_dir: str | None, mesh):
   """(model config, sampler params) when config.init.checkpoint is a LoRA run's workdir (or one of
   its checkpoints): the base re-made as the run made it (its recorded fingerprint checked), the
   checkpoint's adapters on it, merged or unmerged as config.lora.sampler_weights says; else None."""
@@ -218,12 +218,16 @@ def _lora_run(config, run_dir: str | None):
   record, hf_cfg, saved = export.read_run(run_dir)
   spec = export.lora_spec(record)
   model_cfg = dataclasses.replace(hf_cfg, **tasks_lib.model_knobs(config))
-  base = export.lora_base(record, hf_cfg, saved)
-  adapters = export.latest_adapters(config.init.checkpoint, hf_cfg, spec, saved)
+  # Made on one device (as export makes them), then laid out on the mesh like the trainer's.
+  base = jax.device_put(export.lora_base(record, hf_cfg, saved), state_lib.param_shardings(model_cfg, mesh))
+  adapters = jax.device_put(export.latest_adapters(config.init.checkpoint, hf_cfg, spec, saved),
+                            state_lib.adapter_shardings(model_cfg, spec, mesh))
   if config.lora.sampler_weights == "unmerged":
     return model_cfg, lora.adapted(base, adapters, spec)
   cdt = model_cfg.compute_jnp_dtype
-  return model_cfg, jax.tree.map(lambda x: x.astype(cdt), lora.merge(model_cfg, base, adapters, spec))
+  merge = jax.jit(lambda b, a: jax.tree.map(lambda x: x.astype(cdt), lora.merge(model_cfg, b, a, spec)),
+                  out_shardings=state_lib.param_shardings(model_cfg, mesh))
+  return model_cfg, merge(base, adapters)
 
 
 def _no_config_message(checkpoint: str | None) -> str:

@@ -98,7 +98,7 @@ def matrix(tmp_path_factory):
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   spec = {"entries": entries, "out": str(out), "root": str(root), "eval_workdir_of": ["sudoku", "sudoku_lora"]}
   p = subprocess.run([sys.executable, str(ROOT / "tests" / "recipes_worker.py"), json.dumps(spec)],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert p.returncode == 0 and out.exists(), (p.stdout[-3000:], p.stderr[-5000:])
   return {r["name"]: r for r in json.loads(out.read_text())}
 
