@@ -120,7 +120,7 @@ def test_random_streams_are_named_and_fixed():
   root = jax.random.key(7)
   # The numbers are part of every run's results: they never change.
   assert rng_lib.STREAMS == {"init": 0, "rollout": 1, "mc_masks": 2, "eval": 3, "prompt_mask_seeds": 4,
-                             "lora": 5}
+                             "lora": 5, "lora_dropout": 6}
   want = jax.random.fold_in(jax.random.fold_in(root, 1), 5)
   np.testing.assert_array_equal(jax.random.key_data(s.key("rollout", 5)), jax.random.key_data(want))
   keys = {name: jax.random.key_data(s.key(name, 3)).tobytes() for name in rng_lib.STREAMS}
