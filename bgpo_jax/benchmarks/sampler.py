@@ -23,6 +23,17 @@ the calls actually made), speedup over the uncached fixed-schedule sampler of th
   python -m bgpo_jax.benchmarks.sampler --caches [--models tiny,small8] [--gen-lengths 256,512]
       [--families llada,dream]
 
+--torch-python PY --fast-dllm DIR: the cached samplers against Fast-dLLM's own (DIR: a checkout of
+NVlabs/Fast-dLLM; llada/generate.py's generate_with_prefix_cache / generate_with_dual_cache on its
+llada/model/ code), on our random weights (--models, first of --gen-lengths, block --block-length,
+steps = gen * --steps-ratio, batch 1: Fast-dLLM's samplers take one row, no padding), timed
+round-robin in one run with tokens compared at temperature 0 (benchmarks/official.py). With
+--llada-modeling DIR --llada-generate FILE also the uncached sampler against the official
+generate() (64 tokens, 64 steps, blocks of 32).
+
+  python -m bgpo_jax.benchmarks.sampler --models m30 --torch-python /tmp/torchvenv/bin/python \
+      --fast-dllm FAST_DLLM [--llada-modeling DIR --llada-generate FILE]
+
 --families: the same presets of each family (Dream: QKV biases, its own GQA; its cached window
 runs one position more, models/dream_cache.py, which the FLOP count leaves out).
 """
@@ -212,6 +223,26 @@ def main_caches(args, peak: float) -> list[dict]:
   return rows
 
 
+def main_official(args) -> list[dict]:
+  """The cached (and with --llada-generate the uncached) sampler against the peers' own code."""
+  from bgpo_jax.benchmarks import forward, official
+  if not args.torch_python:
+    raise SystemExit("--fast-dllm / --llada-generate need --torch-python (an interpreter with torch)")
+  name = args.models.split(",")[0]
+  config = (forward.make_config(name, compute_dtype="float32", param_dtype="float32") if name == "m30"
+            else _model_config(name))
+  g = int(args.gen_lengths.split(",")[0])
+  steps = max(g // args.block_length, int(g * args.steps_ratio))
+  rows = official.compare(config, torch_python=args.torch_python, llada_modeling=args.llada_modeling,
+                          llada_generate=args.llada_generate, fast_dllm=args.fast_dllm, forward_rows=False,
+                          gen=(64, 64, 32) if g >= 64 else (g, g, args.block_length),
+                          cache_gen=(g, steps, args.block_length), prompt_len=args.prompt_len,
+                          repeats=args.repeats)
+  official.print_rows(rows)
+  common.write_json(args.out, rows, meta={"device": common.device_description(), "args": vars(args)})
+  return rows
+
+
 def main(argv=None) -> list[dict]:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--models", default="tiny,small")
@@ -232,7 +263,16 @@ def main(argv=None) -> list[dict]:
                   help="--caches: also time threshold decoding at this threshold")
   ap.add_argument("--families", default="llada",
                   help="--caches: model families (models/family.py), e.g. llada,dream")
+  ap.add_argument("--torch-python", default=None, help="an interpreter with torch (the peers' rows)")
+  ap.add_argument("--fast-dllm", default=None, metavar="DIR",
+                  help="a Fast-dLLM checkout: compare the prefix / dual caches with its own samplers")
+  ap.add_argument("--llada-modeling", default=None, metavar="DIR",
+                  help="with --llada-generate: the official modeling code for the uncached row")
+  ap.add_argument("--llada-generate", default=None, metavar="FILE",
+                  help="ML-GSAI/LLaDA's generate.py: also compare the uncached sampler with it")
   args = ap.parse_args(argv)
+  if args.fast_dllm or args.llada_generate:
+    return main_official(args)
 
   on_cpu = jax.devices()[0].platform == "cpu"
   peak = common.matmul_peak_flops(jnp.float32)
