@@ -317,6 +317,9 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--pieces", action="store_true",
                   help="only time one layer's pieces (MLP, projections, attention, block, step / layer), "
                        "forward vs forward + backward")
+  ap.add_argument("--nominal-peak-tflops", type=float, default=None,
+                  help="the accelerator's data-sheet dense peak for the compute dtype (H100 SXM bf16: 989): "
+                       "adds MFU_nominal beside MFU against the measured matmul peak")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=None, help="write the records as JSON")
   return ap
@@ -411,11 +414,14 @@ def main(argv=None) -> list[dict]:
     for r in rows:
       if r.get("compute") == dt:
         r["MFU"] = r["TFLOP/s"] * 1e12 / peak
+  if args.nominal_peak_tflops:
+    for r in rows:
+      r["MFU_nominal"] = r["TFLOP/s"] / args.nominal_peak_tflops
   if args.torch_python:
     peaks = _add_torch_rows(args, rows, gen_rows)
   load1 = os.getloadavg()[0]
   common.print_table(rows, ["impl", "pass", "family", "preset", "compute", "batch", "seq", "compile_s", "step_s",
-                            "x_fwd", "tokens_per_s", "TFLOP/s", "MFU", "MFU_best", "vs_torch", "vs_baseline"],
+                            "x_fwd", "tokens_per_s", "TFLOP/s", "MFU", "MFU_nominal", "MFU_best", "vs_torch", "vs_baseline"],
                      title=f"LLaDA forward / forward+backward on {common.device_description()}; "
                            f"load average {load0:.1f} -> {load1:.1f}{peaks}")
   if gen_rows:

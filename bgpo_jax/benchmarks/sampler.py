@@ -135,8 +135,9 @@ _EXTRA_MODELS = {"small8": ("small", dict(d_model=512, n_layers=8, n_heads=8, n_
 
 
 def _model_config(name: str, fam: str = "llada"):
-  """A preset (or small8) of the family `fam` (models/family.py)."""
-  base, over = _EXTRA_MODELS.get(name, (name, {}))
+  """A preset (or small8, or benchmarks.forward's m30 / m1b) of the family `fam` (models/family.py)."""
+  from bgpo_jax.benchmarks.forward import preset_parts
+  base, over = _EXTRA_MODELS.get(name) or preset_parts(name, fam)
   return family.preset(fam, base, **over)
 
 
@@ -167,15 +168,15 @@ def cached_flops(config, cache: str, batch: int, plen: int, gen_length: int, blo
 
 def bench_caches(name: str, *, batch: int, plen: int, gen_length: int, block_length: int,
                  steps: int, temperature: float, threshold: float | None, repeats: int,
-                 peak: float, fam: str = "llada") -> list[dict]:
+                 peak: float, fam: str = "llada", caches: tuple = sampler.CACHES) -> list[dict]:
   config = _model_config(name, fam)
   params = family.module_for(config).init_params(config, jax.random.key(0))
   toks = jax.random.randint(jax.random.key(1), (batch, plen), 6, min(config.vocab_size, 120))
   toks = toks.astype(jnp.int32)
   mask = jnp.ones((batch, plen), jnp.int32).at[0, : plen // 4].set(0)  # one left-padded row
-  runs = [(c, None) for c in sampler.CACHES]
+  runs = [(c, None) for c in caches]
   if threshold is not None:
-    runs += [(c, threshold) for c in sampler.CACHES]
+    runs += [(c, threshold) for c in caches]
 
   def make(cache, thr):
     settings = sampler.SamplerSettings(gen_length=gen_length, steps=steps,
@@ -191,6 +192,7 @@ def bench_caches(name: str, *, batch: int, plen: int, gen_length: int, block_len
   fns = [make(c, t) for c, t in runs]
   timed = common.interleaved([(f, args) for f in fns], repeats)
   nfes = [int(f(*args)[1]) for f in fns]
+  # The speedup is over the uncached fixed-schedule sampler when it was timed, else over the first row.
   base = timed[0]["step_s"]
   rows = []
   for (cache, thr), rec, nfe in zip(runs, timed, nfes):
@@ -214,7 +216,8 @@ def main_caches(args, peak: float) -> list[dict]:
         rows += bench_caches(name, batch=args.batch, plen=args.prompt_len, gen_length=gen_length,
                              block_length=args.block_length, steps=steps,
                              temperature=args.temperature, threshold=args.threshold,
-                             repeats=args.repeats, peak=peak, fam=fam)
+                             repeats=args.repeats, peak=peak, fam=fam,
+                             caches=tuple(args.cache_modes.split(",")))
   common.print_table(rows, ["family", "model", "params_M", "batch", "prompt", "gen", "block", "steps",
                             "cache", "threshold", "nfe", "gen_s", "tok/s", "MFU_%", "speedup",
                             "compile_s"],
@@ -261,6 +264,8 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--steps-ratio", type=float, default=0.5, help="--caches: steps / gen_length")
   ap.add_argument("--threshold", type=float, default=None,
                   help="--caches: also time threshold decoding at this threshold")
+  ap.add_argument("--cache-modes", default=",".join(sampler.CACHES),
+                  help="--caches: which of none,prefix,dual to time (the GPU row: dual)")
   ap.add_argument("--families", default="llada",
                   help="--caches: model families (models/family.py), e.g. llada,dream")
   ap.add_argument("--torch-python", default=None, help="an interpreter with torch (the peers' rows)")
