@@ -122,11 +122,14 @@ def compare(config, *, torch_python: str, llada_modeling: str | None = None,
             llada_generate: str | None = None, fast_dllm: str | None = None,
             batch: int = 4, seq: int = 512, pad: int = 16, resp: int = 256,
             gen: tuple[int, int, int] = (64, 64, 32), cache_gen: tuple[int, int, int] = (256, 128, 32),
-            prompt_len: int = 64, forward_rows: bool = True, repeats: int = 3, threads: int | None = None) -> list[dict]:
+            prompt_len: int = 64, forward_rows: bool = True, repeats: int = 3, threads: int | None = None,
+            cache_batch: int = 1) -> list[dict]:
   """The rows of the module docstring that the given paths allow, timed round-robin in one run.
 
-  gen / cache_gen: (gen_length, steps, block_length) of the uncached / cached sampler rows (batch 1,
-  a `prompt_len`-token prompt without padding; Fast-dLLM's samplers take one row).
+  gen / cache_gen: (gen_length, steps, block_length) of the uncached / cached sampler rows
+  (`prompt_len`-token prompts without padding). The uncached row is batch 1; the cached rows run
+  `cache_batch` prompts, ours in one call, Fast-dLLM's one call per row (its samplers take one
+  row; a rollout samples many rows per prompt batch).
   Returns one dict per row: name, ours_s, theirs_s, speedup (theirs / ours), tokens_equal (sampler
   rows), compile_s, load averages."""
   from bgpo_jax.benchmarks import forward as fwd_bench
@@ -141,8 +144,7 @@ def compare(config, *, torch_python: str, llada_modeling: str | None = None,
   params = llada.init_params(config, jax.random.key(0))
   tokens, attn, masked, weight = fwd_bench.elbo_inputs(config, batch, seq, pad, resp)
   rng = np.random.default_rng(1)
-  prompt = rng.integers(6, config.vocab_size, (1, prompt_len)).astype(np.int32)
-  pmask = jnp.ones((1, prompt_len), jnp.int32)
+  prompt = rng.integers(6, config.vocab_size, (cache_batch, prompt_len)).astype(np.int32)
 
   load0 = os.getloadavg()[0]
   with tempfile.TemporaryDirectory(prefix="bgpo_official_") as work:
@@ -167,19 +169,20 @@ def compare(config, *, torch_python: str, llada_modeling: str | None = None,
            lambda: peer.run("fwd_bwd"), 3 * flops),
         ]
 
-      def gen_call(cache, g):
+      def gen_call(cache, g, rows_):
         settings = sampler_lib.SamplerSettings(gen_length=g[0], steps=g[1], block_length=g[2],
                                                temperature=0.0, cache=cache)
         fn = jax.jit(lambda p, t, m: sampler_lib.generate(config, p, t, m, settings, jax.random.key(2)))
-        return jax_timer(fn, params, jnp.asarray(prompt), pmask)
+        return jax_timer(fn, params, jnp.asarray(prompt[:rows_]), jnp.ones((rows_, prompt_len), jnp.int32))
 
       if llada_generate:
-        rows.append((f"generate {gen[0]} tok / {gen[1]} steps / block {gen[2]}", gen_call("none", gen),
+        rows.append((f"generate {gen[0]} tok / {gen[1]} steps / block {gen[2]}", gen_call("none", gen, 1),
                      lambda: peer.run("generate"), None))
       if fast_dllm:
+        per = f", {cache_batch} rows" if cache_batch > 1 else ""
         for cache in ("prefix", "dual"):
-          rows.append((f"{cache} {cache_gen[0]} tok / {cache_gen[1]} steps / block {cache_gen[2]}",
-                       gen_call(cache, cache_gen), lambda c=cache: peer.run(c), None))
+          rows.append((f"{cache} {cache_gen[0]} tok / {cache_gen[1]} steps / block {cache_gen[2]}{per}",
+                       gen_call(cache, cache_gen, cache_batch), lambda c=cache: peer.run(c), None))
       calls = [c for _, ours, theirs, _ in rows for c in (ours, theirs)]
       recs = round_robin(calls, repeats)
       torch_peak = peer.peak()

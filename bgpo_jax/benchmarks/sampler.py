@@ -26,7 +26,8 @@ the calls actually made), speedup over the uncached fixed-schedule sampler of th
 --torch-python PY --fast-dllm DIR: the cached samplers against Fast-dLLM's own (DIR: a checkout of
 NVlabs/Fast-dLLM; llada/generate.py's generate_with_prefix_cache / generate_with_dual_cache on its
 llada/model/ code), on our random weights (--models, first of --gen-lengths, block --block-length,
-steps = gen * --steps-ratio, batch 1: Fast-dLLM's samplers take one row, no padding), timed
+steps = gen * --steps-ratio, --cache-batch prompt rows: ours in one call, Fast-dLLM's one call
+per row as its samplers take one row; no padding), timed
 round-robin in one run with tokens compared at temperature 0 (benchmarks/official.py). With
 --llada-modeling DIR --llada-generate FILE also the uncached sampler against the official
 generate() (64 tokens, 64 steps, blocks of 32).
@@ -240,7 +241,7 @@ def main_official(args) -> list[dict]:
                           llada_generate=args.llada_generate, fast_dllm=args.fast_dllm, forward_rows=False,
                           gen=(64, 64, 32) if g >= 64 else (g, g, args.block_length),
                           cache_gen=(g, steps, args.block_length), prompt_len=args.prompt_len,
-                          repeats=args.repeats)
+                          repeats=args.repeats, cache_batch=args.cache_batch)
   official.print_rows(rows)
   common.write_json(args.out, rows, meta={"device": common.device_description(), "args": vars(args)})
   return rows
@@ -275,6 +276,8 @@ def main(argv=None) -> list[dict]:
                   help="with --llada-generate: the official modeling code for the uncached row")
   ap.add_argument("--llada-generate", default=None, metavar="FILE",
                   help="ML-GSAI/LLaDA's generate.py: also compare the uncached sampler with it")
+  ap.add_argument("--cache-batch", type=int, default=1,
+                  help="--fast-dllm: prompt rows of the cached rows (ours in one call, Fast-dLLM one call per row)")
   args = ap.parse_args(argv)
   if args.fast_dllm or args.llada_generate:
     return main_official(args)

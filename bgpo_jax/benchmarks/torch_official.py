@@ -19,7 +19,8 @@ Protocol: one JSON object per line on stdin, one JSON line back on stdout.
   {"op": "quit"}
 NAME: fwd (no_grad logits), fwd_bwd (the masked-diffusion ELBO loss of benchmarks.forward and its
 backward: log_softmax of the official forward's logits at the response positions, the masked ones
-summed with weight 1/t), generate (official generate()), prefix / dual (Fast-dLLM).
+summed with weight 1/t), generate (official generate(), the first prompt row), prefix / dual
+(Fast-dLLM, one call per prompt row: its samplers take one row).
 
 What the loader works around in the released code (nothing of the math): modeling_llada.py reads
 `block.flash_attn_with_kvcache`, which it sets only when flash_attention is on (None here); the
@@ -128,15 +129,21 @@ class Server:
                 temperature=0.0, remasking="low_confidence", mask_id=self.mask_id)
 
   def generate_op(self):
-    out = self.generate(self.model, self.prompt, **self._gen_args())
+    out = self.generate(self.model, self.prompt[:1], **self._gen_args())
     return {"tokens": out.tolist()}
 
   def _fast(self, fn_name: str):
+    """Fast-dLLM's sampler on every prompt row, one call per row (its samplers take one row)."""
+    import torch
     j = self.job
-    out, nfe = getattr(self.fast, fn_name)(
-        self.fast_model, self.prompt, steps=j["cache_steps"], gen_length=j["cache_gen_length"],
-        block_length=j["cache_block"], temperature=0.0, remasking="low_confidence", mask_id=self.mask_id)
-    return {"tokens": out.tolist(), "nfe": int(nfe)}
+    outs, nfe = [], 0
+    for row in self.prompt:
+      out, n = getattr(self.fast, fn_name)(
+          self.fast_model, row[None], steps=j["cache_steps"], gen_length=j["cache_gen_length"],
+          block_length=j["cache_block"], temperature=0.0, remasking="low_confidence", mask_id=self.mask_id)
+      outs.append(out)
+      nfe += int(n)
+    return {"tokens": torch.cat(outs).tolist(), "nfe": nfe}
 
   def run(self, name: str) -> dict:
     fn = {"fwd": self.fwd, "fwd_bwd": self.fwd_bwd, "generate": self.generate_op,

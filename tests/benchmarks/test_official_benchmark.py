@@ -24,9 +24,10 @@ class FakePeer:
     out = {"seconds": 0.5}
     if name in ("generate", "prefix", "dual"):
       gen = self.job["gen_length"] if name == "generate" else self.job["cache_gen_length"]
-      out["tokens"] = np.concatenate([self.prompt, np.zeros((1, gen), np.int32)], 1).tolist()
+      prompt = self.prompt[:1] if name == "generate" else self.prompt  # Fast-dLLM: every row
+      out["tokens"] = np.concatenate([prompt, np.zeros((len(prompt), gen), np.int32)], 1).tolist()
       if name != "generate":
-        out["nfe"] = self.job["cache_steps"]
+        out["nfe"] = self.job["cache_steps"] * len(prompt)
     return out
 
   def peak(self):
@@ -71,6 +72,11 @@ def test_sampler_official_rows_and_json(tmp_path, fake_peer):
   for r in rows:
     assert r["theirs"] == "Fast-dLLM" and r["nfe_theirs"] == 8 and r["tokens_equal"] is False
   assert len(json.loads(out.read_text())) == 2
+  # Several prompt rows: ours in one call, the stand-in (as Fast-dLLM) one call per row.
+  rows = sampler.main(["--models", "tiny", "--gen-lengths", "16", "--block-length", "8", "--prompt-len", "8",
+                       "--repeats", "1", "--torch-python", "python", "--fast-dllm", "DIR", "--cache-batch", "2"])
+  assert [r["row"] for r in rows] == ["prefix 16 tok / 8 steps / block 8, 2 rows", "dual 16 tok / 8 steps / block 8, 2 rows"]
+  assert all(r["nfe_theirs"] == 16 and r["tokens_equal"] is False for r in rows)
 
 
 def test_peer_checkpoint_is_the_official_layout(tmp_path):
