@@ -24,12 +24,18 @@ only). MFU = achieved FLOP/s / the matmul peak measured in the same run
 with --torch-python, MFU_best is against the faster of XLA's and torch's own such peak (MKL's
 GEMM ran 15-20% above XLA:CPU's on a 2-core Xeon with AVX-512).
 
---torch-python PY: runs benchmarks/torch_llada.py (an independent PyTorch re-implementation of
-LLaDA's modeling math: the official file is not available here) in that interpreter on the same
-shapes right after the JAX rows: forward under no_grad, forward + backward of the same ELBO loss
-(its head runs over all positions, as the official model's forward does), with
-OMP_WAIT_POLICY=PASSIVE unless set (spinning OpenMP threads cost torch 10x+ on a shared CPU).
-torch is never a dependency; install it in a separate venv.
+--torch-python PY --llada-modeling DIR [--llada-generate FILE]: the comparison with the official
+code (benchmarks/official.py): DIR holds the official modeling_llada.py + configuration_llada.py
+(as released with LLaDA-8B-Instruct), FILE is ML-GSAI/LLaDA's generate.py. The torch side loads
+our random weights from a float32 checkpoint (hf.save) and its calls are timed round-robin with
+ours in one run: forward, forward + backward of the ELBO loss (ours as the trainer computes it,
+"elbo", and written inline over hidden_states + lm_head, "plain"; theirs: the official forward,
+its head over all positions, then log_softmax at the response positions), and, with FILE, the
+uncached sampler (batch 1, 64-token prompt, --gen-official lengths) with tokens compared. Only
+these rows are timed then. torch is never a dependency; install it in a separate venv.
+--torch-python PY alone (the fallback): runs benchmarks/torch_llada.py, an independent PyTorch
+re-implementation of the official modeling math, right after the JAX rows (not round-robin),
+with OMP_WAIT_POLICY=PASSIVE unless set (spinning OpenMP threads cost torch 10x+ on a shared CPU).
 --baseline FILE: a llada.py of an earlier commit (`git show adb71ea:bgpo_jax/models/llada.py >
 FILE`) timed round-robin next to today's model, forward and forward + backward of the same inline
 ELBO loss (before / after in one process).
@@ -296,6 +302,13 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--no-backward", action="store_true", help="forward rows only")
   ap.add_argument("--torch-python", default=None,
                   help="an interpreter with torch: time benchmarks/torch_llada.py on the same shapes")
+  ap.add_argument("--llada-modeling", default=None, metavar="DIR",
+                  help="the official modeling_llada.py + configuration_llada.py: compare with them "
+                       "(needs --torch-python; benchmarks/official.py)")
+  ap.add_argument("--llada-generate", default=None, metavar="FILE",
+                  help="ML-GSAI/LLaDA's generate.py: also compare the uncached sampler with it")
+  ap.add_argument("--gen-official", default="64,64,32", metavar="GEN,STEPS,BLOCK",
+                  help="the sampler row against the official generate(): gen_length,steps,block_length")
   ap.add_argument("--sampler", action="store_true", help="also time generate (64 tokens, 64 steps)")
   ap.add_argument("--baseline", default=None,
                   help="a llada.py of an earlier commit: time it next to today's model (same inline ELBO)")
@@ -304,6 +317,9 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--pieces", action="store_true",
                   help="only time one layer's pieces (MLP, projections, attention, block, step / layer), "
                        "forward vs forward + backward")
+  ap.add_argument("--nominal-peak-tflops", type=float, default=None,
+                  help="the accelerator's data-sheet dense peak for the compute dtype (H100 SXM bf16: 989): "
+                       "adds MFU_nominal beside MFU against the measured matmul peak")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=None, help="write the records as JSON")
   return ap
@@ -323,7 +339,7 @@ def _add_torch_rows(args, rows: list[dict], gen_rows: list[dict]) -> str:
   flops = llada.forward_flops(c, args.batch, args.seq)
   fp32 = common.matmul_peak_flops(jnp.float32)
   for kind, key, f in (("fwd", "fwd_s", flops), ("fwd+bwd", "fwd_bwd_s", 3 * flops)):
-    rows.append({"impl": f"torch {t['torch']}", "pass": kind, "preset": args.preset,
+    rows.append({"impl": f"torch re-impl {t['torch']}", "pass": kind, "preset": args.preset,
                  "compute": "float32", "batch": args.batch, "seq": args.seq, "step_s": t[key],
                  "tokens_per_s": args.batch * args.seq / t[key], "TFLOP/s": f / t[key] / 1e12,
                  "MFU": f / t[key] / fp32})
@@ -340,11 +356,27 @@ def _add_torch_rows(args, rows: list[dict], gen_rows: list[dict]) -> str:
     if r["compute"] == "float32" and not r["impl"].startswith("torch"):
       r["vs_torch"] = t[{"fwd": "fwd_s", "fwd+bwd": "fwd_bwd_s"}[r["pass"]]] / r["step_s"]
   if "gen_s" in t:
-    gen_rows.append({"impl": f"torch {t['torch']}", "pass": "generate 64 tok / 64 steps", "batch": 1,
+    gen_rows.append({"impl": f"torch re-impl {t['torch']}", "pass": "generate 64 tok / 64 steps", "batch": 1,
                      "seq": 128, "step_s": t["gen_s"], "tokens_per_s": 64 / t["gen_s"]})
     for r in gen_rows[:-1]:
       r["vs_torch"] = t["gen_s"] / r["step_s"]
   return peaks
+
+
+def main_official(args) -> list[dict]:
+  """The rows against the official code (benchmarks/official.py), round-robin in one run."""
+  from bgpo_jax.benchmarks import official
+  if not args.torch_python:
+    raise SystemExit("--llada-modeling / --llada-generate need --torch-python (an interpreter with torch)")
+  config = make_config(args.preset, compute_dtype="float32", param_dtype="float32")
+  gen = tuple(int(x) for x in args.gen_official.split(","))
+  rows = official.compare(config, torch_python=args.torch_python, llada_modeling=args.llada_modeling,
+                          llada_generate=args.llada_generate, batch=args.batch, seq=args.seq, pad=args.pad,
+                          resp=args.resp, gen=gen, prompt_len=min(64, args.seq // 2), repeats=args.repeats)
+  official.print_rows(rows)
+  common.write_json(args.out, rows, meta={"device": common.device_description(), "args": vars(args),
+                                          "argv": sys.argv})
+  return rows
 
 
 def main(argv=None) -> list[dict]:
@@ -352,6 +384,8 @@ def main(argv=None) -> list[dict]:
 
   impls = args.impls.split(",")
   load0 = os.getloadavg()[0]
+  if args.llada_modeling or args.llada_generate:
+    return main_official(args)
   if args.pieces:
     rows = bench_pieces(args.preset, args.batch, args.seq, args.resp, args.pad, args.repeats)
     common.print_table(rows, ["impl", "piece", "pass", "preset", "batch", "seq", "compile_s", "step_s", "x_fwd"],
@@ -380,11 +414,14 @@ def main(argv=None) -> list[dict]:
     for r in rows:
       if r.get("compute") == dt:
         r["MFU"] = r["TFLOP/s"] * 1e12 / peak
+  if args.nominal_peak_tflops:
+    for r in rows:
+      r["MFU_nominal"] = r["TFLOP/s"] / args.nominal_peak_tflops
   if args.torch_python:
     peaks = _add_torch_rows(args, rows, gen_rows)
   load1 = os.getloadavg()[0]
   common.print_table(rows, ["impl", "pass", "family", "preset", "compute", "batch", "seq", "compile_s", "step_s",
-                            "x_fwd", "tokens_per_s", "TFLOP/s", "MFU", "MFU_best", "vs_torch", "vs_baseline"],
+                            "x_fwd", "tokens_per_s", "TFLOP/s", "MFU", "MFU_nominal", "MFU_best", "vs_torch", "vs_baseline"],
                      title=f"LLaDA forward / forward+backward on {common.device_description()}; "
                            f"load average {load0:.1f} -> {load1:.1f}{peaks}")
   if gen_rows:

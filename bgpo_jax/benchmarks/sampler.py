@@ -23,6 +23,18 @@ the calls actually made), speedup over the uncached fixed-schedule sampler of th
   python -m bgpo_jax.benchmarks.sampler --caches [--models tiny,small8] [--gen-lengths 256,512]
       [--families llada,dream]
 
+--torch-python PY --fast-dllm DIR: the cached samplers against Fast-dLLM's own (DIR: a checkout of
+NVlabs/Fast-dLLM; llada/generate.py's generate_with_prefix_cache / generate_with_dual_cache on its
+llada/model/ code), on our random weights (--models, first of --gen-lengths, block --block-length,
+steps = gen * --steps-ratio, --cache-batch prompt rows: ours in one call, Fast-dLLM's one call
+per row as its samplers take one row; no padding), timed
+round-robin in one run with tokens compared at temperature 0 (benchmarks/official.py). With
+--llada-modeling DIR --llada-generate FILE also the uncached sampler against the official
+generate() (64 tokens, 64 steps, blocks of 32).
+
+  python -m bgpo_jax.benchmarks.sampler --models m30 --torch-python /tmp/torchvenv/bin/python \
+      --fast-dllm FAST_DLLM [--llada-modeling DIR --llada-generate FILE]
+
 --families: the same presets of each family (Dream: QKV biases, its own GQA; its cached window
 runs one position more, models/dream_cache.py, which the FLOP count leaves out).
 """
@@ -124,8 +136,9 @@ _EXTRA_MODELS = {"small8": ("small", dict(d_model=512, n_layers=8, n_heads=8, n_
 
 
 def _model_config(name: str, fam: str = "llada"):
-  """A preset (or small8) of the family `fam` (models/family.py)."""
-  base, over = _EXTRA_MODELS.get(name, (name, {}))
+  """A preset (or small8, or benchmarks.forward's m30 / m1b) of the family `fam` (models/family.py)."""
+  from bgpo_jax.benchmarks.forward import preset_parts
+  base, over = _EXTRA_MODELS.get(name) or preset_parts(name, fam)
   return family.preset(fam, base, **over)
 
 
@@ -156,15 +169,15 @@ def cached_flops(config, cache: str, batch: int, plen: int, gen_length: int, blo
 
 def bench_caches(name: str, *, batch: int, plen: int, gen_length: int, block_length: int,
                  steps: int, temperature: float, threshold: float | None, repeats: int,
-                 peak: float, fam: str = "llada") -> list[dict]:
+                 peak: float, fam: str = "llada", caches: tuple = sampler.CACHES) -> list[dict]:
   config = _model_config(name, fam)
   params = family.module_for(config).init_params(config, jax.random.key(0))
   toks = jax.random.randint(jax.random.key(1), (batch, plen), 6, min(config.vocab_size, 120))
   toks = toks.astype(jnp.int32)
   mask = jnp.ones((batch, plen), jnp.int32).at[0, : plen // 4].set(0)  # one left-padded row
-  runs = [(c, None) for c in sampler.CACHES]
+  runs = [(c, None) for c in caches]
   if threshold is not None:
-    runs += [(c, threshold) for c in sampler.CACHES]
+    runs += [(c, threshold) for c in caches]
 
   def make(cache, thr):
     settings = sampler.SamplerSettings(gen_length=gen_length, steps=steps,
@@ -180,6 +193,7 @@ def bench_caches(name: str, *, batch: int, plen: int, gen_length: int, block_len
   fns = [make(c, t) for c, t in runs]
   timed = common.interleaved([(f, args) for f in fns], repeats)
   nfes = [int(f(*args)[1]) for f in fns]
+  # The speedup is over the uncached fixed-schedule sampler when it was timed, else over the first row.
   base = timed[0]["step_s"]
   rows = []
   for (cache, thr), rec, nfe in zip(runs, timed, nfes):
@@ -203,12 +217,33 @@ def main_caches(args, peak: float) -> list[dict]:
         rows += bench_caches(name, batch=args.batch, plen=args.prompt_len, gen_length=gen_length,
                              block_length=args.block_length, steps=steps,
                              temperature=args.temperature, threshold=args.threshold,
-                             repeats=args.repeats, peak=peak, fam=fam)
+                             repeats=args.repeats, peak=peak, fam=fam,
+                             caches=tuple(args.cache_modes.split(",")))
   common.print_table(rows, ["family", "model", "params_M", "batch", "prompt", "gen", "block", "steps",
                             "cache", "threshold", "nfe", "gen_s", "tok/s", "MFU_%", "speedup",
                             "compile_s"],
                      title=f"cached sampler ({common.device_description()}; fp32 matmul peak "
                            f"{peak / 1e9:.1f} GFLOP/s)")
+  return rows
+
+
+def main_official(args) -> list[dict]:
+  """The cached (and with --llada-generate the uncached) sampler against the peers' own code."""
+  from bgpo_jax.benchmarks import forward, official
+  if not args.torch_python:
+    raise SystemExit("--fast-dllm / --llada-generate need --torch-python (an interpreter with torch)")
+  name = args.models.split(",")[0]
+  config = (forward.make_config(name, compute_dtype="float32", param_dtype="float32") if name == "m30"
+            else _model_config(name))
+  g = int(args.gen_lengths.split(",")[0])
+  steps = max(g // args.block_length, int(g * args.steps_ratio))
+  rows = official.compare(config, torch_python=args.torch_python, llada_modeling=args.llada_modeling,
+                          llada_generate=args.llada_generate, fast_dllm=args.fast_dllm, forward_rows=False,
+                          gen=(64, 64, 32) if g >= 64 else (g, g, args.block_length),
+                          cache_gen=(g, steps, args.block_length), prompt_len=args.prompt_len,
+                          repeats=args.repeats, cache_batch=args.cache_batch)
+  official.print_rows(rows)
+  common.write_json(args.out, rows, meta={"device": common.device_description(), "args": vars(args)})
   return rows
 
 
@@ -230,9 +265,22 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--steps-ratio", type=float, default=0.5, help="--caches: steps / gen_length")
   ap.add_argument("--threshold", type=float, default=None,
                   help="--caches: also time threshold decoding at this threshold")
+  ap.add_argument("--cache-modes", default=",".join(sampler.CACHES),
+                  help="--caches: which of none,prefix,dual to time (the GPU row: dual)")
   ap.add_argument("--families", default="llada",
                   help="--caches: model families (models/family.py), e.g. llada,dream")
+  ap.add_argument("--torch-python", default=None, help="an interpreter with torch (the peers' rows)")
+  ap.add_argument("--fast-dllm", default=None, metavar="DIR",
+                  help="a Fast-dLLM checkout: compare the prefix / dual caches with its own samplers")
+  ap.add_argument("--llada-modeling", default=None, metavar="DIR",
+                  help="with --llada-generate: the official modeling code for the uncached row")
+  ap.add_argument("--llada-generate", default=None, metavar="FILE",
+                  help="ML-GSAI/LLaDA's generate.py: also compare the uncached sampler with it")
+  ap.add_argument("--cache-batch", type=int, default=1,
+                  help="--fast-dllm: prompt rows of the cached rows (ours in one call, Fast-dLLM one call per row)")
   args = ap.parse_args(argv)
+  if args.fast_dllm or args.llada_generate:
+    return main_official(args)
 
   on_cpu = jax.devices()[0].platform == "cpu"
   peak = common.matmul_peak_flops(jnp.float32)

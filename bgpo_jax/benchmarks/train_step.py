@@ -30,9 +30,13 @@ from bgpo_jax.train import step as step_lib
 
 
 def measure(model: str, batch: int, n: int, prompt_len: int, gen_len: int, micro: int, unroll: int,
-            compute_dtype: str, repeats: int, attention_impl: str = "auto", family_name: str = "llada") -> dict:
-  cfg = family.preset(family_name, model, param_dtype="float32", compute_dtype=compute_dtype,
-                      remat_policy="none", scan_unroll=unroll, attention_impl=attention_impl)
+            compute_dtype: str, repeats: int, attention_impl: str = "auto", family_name: str = "llada",
+            remat: str = "none") -> dict:
+  from bgpo_jax.benchmarks.forward import preset_parts  # m1b: the ~1B GPU model
+  name, overrides = preset_parts(model, family_name)
+  cfg = family.preset(family_name, name, **{**overrides, "param_dtype": "float32", "compute_dtype": compute_dtype,
+                                            "remat_policy": remat, "scan_unroll": unroll,
+                                            "attention_impl": attention_impl})
   c = base_config()
   c.optim.learning_rate = 1e-4
   mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -74,7 +78,9 @@ def _ints(s: str) -> list[int]:
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--model", default="tiny", choices=["tiny", "small"])
+  ap.add_argument("--model", default="tiny", choices=["tiny", "small", "m1b"],
+                  help="m1b: benchmarks.forward's ~1.3B LLaDA (the GPU row, launch/gpu_bench.sh)")
+  ap.add_argument("--remat", default="none", help="model.remat_policy (layers.REMAT_POLICIES)")
   ap.add_argument("--family", default="llada", help="model families, comma separated (llada,dream: side by side)")
   ap.add_argument("--batch", type=int, default=128, help="sequences per step")
   ap.add_argument("--n", type=int, default=8, help="MC samples per sequence")
@@ -93,7 +99,7 @@ def main(argv=None) -> None:
   runs = [(u, m, i, f) for u in a.unroll for m in a.micro for i in a.impls.split(",") for f in a.family.split(",")]
   for unroll, micro, impl, fam in runs:
     r = measure(a.model, a.batch, a.n, a.prompt_len, a.gen_len, micro, unroll, a.compute_dtype,
-                a.repeats, impl, fam)
+                a.repeats, impl, fam, a.remat)
     r["MFU"] = r["GFLOP_s"] * 1e9 / peak
     rows.append(r)
     print(r, flush=True)

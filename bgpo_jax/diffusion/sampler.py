@@ -321,8 +321,16 @@ def _forwards(model: Any, params: Any, attn: jax.Array, settings: SamplerSetting
       return (out if model.head_fn is None else model.head_fn(out)).astype(jnp.float32), None
     return fn_full, None
 
-  from bgpo_jax.models import family  # the sampler core stays model-agnostic
+  from bgpo_jax.models import family, sharding, transformer  # the sampler core stays model-agnostic
   module, cached = family.module_for(model), family.cached_forward_for(model)
+  if (settings.cache != "prefix" and isinstance(params, dict) and jax.default_backend() == "cpu"
+      and not sharding.context_mesh_axes()):
+    # On a CPU the layer scan copies every layer's weights out of the stacked arrays at every
+    # step (transformer.unstack_blocks); sliced once here, outside the block and step loops, the
+    # steps read them in place: the uncached m30 sampler ran 16% faster. Not for the prefix
+    # cache, whose blocks are unrolled (its compile grew 6x), nor under a mesh (the copy would
+    # double the sharded weights' memory on an accelerator).
+    params = transformer.unstack_blocks(params)
   # Hidden states from the model and the vocab head on the current block only: ~4% of an
   # LLaDA-8B step at gen_length 256 that response-wide logits would spend.
   head = lambda hidden: module.lm_head(model, params, hidden).astype(jnp.float32)

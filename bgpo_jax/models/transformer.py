@@ -343,6 +343,16 @@ def run_blocks(config, x: jax.Array, blocks: Params, cos, sin, key_mask, *, rema
   index), or None."""
   param_axes = param_logical_axes(config)["blocks"]
   compute_axes = compute_weight_axes(config)
+  if isinstance(blocks, (list, tuple)):  # per-layer weights (unstack_blocks): one block call each
+    kvs = []
+    for i, p in enumerate(blocks):
+      cached = None if cache is None else (cache[0][i], cache[1][i])
+      update = None if cached is None else functools.partial(_write_window, cached, start)
+      lora = None if adapters is None else jax.tree.map(lambda a, i=i: a[i], adapters)
+      x, kv = layers.block(config, x, p, cos, sin, key_mask, param_axes=param_axes, compute_axes=compute_axes,
+                           update_kv=update, lora=lora, lora_scale=lora_scale)
+      kvs.append(kv)
+    return x, (tuple(jnp.stack(t) for t in zip(*kvs)) if keep_kv else None)
 
   def body(carry, layer):
     p, cached, lora, index = layer
@@ -361,6 +371,19 @@ def run_blocks(config, x: jax.Array, blocks: Params, cos, sin, key_mask, *, rema
   # adapters=None adds no leaves: the scan (and the program) is the one without LoRA.
   index = None if lora_dropout is None else jnp.arange(config.n_layers)
   return lax.scan(body, x, (blocks, cache, adapters, index), unroll=config.scan_unroll)
+
+
+def unstack_blocks(params: Params) -> Params:
+  """params with params["blocks"] as a tuple of n_layers per-layer trees (each leaf without the
+  layer axis): the forwards then run the layers one call each instead of the layer scan.
+
+  Why (the samplers on a CPU): inside the scan each layer's weights are a dynamic slice of the
+  stacked arrays, which XLA:CPU copies out before every matmul, so a batch-1 sampler step
+  re-copies all block weights (100 MB for benchmarks/forward.py's m30 model) on every step;
+  sliced once before the sampler's loops, the loops read them in place. The copy costs one
+  parameter-sized buffer beside the stacked one, and the program grows with the layer count."""
+  n = jax.tree.leaves(params["blocks"])[0].shape[0]
+  return dict(params, blocks=tuple(jax.tree.map(lambda a, i=i: a[i], params["blocks"]) for i in range(n)))
 
 
 def _final_norm(config, params: Params, x: jax.Array) -> jax.Array:
