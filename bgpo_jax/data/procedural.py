@@ -1,4 +1,4 @@
-"""Procedurally generated countdown and 4x4 sudoku tasks (seeded, no external data).
+"""Procedurally generated countdown, 4x4 sudoku and modsum tasks (seeded, no external data).
 
 Both generators return lists of uniform examples (records.py schema), usable directly as an
 in-memory source or fed to the TFDS builder. Guarantees, by construction:
@@ -6,12 +6,16 @@ in-memory source or fed to the TFDS builder. Guarantees, by construction:
   is solvable; the expression is stored as extra["solution"].
 - sudoku: every puzzle is a valid 4x4 grid with cells blanked and is kept only if it has
   exactly one solution (checked against all 288 4x4 grids).
+- modsum: the running sum modulo 10 of a digit string, written out one step per addition
+  ("7+3=0 0+9=9 ..."): a long answer (10 steps, 59 characters for 11 digits) whose every step
+  is checkable, so the reward is the fraction of steps right.
 - uniqueness: no puzzle repeats within a split (countdown identity = sorted numbers + target).
 - train/test disjoint for any seeds: a puzzle's split is a hash of its identity
   (`hash_split`), and each split keeps only puzzles that hash to it.
 
 Difficulty knobs: sudoku min_blanks/max_blanks; countdown num_numbers, number range, target
-range and allowed ops. Each generator's presets (`SUDOKU_PRESETS`, `COUNTDOWN_PRESETS`, which
+range and allowed ops; modsum num_digits. Each generator's presets (`SUDOKU_PRESETS`,
+`COUNTDOWN_PRESETS`, `MODSUM_PRESETS`, which
 the task specs carry): "demo", settings a ~1M-param char-level model can learn, with prompts
 under 40 characters (prompt_style="short"); "d1", d1-like ones.
 """
@@ -47,6 +51,13 @@ COUNTDOWN_PRESETS: dict[str, dict] = {
     # 3 numbers 1..100, targets 1..100, all four operations.
     "d1": {"num_numbers": 3, "min_number": 1, "max_number": 100, "min_target": 1,
            "max_target": 100, "ops": "+-*/", "prompt_style": "long"},
+}
+
+MODSUM_PRESETS: dict[str, dict] = {
+    # 11 digits: 10 written-out steps of 5 characters plus 9 spaces = 59 characters, which with
+    # its stop token fills most of a 64-token canvas (the MC-sample sweep's long-response task).
+    # 10^11 puzzles: train and test never run out.
+    "demo": {"num_digits": 11, "prompt_style": "short"},
 }
 
 
@@ -325,6 +336,57 @@ def _random_expression(numbers: Sequence[int], ops: str, rng: random.Random
     expr = f"{ea}{op}{eb}"
     pool.append((v, expr if not pool else f"({expr})"))
   return pool[0]
+
+
+# ----------------------------------------------------------------------------- modsum
+
+
+def modsum_steps(digits: str) -> list[str]:
+  """The written-out steps of the running sum mod 10 of `digits`: "a+b=c" per addition, a the
+  previous result (the first digit to start), b the next digit, c = (a + b) mod 10.
+
+  modsum_steps("739") == ["7+3=0", "0+9=9"]; len(digits) - 1 steps.
+  """
+  if len(digits) < 2 or not digits.isdigit():
+    raise ValueError(f"modsum digits {digits!r} must be at least 2 decimal digits")
+  out, acc = [], int(digits[0])
+  for ch in digits[1:]:
+    nxt = (acc + int(ch)) % 10
+    out.append(f"{acc}+{ch}={nxt}")
+    acc = nxt
+  return out
+
+
+def _modsum_prompt(digits: str, style: str) -> str:
+  if style == "short":
+    return f"Modsum {digits}"
+  return ("Add these digits left to right, modulo 10, writing every step as a+b=c (a the running "
+          f"sum, b the next digit, c = (a+b) mod 10), steps separated by spaces: {digits}")
+
+
+def generate_modsum(n: int, *, seed: int = 0, split: str = "train", num_digits: int = 11,
+                    test_fraction: float = 0.1, prompt_style: str = "long",
+                    max_attempts: int | None = None) -> list[dict]:
+  """n unique digit strings of length num_digits; the answer is their running sum mod 10, written
+  out step by step (`modsum_steps`, steps joined by single spaces).
+
+  Deterministic in (seed, split, knobs). extra = {"digits"}; ground_truth = the written-out steps.
+  """
+  _check_split(split, test_fraction)
+  if not 2 <= num_digits <= 40:
+    raise ValueError(f"num_digits {num_digits} must lie in [2, 40] (2: one step; the answer takes "
+                     "6 characters per step)")
+  if prompt_style not in PROMPT_STYLES:
+    raise ValueError(f"prompt_style {prompt_style!r} not in {PROMPT_STYLES}")
+  rng = _rng(seed, "modsum", split)
+
+  def draw():
+    digits = "".join(str(rng.randrange(10)) for _ in range(num_digits))
+    return digits, lambda index: _example("modsum", split, index, _modsum_prompt(digits, prompt_style),
+                                          " ".join(modsum_steps(digits)), {"digits": digits})
+
+  return _unique(n, draw, task="modsum", split=split, test_fraction=test_fraction,
+                 max_attempts=max_attempts, knobs=f"{num_digits} digits", widen="num_digits")
 
 
 def generator(task: str) -> Callable[..., list[dict]]:

@@ -1,5 +1,6 @@
 """The built-in tasks, one TaskSpec each: GSM8K, MATH (and its MATH500 test set), countdown,
-4x4 sudoku, HumanEval, MBPP and user code sets ("code").
+4x4 sudoku, modsum (generated only: a running sum mod 10 written out step by step), HumanEval,
+MBPP and user code sets ("code").
 
 Each spec joins the task's pieces; the work stays where it is done for every task: reading rows
 in data.records, generating puzzles in data.procedural, checking answers in rewards/. What is
@@ -20,6 +21,7 @@ from bgpo_jax.rewards.countdown import RECIPES as COUNTDOWN_RECIPES
 from bgpo_jax.rewards.countdown import countdown_grade
 from bgpo_jax.rewards.extract import answer_tag, code_blocks, last_boxed
 from bgpo_jax.rewards.math_reward import gsm8k_reward, math_reward
+from bgpo_jax.rewards.modsum import modsum_grade
 from bgpo_jax.rewards.sudoku import RECIPES as SUDOKU_RECIPES
 from bgpo_jax.rewards.sudoku import sudoku_grade
 from bgpo_jax.tasks.registry import TaskSpec, register
@@ -139,6 +141,29 @@ def _sudoku_from_question(solution, question: str, extra: dict):
   return solution, extra
 
 
+# ----------------------------------------------------------------------------- modsum
+
+_MODSUM_DIGITS = re.compile(r"^[0-9]{2,40}$")
+
+
+def _check_modsum(steps: str, extra: dict) -> dict:
+  digits = str(extra.get("digits", ""))
+  if not _MODSUM_DIGITS.match(digits):
+    raise records.BadRow(f"digits: expected 2-40 decimal digits, got {digits[:20]!r}")
+  if str(steps).split() != procedural.modsum_steps(digits):
+    raise records.BadRow(f"ground_truth: {str(steps)[:40]!r} is not the running sum of {digits}")
+  return extra
+
+
+def _grade_modsum(completion, steps, extra, **_):
+  ok, frac = modsum_grade(completion, steps)
+  return ok, frac, frac
+
+
+def _modsum_target(ex: dict) -> str:
+  return str(ex["ground_truth"])
+
+
 # ----------------------------------------------------------------------------- code
 
 
@@ -178,6 +203,10 @@ register(TaskSpec(
     recover_extra=_sudoku_from_question,
     train_on=("sudoku",), eval_sets=("sudoku",), sft_target=_sudoku_target,
     d1_inner_updates=8))
+register(TaskSpec(
+    name="modsum", check_row=_check_modsum, generate=procedural.generate_modsum,
+    presets=procedural.MODSUM_PRESETS, grade=_grade_modsum, partial_score=True,
+    train_on=("modsum",), eval_sets=("modsum",), sft_target=_modsum_target))
 register(TaskSpec(name="humaneval", code=True, format_score=_code_format,
                   code_case=functools.partial(code_case, "humaneval")))
 register(TaskSpec(name="mbpp", code=True, format_score=_mbpp_format,
