@@ -423,6 +423,9 @@ def main(argv=None) -> list[dict]:
   run = build_run(a.config, overrides, policy, scratch)
   batch, lengths, m = rollout_batch(run, a.step)
   rows = batch["tokens"].shape[0]
+  if not np.any(batch["advantages"]):
+    raise SystemExit(f"the rollout batch of step {a.step} has no group with different rewards (a zero gradient "
+                     f"at every n): give a policy that solves some prompts (--workdir / --checkpoint) or another --step")
   print(f"policy {policy}; rollout batch of step {a.step}: {rows} live rows, reward mean "
         f"{m['train/reward_mean']:.3f}, accuracy {m['train/accuracy']:.3f}, gen_length "
         f"{run.config.rollout.gen_length}", flush=True)
@@ -439,25 +442,30 @@ def main(argv=None) -> list[dict]:
     for spec in a.offpolicy:
       records += measure_variant(run, parse_variant(spec), a.ns, batch, lengths, draws=a.draws, ref_n=a.ref_n,
                                  ref_draws=a.ref_draws, params=new_params, old_params=params)
-  wall = time.perf_counter() - t_start
   meta = {"policy": policy, "config": a.config, "overrides": a.overrides, "rows": rows,
           "gen_length": int(run.config.rollout.gen_length), "reward_mean": m["train/reward_mean"],
           "ns": list(a.ns), "ref_n": a.ref_n, "draws": a.draws, "ref_draws": a.ref_draws,
           "offpolicy_updates": a.offpolicy_updates, "offpolicy_lr": a.offpolicy_lr, "offpolicy_abs_d": abs_d,
-          "commit": git_commit(), "device": device_description(), "wall_s": wall,
-          "slopes": {f"{r['variant']}/{r['policy']}": r["slope"] for r in records}}
-  print_table([r for r in records if not r["reference"]], COLUMNS,
-              title=f"gradient noise and bias vs n (reference n={a.ref_n}, {a.ref_draws} draws); {rows} rows x "
-                    f"{run.config.rollout.gen_length} tokens; commit {meta['commit']}; {device_description()}")
-  for k, v in meta["slopes"].items():
-    print(f"slope of log grad_rel_std vs log n, {k}: {v:.3f}")
-  print(f"wall {wall:.0f} s")
-  write_json(a.out, records, meta=meta)
-  if a.png:
-    plot(records, a.png, title=f"{os.path.basename(os.path.normpath(policy))}: {rows} rows, "
-                               f"L={run.config.rollout.gen_length}, ref n={a.ref_n}; commit {meta['commit']}")
+          "commit": git_commit(), "device": device_description(), "wall_s": time.perf_counter() - t_start}
+  report(records, meta, a.out, a.png, title=f"{os.path.basename(os.path.normpath(policy))}: {rows} rows, "
+                                           f"L={meta['gen_length']}, ref n={a.ref_n}")
   return records
 
+
+def report(records: list[dict], meta: dict, out: str | None, png: str | None, title: str = "") -> dict:
+  """Prints the table and the slopes, writes the JSON records (meta beside them, with
+  meta["slopes"]: variant/policy -> slope) and the plot. Returns meta."""
+  meta = dict(meta, slopes={f"{r['variant']}/{r['policy']}": r["slope"] for r in records})
+  print_table([r for r in records if not r["reference"]], COLUMNS,
+              title=f"gradient noise and bias vs n (reference n={meta['ref_n']}, {meta['ref_draws']} draws); "
+                    f"{meta['rows']} rows x {meta['gen_length']} tokens; commit {meta['commit']}; {meta['device']}")
+  for k, v in meta["slopes"].items():
+    print(f"slope of log grad_rel_std vs log n, {k}: {v:.3f}")
+  print(f"wall {meta['wall_s']:.0f} s")
+  write_json(out, records, meta=meta)
+  if png:
+    plot(records, png, title=f"{title}; commit {meta['commit']}")
+  return meta
 
 if __name__ == "__main__":
   main()

@@ -6,9 +6,9 @@ in-memory source or fed to the TFDS builder. Guarantees, by construction:
   is solvable; the expression is stored as extra["solution"].
 - sudoku: every puzzle is a valid 4x4 grid with cells blanked and is kept only if it has
   exactly one solution (checked against all 288 4x4 grids).
-- modsum: the running sum modulo 10 of a digit string, written out one step per addition
-  ("7+3=0 0+9=9 ..."): a long answer (10 steps, 59 characters for 11 digits) whose every step
-  is checkable, so the reward is the fraction of steps right.
+- modsum: the sum modulo 10 of every pair of adjacent digits, written out ("0 2" for 7 3 9): a
+  long answer (63 characters for 33 digits) whose every sum is checkable, so the reward is the
+  fraction of sums right.
 - uniqueness: no puzzle repeats within a split (countdown identity = sorted numbers + target).
 - train/test disjoint for any seeds: a puzzle's split is a hash of its identity
   (`hash_split`), and each split keeps only puzzles that hash to it.
@@ -54,10 +54,12 @@ COUNTDOWN_PRESETS: dict[str, dict] = {
 }
 
 MODSUM_PRESETS: dict[str, dict] = {
-    # 11 digits: 10 written-out steps of 5 characters plus 9 spaces = 59 characters, which with
-    # its stop token fills most of a 64-token canvas (the MC-sample sweep's long-response task).
-    # 10^11 puzzles: train and test never run out.
-    "demo": {"num_digits": 11, "prompt_style": "short"},
+    # 33 digits: 32 sums one space apart = 63 characters, which with its end-of-turn token fill a
+    # 64-token canvas exactly (the MC-sample sweep's long-response task). The prompt, "Modsum " +
+    # 65 characters, is 95 tokens in the chat template. Each sum depends on two prompt digits at a
+    # fixed offset: a running sum (a chain through every digit) was not learned by the tiny model's
+    # SFT in 300 steps, since a masked-diffusion step rarely shows the previous sum unmasked.
+    "demo": {"num_digits": 33, "prompt_style": "short"},
 }
 
 
@@ -342,40 +344,36 @@ def _random_expression(numbers: Sequence[int], ops: str, rng: random.Random
 
 
 def modsum_steps(digits: str) -> list[str]:
-  """The written-out steps of the running sum mod 10 of `digits`: "a+b=c" per addition, a the
-  previous result (the first digit to start), b the next digit, c = (a + b) mod 10.
+  """The sums modulo 10 of each pair of adjacent digits: s_i = (d_i + d_{i+1}) mod 10.
 
-  modsum_steps("739") == ["7+3=0", "0+9=9"]; len(digits) - 1 steps.
+  modsum_steps("739") == ["0", "2"]; len(digits) - 1 steps.
   """
   if len(digits) < 2 or not digits.isdigit():
     raise ValueError(f"modsum digits {digits!r} must be at least 2 decimal digits")
-  out, acc = [], int(digits[0])
-  for ch in digits[1:]:
-    nxt = (acc + int(ch)) % 10
-    out.append(f"{acc}+{ch}={nxt}")
-    acc = nxt
-  return out
+  return [str((int(a) + int(b)) % 10) for a, b in zip(digits, digits[1:])]
 
 
 def _modsum_prompt(digits: str, style: str) -> str:
+  # Digits one space apart, as the answer's sums are: sum i sits at a constant offset from digits
+  # i and i+1, which a small model learns to read as it learns sudoku's givens.
+  spaced = " ".join(digits)
   if style == "short":
-    return f"Modsum {digits}"
-  return ("Add these digits left to right, modulo 10, writing every step as a+b=c (a the running "
-          f"sum, b the next digit, c = (a+b) mod 10), steps separated by spaces: {digits}")
+    return f"Modsum {spaced}"
+  return ("Add every pair of neighbouring digits modulo 10 and write the sums in order, separated "
+          f"by single spaces: {spaced}")
 
 
-def generate_modsum(n: int, *, seed: int = 0, split: str = "train", num_digits: int = 11,
+def generate_modsum(n: int, *, seed: int = 0, split: str = "train", num_digits: int = 33,
                     test_fraction: float = 0.1, prompt_style: str = "long",
                     max_attempts: int | None = None) -> list[dict]:
-  """n unique digit strings of length num_digits; the answer is their running sum mod 10, written
-  out step by step (`modsum_steps`, steps joined by single spaces).
+  """n unique digit strings of length num_digits; the answer is the sums mod 10 of their adjacent
+  pairs, separated by single spaces (`modsum_steps`): 2 * num_digits - 3 characters.
 
-  Deterministic in (seed, split, knobs). extra = {"digits"}; ground_truth = the written-out steps.
+  Deterministic in (seed, split, knobs). extra = {"digits"}; ground_truth = the sums.
   """
   _check_split(split, test_fraction)
-  if not 2 <= num_digits <= 40:
-    raise ValueError(f"num_digits {num_digits} must lie in [2, 40] (2: one step; the answer takes "
-                     "6 characters per step)")
+  if not 2 <= num_digits <= 256:
+    raise ValueError(f"num_digits {num_digits} must lie in [2, 256] (the answer takes 2 characters per pair)")
   if prompt_style not in PROMPT_STYLES:
     raise ValueError(f"prompt_style {prompt_style!r} not in {PROMPT_STYLES}")
   rng = _rng(seed, "modsum", split)

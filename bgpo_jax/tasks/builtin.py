@@ -1,5 +1,5 @@
 """The built-in tasks, one TaskSpec each: GSM8K, MATH (and its MATH500 test set), countdown,
-4x4 sudoku, modsum (generated only: a running sum mod 10 written out step by step), HumanEval,
+4x4 sudoku, modsum (generated only: the sums mod 10 of adjacent digits, written out), HumanEval,
 MBPP and user code sets ("code").
 
 Each spec joins the task's pieces; the work stays where it is done for every task: reading rows
@@ -143,20 +143,22 @@ def _sudoku_from_question(solution, question: str, extra: dict):
 
 # ----------------------------------------------------------------------------- modsum
 
-_MODSUM_DIGITS = re.compile(r"^[0-9]{2,40}$")
+_MODSUM_DIGITS = re.compile(r"^[0-9]{2,256}$")
 
 
 def _check_modsum(steps: str, extra: dict) -> dict:
   digits = str(extra.get("digits", ""))
   if not _MODSUM_DIGITS.match(digits):
-    raise records.BadRow(f"digits: expected 2-40 decimal digits, got {digits[:20]!r}")
+    raise records.BadRow(f"digits: expected 2-256 decimal digits, got {digits[:20]!r}")
   if str(steps).split() != procedural.modsum_steps(digits):
-    raise records.BadRow(f"ground_truth: {str(steps)[:40]!r} is not the running sum of {digits}")
+    raise records.BadRow(f"ground_truth: {str(steps)[:40]!r} are not the pair sums of {digits}")
   return extra
 
 
 def _grade_modsum(completion, steps, extra, **_):
-  ok, frac = modsum_grade(completion, steps)
+  if "digits" not in extra:
+    raise ValueError("modsum needs extra['digits'] (the prompt's digit string, e.g. '739')")
+  ok, frac = modsum_grade(completion, extra["digits"])
   return ok, frac, frac
 
 
