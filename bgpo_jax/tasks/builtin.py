@@ -205,10 +205,10 @@ register(TaskSpec(
     recover_extra=_sudoku_from_question,
     train_on=("sudoku",), eval_sets=("sudoku",), sft_target=_sudoku_target,
     d1_inner_updates=8))
+# Generated only, for the demo (task.demo_task=modsum): no file source, so no task.name of its own.
 register(TaskSpec(
     name="modsum", check_row=_check_modsum, generate=procedural.generate_modsum,
-    presets=procedural.MODSUM_PRESETS, grade=_grade_modsum, partial_score=True,
-    train_on=("modsum",), eval_sets=("modsum",), sft_target=_modsum_target))
+    presets=procedural.MODSUM_PRESETS, grade=_grade_modsum, partial_score=True, sft_target=_modsum_target))
 register(TaskSpec(name="humaneval", code=True, format_score=_code_format,
                   code_case=functools.partial(code_case, "humaneval")))
 register(TaskSpec(name="mbpp", code=True, format_score=_mbpp_format,
