@@ -4,10 +4,10 @@ SFT start, over seeds, beside VRPO-OL at the largest n whose train step fits BGP
   python -m bgpo_jax.benchmarks.n_sweep --root DIR [--ns 1,2,4,8,16] [--seeds 0,1,2]
       [--rl-steps 12] [--sft-workdir RUN] [--out FILE] [--png FILE] [-- --config.k=v ...]
 
-The task is modsum (data/procedural.py): the running sum mod 10 of 11 digits, written out as 10
-"a+b=c" steps, a 64-token response canvas (the demo's sudoku answer is 16 tokens: too short for
-the ELBO's noise to matter), reward = the fraction of steps right, accuracy = all steps right. Every
-run is the trainer's own command, `python -m bgpo_jax.main --config=configs/demo.py` with the
+The task is sudoku4 (data/procedural.py): four of the demo's 4x4 sudokus (1-2 blanks each) side by
+side, a 64-digit answer on a 64-token canvas (the demo's sudoku answer is 16 tokens: too short for
+the ELBO's noise to matter), reward = the fraction of blanks solved, accuracy = all four grids
+solved. Every run is the trainer's own command, `python -m bgpo_jax.main --config=configs/demo.py` with the
 overrides of `TASK_OVERRIDES` (task, lengths, sampler), `RL_OVERRIDES` (the RL phase) and the
 run's objective, n and seed, in DIR/runs/<objective>_n<n>_s<seed>:
 
@@ -40,22 +40,22 @@ from bgpo_jax.benchmarks.common import device_description, print_table, write_js
 from bgpo_jax.benchmarks.mc_variance import git_commit
 
 CONFIG = "configs/demo.py"
-# The long-response task: 32 digits, a 64-token answer canvas in 16-token blocks; rollouts take 4
-# tokens per model call (2 running sums), evaluation 2 (greedy, one sum per call). 64 test puzzles
-# (sized for a 2-core CPU): the score, a mean over 32 steps, varies far less between puzzles than a
-# 0/1 accuracy would.
+# The long-response task: a 64-token answer canvas in 16-token blocks (one grid each), 2 tokens per
+# model call in rollouts and in the greedy evaluation. 64 test puzzles (sized for a 2-core CPU shared
+# with other jobs): the score, the fraction of 4-8 blanks solved, varies less between puzzles than
+# the 0/1 accuracy.
 TASK_OVERRIDES = (
-    "--config.task.demo_task=modsum", "--config.task.max_prompt_tokens=96", "--config.rollout.prompt_buckets=(96,)",
-    "--config.rollout.gen_length=64", "--config.rollout.block_length=16", "--config.rollout.steps=16",
+    "--config.task.demo_task=sudoku4", "--config.task.max_prompt_tokens=96", "--config.rollout.prompt_buckets=(96,)",
+    "--config.rollout.gen_length=64", "--config.rollout.block_length=16", "--config.rollout.steps=32",
     "--config.eval.gen_length=64", "--config.eval.block_length=16", "--config.eval.steps=32",
     "--config.eval.num_examples=64", "--config.eval.batch_size=64", "--config.task.demo_test_size=64",
     "--config.plot_at_end=False",
 )
-# The RL phase: the demo's optimizer (lr 2e-4, fresh moments), 8 prompts x G = 4 per step (sized for a
-# 2-core CPU), evaluated at the end only (eval_every = the step count, set per run).
+# The RL phase: the demo's optimizer (lr 2e-4, fresh moments), 4 prompts x G = 4 per step (sized for a
+# 2-core CPU shared with other jobs), evaluated at the end only (eval_every = the step count, per run).
 RL_OVERRIDES = (
-    "--config.sft.steps=0", "--config.rl.prompts_per_step=8", "--config.rl.group_size=4",
-    "--config.rl.micro_batch_per_device=32", "--config.checkpoint_every=1000",
+    "--config.sft.steps=0", "--config.rl.prompts_per_step=4", "--config.rl.group_size=4",
+    "--config.rl.micro_batch_per_device=16", "--config.checkpoint_every=1000",
 )
 
 
@@ -85,7 +85,7 @@ def eval_rows(workdir: str) -> dict[int, dict]:
 
 
 def sft_start(root: str, sft_steps: int, extra: list[str]) -> str:
-  """DIR/sft: the modsum SFT warm-up, trained unless already done."""
+  """DIR/sft: the sudoku4 SFT warm-up, trained unless already done."""
   wd = os.path.join(root, "sft")
   if sft_steps not in eval_rows(wd):
     _run_main([f"--config={CONFIG}", f"--workdir={wd}", *TASK_OVERRIDES, "--config.mode=sft",
@@ -266,11 +266,11 @@ def main(argv=None) -> dict:
   print_table(runs, ["objective", "n", "seed", "accuracy_sft", "score_sft", "accuracy", "score", "wall_s"],
               title="runs")
   print_table(summary, ["objective", "n", "seeds", "accuracy_mean", "accuracy_sem", "score_mean", "score_sem"],
-              title=f"after {a.rl_steps} RL steps (modsum, 64-token responses); commit {meta['commit']}; "
+              title=f"after {a.rl_steps} RL steps (sudoku4, 64-token responses); commit {meta['commit']}; "
                     f"{device_description()}; wall {wall:.0f} s")
   write_json(a.out, {"runs": runs, "summary": summary}, meta=meta)
   if a.png:
-    plot(summary, runs, a.png, title=f"modsum, {a.rl_steps} RL steps from one SFT start; VRPO-OL at n={vrpo_n} "
+    plot(summary, runs, a.png, title=f"sudoku4, {a.rl_steps} RL steps from one SFT start; VRPO-OL at n={vrpo_n} "
                                      f"(memory of BGPO n={max(a.ns)}); commit {meta['commit']}")
   return {"runs": runs, "summary": summary, "meta": meta}
 

@@ -1,4 +1,4 @@
-"""Procedurally generated countdown, 4x4 sudoku and modsum tasks (seeded, no external data).
+"""Procedurally generated countdown, 4x4 sudoku and sudoku4 tasks (seeded, no external data).
 
 Both generators return lists of uniform examples (records.py schema), usable directly as an
 in-memory source or fed to the TFDS builder. Guarantees, by construction:
@@ -6,16 +6,15 @@ in-memory source or fed to the TFDS builder. Guarantees, by construction:
   is solvable; the expression is stored as extra["solution"].
 - sudoku: every puzzle is a valid 4x4 grid with cells blanked and is kept only if it has
   exactly one solution (checked against all 288 4x4 grids).
-- modsum: the sum modulo 10 of every pair of adjacent digits, written out ("0 2" for 7 3 9): a
-  long answer (63 characters for 33 digits) whose every sum is checkable, so the reward is the
-  fraction of sums right.
+- sudoku4: four 4x4 sudokus side by side, each kept only with a unique solution: a 64-digit
+  answer (the ELBO's noise matters at that length) with the demo sudoku's skill.
 - uniqueness: no puzzle repeats within a split (countdown identity = sorted numbers + target).
 - train/test disjoint for any seeds: a puzzle's split is a hash of its identity
   (`hash_split`), and each split keeps only puzzles that hash to it.
 
 Difficulty knobs: sudoku min_blanks/max_blanks; countdown num_numbers, number range, target
-range and allowed ops; modsum num_digits. Each generator's presets (`SUDOKU_PRESETS`,
-`COUNTDOWN_PRESETS`, `MODSUM_PRESETS`, which
+range and allowed ops. Each generator's presets (`SUDOKU_PRESETS`, `COUNTDOWN_PRESETS`,
+`SUDOKU4_PRESETS`, which
 the task specs carry): "demo", settings a ~1M-param char-level model can learn, with prompts
 under 40 characters (prompt_style="short"); "d1", d1-like ones.
 """
@@ -53,13 +52,13 @@ COUNTDOWN_PRESETS: dict[str, dict] = {
            "max_target": 100, "ops": "+-*/", "prompt_style": "long"},
 }
 
-MODSUM_PRESETS: dict[str, dict] = {
-    # 33 digits: 32 sums one space apart = 63 characters, which with its end-of-turn token fill a
-    # 64-token canvas exactly (the MC-sample sweep's long-response task). The prompt, "Modsum " +
-    # 65 characters, is 95 tokens in the chat template. Each sum depends on two prompt digits at a
-    # fixed offset: a running sum (a chain through every digit) was not learned by the tiny model's
-    # SFT in 300 steps, since a masked-diffusion step rarely shows the previous sum unmasked.
-    "demo": {"num_digits": 33, "prompt_style": "short"},
+SUDOKU4_PRESETS: dict[str, dict] = {
+    # The demo sudoku's 1-2 blanks in each of the four grids: a 64-digit answer that fills a
+    # 64-token canvas exactly (the n sweep's long-response task); the prompt, "Sudokus " + 64
+    # digits, is 95 tokens in the chat template. (A first try, the sums mod 10 of adjacent digits,
+    # stayed at chance after 200 SFT steps of the tiny model: an addition table is learned far
+    # more slowly than copying.)
+    "demo": {"min_blanks": 1, "max_blanks": 2, "prompt_style": "short"},
 }
 
 
@@ -340,51 +339,56 @@ def _random_expression(numbers: Sequence[int], ops: str, rng: random.Random
   return pool[0]
 
 
-# ----------------------------------------------------------------------------- modsum
+# ----------------------------------------------------------------------------- sudoku4
 
 
-def modsum_steps(digits: str) -> list[str]:
-  """The sums modulo 10 of each pair of adjacent digits: s_i = (d_i + d_{i+1}) mod 10.
-
-  modsum_steps("739") == ["0", "2"]; len(digits) - 1 steps.
-  """
-  if len(digits) < 2 or not digits.isdigit():
-    raise ValueError(f"modsum digits {digits!r} must be at least 2 decimal digits")
-  return [str((int(a) + int(b)) % 10) for a, b in zip(digits, digits[1:])]
-
-
-def _modsum_prompt(digits: str, style: str) -> str:
-  # Digits one space apart, as the answer's sums are: sum i sits at a constant offset from digits
-  # i and i+1, which a small model learns to read as it learns sudoku's givens.
-  spaced = " ".join(digits)
+def _sudoku4_prompt(puzzle: str, style: str) -> str:
   if style == "short":
-    return f"Modsum {spaced}"
-  return ("Add every pair of neighbouring digits modulo 10 and write the sums in order, separated "
-          f"by single spaces: {spaced}")
+    return f"Sudokus {puzzle}"
+  return ("Solve these four 4x4 sudokus: in each, every row, column and 2x2 box must hold the digits "
+          "1-4 once. The grids are given one after the other as 64 digits, each grid read row by row "
+          f"with 0 for an empty cell: {puzzle}\nWrite the 64-digit solved grids in the same order.")
 
 
-def generate_modsum(n: int, *, seed: int = 0, split: str = "train", num_digits: int = 33,
-                    test_fraction: float = 0.1, prompt_style: str = "long",
-                    max_attempts: int | None = None) -> list[dict]:
-  """n unique digit strings of length num_digits; the answer is the sums mod 10 of their adjacent
-  pairs, separated by single spaces (`modsum_steps`): 2 * num_digits - 3 characters.
+def generate_sudoku4(n: int, *, seed: int = 0, split: str = "train", min_blanks: int = 1,
+                     max_blanks: int = 2, test_fraction: float = 0.1, prompt_style: str = "long",
+                     max_attempts: int | None = None) -> list[dict]:
+  """n unique puzzles of four 4x4 sudokus side by side (64 digits), each grid with its own number
+  of blanks in [min_blanks, max_blanks] and a unique solution: sudoku's skill (copy the givens, fill
+  the blanks) with a 64-digit answer, long enough for the ELBO's noise to matter.
 
-  Deterministic in (seed, split, knobs). extra = {"digits"}; ground_truth = the sums.
+  Deterministic in (seed, split, knobs). extra = {"puzzle", "blanks"}; ground_truth = the 64-digit
+  solution.
   """
   _check_split(split, test_fraction)
-  if not 2 <= num_digits <= 256:
-    raise ValueError(f"num_digits {num_digits} must lie in [2, 256] (the answer takes 2 characters per pair)")
+  if not 1 <= min_blanks <= max_blanks <= 12:
+    raise ValueError(f"blanks range [{min_blanks}, {max_blanks}] must lie in [1, 12] (a 4x4 "
+                     "sudoku needs at least 4 givens to have a unique solution)")
   if prompt_style not in PROMPT_STYLES:
     raise ValueError(f"prompt_style {prompt_style!r} not in {PROMPT_STYLES}")
-  rng = _rng(seed, "modsum", split)
+  rng = _rng(seed, "sudoku4", split)
+  grids = ["".join(map(str, g)) for g in all_sudoku_grids()]
 
   def draw():
-    digits = "".join(str(rng.randrange(10)) for _ in range(num_digits))
-    return digits, lambda index: _example("modsum", split, index, _modsum_prompt(digits, prompt_style),
-                                          " ".join(modsum_steps(digits)), {"digits": digits})
+    puzzles, solutions, blanks = [], [], 0
+    for _ in range(4):
+      p = list(grids[rng.randrange(len(grids))])
+      k = rng.randint(min_blanks, max_blanks)
+      for b in rng.sample(range(16), k):
+        p[b] = "0"
+      sols = sudoku_solutions("".join(p))
+      if len(sols) != 1:
+        return None
+      puzzles.append("".join(p))
+      solutions.append(sols[0])
+      blanks += k
+    puzzle = "".join(puzzles)
+    return puzzle, lambda index: _example("sudoku4", split, index, _sudoku4_prompt(puzzle, prompt_style),
+                                          "".join(solutions), {"puzzle": puzzle, "blanks": blanks})
 
-  return _unique(n, draw, task="modsum", split=split, test_fraction=test_fraction,
-                 max_attempts=max_attempts, knobs=f"{num_digits} digits", widen="num_digits")
+  return _unique(n, draw, task="sudoku4", split=split, test_fraction=test_fraction,
+                 max_attempts=max_attempts, knobs=f"{min_blanks}-{max_blanks} blanks per grid",
+                 widen="the blanks range")
 
 
 def generator(task: str) -> Callable[..., list[dict]]:
