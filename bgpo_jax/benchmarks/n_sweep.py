@@ -248,9 +248,9 @@ def main(argv=None) -> dict:
   if vrpo_n == 0:
     vrpo_n, memory = matched_vrpo_n(max(a.ns), extra)
     print(f"memory: {memory}; VRPO-OL n = {vrpo_n}", flush=True)
-  plan = [("bgpo", n, s) for s in a.seeds for n in a.ns]
-  if vrpo_n > 0:
-    plan += [("vrpo_ol", vrpo_n, s) for s in a.seeds]
+  # Seed by seed, VRPO-OL after BGPO's n: a sweep stopped early still has whole seeds to compare.
+  plan = [(obj, n, s) for s in a.seeds
+          for obj, n in [("bgpo", n) for n in a.ns] + ([("vrpo_ol", vrpo_n)] if vrpo_n > 0 else [])]
   runs = []
   for obj, n, s in plan:
     first = obj == "bgpo" and n == a.ns[0]
