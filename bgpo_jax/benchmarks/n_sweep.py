@@ -2,7 +2,7 @@
 SFT start, over seeds, beside VRPO-OL at the largest n whose train step fits BGPO's n = 16 memory.
 
   python -m bgpo_jax.benchmarks.n_sweep --root DIR [--ns 1,2,4,8,16] [--seeds 0,1,2]
-      [--rl-steps 12] [--sft-workdir RUN] [--out FILE] [--png FILE] [-- --config.k=v ...]
+      [--rl-steps 6] [--sft-workdir RUN] [--out FILE] [--png FILE] [-- --config.k=v ...]
 
 The task is sudoku4 (data/procedural.py): four of the demo's 4x4 sudokus (1-2 blanks each) side by
 side, a 64-digit answer on a 64-token canvas (the demo's sudoku answer is 16 tokens: too short for
@@ -40,14 +40,14 @@ from bgpo_jax.benchmarks.common import device_description, print_table, write_js
 from bgpo_jax.benchmarks.mc_variance import git_commit
 
 CONFIG = "configs/demo.py"
-# The long-response task: a 64-token answer canvas in 16-token blocks (one grid each), 2 tokens per
-# model call in rollouts and in the greedy evaluation. 64 test puzzles (sized for a 2-core CPU shared
+# The long-response task: a 64-token answer canvas in 16-token blocks (one grid each), 4 tokens per
+# model call in rollouts and in the greedy evaluation (mostly copied givens; sized for a 2-core CPU). 64 test puzzles (sized for a 2-core CPU shared
 # with other jobs): the score, the fraction of 4-8 blanks solved, varies less between puzzles than
 # the 0/1 accuracy.
 TASK_OVERRIDES = (
     "--config.task.demo_task=sudoku4", "--config.task.max_prompt_tokens=96", "--config.rollout.prompt_buckets=(96,)",
-    "--config.rollout.gen_length=64", "--config.rollout.block_length=16", "--config.rollout.steps=32",
-    "--config.eval.gen_length=64", "--config.eval.block_length=16", "--config.eval.steps=32",
+    "--config.rollout.gen_length=64", "--config.rollout.block_length=16", "--config.rollout.steps=16",
+    "--config.eval.gen_length=64", "--config.eval.block_length=16", "--config.eval.steps=16",
     "--config.eval.num_examples=64", "--config.eval.batch_size=64", "--config.task.demo_test_size=64",
     "--config.plot_at_end=False",
 )
@@ -226,7 +226,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--root", required=True, help="directory of the SFT start, the runs and their logs")
   ap.add_argument("--ns", type=_ints, default=(1, 2, 4, 8, 16))
   ap.add_argument("--seeds", type=_ints, default=(0, 1, 2))
-  ap.add_argument("--rl-steps", type=int, default=8)
+  ap.add_argument("--rl-steps", type=int, default=6)
   ap.add_argument("--sft-steps", type=int, default=300)
   ap.add_argument("--sft-workdir", default="", help="an existing SFT start (a trainer run) instead of DIR/sft")
   ap.add_argument("--vrpo-n", type=int, default=0, help="VRPO-OL's n; 0 = the memory match; -1 = no VRPO-OL runs")
