@@ -227,7 +227,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--ns", type=_ints, default=(1, 2, 4, 8, 16))
   ap.add_argument("--seeds", type=_ints, default=(0, 1, 2))
   ap.add_argument("--rl-steps", type=int, default=6)
-  ap.add_argument("--sft-steps", type=int, default=300)
+  ap.add_argument("--sft-steps", type=int, default=200)
   ap.add_argument("--sft-workdir", default="", help="an existing SFT start (a trainer run) instead of DIR/sft")
   ap.add_argument("--vrpo-n", type=int, default=0, help="VRPO-OL's n; 0 = the memory match; -1 = no VRPO-OL runs")
   ap.add_argument("--out", default=None)
