@@ -170,6 +170,14 @@ def rl_run(root: str, sft: str, objective: str, n: int, seed: int, steps: int, e
   return r
 
 
+def plan_runs(ns, seeds, vrpo_n: int, vrpo_seeds=None) -> list[tuple[str, int, int]]:
+  """(objective, n, seed) of every RL run, seed by seed, VRPO-OL (vrpo_n > 0) after BGPO's n: a sweep
+  stopped early still has whole seeds to compare. vrpo_seeds: the seeds VRPO-OL runs on (None: all)."""
+  vrpo_seeds = seeds if vrpo_seeds is None else vrpo_seeds
+  return [(obj, n, s) for s in seeds
+          for obj, n in [("bgpo", n) for n in ns] + ([("vrpo_ol", vrpo_n)] if vrpo_n > 0 and s in vrpo_seeds else [])]
+
+
 def summarize(runs: list[dict]) -> list[dict]:
   """Per (objective, n): mean and standard error over seeds of accuracy and score after RL."""
   out = []
@@ -230,6 +238,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--sft-steps", type=int, default=200)
   ap.add_argument("--sft-workdir", default="", help="an existing SFT start (a trainer run) instead of DIR/sft")
   ap.add_argument("--vrpo-n", type=int, default=0, help="VRPO-OL's n; 0 = the memory match; -1 = no VRPO-OL runs")
+  ap.add_argument("--vrpo-seeds", type=_ints, default=None,
+                  help="the seeds VRPO-OL runs on (default: every seed); at n = 1 on-policy it repeats BGPO n = 1")
   ap.add_argument("--out", default=None)
   ap.add_argument("--png", default=None)
   ap.add_argument("overrides", nargs="*", help="--config.k=v overrides for every run (after --)")
@@ -248,9 +258,7 @@ def main(argv=None) -> dict:
   if vrpo_n == 0:
     vrpo_n, memory = matched_vrpo_n(max(a.ns), extra)
     print(f"memory: {memory}; VRPO-OL n = {vrpo_n}", flush=True)
-  # Seed by seed, VRPO-OL after BGPO's n: a sweep stopped early still has whole seeds to compare.
-  plan = [(obj, n, s) for s in a.seeds
-          for obj, n in [("bgpo", n) for n in a.ns] + ([("vrpo_ol", vrpo_n)] if vrpo_n > 0 else [])]
+  plan = plan_runs(a.ns, a.seeds, vrpo_n, a.vrpo_seeds)
   runs = []
   for obj, n, s in plan:
     first = obj == "bgpo" and n == a.ns[0]

@@ -150,6 +150,13 @@ def test_sweep_summary_and_plot(tmp_path):
   assert png.stat().st_size > 1000
 
 
+def test_plan_runs_seed_by_seed():
+  plan = n_sweep.plan_runs((1, 4), (0, 1), 2)
+  assert plan == [("bgpo", 1, 0), ("bgpo", 4, 0), ("vrpo_ol", 2, 0), ("bgpo", 1, 1), ("bgpo", 4, 1), ("vrpo_ol", 2, 1)]
+  assert n_sweep.plan_runs((1,), (0, 1), 2, vrpo_seeds=(0,)) == [("bgpo", 1, 0), ("vrpo_ol", 2, 0), ("bgpo", 1, 1)]
+  assert n_sweep.plan_runs((1,), (0,), -1) == [("bgpo", 1, 0)]
+
+
 def test_eval_rows_reads_the_evaluations(tmp_path):
   rows = [{"step": 0, "eval/accuracy": 0.1, "eval/score_mean": 0.3}, {"step": 1, "train/loss": 1.0},
           {"step": 2, "eval/accuracy": 0.2, "eval/score_mean": 0.4}]
