@@ -2,7 +2,8 @@
 SFT start, over seeds, beside VRPO-OL at the largest n whose train step fits BGPO's n = 16 memory.
 
   python -m bgpo_jax.benchmarks.n_sweep --root DIR [--ns 1,2,4,8,16] [--seeds 0,1,2]
-      [--rl-steps 6] [--sft-workdir RUN] [--out FILE] [--png FILE] [-- --config.k=v ...]
+      [--rl-steps 6] [--sft-steps 200 | --sft-workdir RUN] [--vrpo-n 0] [--vrpo-seeds 0,1,2]
+      [--out FILE] [--png FILE] [-- --config.k=v ...]
 
 The task is sudoku4 (data/procedural.py): four of the demo's 4x4 sudokus (1-2 blanks each) side by
 side, a 64-digit answer on a 64-token canvas (the demo's sudoku answer is 16 tokens: too short for
@@ -16,12 +17,13 @@ run's objective, n and seed, in DIR/runs/<objective>_n<n>_s<seed>:
    ahead of time on abstract arrays (the trainer's StepConfig, XLA's memory analysis, as
    benchmarks.memory does), VRPO-OL's n = the largest whose total bytes are <= BGPO's;
 3. RL from the SFT start (init.checkpoint = DIR/sft, fresh AdamW moments) for `--rl-steps`
-   steps at every (n, seed), and VRPO-OL at its matched n for every seed; the first run of each
+   steps at every (n, seed), seed by seed, and VRPO-OL at its matched n for every seed (or those of
+   `--vrpo-seeds`: on-policy at n = 1 its gradient is BGPO's at n = 1); the first run of each
    seed also evaluates at step 0 (the SFT start on that seed's test set: the generated test set
    follows config.seed).
 
 A finished run (its metrics hold the last step's evaluation) is reused, so the command resumes.
-The table and JSON hold the accuracy and score (fraction of steps right) after RL per run, their
+The table and JSON hold the accuracy and score (fraction of blanks solved) after RL per run, their
 mean and standard error over seeds per (objective, n), and the wall time of each run.
 """
 
