@@ -417,6 +417,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
   a = parse_args(argv)
   t_start = time.perf_counter()
+  commit = git_commit()  # the code that runs (HEAD may move while it does)
   policy = a.workdir or a.checkpoint or demo_sft_workdir(a.cache, a.config)
   scratch = tempfile.mkdtemp(prefix="bgpo_mc_variance_")
   overrides = [*a.overrides, "--config.compilation_cache_dir=off", "--config.plot_at_end=False"]
@@ -446,7 +447,7 @@ def main(argv=None) -> list[dict]:
           "gen_length": int(run.config.rollout.gen_length), "reward_mean": m["train/reward_mean"],
           "ns": list(a.ns), "ref_n": a.ref_n, "draws": a.draws, "ref_draws": a.ref_draws,
           "offpolicy_updates": a.offpolicy_updates, "offpolicy_lr": a.offpolicy_lr, "offpolicy_abs_d": abs_d,
-          "commit": git_commit(), "device": device_description(), "wall_s": time.perf_counter() - t_start}
+          "commit": commit, "device": device_description(), "wall_s": time.perf_counter() - t_start}
   report(records, meta, a.out, a.png, title=f"{os.path.basename(os.path.normpath(policy))}: {rows} rows, "
                                            f"L={meta['gen_length']}, ref n={a.ref_n}")
   return records

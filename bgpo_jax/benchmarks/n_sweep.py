@@ -251,6 +251,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
   a = parse_args(argv)
   t0 = time.time()
+  commit = git_commit()  # the code that runs (HEAD may move while it does)
   os.makedirs(os.path.join(a.root, "runs"), exist_ok=True)
   # One compilation cache for every run of the sweep: the sampler's programs compile once.
   extra = [f"--config.compilation_cache_dir={os.path.join(os.path.abspath(a.root), 'jax_cache')}", *a.overrides]
@@ -269,7 +270,7 @@ def main(argv=None) -> dict:
     print(json.dumps({k: v for k, v in r.items() if k != "workdir"}), flush=True)
   summary = summarize(runs)
   wall = time.time() - t0
-  meta = {"commit": git_commit(), "device": device_description(), "sft": sft, "rl_steps": a.rl_steps,
+  meta = {"commit": commit, "device": device_description(), "sft": sft, "rl_steps": a.rl_steps,
           "ns": list(a.ns), "seeds": list(a.seeds), "vrpo_ol_n": vrpo_n, "memory_bytes": memory,
           "task_overrides": list(TASK_OVERRIDES), "rl_overrides": list(RL_OVERRIDES), "overrides": extra,
           "wall_s": wall, "runs_wall_s": float(sum(r["wall_s"] or 0.0 for r in runs))}
