@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.instruction = ""  # "" = the task's default instruction (answer tags / \boxed{})
   c.task.tfds_dir = ""  # where TFDS array_record datasets are built; "" = WORKDIR/tfds
   # task.name == "demo": a procedurally generated task, no files needed.
-  c.task.demo_task = "countdown"  # countdown / sudoku
+  c.task.demo_task = "countdown"  # countdown / sudoku / sudoku4 (64-token answers: docs/mc_samples.md)
   c.task.demo_train_size = 2000
   c.task.demo_test_size = 200
 

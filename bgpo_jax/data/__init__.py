@@ -16,8 +16,8 @@ from bgpo_jax.data.dataset import (ConcatSource, ListSource, PromptBatch, TaskDa
                                    TfdsSource, apply_instruction, as_source,
                                    default_instruction, encode_prompt, reward_inputs)
 from bgpo_jax.data.order import batch_indices, epoch_permutation, eval_batches
-from bgpo_jax.data.procedural import (COUNTDOWN_PRESETS, SUDOKU_PRESETS, demo_examples,
-                                      generate, generate_countdown, generate_sudoku,
+from bgpo_jax.data.procedural import (COUNTDOWN_PRESETS, SUDOKU4_PRESETS, SUDOKU_PRESETS, demo_examples,
+                                      generate, generate_countdown, generate_sudoku4, generate_sudoku,
                                       solve_countdown, solve_sudoku, sudoku_solutions)
 from bgpo_jax.data.records import DataFileError, RowStats, decode_example, load_examples
 
@@ -25,7 +25,8 @@ __all__ = [
     "ConcatSource", "ListSource", "PromptBatch", "TaskDataset", "TfdsSource",
     "apply_instruction", "as_source", "default_instruction", "encode_prompt", "reward_inputs",
     "batch_indices", "epoch_permutation", "eval_batches", "COUNTDOWN_PRESETS", "SUDOKU_PRESETS",
-    "demo_examples", "generate", "generate_countdown", "generate_sudoku", "solve_countdown",
+    "SUDOKU4_PRESETS", "demo_examples", "generate", "generate_countdown", "generate_sudoku4", "generate_sudoku",
+    "solve_countdown",
     "solve_sudoku", "sudoku_solutions", "DataFileError", "RowStats", "decode_example",
     "load_examples",
 ]

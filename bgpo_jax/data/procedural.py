@@ -1,4 +1,4 @@
-"""Procedurally generated countdown and 4x4 sudoku tasks (seeded, no external data).
+"""Procedurally generated countdown, 4x4 sudoku and sudoku4 tasks (seeded, no external data).
 
 Both generators return lists of uniform examples (records.py schema), usable directly as an
 in-memory source or fed to the TFDS builder. Guarantees, by construction:
@@ -6,12 +6,15 @@ in-memory source or fed to the TFDS builder. Guarantees, by construction:
   is solvable; the expression is stored as extra["solution"].
 - sudoku: every puzzle is a valid 4x4 grid with cells blanked and is kept only if it has
   exactly one solution (checked against all 288 4x4 grids).
+- sudoku4: four 4x4 sudokus side by side, each kept only with a unique solution: a 64-digit
+  answer (the ELBO's noise matters at that length) with the demo sudoku's skill.
 - uniqueness: no puzzle repeats within a split (countdown identity = sorted numbers + target).
 - train/test disjoint for any seeds: a puzzle's split is a hash of its identity
   (`hash_split`), and each split keeps only puzzles that hash to it.
 
 Difficulty knobs: sudoku min_blanks/max_blanks; countdown num_numbers, number range, target
-range and allowed ops. Each generator's presets (`SUDOKU_PRESETS`, `COUNTDOWN_PRESETS`, which
+range and allowed ops. Each generator's presets (`SUDOKU_PRESETS`, `COUNTDOWN_PRESETS`,
+`SUDOKU4_PRESETS`, which
 the task specs carry): "demo", settings a ~1M-param char-level model can learn, with prompts
 under 40 characters (prompt_style="short"); "d1", d1-like ones.
 """
@@ -47,6 +50,15 @@ COUNTDOWN_PRESETS: dict[str, dict] = {
     # 3 numbers 1..100, targets 1..100, all four operations.
     "d1": {"num_numbers": 3, "min_number": 1, "max_number": 100, "min_target": 1,
            "max_target": 100, "ops": "+-*/", "prompt_style": "long"},
+}
+
+SUDOKU4_PRESETS: dict[str, dict] = {
+    # The demo sudoku's 1-2 blanks in each of the four grids: a 64-digit answer that fills a
+    # 64-token canvas exactly (the n sweep's long-response task); the prompt, "Sudokus " + 64
+    # digits, is 95 tokens in the chat template. (A first try, the sums mod 10 of adjacent digits,
+    # stayed at chance after 200 SFT steps of the tiny model: an addition table is learned far
+    # more slowly than copying.)
+    "demo": {"min_blanks": 1, "max_blanks": 2, "prompt_style": "short"},
 }
 
 
@@ -325,6 +337,58 @@ def _random_expression(numbers: Sequence[int], ops: str, rng: random.Random
     expr = f"{ea}{op}{eb}"
     pool.append((v, expr if not pool else f"({expr})"))
   return pool[0]
+
+
+# ----------------------------------------------------------------------------- sudoku4
+
+
+def _sudoku4_prompt(puzzle: str, style: str) -> str:
+  if style == "short":
+    return f"Sudokus {puzzle}"
+  return ("Solve these four 4x4 sudokus: in each, every row, column and 2x2 box must hold the digits "
+          "1-4 once. The grids are given one after the other as 64 digits, each grid read row by row "
+          f"with 0 for an empty cell: {puzzle}\nWrite the 64-digit solved grids in the same order.")
+
+
+def generate_sudoku4(n: int, *, seed: int = 0, split: str = "train", min_blanks: int = 1,
+                     max_blanks: int = 2, test_fraction: float = 0.1, prompt_style: str = "long",
+                     max_attempts: int | None = None) -> list[dict]:
+  """n unique puzzles of four 4x4 sudokus side by side (64 digits), each grid with its own number
+  of blanks in [min_blanks, max_blanks] and a unique solution: sudoku's skill (copy the givens, fill
+  the blanks) with a 64-digit answer, long enough for the ELBO's noise to matter.
+
+  Deterministic in (seed, split, knobs). extra = {"puzzle", "blanks"}; ground_truth = the 64-digit
+  solution.
+  """
+  _check_split(split, test_fraction)
+  if not 1 <= min_blanks <= max_blanks <= 12:
+    raise ValueError(f"blanks range [{min_blanks}, {max_blanks}] must lie in [1, 12] (a 4x4 "
+                     "sudoku needs at least 4 givens to have a unique solution)")
+  if prompt_style not in PROMPT_STYLES:
+    raise ValueError(f"prompt_style {prompt_style!r} not in {PROMPT_STYLES}")
+  rng = _rng(seed, "sudoku4", split)
+  grids = ["".join(map(str, g)) for g in all_sudoku_grids()]
+
+  def draw():
+    puzzles, solutions, blanks = [], [], 0
+    for _ in range(4):
+      p = list(grids[rng.randrange(len(grids))])
+      k = rng.randint(min_blanks, max_blanks)
+      for b in rng.sample(range(16), k):
+        p[b] = "0"
+      sols = sudoku_solutions("".join(p))
+      if len(sols) != 1:
+        return None
+      puzzles.append("".join(p))
+      solutions.append(sols[0])
+      blanks += k
+    puzzle = "".join(puzzles)
+    return puzzle, lambda index: _example("sudoku4", split, index, _sudoku4_prompt(puzzle, prompt_style),
+                                          "".join(solutions), {"puzzle": puzzle, "blanks": blanks})
+
+  return _unique(n, draw, task="sudoku4", split=split, test_fraction=test_fraction,
+                 max_attempts=max_attempts, knobs=f"{min_blanks}-{max_blanks} blanks per grid",
+                 widen="the blanks range")
 
 
 def generator(task: str) -> Callable[..., list[dict]]:

@@ -1,5 +1,6 @@
 """The built-in tasks, one TaskSpec each: GSM8K, MATH (and its MATH500 test set), countdown,
-4x4 sudoku, HumanEval, MBPP and user code sets ("code").
+4x4 sudoku, sudoku4 (generated only: four 4x4 sudokus in one 64-digit answer), HumanEval,
+MBPP and user code sets ("code").
 
 Each spec joins the task's pieces; the work stays where it is done for every task: reading rows
 in data.records, generating puzzles in data.procedural, checking answers in rewards/. What is
@@ -20,6 +21,7 @@ from bgpo_jax.rewards.countdown import RECIPES as COUNTDOWN_RECIPES
 from bgpo_jax.rewards.countdown import countdown_grade
 from bgpo_jax.rewards.extract import answer_tag, code_blocks, last_boxed
 from bgpo_jax.rewards.math_reward import gsm8k_reward, math_reward
+from bgpo_jax.rewards.sudoku4 import sudoku4_grade
 from bgpo_jax.rewards.sudoku import RECIPES as SUDOKU_RECIPES
 from bgpo_jax.rewards.sudoku import sudoku_grade
 from bgpo_jax.tasks.registry import TaskSpec, register
@@ -139,6 +141,30 @@ def _sudoku_from_question(solution, question: str, extra: dict):
   return solution, extra
 
 
+# ----------------------------------------------------------------------------- sudoku4
+
+_SUDOKU4_PUZZLE = re.compile(r"^[0-4]{64}$")
+_SUDOKU4_SOLUTION = re.compile(r"^[1-4]{64}$")
+
+
+def _check_sudoku4(solution: str, extra: dict) -> dict:
+  puzzle = str(extra.get("puzzle", ""))
+  if not _SUDOKU4_PUZZLE.match(puzzle):
+    raise records.BadRow(f"puzzle: expected 64 digits 0-4, got {puzzle[:20]!r}")
+  if not _SUDOKU4_SOLUTION.match(solution):
+    raise records.BadRow(f"ground_truth: expected 64 digits 1-4, got {solution[:20]!r}")
+  if any(p != "0" and p != s for p, s in zip(puzzle, solution)):
+    raise records.BadRow("ground_truth: solution contradicts the puzzle's givens")
+  return extra
+
+
+def _grade_sudoku4(completion, solution, extra, **_):
+  if "puzzle" not in extra:
+    raise ValueError("sudoku4 needs extra['puzzle'] (the 64-digit puzzle, 0 = empty)")
+  ok, frac = sudoku4_grade(completion, solution, extra["puzzle"])
+  return ok, frac, frac
+
+
 # ----------------------------------------------------------------------------- code
 
 
@@ -178,6 +204,10 @@ register(TaskSpec(
     recover_extra=_sudoku_from_question,
     train_on=("sudoku",), eval_sets=("sudoku",), sft_target=_sudoku_target,
     d1_inner_updates=8))
+# Generated only, for the demo (task.demo_task=sudoku4): no file source, so no task.name of its own.
+register(TaskSpec(
+    name="sudoku4", check_row=_check_sudoku4, generate=procedural.generate_sudoku4,
+    presets=procedural.SUDOKU4_PRESETS, grade=_grade_sudoku4, partial_score=True, sft_target=_sudoku_target))
 register(TaskSpec(name="humaneval", code=True, format_score=_code_format,
                   code_case=functools.partial(code_case, "humaneval")))
 register(TaskSpec(name="mbpp", code=True, format_score=_mbpp_format,
