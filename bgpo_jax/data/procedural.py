@@ -75,6 +75,17 @@ def _check_split(split: str, test_fraction: float) -> None:
     raise ValueError(f"test_fraction {test_fraction} must be in (0, 1) so both splits exist")
 
 
+def _check_sudoku_knobs(split: str, test_fraction: float, min_blanks: int, max_blanks: int,
+                        prompt_style: str) -> None:
+  """The arguments every 4x4-sudoku generator shares, checked."""
+  _check_split(split, test_fraction)
+  if not 1 <= min_blanks <= max_blanks <= 12:
+    raise ValueError(f"blanks range [{min_blanks}, {max_blanks}] must lie in [1, 12] (a 4x4 "
+                     "sudoku needs at least 4 givens to have a unique solution)")
+  if prompt_style not in PROMPT_STYLES:
+    raise ValueError(f"prompt_style {prompt_style!r} not in {PROMPT_STYLES}")
+
+
 def _rng(seed: int, task: str, split: str) -> random.Random:
   # Separate streams per (task, split) so asking for more test puzzles leaves train unchanged.
   # random.Random (string seeds are hashed with SHA-512, stable across Python versions) is
@@ -198,12 +209,7 @@ def generate_sudoku(n: int, *, seed: int = 0, split: str = "train", min_blanks: 
   Raises ValueError when fewer than n unique puzzles turn up within max_attempts (the knobs
   allow too few puzzles for this split).
   """
-  _check_split(split, test_fraction)
-  if not 1 <= min_blanks <= max_blanks <= 12:
-    raise ValueError(f"blanks range [{min_blanks}, {max_blanks}] must lie in [1, 12] (a 4x4 "
-                     "sudoku needs at least 4 givens to have a unique solution)")
-  if prompt_style not in PROMPT_STYLES:
-    raise ValueError(f"prompt_style {prompt_style!r} not in {PROMPT_STYLES}")
+  _check_sudoku_knobs(split, test_fraction, min_blanks, max_blanks, prompt_style)
   rng = _rng(seed, "sudoku", split)
   grids = [list("".join(map(str, g))) for g in all_sudoku_grids()]
 
@@ -360,12 +366,7 @@ def generate_sudoku4(n: int, *, seed: int = 0, split: str = "train", min_blanks:
   Deterministic in (seed, split, knobs). extra = {"puzzle", "blanks"}; ground_truth = the 64-digit
   solution.
   """
-  _check_split(split, test_fraction)
-  if not 1 <= min_blanks <= max_blanks <= 12:
-    raise ValueError(f"blanks range [{min_blanks}, {max_blanks}] must lie in [1, 12] (a 4x4 "
-                     "sudoku needs at least 4 givens to have a unique solution)")
-  if prompt_style not in PROMPT_STYLES:
-    raise ValueError(f"prompt_style {prompt_style!r} not in {PROMPT_STYLES}")
+  _check_sudoku_knobs(split, test_fraction, min_blanks, max_blanks, prompt_style)
   rng = _rng(seed, "sudoku4", split)
   grids = ["".join(map(str, g)) for g in all_sudoku_grids()]
 
