@@ -519,7 +519,10 @@ def _find_state_dir(path: str) -> epath.Path:
 # Face config dict and a copy of the tokenizer files (or "char").
 RUN_RECORD = "run.json"
 TOKENIZER_DIR = "tokenizer"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# A fast tokenizer's tokenizer.json, or a byte-level BPE's vocab.json + merges.txt (Dream's), and
+# the files with its special and added tokens.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 
 
 def write_run_record(workdir: str, *, model_hf: dict, tokenizer_kind: str, tokenizer_path: str = "",

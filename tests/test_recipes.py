@@ -60,13 +60,16 @@ RECIPES = [
     ("code_lora", "configs/code.py:lora", ["--config.task.train_file={code_train}"]),
     ("countdown_lora", "configs/countdown.py:lora", []),
     ("sudoku_lora", "configs/sudoku.py:lora", []),
+    # Dream (its real tokenizer on a tiny random Dream-7B-shaped checkpoint) through the LoRA variant.
+    ("dream_math_lora", "configs/dream_math.py:lora", ["--config.init.checkpoint={dream_ckpt}"]),
 ]
 EVAL_SETS = {"math": ["gsm8k", "math500"], "code": ["humaneval", "mbpp"], "countdown": ["countdown"],
              "sudoku": ["sudoku"], "countdown_vrpo_ol": ["countdown"], "math_bgpo_mu2_kl": ["gsm8k", "math500"],
              "sudoku_vrpo_ol_mu2_kl": ["sudoku"], "countdown_d1_diffu_grpo": ["countdown"],
              "math_lora": ["gsm8k", "math500"], "code_lora": ["humaneval", "mbpp"], "countdown_lora": ["countdown"],
-             "sudoku_lora": ["sudoku"]}
-LORA_RECIPES = ("math_lora", "code_lora", "countdown_lora", "sudoku_lora")
+             "sudoku_lora": ["sudoku"], "dream_math_lora": ["gsm8k", "math500"]}
+LORA_RECIPES = ("math_lora", "code_lora", "countdown_lora", "sudoku_lora", "dream_math_lora")
+DREAM_TOKENIZER = ROOT.parent / "shared" / "reference" / "dream-v0-instruct-7b"
 KL_RECIPES = ("math_bgpo_mu2_kl", "sudoku_vrpo_ol_mu2_kl", "countdown_d1_diffu_grpo")
 # Rows of the real test splits (../shared/datasets/README.md); each eval scores EVAL_ROWS of them.
 SPLIT_ROWS = {"gsm8k": 1319, "math500": 500, "humaneval": 164, "mbpp": 500, "countdown": 256, "sudoku": 500}
@@ -78,9 +81,25 @@ CODE_TRAIN = [
 ]
 
 
+def _tiny_dream(path: Path) -> Path:
+  """A Hugging Face Dream directory: Dream-7B's vocabulary and special ids with 2 layers of width 64
+  (random weights, `hf.save`) and Dream's real tokenizer files from ../shared/reference."""
+  import shutil
+
+  import jax
+
+  from bgpo_jax.models import dream, hf
+  cfg = dream.DreamConfig.preset("dream_7b", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=128)
+  hf.save(cfg, dream.init_params(cfg, jax.random.key(0)), path)
+  for f in DREAM_TOKENIZER.iterdir():
+    if f.name.startswith(("vocab", "merges", "tokenizer", "special", "added")):
+      shutil.copy(f, path / f.name)
+  return path
+
+
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-  if not DATASETS.is_dir():
+  if not DATASETS.is_dir() or not DREAM_TOKENIZER.is_dir():
     pytest.skip(f"{DATASETS} (the shared real task data) is absent; the recipe matrix needs it")
   root = tmp_path_factory.mktemp("recipes")
   from bgpo_jax.tools import tiny_checkpoint
@@ -88,15 +107,17 @@ def matrix(tmp_path_factory):
   tiny_checkpoint.write(ckpt)
   code_train = root / "code_train.jsonl"
   code_train.write_text("".join(json.dumps(r) + "\n" for r in CODE_TRAIN))
+  dream_ckpt = _tiny_dream(root / "tiny_dream")
   common = SHRINK + [f"--config.init.checkpoint={ckpt}", f"--config.task.data_dir={DATASETS}",
                      f"--config.task.tfds_dir={root / 'tfds'}"]
   entries = [{"name": n, "config": c,
-              "overrides": common + [o.format(code_train=code_train) for o in extra]}
+              "overrides": common + [o.format(code_train=code_train, dream_ckpt=dream_ckpt) for o in extra]}
              for n, c, extra in RECIPES]
   out = root / "results.json"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  spec = {"entries": entries, "out": str(out), "root": str(root), "eval_workdir_of": ["sudoku", "sudoku_lora"]}
+  spec = {"entries": entries, "out": str(out), "root": str(root),
+          "eval_workdir_of": ["sudoku", "sudoku_lora", "dream_math_lora"]}
   p = subprocess.run([sys.executable, str(ROOT / "tests" / "recipes_worker.py"), json.dumps(spec)],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert p.returncode == 0 and out.exists(), (p.stdout[-3000:], p.stderr[-5000:])
@@ -139,7 +160,7 @@ def test_lora_recipes_train_adapters(matrix, name):
   assert all(m["train/param_norm"] > 0 for m in r["metrics"] if "train/param_norm" in m)
 
 
-@pytest.mark.parametrize("name", ["sudoku", "sudoku_lora"])
+@pytest.mark.parametrize("name", ["sudoku", "sudoku_lora", "dream_math_lora"])
 def test_evaluate_a_run_workdir(matrix, name):
   """`bgpo_jax.evaluate --checkpoint=WORKDIR` on a run trained from an HF checkpoint: the
   tokenizer and the architecture come from the workdir's run.json and tokenizer/ copy; for a LoRA
@@ -148,7 +169,7 @@ def test_evaluate_a_run_workdir(matrix, name):
   assert r["ok"], r.get("traceback")
   ev = r["eval_workdir"]
   assert {"run.json", "tokenizer", "checkpoints"} <= set(ev["run_json"])
-  assert ev["records"] == EVAL_ROWS
+  assert ev["records"] == EVAL_ROWS * len(EVAL_SETS[name])  # each eval set's rows
   assert ev["same_indices"] and ev["same_completions"]
   assert ev["accuracy"] == pytest.approx(ev["trainer_accuracy"])
 
