@@ -124,3 +124,16 @@ def interleaved(calls: list, repeats: int) -> list[dict]:
     rec["step_s"] = min(rec["all_s"])
     rec["compile_s"] = max(rec["first_s"] - rec["step_s"], 0.0)
   return out
+
+
+def save_figure(fig, path: str, title: str | None = None) -> str:
+  """Writes a benchmark's matplotlib figure (with `title` above its panels) to `path`, closes it,
+  and returns path."""
+  import matplotlib.pyplot as plt
+
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

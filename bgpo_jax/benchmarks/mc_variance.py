@@ -60,7 +60,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from bgpo_jax import objectives
-from bgpo_jax.benchmarks.common import device_description, print_table, write_json
+from bgpo_jax.benchmarks.common import device_description, print_table, save_figure, write_json
 from bgpo_jax.benchmarks.memory import load_config_file
 from bgpo_jax.train import rng as rng_lib
 from bgpo_jax.train import step as step_lib
@@ -359,12 +359,7 @@ def plot(records: list[dict], path: str, title: str = "") -> str:
     ax.set_title(t, fontsize=10)
     ax.grid(alpha=0.3, which="both")
   axes[0].legend(fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path, title)
 
 
 COLUMNS = ["variant", "policy", "n", "draws", "grad_rel_std", "grad_bias", "grad_bias_floor", "value_rel_std",

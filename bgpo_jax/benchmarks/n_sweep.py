@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from bgpo_jax.benchmarks.common import device_description, print_table, write_json
+from bgpo_jax.benchmarks.common import device_description, print_table, save_figure, write_json
 from bgpo_jax.benchmarks.mc_variance import git_commit
 
 CONFIG = "configs/demo.py"
@@ -219,12 +219,7 @@ def plot(summary: list[dict], runs: list[dict], path: str, title: str = "") -> s
     ax.set_ylabel(f"held-out {m} after RL")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path, title)
 
 
 def _ints(s: str) -> tuple[int, ...]:
