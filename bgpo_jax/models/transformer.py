@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bgpo_jax.models import attention, layers, sharding
+from bgpo_jax.models import attention, feature_major, layers, sharding
 
 Params = dict[str, Any]
 # (k, v), each [L, B, S, KV, hd] in the compute dtype.
@@ -539,7 +539,10 @@ def window_forward(config, params: Params, window_tokens: jax.Array, start, cach
 
   window_tokens int32 [B, W]; start int or int32 scalar (traced is fine; W is static); cache
   (k, v) each [L, B, S, KV, hd] from `prefill`; attention_mask [B, S] (1 = real key) or None
-  -> outputs after ln_f [B, W, D] in the compute dtype (no shift). params may be an `Adapted` view."""
+  -> outputs after ln_f [B, W, D] in the compute dtype (no shift). params may be an `Adapted` view,
+  or `feature_major.Weights` (the same forward laid out for narrow windows on a CPU)."""
+  if isinstance(params, feature_major.Weights):
+    return feature_major.window_forward(config, params, window_tokens, start, cache, attention_mask)
   params, adapters, scale = _unpack(params, None, None)
   W = window_tokens.shape[1]
   cos, sin = layers.rope_tables(cache[0].shape[2], config.head_dim, config.rope_theta)
