@@ -7,16 +7,18 @@ against 165-190 at 320 rows. The same products written with the weights as the r
 W^T [N, K] @ x^T [K, 32], run at 115-140. So here the activations flow through every layer as
 x^T [D, B*W] (features on the leading axis, one column per position) and every weight is kept
 transposed, [out, in] (gate and up stacked into one [2 mlp, D] matmul). The window forward of
-the m30 benchmark model (benchmarks/forward.py) at batch 1, vocab head included, went from 38 to
-28 ms (1.35x); at 48 columns (rows x positions) 1.27x, at 64 1.07x, at 96 1.0x, at 128 0.95x. So
-the sampler uses this only for windows of at most `MAX_COLUMNS` columns (diffusion/sampler.py).
+the m30 benchmark model (benchmarks/forward.py) at batch 1, vocab head included, went from 36-38
+to 22-27 ms over several runs (1.36-1.6x); at 48 columns (rows x positions) 1.15-1.38x, at 64
+0.92-1.07x, from 96 on no gain. So the sampler uses this only for windows of at most
+`MAX_COLUMNS` columns (diffusion/sampler.py): one prompt's block of 32.
 
 The math is `transformer.window_forward`'s (layers.block): the same RMSNorm, RoPE (rotate half),
 GQA attention over the cache with the window's fresh K / V written in, the same finite fill for
 padded keys, SwiGLU, q / k / v biases when the family has them; float32 norms and softmax. Only
 the order of the sums inside each matmul differs (tests: equal to the row-major window within
-float32 rounding, equal sampler tokens). Without LoRA adapters and without a mesh only: the
-sampler builds these weights from plain per-layer params once, before its loops.
+float32 rounding, equal sampler tokens). Float32 compute only (the CPU's case: XLA:CPU has no
+bf16 x bf16 -> f32 dot for these layouts), without LoRA adapters and without a mesh: the sampler
+builds these weights from plain params once, before its loops.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from jax import lax
 from bgpo_jax.models import layers
 
 # Windows of at most this many columns (rows x positions) run feature-major (the speedups above).
-MAX_COLUMNS = 64
+MAX_COLUMNS = 48
 _MATRICES = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_out")
 
 
