@@ -65,11 +65,7 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, j
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
-  # Materialised once per forward: otherwise XLA fuses the cos / sin of the iota into every
-  # layer's RoPE consumers and recomputes the trigonometry there, per layer and per q / k, when
-  # the layers are unrolled (the samplers' per-layer weights on a CPU): 14-18% of an m30 window
-  # forward. (Inside the layer scan the tables are loop inputs, computed once either way.)
-  return jax.lax.optimization_barrier((jnp.cos(emb), jnp.sin(emb)))
+  return jnp.cos(emb), jnp.sin(emb)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
