@@ -326,7 +326,7 @@ def _forwards(model: Any, params: Any, attn: jax.Array, settings: SamplerSetting
   module, cached = family.module_for(model), family.cached_forward_for(model)
   rows = attn.shape[0]
   fast_cpu = (isinstance(params, dict) and jax.default_backend() == "cpu" and not sharding.context_mesh_axes())
-  # A narrow window (one prompt's block) runs 1.4-1.6x as fast with the weights as
+  # A narrow window (one prompt's block) runs 1.3-1.6x as fast with the weights as
   # the row operand (models/feature_major.py); the full forwards keep the row-major weights. In
   # float32 only, not under a mesh (another copy of the weights), nor with LoRA adapters (params
   # not a dict).

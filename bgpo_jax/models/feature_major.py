@@ -8,7 +8,7 @@ W^T [N, K] @ x^T [K, 32], run at 115-140. So here the activations flow through e
 x^T [D, B*W] (features on the leading axis, one column per position) and every weight is kept
 transposed, [out, in] (gate and up stacked into one [2 mlp, D] matmul). The window forward of
 the m30 benchmark model (benchmarks/forward.py) at batch 1, vocab head included, went from 36-38
-to 22-27 ms over several runs (1.36-1.6x); at 48 columns (rows x positions) 1.15-1.38x, at 64
+to 22-28 ms over several runs (1.3-1.6x); at 48 columns (rows x positions) 1.15-1.38x, at 64
 0.92-1.07x, from 96 on no gain. So the sampler uses this only for windows of at most
 `MAX_COLUMNS` columns (diffusion/sampler.py): one prompt's block of 32.
 
