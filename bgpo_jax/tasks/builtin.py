@@ -108,19 +108,23 @@ def _countdown_from_question(target, question: str, extra: dict):
 
 # ----------------------------------------------------------------------------- sudoku
 
-_SUDOKU_PUZZLE = re.compile(r"^[0-4]{16}$")
-_SUDOKU_SOLUTION = re.compile(r"^[1-4]{16}$")
+def _sudoku_row_check(cells: int):
+  """The row check of a sudoku task whose puzzle and solution are `cells` digits (0 = blank)."""
+  puzzle_re, solution_re = re.compile(rf"^[0-4]{{{cells}}}$"), re.compile(rf"^[1-4]{{{cells}}}$")
+
+  def check(solution: str, extra: dict) -> dict:
+    puzzle = str(extra.get("puzzle", ""))
+    if not puzzle_re.match(puzzle):
+      raise records.BadRow(f"puzzle: expected {cells} digits 0-4, got {puzzle[:20]!r}")
+    if not solution_re.match(solution):
+      raise records.BadRow(f"ground_truth: expected {cells} digits 1-4, got {solution[:20]!r}")
+    if any(p != "0" and p != s for p, s in zip(puzzle, solution)):
+      raise records.BadRow("ground_truth: solution contradicts the puzzle's givens")
+    return extra
+  return check
 
 
-def _check_sudoku(solution: str, extra: dict) -> dict:
-  puzzle = str(extra.get("puzzle", ""))
-  if not _SUDOKU_PUZZLE.match(puzzle):
-    raise records.BadRow(f"puzzle: expected 16 digits 0-4, got {puzzle[:20]!r}")
-  if not _SUDOKU_SOLUTION.match(solution):
-    raise records.BadRow(f"ground_truth: expected 16 digits 1-4, got {solution[:20]!r}")
-  if any(p != "0" and p != s for p, s in zip(puzzle, solution)):
-    raise records.BadRow("ground_truth: solution contradicts the puzzle's givens")
-  return extra
+_check_sudoku = _sudoku_row_check(16)
 
 
 def _grade_sudoku(completion, solution, extra, *, recipe, **_):
@@ -143,19 +147,7 @@ def _sudoku_from_question(solution, question: str, extra: dict):
 
 # ----------------------------------------------------------------------------- sudoku4
 
-_SUDOKU4_PUZZLE = re.compile(r"^[0-4]{64}$")
-_SUDOKU4_SOLUTION = re.compile(r"^[1-4]{64}$")
-
-
-def _check_sudoku4(solution: str, extra: dict) -> dict:
-  puzzle = str(extra.get("puzzle", ""))
-  if not _SUDOKU4_PUZZLE.match(puzzle):
-    raise records.BadRow(f"puzzle: expected 64 digits 0-4, got {puzzle[:20]!r}")
-  if not _SUDOKU4_SOLUTION.match(solution):
-    raise records.BadRow(f"ground_truth: expected 64 digits 1-4, got {solution[:20]!r}")
-  if any(p != "0" and p != s for p, s in zip(puzzle, solution)):
-    raise records.BadRow("ground_truth: solution contradicts the puzzle's givens")
-  return extra
+_check_sudoku4 = _sudoku_row_check(64)
 
 
 def _grade_sudoku4(completion, solution, extra, **_):
